@@ -1,0 +1,56 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """Every test session gets its own checkpoint cache (the embedded tiny model is written there)."""
+    os.environ["ZIMAGE_DEPLOY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(_cache):
+    from zimage_deploy.tiny import ensure_tiny
+
+    return ensure_tiny()
+
+
+# A second checkpoint with another config: more heads, deeper, other RoPE split, other scheduler shift.
+ALT_CONFIG = dict(
+    dit=dict(dim=96, n_heads=3, n_kv_heads=3, n_layers=3, n_refiner_layers=2, axes_dims=[8, 12, 12], rope_theta=100.0),
+    text=dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3, head_dim=8),
+    vae=dict(block_out_channels=(8, 8, 16, 16), layers_per_block=2),
+    scheduler=dict(shift=2.0),
+    seed=7,
+)
+
+
+@pytest.fixture(scope="session")
+def alt_ckpt(tmp_path_factory):
+    from zimage_deploy.tiny import write_checkpoint
+
+    return write_checkpoint(Path(tmp_path_factory.mktemp("alt")) / "ckpt", **ALT_CONFIG)
+
+
+def _build(tmp_path_factory, ckpt, precision):
+    from zimage_deploy import build
+
+    out = Path(tmp_path_factory.mktemp(f"build-{precision}"))
+    assert build.main(["--model", str(ckpt), "--target", "cpu", "--precision", precision, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tmp_path_factory, tiny_ckpt):
+    return _build(tmp_path_factory, tiny_ckpt, "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16(tmp_path_factory, tiny_ckpt):
+    return _build(tmp_path_factory, tiny_ckpt, "bf16")

@@ -1,0 +1,236 @@
+"""`python -m zimage_deploy.build`: checkpoint -> ONNX graphs (-> quantized graphs -> engines) + manifest.
+
+Stages run in order and talk through files and DIR/manifest.json. A stage whose output is already built for
+the same inputs (content hashes) is skipped; every artifact is written under a temp name and renamed when
+complete; a component is marked complete in the manifest only once its files are in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from . import manifest as manifest_io
+from .checkpoint import content_hash, read_config, resolve
+from .cli import run_cli
+from .errors import UserError
+from .export.onnx_export import OPSET, export_component, file_hash
+from .export.specs import CHECK_DIMS, DTYPES, SPECS
+from .targets import PRECISION_PLANS, PRECISIONS, QUANTIZED, TARGETS, get_target
+from .variants import VARIANTS, get_variant
+
+COMPUTE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def model_facts(ckpt: Path) -> dict:
+    dit, te, vae = (read_config(ckpt, f) for f in ("transformer", "text_encoder", "vae"))
+    if dit["cap_feat_dim"] != te["hidden_size"]:
+        raise UserError(f"transformer cap_feat_dim {dit['cap_feat_dim']} != text encoder hidden {te['hidden_size']}")
+    return {
+        "vocab_size": te["vocab_size"], "text_hidden": te["hidden_size"], "cap_feat_dim": dit["cap_feat_dim"],
+        "dim": dit["dim"], "n_layers": dit["n_layers"], "latent_channels": vae["latent_channels"],
+        "in_channels": dit["in_channels"], "vae_scale_factor": 2 ** (len(vae["block_out_channels"]) - 1),
+        "patch_size": (dit.get("all_patch_size") or [2])[0],
+    }
+
+
+def default_out(model: str, variant: str, target: str, precision: str) -> Path:
+    from .checkpoint import model_key
+
+    key = model_key(model, variant)
+    return Path("export") / f"{key}-{precision}" if target == "cpu" else Path("engines") / f"{key}-{target}-{precision}"
+
+
+def _component_key(model_sha: str, name: str, precision: str) -> str:
+    return hashlib.sha256(f"{model_sha}|{name}|{precision}|{OPSET}|{__version__}".encode()).hexdigest()
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def build(model: str, variant: str, target: str, precision: str, out: Path | None = None,
+          parity: bool = True, log=print) -> Path:
+    v, t = get_variant(variant), get_target(target)
+    if not v.implemented:
+        raise UserError(f"variant {variant!r} is not supported yet: {v.not_implemented_reason}")
+    t.check_precision(precision)
+    if precision in QUANTIZED:
+        raise UserError(f"precision {precision!r} needs the quantize stage, which is not available yet "
+                        "(quantization issue #4); use fp32 or bf16")
+    out = Path(out) if out else default_out(model, variant, target, precision)
+    started = time.perf_counter()
+
+    # -- stage 1: checkpoint --------------------------------------------------------------------------
+    ckpt = resolve(model)
+    log(f"[checkpoint] {ckpt}")
+    facts = model_facts(ckpt)
+    sha = content_hash(ckpt)
+    previous = _previous_manifest(out)
+    plan = PRECISION_PLANS[precision]
+    small = facts["dim"] < 1024  # the embedded tiny model and other test checkpoints
+    side = 256 if small else 1024
+    manifest = {
+        "schema": manifest_io.SCHEMA,
+        "zimage_deploy": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__},
+        "variant": variant,
+        "target": target,
+        "precision": precision,
+        "model": {"source": model, "path": str(ckpt), "sha256": sha, "facts": facts},
+        "defaults": {
+            "steps": v.default_steps, "guidance_scale": v.default_guidance, "height": side, "width": side,
+            "resolution_multiple": facts["vae_scale_factor"] * facts["patch_size"], "max_sequence_length": 512,
+        },
+        "tensorrt": {"flavour": t.flavour, "compute_capability": list(t.compute_capability or []) or None},
+        "components": _up_to_date(previous, out, sha, plan, v.components),
+        "stages": {},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_tree(ckpt / "tokenizer", out / "tokenizer")
+    _copy_tree(ckpt / "scheduler", out / "scheduler")
+    manifest_io.save(out, manifest)
+
+    # -- stage 2: export ------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    loaded: dict[str, torch.nn.Module] = {}
+    bar = tqdm(v.components, desc="export", unit="graph", leave=False)
+    for name in bar:
+        bar.set_postfix_str(name)
+        key = _component_key(sha, name, plan[name])
+        if name in manifest["components"]:
+            log(f"[export] {name}: up to date, skipped")
+            continue
+        compute = COMPUTE[plan[name]]
+        module = _load(name, ckpt, compute, loaded)
+        entry = export_component(name, module, facts, compute, out / "onnx")
+        entry.update(key=key, precision=plan[name], engine=None, status="complete")
+        manifest["components"][name] = entry
+        manifest_io.save(out, manifest)
+        log(f"[export] {name}: {entry['onnx']} ({entry['bytes'] / 1e6:.1f} MB, opset {OPSET})")
+    manifest["stages"]["export"] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
+
+    # -- stage 3: quantize, stage 4: engines (later issues) ---------------------------------------------
+    manifest["stages"]["quantize"] = {"status": "skipped", "reason": f"precision {precision} needs no quantization"}
+    if t.flavour == "none":
+        reason = "target cpu runs the ONNX graphs with ONNX Runtime (or the Torch backend)"
+    else:
+        reason = (f"building {t.flavour} engines for {t.name} ({t.sm}) lands with the engines issue (#3); "
+                  "the ONNX graphs are ready for it")
+    manifest["stages"]["engines"] = {"status": "skipped", "reason": reason}
+    log(f"[quantize] skipped: {manifest['stages']['quantize']['reason']}")
+    log(f"[engines] skipped: {reason}")
+
+    # -- stage 5: parity of what was built against the Torch modules ---------------------------------------
+    if parity:
+        t0 = time.perf_counter()
+        for name in v.components:
+            entry = manifest["components"][name]
+            if "parity" not in entry:
+                entry["parity"] = _parity(name, entry, out, ckpt, loaded, facts)
+            log(f"[parity] {name}: {_fmt_parity(entry['parity'])}")
+        manifest["stages"]["parity"] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
+    else:
+        manifest["stages"]["parity"] = {"status": "skipped", "reason": "--skip-parity"}
+    manifest["stages"]["total_seconds"] = round(time.perf_counter() - started, 2)
+    manifest_io.save(out, manifest)
+    log(f"[done] {out / manifest_io.NAME}")
+    return out
+
+
+def _previous_manifest(out: Path) -> dict:
+    try:
+        return manifest_io.load(out)
+    except UserError:
+        return {}
+
+
+def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names) -> dict:
+    """Components of a previous build in `out` that were built from the same inputs and are intact."""
+    kept = {}
+    for name in names:
+        old = previous.get("components", {}).get(name, {})
+        folder = out / "onnx" / name
+        if old.get("key") == _component_key(sha, name, plan[name]) and old.get("status") == "complete" \
+                and folder.is_dir() and file_hash(folder) == old.get("onnx_sha256"):
+            kept[name] = old
+    return kept
+
+
+def _load(name: str, ckpt: Path, compute: torch.dtype, loaded: dict) -> torch.nn.Module:
+    from .models.load import LOADERS
+
+    key = ("transformer" if name == "context_refiner" else name, compute)
+    if key not in loaded:
+        loaded[key] = LOADERS[key[0]](ckpt, compute)
+    return loaded[key]
+
+
+def _metrics(got: torch.Tensor, ref: torch.Tensor) -> dict:
+    got, ref = got.float(), ref.float()
+    return {"max_abs": float((got - ref).abs().max()), "rel_l2": float((got - ref).norm() / ref.norm())}
+
+
+@torch.no_grad()
+def _parity(name: str, entry: dict, out: Path, ckpt: Path, loaded: dict, facts: dict) -> dict:
+    """fp32: ONNX Runtime on the graph vs the Torch module, at shapes other than the traced ones.
+    bf16: ONNX Runtime has no BF16 CPU kernels, so the Torch BF16 module is measured against float32."""
+    compute = DTYPES[entry["compute_dtype"]]
+    spec = SPECS[name]
+    sample = spec.sample(facts, CHECK_DIMS, compute)
+    fp32_module = spec.wrap(_load(name, ckpt, torch.float32, loaded))
+    ref = fp32_module(*[s.float() if s.is_floating_point() else s for s in sample])
+    if compute == torch.float32:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(out / entry["onnx"]), providers=["CPUExecutionProvider"])
+        feeds = {io.name: s.numpy() for io, s in zip(spec.inputs, sample)}
+        got = torch.from_numpy(sess.run(None, feeds)[0])
+        how = "onnxruntime graph vs torch float32 module"
+    else:
+        got = spec.wrap(_load(name, ckpt, compute, loaded))(*sample)
+        how = "torch bf16 module vs torch float32 module (onnxruntime has no BF16 CPU kernels)"
+    if name == "text_encoder":  # only real tokens are used downstream
+        keep = sample[1].bool()
+        got, ref = got[keep], ref[keep]
+    return {"method": how, "shapes": CHECK_DIMS, **_metrics(got, ref)}
+
+
+def _fmt_parity(p: dict) -> str:
+    return f"max_abs {p['max_abs']:.2e}, rel_l2 {p['rel_l2']:.2e} ({p['method']})"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m zimage_deploy.build", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="tiny", help="'tiny' (embedded), a diffusers-layout directory, or a hub id")
+    ap.add_argument("--variant", default="turbo", choices=sorted(VARIANTS))
+    ap.add_argument("--target", default="cpu", choices=list(TARGETS))
+    ap.add_argument("--precision", default=None, choices=PRECISIONS,
+                    help="default: the target's default (cpu: fp32, GPUs: bf16)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output folder (default: export/<model>-<precision> for cpu, "
+                         "engines/<model>-<target>-<precision> for GPU targets)")
+    ap.add_argument("--skip-parity", action="store_true", help="do not measure parity after building")
+    args = ap.parse_args(argv)
+    precision = args.precision or TARGETS[args.target].default_precision
+    build(args.model, args.variant, args.target, precision, args.out, parity=not args.skip_parity)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

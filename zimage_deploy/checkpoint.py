@@ -1,0 +1,139 @@
+"""Find, check and read Z-Image checkpoints in diffusers layout (local directory, hub id, or embedded tiny).
+
+Weights are read from safetensors only; a checkpoint that has only pickle files (.bin/.pt/.ckpt) is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from .errors import UserError
+
+# What each component folder must hold (besides weights, checked separately).
+REQUIRED_FILES = {
+    "transformer": ["config.json"],
+    "text_encoder": ["config.json"],
+    "vae": ["config.json"],
+    "tokenizer": ["tokenizer_config.json"],
+    "scheduler": ["scheduler_config.json"],
+}
+WEIGHT_FOLDERS = ("transformer", "text_encoder", "vae")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.safetensors", "tokenizer/*", "*/*.jinja", "*/*.txt"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ZIMAGE_DEPLOY_CACHE", Path.home() / ".cache" / "zimage_deploy"))
+
+
+def missing_files(path: Path) -> list[str]:
+    """Relative paths a usable Z-Image checkpoint needs and `path` lacks (empty list: complete)."""
+    missing = []
+    if not (path / "model_index.json").is_file():
+        missing.append("model_index.json")
+    for folder, files in REQUIRED_FILES.items():
+        for f in files:
+            if not (path / folder / f).is_file():
+                missing.append(f"{folder}/{f}")
+    for folder in WEIGHT_FOLDERS:
+        d = path / folder
+        if d.is_dir() and not any(d.glob("*.safetensors")):
+            pickles = [p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            hint = f" (found pickle files {pickles}: convert them to safetensors)" if pickles else ""
+            missing.append(f"{folder}/*.safetensors{hint}")
+        elif not d.is_dir():
+            missing.append(f"{folder}/*.safetensors")
+    if not (path / "tokenizer" / "tokenizer.json").is_file() and (path / "tokenizer").is_dir():
+        if not any((path / "tokenizer").glob("vocab*")):
+            missing.append("tokenizer/tokenizer.json")
+    return missing
+
+
+def resolve(model: str) -> Path:
+    """`tiny`, a local diffusers-layout directory, or a hub id -> local checkpoint directory (checked)."""
+    if model == "tiny":
+        from .tiny import ensure_tiny
+
+        return ensure_tiny()
+    path = Path(model).expanduser()
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        if not path.is_dir():
+            raise UserError(f"model {model!r}: no such directory (and not a hub id of the form owner/name)")
+        return check(path)
+    return check(_download(model))
+
+
+def check(path: Path) -> Path:
+    missing = missing_files(path)
+    if missing:
+        raise UserError(
+            f"{path} is not a complete Z-Image checkpoint in diffusers layout; missing: {', '.join(missing)}"
+        )
+    return path.resolve()
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated ...
+        needed = ["model_index.json"] + [f"{k}/{f}" for k, v in REQUIRED_FILES.items() for f in v]
+        needed += [f"{k}/*.safetensors" for k in WEIGHT_FOLDERS]
+        raise UserError(
+            f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            f"Download it elsewhere and pass the local directory; it must contain: {', '.join(needed)}"
+        ) from None
+
+
+def read_config(path: Path, folder: str, name: str = "config.json") -> dict:
+    with open(path / folder / name) as f:
+        return json.load(f)
+
+
+def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of every safetensors file in `folder`, one at a time (never the whole model at once)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"no safetensors weights in {folder}")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def content_hash(path: Path) -> str:
+    """sha256 over the relative names and bytes of every file of the checkpoint."""
+    from tqdm import tqdm
+
+    files = sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts)
+    total = sum(p.stat().st_size for p in files)
+    h = hashlib.sha256()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing checkpoint", disable=total < 1 << 30) as bar:
+        for p in files:
+            h.update(str(p.relative_to(path)).encode() + b"\0")
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+                    bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def model_key(model: str, variant: str) -> str:
+    if model == "tiny":
+        return f"tiny-{variant}"
+    path = Path(model)
+    if path.exists():
+        return path.resolve().name
+    return model.replace("/", "--")

@@ -1,0 +1,1 @@
+"""The export stage: checkpoint -> one ONNX graph per component."""

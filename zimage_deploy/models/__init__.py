@@ -1,0 +1,1 @@
+"""Export-friendly torch modules for each Z-Image component."""

@@ -1,0 +1,72 @@
+"""Build the export-friendly modules of a checkpoint and load its weights (safetensors, streamed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import iter_tensors, read_config
+from ..errors import UserError
+from .dit import DiTConfig, TimestepEmbedder, ZImageDiT, fuse_state_dict
+from .layers import to_compute_dtype
+from .text_encoder import TextEncoder, TextEncoderConfig, convert_transformers_items
+from .vae import VAEDecoder
+
+
+def _load(module: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"weights in {where} do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def load_dit(ckpt: Path, dtype: torch.dtype = torch.float32) -> ZImageDiT:
+    cfg = DiTConfig.from_diffusers(read_config(ckpt, "transformer"))
+    with torch.device("meta"):
+        model = ZImageDiT(cfg)
+    model = model.to_empty(device="cpu")
+    _restore_buffers(model, cfg)  # non-persistent buffers were left empty by to_empty
+    _load(model, fuse_state_dict(iter_tensors(ckpt / "transformer")), ckpt / "transformer")
+    model.eval().requires_grad_(False)
+    return to_compute_dtype(model, dtype, keep_fp32=(TimestepEmbedder,)) if dtype != torch.float32 else model
+
+
+def _restore_buffers(model: ZImageDiT, cfg: DiTConfig) -> None:
+    from .dit import rope_tables
+
+    for axis, (cos, sin) in enumerate(rope_tables(cfg.axes_dims, cfg.axes_lens, cfg.rope_theta)):
+        setattr(model, f"rope_cos{axis}", cos)
+        setattr(model, f"rope_sin{axis}", sin)
+    model.t_embedder.freqs = TimestepEmbedder(cfg.adaln_dim).freqs
+
+
+def load_text_encoder(ckpt: Path, dtype: torch.dtype = torch.float32) -> TextEncoder:
+    cfg = TextEncoderConfig.from_transformers(read_config(ckpt, "text_encoder"))
+    with torch.device("meta"):
+        model = TextEncoder(cfg)
+    model = model.to_empty(device="cpu")
+    d = cfg.head_dim
+    model.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    state = convert_transformers_items(iter_tensors(ckpt / "text_encoder"), cfg.used_layers)
+    _load(model, state, ckpt / "text_encoder")
+    model.eval().requires_grad_(False)
+    return to_compute_dtype(model, dtype) if dtype != torch.float32 else model
+
+
+def load_vae_decoder(ckpt: Path, dtype: torch.dtype = torch.float32) -> VAEDecoder:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(ckpt, subfolder="vae", use_safetensors=True, dtype=torch.float32)
+    model = VAEDecoder(vae).eval().requires_grad_(False)
+    return to_compute_dtype(model.use_fp32_norms(), dtype) if dtype != torch.float32 else model
+
+
+LOADERS = {
+    "text_encoder": load_text_encoder,
+    "transformer": load_dit,
+    "context_refiner": load_dit,
+    "vae_decoder": load_vae_decoder,
+}

@@ -1,0 +1,134 @@
+"""Backends: run a component by name on named torch tensors and return named torch tensors.
+
+Every backend takes the same inputs and gives the same outputs, as the manifest describes them; the sampling
+loop does not know which one it talks to.
+- onnxruntime: the exported graphs (CPU; float32 graphs, ONNX Runtime has no BF16 kernels on CPU);
+- torch: the same export-friendly modules, loaded from the checkpoint the build recorded;
+- tensorrt: engines, with the engines issue (#3).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..export.specs import DTYPES
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+
+
+class Backend:
+    name = "base"
+
+    def __init__(self, engine_dir: Path, manifest: dict):
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest
+        self.components = manifest["components"]
+
+    def run(self, component: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _cast_inputs(self, component: str, inputs: dict) -> dict[str, torch.Tensor]:
+        spec = self.components[component]
+        names = [i["name"] for i in spec["inputs"]]
+        if sorted(inputs) != sorted(names):
+            raise ValueError(f"{component} takes {names}, got {sorted(inputs)}")
+        return {i["name"]: inputs[i["name"]].to(DTYPES[i["dtype"]]) for i in spec["inputs"]}
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, engine_dir, manifest, providers=("CPUExecutionProvider",)):
+        super().__init__(engine_dir, manifest)
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.providers = list(providers)
+        self.sessions: dict[str, object] = {}
+        self._lock = threading.Lock()
+        for name, comp in self.components.items():
+            if any(io["dtype"] == "bfloat16" for io in comp["inputs"] + comp["outputs"]):
+                raise UserError(
+                    f"{name} is a BF16 graph: ONNX Runtime cannot run BF16 graphs on the CPU. "
+                    "Use --backend torch, or build with --precision fp32 for ONNX Runtime."
+                )
+
+    def session(self, component: str):
+        with self._lock:
+            if component not in self.sessions:
+                path = self.engine_dir / self.components[component]["onnx"]
+                opts = self.ort.SessionOptions()
+                opts.log_severity_level = 3
+                # no busy-waiting between calls: the loop does torch work between graph runs
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                self.sessions[component] = self.ort.InferenceSession(str(path), opts, providers=self.providers)
+            return self.sessions[component]
+
+    def run(self, component, **inputs):
+        feeds = {k: v.detach().cpu().numpy() for k, v in self._cast_inputs(component, inputs).items()}
+        outputs = self.session(component).run(None, feeds)
+        names = [o["name"] for o in self.components[component]["outputs"]]
+        return {n: torch.from_numpy(np.asarray(o)) for n, o in zip(names, outputs)}
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, engine_dir, manifest, device: str = "cpu"):
+        super().__init__(engine_dir, manifest)
+        path = Path(manifest["model"]["path"])
+        from ..checkpoint import missing_files
+
+        if not path.is_dir() or missing_files(path):
+            raise UserError(
+                f"the torch backend loads weights from the checkpoint the build used ({path}), which is not there"
+            )
+        self.ckpt = path
+        self.device = torch.device(device)
+        self.models: dict[str, torch.nn.Module] = {}
+        self._lock = threading.Lock()
+
+    def model(self, component: str) -> torch.nn.Module:
+        from ..models.load import LOADERS
+
+        key = "transformer" if component == "context_refiner" else component
+        with self._lock:
+            if key not in self.models:
+                dtype = DTYPES[self.components[component]["compute_dtype"]]
+                self.models[key] = LOADERS[key](self.ckpt, dtype).to(self.device)
+            return self.models[key]
+
+    @torch.no_grad()
+    def run(self, component, **inputs):
+        x = {k: v.to(self.device) for k, v in self._cast_inputs(component, inputs).items()}
+        m = self.model(component)
+        if component == "text_encoder":
+            out = m(x["input_ids"], x["attention_mask"])
+        elif component == "context_refiner":
+            out = m.context(x["cap_feats"], x["cap_lens"])
+        elif component == "transformer":
+            out = m(x["latents"], x["timestep"], x["cap_states"], x["cap_lens"])
+        else:
+            out = m(x["latents"])
+        (spec,) = self.components[component]["outputs"]
+        return {spec["name"]: out.to(DTYPES[spec["dtype"]])}
+
+
+def make_backend(name: str, engine_dir: Path, manifest: dict) -> Backend:
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    has_engines = any(c.get("engine") for c in manifest["components"].values())
+    if name == "tensorrt" or (name == "auto" and has_engines):
+        raise UserError(
+            "the TensorRT backend is not available in this version (it lands with the engines issue #3); "
+            "use --backend onnxruntime or --backend torch"
+        )
+    if name == "auto":
+        bf16 = any(c["compute_dtype"] == "bfloat16" for c in manifest["components"].values())
+        name = "torch" if bf16 else "onnxruntime"
+    return OnnxRuntimeBackend(engine_dir, manifest) if name == "onnxruntime" else TorchBackend(engine_dir, manifest)

@@ -1,0 +1,138 @@
+"""The embedded tiny Z-Image-Turbo checkpoint: written by the package itself, deterministically, in diffusers
+layout with diffusers' and transformers' own classes and `save_pretrained` (safetensors).
+
+Random weights, but never the zero inits that hide bugs: pad tokens, adaLN weights and norm gains are all
+random and non-trivial. Tests call `write_checkpoint` with other configs to get several checkpoints.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import cache_dir
+
+TINY_VERSION = 1  # bump when the tiny checkpoint's content changes
+
+TINY_DIT = dict(
+    all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
+    n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=32, rope_theta=256.0, t_scale=1000.0,
+    axes_dims=[8, 12, 12], axes_lens=[1024, 128, 128],
+)
+TINY_TEXT = dict(
+    hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    intermediate_size=64, rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+    norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+)
+TINY_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
+                  "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+
+# Qwen3's chat template, reduced to what Z-Image uses (plain messages, generation prompt, thinking switch).
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+_CORPUS = [
+    "a photo of a cat sitting on a red sofa, soft light, 35mm",
+    "A watercolor painting of mountains at sunrise with mist over the lake",
+    "一只在沙发上睡觉的橘猫，柔和的光线，电影感",
+    "cyberpunk city street at night, neon signs, rain, reflections",
+    "一幅中国山水画，远山，小桥，流水，人家",
+    "portrait of an old fisherman, detailed wrinkles, dramatic lighting",
+]
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer in Qwen's style, trained on a small fixed corpus (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+        padding_side="right", model_max_length=131072, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _randomize(module: torch.nn.Module, gen: torch.Generator, std_scale: float = 1.0) -> None:
+    """Fan-in scaled normal weights, random biases, norm gains around 1, unit-scale pad tokens."""
+    for name, p in module.named_parameters():
+        if p.ndim >= 2:
+            fan_in = p[0].numel()
+            p.data = torch.randn(p.shape, generator=gen) * (std_scale / fan_in**0.5)
+        elif "norm" in name and name.endswith("weight"):
+            p.data = 1.0 + 0.2 * torch.randn(p.shape, generator=gen)
+        else:
+            p.data = 0.1 * torch.randn(p.shape, generator=gen)
+    for name in ("x_pad_token", "cap_pad_token", "siglip_pad_token"):
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, torch.nn.Parameter):
+            tensor.data = torch.randn(tensor.shape, generator=gen)
+
+
+def write_checkpoint(out: Path, dit: dict | None = None, text: dict | None = None, vae: dict | None = None,
+                     scheduler: dict | None = None, seed: int = 0) -> Path:
+    """Write a random Z-Image-Turbo checkpoint in diffusers layout to `out` (atomically)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    dit = {**TINY_DIT, **(dit or {})}
+    text = {**TINY_TEXT, **(text or {})}
+    vae_cfg = {**TINY_VAE, **(vae or {})}
+    dit["cap_feat_dim"] = text["hidden_size"]
+    gen = torch.Generator().manual_seed(seed)
+
+    tokenizer = build_tokenizer()
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **text))
+    _randomize(text_encoder, gen)
+    transformer = ZImageTransformer2DModel(**dit)
+    _randomize(transformer, gen)
+    autoencoder = AutoencoderKL(**vae_cfg)
+    _randomize(autoencoder, gen)
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**{**TINY_SCHEDULER, **(scheduler or {})}),
+        vae=autoencoder, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def ensure_tiny() -> Path:
+    """The embedded tiny Turbo checkpoint, written to the cache on first use."""
+    path = cache_dir() / f"tiny-turbo-v{TINY_VERSION}"
+    if not (path / "model_index.json").is_file():
+        print(f"writing the embedded tiny Z-Image-Turbo checkpoint to {path} (zimage-deploy {__version__})")
+        write_checkpoint(path)
+    return path.resolve()

@@ -1,0 +1,74 @@
+"""The Z-Image variants, declared once: everything the other stages need to know about each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    hub_id: str
+    default_steps: int
+    default_guidance: float
+    scheduler_shift: float  # used when the checkpoint's scheduler config does not say
+    min_side: int  # real-model resolution range, pixels (multiples of 16)
+    max_side: int
+    components: tuple[str, ...]
+    uses_cfg: bool
+    implemented: bool = True
+    not_implemented_reason: str = ""
+
+
+# Components, in pipeline order. "context_refiner" is the prompt-only part of the DiT
+# (caption embedder + context refiner): it runs once per prompt, "transformer" once per step.
+TURBO_COMPONENTS = ("text_encoder", "context_refiner", "transformer", "vae_decoder")
+
+VARIANTS: dict[str, Variant] = {
+    "turbo": Variant(
+        name="turbo",
+        hub_id="Tongyi-MAI/Z-Image-Turbo",
+        default_steps=8,
+        default_guidance=0.0,
+        scheduler_shift=3.0,
+        min_side=512,
+        max_side=2048,
+        components=TURBO_COMPONENTS,
+        uses_cfg=False,
+    ),
+    "base": Variant(
+        name="base",
+        hub_id="Tongyi-MAI/Z-Image",
+        default_steps=50,
+        default_guidance=4.0,
+        scheduler_shift=3.0,
+        min_side=512,
+        max_side=2048,
+        components=TURBO_COMPONENTS,
+        uses_cfg=True,
+        implemented=False,
+        not_implemented_reason="Z-Image Base (CFG) lands with the Base/Edit issue (#5)",
+    ),
+    "edit": Variant(
+        name="edit",
+        hub_id="Tongyi-MAI/Z-Image-Edit",
+        default_steps=50,
+        default_guidance=4.0,
+        scheduler_shift=3.0,
+        min_side=512,
+        max_side=2048,
+        components=TURBO_COMPONENTS + ("vae_encoder", "vision_encoder"),
+        uses_cfg=True,
+        implemented=False,
+        not_implemented_reason="Z-Image-Edit / Omni lands with the Base/Edit issue (#5)",
+    ),
+}
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise UserError(f"unknown variant {name!r}; choose one of: {', '.join(VARIANTS)}") from None
