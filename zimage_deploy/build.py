@@ -25,6 +25,8 @@ from .checkpoint import content_hash, read_config, resolve
 from .cli import run_cli
 from .errors import UserError
 from .export.onnx_export import OPSET, export_component, file_hash
+from .engines.builder import EngineBuilder, sha256_file
+from .engines.profiles import EngineOptions, profiles
 from .export.specs import CHECK_DIMS, DTYPES, SPECS
 from .targets import PRECISION_PLANS, PRECISIONS, QUANTIZED, TARGETS, get_target
 from .variants import VARIANTS, get_variant
@@ -64,7 +66,7 @@ def _copy_tree(src: Path, dst: Path) -> None:
 
 
 def build(model: str, variant: str, target: str, precision: str, out: Path | None = None,
-          parity: bool = True, log=print) -> Path:
+          parity: bool = True, engine_opts: EngineOptions | None = None, log=tqdm.write) -> Path:
     v, t = get_variant(variant), get_target(target)
     if not v.implemented:
         raise UserError(f"variant {variant!r} is not supported yet: {v.not_implemented_reason}")
@@ -74,11 +76,15 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
                         "(quantization issue #4); use fp32 or bf16")
     out = Path(out) if out else default_out(model, variant, target, precision)
     started = time.perf_counter()
+    engine_opts = engine_opts or EngineOptions()
+    # fail before writing anything when the target's TensorRT is missing
+    engine_builder = EngineBuilder(t, engine_opts) if t.flavour != "none" else None
 
     # -- stage 1: checkpoint --------------------------------------------------------------------------
     ckpt = resolve(model)
     log(f"[checkpoint] {ckpt}")
     facts = model_facts(ckpt)
+    engine_shapes = profiles(v, facts, engine_opts) if engine_builder else None
     sha = content_hash(ckpt)
     previous = _previous_manifest(out)
     plan = PRECISION_PLANS[precision]
@@ -97,7 +103,10 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
             "steps": v.default_steps, "guidance_scale": v.default_guidance, "height": side, "width": side,
             "resolution_multiple": facts["vae_scale_factor"] * facts["patch_size"], "max_sequence_length": 512,
         },
-        "tensorrt": {"flavour": t.flavour, "compute_capability": list(t.compute_capability or []) or None},
+        "tensorrt": {
+            "flavour": t.flavour, "version": engine_builder.version if engine_builder else None,
+            "compute_capability": list(t.compute_capability or []) or None, "options": engine_opts.as_dict(),
+        },
         "components": _up_to_date(previous, out, sha, plan, v.components),
         "stages": {},
     }
@@ -125,16 +134,19 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
         log(f"[export] {name}: {entry['onnx']} ({entry['bytes'] / 1e6:.1f} MB, opset {OPSET})")
     manifest["stages"]["export"] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
 
-    # -- stage 3: quantize, stage 4: engines (later issues) ---------------------------------------------
+    # -- stage 3: quantize (later issue) -------------------------------------------------------------
     manifest["stages"]["quantize"] = {"status": "skipped", "reason": f"precision {precision} needs no quantization"}
-    if t.flavour == "none":
-        reason = "target cpu runs the ONNX graphs with ONNX Runtime (or the Torch backend)"
-    else:
-        reason = (f"building {t.flavour} engines for {t.name} ({t.sm}) lands with the engines issue (#3); "
-                  "the ONNX graphs are ready for it")
-    manifest["stages"]["engines"] = {"status": "skipped", "reason": reason}
     log(f"[quantize] skipped: {manifest['stages']['quantize']['reason']}")
-    log(f"[engines] skipped: {reason}")
+
+    # -- stage 4: engines -------------------------------------------------------------------------------
+    if engine_builder is None:
+        reason = "target cpu runs the ONNX graphs with ONNX Runtime (or the Torch backend)"
+        manifest["stages"]["engines"] = {"status": "skipped", "reason": reason}
+        log(f"[engines] skipped: {reason}")
+    else:
+        t0 = time.perf_counter()
+        _build_engines(engine_builder, manifest, out, v, engine_shapes, log)
+        manifest["stages"]["engines"] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
 
     # -- stage 5: parity of what was built against the Torch modules ---------------------------------------
     if parity:
@@ -158,6 +170,30 @@ def _previous_manifest(out: Path) -> dict:
         return manifest_io.load(out)
     except UserError:
         return {}
+
+
+def _build_engines(builder: EngineBuilder, manifest: dict, out: Path, variant, shapes: dict, log) -> None:
+    """One engine per component; an engine whose key (ONNX hash, flavour, version, SM, profile, options) is
+    unchanged and whose plan file is intact is kept."""
+    bar = tqdm(variant.components, desc=f"engines ({builder.target.flavour} {builder.target.sm})", unit="engine",
+               leave=False)
+    for name in bar:
+        bar.set_postfix_str(name)
+        comp = manifest["components"][name]
+        key = builder.key(comp["onnx_sha256"], shapes[name])
+        old = comp.get("engine") or {}
+        plan = out / "engines" / f"{name}.plan"
+        if old.get("key") == key and old.get("status") == "complete" and plan.is_file() \
+                and sha256_file(plan) == old.get("plan_sha256"):
+            log(f"[engines] {name}: up to date, skipped")
+            continue
+        comp["engine"] = None
+        entry = builder.build(out / comp["onnx"], shapes[name], plan)
+        entry.update(plan=f"engines/{name}.plan", key=key, status="complete")
+        comp["engine"] = entry
+        manifest_io.save(out, manifest)
+        log(f"[engines] {name}: {entry['plan']} ({entry['bytes'] / 1e6:.1f} MB, {entry['build_seconds']:.1f} s, "
+            f"{entry['flavour']} {entry['version']} {builder.target.sm})")
 
 
 def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names) -> dict:
@@ -215,6 +251,14 @@ def _fmt_parity(p: dict) -> str:
     return f"max_abs {p['max_abs']:.2e}, rel_l2 {p['rel_l2']:.2e} ({p['method']})"
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 1024x1024, got {text!r}") from None
+    return h, w
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zimage_deploy.build", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny", help="'tiny' (embedded), a diffusers-layout directory, or a hub id")
@@ -226,9 +270,24 @@ def main(argv=None) -> int:
                     help="output folder (default: export/<model>-<precision> for cpu, "
                          "engines/<model>-<target>-<precision> for GPU targets)")
     ap.add_argument("--skip-parity", action="store_true", help="do not measure parity after building")
+    eng = ap.add_argument_group("engines (GPU targets)")
+    eng.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimisation level")
+    eng.add_argument("--max-batch", type=int, default=4, help="largest batch the engines accept (default 4)")
+    eng.add_argument("--min-side", type=int, default=None, help="smallest image side in pixels")
+    eng.add_argument("--max-side", type=int, default=None, help="largest image side in pixels")
+    eng.add_argument("--opt-side", type=int, default=None, help="image side the engines are tuned for")
+    eng.add_argument("--static", type=_size, default=None, metavar="HxW",
+                     help="static shapes (one size and batch; what CUDA graphs want)")
+    eng.add_argument("--static-batch", type=int, default=1)
+    eng.add_argument("--refittable", action="store_true", help="build refittable engines")
+    eng.add_argument("--weight-streaming", action="store_true", help="allow weight streaming (small-memory cards)")
     args = ap.parse_args(argv)
     precision = args.precision or TARGETS[args.target].default_precision
-    build(args.model, args.variant, args.target, precision, args.out, parity=not args.skip_parity)
+    opts = EngineOptions(opt_level=args.opt_level, max_batch=args.max_batch, min_side=args.min_side,
+                         max_side=args.max_side, opt_side=args.opt_side, static=args.static,
+                         static_batch=args.static_batch, refittable=args.refittable,
+                         weight_streaming=args.weight_streaming)
+    build(args.model, args.variant, args.target, precision, args.out, parity=not args.skip_parity, engine_opts=opts)
     return 0
 
 

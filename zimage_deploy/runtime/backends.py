@@ -4,7 +4,7 @@ Every backend takes the same inputs and gives the same outputs, as the manifest 
 loop does not know which one it talks to.
 - onnxruntime: the exported graphs (CPU; float32 graphs, ONNX Runtime has no BF16 kernels on CPU);
 - torch: the same export-friendly modules, loaded from the checkpoint the build recorded;
-- tensorrt: engines, with the engines issue (#3).
+- tensorrt: the engines (runtime/tensorrt_backend.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 
 class Backend:
     name = "base"
+    device = torch.device("cpu")
 
     def __init__(self, engine_dir: Path, manifest: dict):
         self.engine_dir = Path(engine_dir)
@@ -120,15 +121,20 @@ class TorchBackend(Backend):
 
 
 def make_backend(name: str, engine_dir: Path, manifest: dict) -> Backend:
+    """`auto`: TensorRT when the build has engines and a CUDA GPU is visible; otherwise ONNX Runtime for
+    float32 builds and Torch for BF16 builds (ONNX Runtime has no BF16 CPU kernels)."""
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
-    has_engines = any(c.get("engine") for c in manifest["components"].values())
-    if name == "tensorrt" or (name == "auto" and has_engines):
-        raise UserError(
-            "the TensorRT backend is not available in this version (it lands with the engines issue #3); "
-            "use --backend onnxruntime or --backend torch"
-        )
     if name == "auto":
-        bf16 = any(c["compute_dtype"] == "bfloat16" for c in manifest["components"].values())
-        name = "torch" if bf16 else "onnxruntime"
+        has_engines = all((c.get("engine") or {}).get("status") == "complete"
+                          for c in manifest["components"].values())
+        if has_engines and torch.cuda.is_available():
+            name = "tensorrt"
+        else:
+            bf16 = any(c["compute_dtype"] == "bfloat16" for c in manifest["components"].values())
+            name = "torch" if bf16 else "onnxruntime"
+    if name == "tensorrt":
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(engine_dir, manifest)
     return OnnxRuntimeBackend(engine_dir, manifest) if name == "onnxruntime" else TorchBackend(engine_dir, manifest)

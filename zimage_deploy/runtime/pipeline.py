@@ -82,6 +82,7 @@ class TurboPipeline:
         b = len(prompts)
         if latents is None:
             latents = initial_latents(seed, b, self.facts["latent_channels"], h, w)
+        latents = latents.to(self.backend.device)
 
         cap_states, cap_lens = self.encode_prompt(prompts)
         sched = FlowMatchEuler(self.scheduler_config, steps, (h // 2) * (w // 2))
@@ -91,5 +92,5 @@ class TurboPipeline:
             latents = sched.step(velocity, i, latents)
         if output == "latent":
             return latents
-        images = self.backend.run("vae_decoder", latents=latents)["image"]
+        images = self.backend.run("vae_decoder", latents=latents)["image"].cpu()
         return images if output == "pt" else to_pil(images)

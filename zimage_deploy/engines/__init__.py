@@ -1,0 +1,1 @@
+"""The engines stage: ONNX graphs -> TensorRT / TensorRT-RTX plans, one per component."""

@@ -1,0 +1,135 @@
+"""Build one engine per component from the exported ONNX graphs; one code path for both flavours.
+
+Networks are strongly typed (precision comes from the graph: BF16 tensors, Q/DQ nodes). TensorRT-RTX engines
+are compiled ahead of time for the target's compute capability; TensorRT builds for the GPU it runs on and
+so refuses a machine whose GPU is not the target's. Plans are written under a temp name and renamed; the
+timing cache is persisted per flavour, version and compute capability.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from ..checkpoint import cache_dir
+from ..errors import UserError
+from .flavour import import_trt, version
+from .profiles import EngineOptions
+
+
+def engine_key(onnx_sha: str, flavour: str, trt_version: str, sm: str, profile: dict, opts: EngineOptions) -> str:
+    payload = json.dumps([onnx_sha, flavour, trt_version, sm, profile, opts.as_dict()], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _has_cuda() -> bool:
+    return device_capability() is not None
+
+
+def device_capability() -> tuple[int, int] | None:
+    try:
+        import torch
+
+        return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+def check_build_machine(target, trt) -> None:
+    """TensorRT (not -RTX) builds for the GPU present: it must be the target's architecture."""
+    if target.flavour != "tensorrt":
+        return
+    cc = device_capability()
+    if cc != tuple(target.compute_capability):
+        raise UserError(f"TensorRT builds engines for the GPU it runs on: target {target.name} needs a "
+                        f"{target.sm} GPU, this machine has {'none' if cc is None else 'SM%d%d' % cc}")
+
+
+class EngineBuilder:
+    def __init__(self, target, opts: EngineOptions):
+        self.target, self.opts = target, opts
+        self.trt = import_trt(target.flavour)
+        self.version = version(self.trt)
+        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
+        check_build_machine(target, self.trt)
+        self.cache_path = cache_dir() / "timing" / f"{target.flavour}-{self.version}-{target.sm}.cache"
+        # tactic timing needs a GPU: an ahead-of-time TensorRT-RTX build on a GPU-less machine times nothing
+        self.use_timing_cache = _has_cuda()
+
+    def key(self, onnx_sha: str, profile: dict) -> str:
+        return engine_key(onnx_sha, self.target.flavour, self.version, self.target.sm, profile, self.opts)
+
+    def build(self, onnx_path: Path, profile: dict, plan_path: Path) -> dict:
+        """Build `onnx_path` into `plan_path`; return the engine's manifest entry (without the key)."""
+        trt = self.trt
+        t0 = time.perf_counter()
+        builder = trt.Builder(self.logger)
+        flags = 0
+        if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+            raise UserError(f"{self.target.flavour} cannot parse {onnx_path}: {errors}")
+        config = builder.create_builder_config()
+        if self.target.flavour == "tensorrt-rtx":
+            config.num_compute_capabilities = 1
+            config.set_compute_capability(getattr(trt.ComputeCapability, self.target.sm), 0)
+        config.builder_optimization_level = self.opts.opt_level
+        if self.opts.refittable:
+            config.set_flag(trt.BuilderFlag.REFIT)
+        if self.opts.weight_streaming:
+            config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+        cache = None
+        if self.use_timing_cache:
+            cache = config.create_timing_cache(self.cache_path.read_bytes() if self.cache_path.is_file() else b"")
+            config.set_timing_cache(cache, ignore_mismatch=False)
+        prof = builder.create_optimization_profile()
+        inputs = {network.get_input(i).name for i in range(network.num_inputs)}
+        if inputs != set(profile):
+            raise UserError(f"{onnx_path} inputs {sorted(inputs)} do not match the profile {sorted(profile)}")
+        for name, (lo, opt, hi) in profile.items():
+            prof.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(prof)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise RuntimeError(f"{self.target.flavour} failed to build an engine from {onnx_path} (see log above)")
+        _write_atomic(plan_path, memoryview(plan))
+        if cache is not None:
+            _write_atomic(self.cache_path, memoryview(cache.serialize()))
+        return {
+            "plan_sha256": sha256_file(plan_path),
+            "bytes": plan_path.stat().st_size,
+            "flavour": self.target.flavour,
+            "version": self.version,
+            "compute_capability": list(self.target.compute_capability),
+            "profile": profile,
+            "options": self.opts.as_dict(),
+            "timing_cache": str(self.cache_path) if cache is not None else None,
+            "build_seconds": round(time.perf_counter() - t0, 2),
+        }
+
+
+def _write_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

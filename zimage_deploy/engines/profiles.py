@@ -1,0 +1,81 @@
+"""TensorRT optimization profiles, derived from variant x target x options: min/opt/max shape of every input.
+
+Real models: batch 1..4 (opt 1; 2 for CFG variants), sides 512..2048 px in 16-px steps at any aspect ratio,
+text 1..512 tokens. Small test checkpoints (DiT dim < 1024, such as the embedded tiny one) use sides
+64..512 px. A static profile (one H x W and batch, min = opt = max) is what CUDA graphs want.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import UserError
+from ..models.dit import SEQ_MULTIPLE
+
+MAX_TEXT = 512
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    opt_level: int = 3  # builder optimisation level 0..5
+    max_batch: int = 4
+    min_side: int | None = None  # pixels; None: from the variant (or the small-model range)
+    max_side: int | None = None
+    opt_side: int | None = None
+    static: tuple[int, int] | None = None  # (height, width): static shapes
+    static_batch: int = 1
+    refittable: bool = False
+    weight_streaming: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def side_range(variant, facts: dict, opts: EngineOptions) -> tuple[int, int, int]:
+    small = facts["dim"] < 1024
+    lo, hi, opt = (64, 512, 256) if small else (variant.min_side, variant.max_side, 1024)
+    lo, hi = opts.min_side or lo, opts.max_side or hi
+    opt = opts.opt_side or min(max(opt, lo), hi)
+    multiple = facts["vae_scale_factor"] * facts["patch_size"]
+    for name, v in (("min side", lo), ("max side", hi), ("opt side", opt)):
+        if v <= 0 or v % multiple:
+            raise UserError(f"{name} {v} must be a positive multiple of {multiple} pixels")
+    if not lo <= opt <= hi:
+        raise UserError(f"resolution range needs min <= opt <= max, got {lo} <= {opt} <= {hi}")
+    return lo, opt, hi
+
+
+def profiles(variant, facts: dict, opts: EngineOptions) -> dict[str, dict[str, list[list[int]]]]:
+    """component -> input name -> [min, opt, max] shapes."""
+    scale = facts["vae_scale_factor"]
+    c, dim, cap = facts["latent_channels"], facts["dim"], facts["cap_feat_dim"]
+    if opts.static:
+        h, w = opts.static
+        multiple = scale * facts["patch_size"]
+        if h % multiple or w % multiple:
+            raise UserError(f"static size {h}x{w} must be a multiple of {multiple} pixels")
+        b = (opts.static_batch,) * 3
+        lh, lw = (h // scale,) * 3, (w // scale,) * 3
+    else:
+        if opts.max_batch < 1:
+            raise UserError("max batch must be >= 1")
+        opt_b = 2 if variant.uses_cfg and opts.max_batch >= 2 else 1
+        b = (1, opt_b, opts.max_batch)
+        lo, opt, hi = side_range(variant, facts, opts)
+        lh = lw = (lo // scale, opt // scale, hi // scale)
+    text = (1, 128, MAX_TEXT)
+    capl = (SEQ_MULTIPLE, 128, MAX_TEXT)
+
+    def shapes(*dims):  # each dim a (min, opt, max) triple or an int
+        triples = [d if isinstance(d, tuple) else (d, d, d) for d in dims]
+        return [[t[i] for t in triples] for i in range(3)]
+
+    return {
+        "text_encoder": {"input_ids": shapes(b, text), "attention_mask": shapes(b, text)},
+        "context_refiner": {"cap_feats": shapes(b, capl, cap), "cap_lens": shapes(b)},
+        "transformer": {
+            "latents": shapes(b, c, lh, lw), "timestep": shapes(b),
+            "cap_states": shapes(b, capl, dim), "cap_lens": shapes(b),
+        },
+        "vae_decoder": {"latents": shapes(b, c, lh, lw)},
+    }
