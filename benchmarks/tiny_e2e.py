@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from zimage_deploy import build as build_mod
-from zimage_deploy.runtime.pipeline import TurboPipeline
+from zimage_deploy.runtime.pipeline import Pipeline
 from zimage_deploy.tiny import ensure_tiny
 
 PROMPT = "a red fox in the snow, watercolor"
@@ -62,7 +62,7 @@ def main() -> None:
     times, reference = timed(run_diffusers, args.repeats)
     rows["diffusers eager fp32"] = (times, 0)
     for backend in ("onnxruntime", "torch"):
-        pipe = TurboPipeline(out, backend)
+        pipe = Pipeline(out, backend)
         times, image = timed(lambda: np.asarray(pipe(PROMPT, size, size, steps, seed, progress=False)[0]),
                              args.repeats)
         rows[f"zimage-deploy {backend} fp32"] = (times, int(np.abs(image.astype(int) - reference).max()))

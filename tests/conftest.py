@@ -54,3 +54,27 @@ def tiny_fp32(tmp_path_factory, tiny_ckpt):
 @pytest.fixture(scope="session")
 def tiny_bf16(tmp_path_factory, tiny_ckpt):
     return _build(tmp_path_factory, tiny_ckpt, "bf16")
+
+
+@pytest.fixture(scope="session")
+def base_ckpt(_cache):
+    from zimage_deploy.tiny import ensure_tiny
+
+    return ensure_tiny("tiny-base")
+
+
+@pytest.fixture(scope="session")
+def base_fp32(tmp_path_factory, base_ckpt):
+    return _build(tmp_path_factory, base_ckpt, "fp32")
+
+
+def synthetic_image(width, height, seed=0):
+    """A deterministic test picture: gradients plus texture (not flat, not pure noise)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    arr = np.stack([255 * x / width, 255 * y / height, 128 + 60 * np.sin(x / 5.0) * np.cos(y / 7.0)], axis=-1)
+    arr = np.clip(arr + rng.normal(0, 12, arr.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from zimage_deploy.errors import UserError
-from zimage_deploy.runtime.pipeline import TurboPipeline
+from zimage_deploy.runtime.pipeline import Pipeline
 
 FLOAT, BF16 = onnx.TensorProto.FLOAT, onnx.TensorProto.BFLOAT16
 MUST_BE_FLOAT32 = {"Softmax", "ReduceMean", "Pow", "Sqrt", "Cos", "Sin", "InstanceNormalization", "LayerNormalization"}
@@ -24,7 +24,7 @@ def elem_types(model):
     return types
 
 
-@pytest.mark.parametrize("name", ["text_encoder", "context_refiner", "transformer", "vae_decoder"])
+@pytest.mark.parametrize("name", ["text_encoder", "context_refiner", "transformer", "vae_decoder", "vae_encoder"])
 def test_bf16_graph_dtypes(tiny_bf16, name):
     model = onnx.load(str(tiny_bf16 / "onnx" / name / "model.onnx"))
     types = elem_types(model)
@@ -51,8 +51,8 @@ def test_bf16_graph_dtypes(tiny_bf16, name):
 
 @pytest.mark.parametrize("prompt,h,w,seed", [("a cat on a red sofa", 128, 128, 0), ("雪山下的湖泊，清晨", 96, 160, 1)])
 def test_bf16_torch_backend_close_to_fp32(tiny_bf16, tiny_fp32, prompt, h, w, seed):
-    bf16 = np.asarray(TurboPipeline(tiny_bf16, "torch")(prompt, h, w, seed=seed, progress=False)[0], dtype=float)
-    fp32 = np.asarray(TurboPipeline(tiny_fp32, "onnxruntime")(prompt, h, w, seed=seed, progress=False)[0],
+    bf16 = np.asarray(Pipeline(tiny_bf16, "torch")(prompt, h, w, seed=seed, progress=False)[0], dtype=float)
+    fp32 = np.asarray(Pipeline(tiny_fp32, "onnxruntime")(prompt, h, w, seed=seed, progress=False)[0],
                       dtype=float)
     psnr = 10 * np.log10(255.0**2 / ((bf16 - fp32) ** 2).mean())
     print(f"bf16 vs fp32 PSNR {psnr:.1f} dB")
@@ -61,4 +61,4 @@ def test_bf16_torch_backend_close_to_fp32(tiny_bf16, tiny_fp32, prompt, h, w, se
 
 def test_onnxruntime_refuses_bf16_graphs(tiny_bf16):
     with pytest.raises(UserError, match="BF16"):
-        TurboPipeline(tiny_bf16, "onnxruntime")
+        Pipeline(tiny_bf16, "onnxruntime")

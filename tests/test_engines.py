@@ -22,7 +22,7 @@ except ImportError:  # CI installs it: never skip there
         raise
     pytest.skip("tensorrt-rtx-cu12 is not installed (pip install -e '.[tensorrt-rtx]')", allow_module_level=True)
 
-COMPONENTS = ["text_encoder", "context_refiner", "transformer", "vae_decoder"]
+COMPONENTS = ["text_encoder", "context_refiner", "transformer", "vae_decoder", "vae_encoder"]
 NO_RTX_GPU = "running TensorRT-RTX engines needs an SM89 GPU (RTX 4090 / L40S class); none is visible here"
 
 
@@ -56,9 +56,9 @@ def test_engines_built_and_recorded(rtx_build):
 
 @pytest.mark.skipif(not _gpu_is((8, 9)), reason=NO_RTX_GPU)
 def test_engines_deserialize_and_run(rtx_build):
-    from zimage_deploy.runtime.pipeline import TurboPipeline
+    from zimage_deploy.runtime.pipeline import Pipeline
 
-    pipe = TurboPipeline(rtx_build, "tensorrt")
+    pipe = Pipeline(rtx_build, "tensorrt")
     image = pipe("a cat", 128, 128, seed=0, progress=False)[0]
     assert image.size == (128, 128)
 

@@ -76,7 +76,7 @@ def test_unknown_target_or_precision(argv, message, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--target", "cpu", "--precision", "nvfp4"], "not supported on target 'cpu'"),
     (["--target", "rtx4090", "--precision", "fp8"], "needs the quantize stage"),
-    (["--variant", "base"], "not supported yet"),
+    (["--variant", "edit"], "not supported yet"),
 ])
 def test_unsupported_combinations(argv, message, tmp_path, capsys):
     code, err = cli(build.main, ["--model", "tiny", "--out", str(tmp_path / "out"), *argv], capsys)
@@ -85,9 +85,10 @@ def test_unsupported_combinations(argv, message, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--negative-prompt", "blurry"], "without classifier-free guidance"),
-    (["--guidance-scale", "4"], "without classifier-free guidance"),
-    (["--strength", "0.5"], "img2img"),
+    (["--negative-prompt", "blurry"], "needs classifier-free guidance"),
+    (["--guidance-scale", "-1"], "guidance scale must be >= 0"),
+    (["--strength", "0.5"], "--strength needs --image"),
+    (["--mask", "{tmp}/m.png"], "--mask needs --image"),
     (["--output", "{tmp}/x.notanimage"], "unknown image extension"),
 ])
 def test_generate_refuses_unsupported_options(tiny_fp32, tmp_path, capsys, extra, message):

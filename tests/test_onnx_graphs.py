@@ -62,7 +62,8 @@ def test_dit_graphs_match_diffusers(tiny_fp32, tiny_ckpt, lens, h, w):
 
 def test_manifest_describes_graphs(tiny_fp32):
     manifest = json.loads((tiny_fp32 / "manifest.json").read_text())
-    assert set(manifest["components"]) == {"text_encoder", "context_refiner", "transformer", "vae_decoder"}
+    assert set(manifest["components"]) == {"text_encoder", "context_refiner", "transformer", "vae_decoder",
+                                          "vae_encoder"}
     for name, comp in manifest["components"].items():
         assert comp["status"] == "complete" and comp["opset"] == 19
         sess = session(tiny_fp32, name)
@@ -72,3 +73,14 @@ def test_manifest_describes_graphs(tiny_fp32):
             # dynamic dims are named the same in the graph and in the manifest
             assert [d if isinstance(d, str) else d for d in io.shape] == meta["dims"]
         assert comp["parity"]["rel_l2"] < 1e-5, comp["parity"]
+
+
+@pytest.mark.parametrize("h,w", [(64, 64), (96, 160)])
+def test_vae_encoder_graph_matches_diffusers(tiny_fp32, tiny_ckpt, h, w):
+    vae = AutoencoderKL.from_pretrained(tiny_ckpt, subfolder="vae").eval()
+    image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h)) * 2 - 1
+    with torch.no_grad():
+        dist = vae.encode(image).latent_dist
+    mean, std = session(tiny_fp32, "vae_encoder").run(None, {"image": image.numpy()})
+    np.testing.assert_allclose(mean, dist.mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(std, dist.std.numpy(), rtol=1e-5, atol=1e-6)

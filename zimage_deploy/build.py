@@ -43,6 +43,7 @@ def model_facts(ckpt: Path) -> dict:
         "dim": dit["dim"], "n_layers": dit["n_layers"], "latent_channels": vae["latent_channels"],
         "in_channels": dit["in_channels"], "vae_scale_factor": 2 ** (len(vae["block_out_channels"]) - 1),
         "patch_size": (dit.get("all_patch_size") or [2])[0],
+        "vae_scaling": vae["scaling_factor"], "vae_shift": vae.get("shift_factor") or 0.0,
     }
 
 
@@ -230,21 +231,28 @@ def _parity(name: str, entry: dict, out: Path, ckpt: Path, loaded: dict, facts: 
     spec = SPECS[name]
     sample = spec.sample(facts, CHECK_DIMS, compute)
     fp32_module = spec.wrap(_load(name, ckpt, torch.float32, loaded))
-    ref = fp32_module(*[s.float() if s.is_floating_point() else s for s in sample])
+    ref = _flat(fp32_module(*[s.float() if s.is_floating_point() else s for s in sample]))
     if compute == torch.float32:
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(out / entry["onnx"]), providers=["CPUExecutionProvider"])
         feeds = {io.name: s.numpy() for io, s in zip(spec.inputs, sample)}
-        got = torch.from_numpy(sess.run(None, feeds)[0])
+        got = _flat(tuple(torch.from_numpy(o) for o in sess.run(None, feeds)))
         how = "onnxruntime graph vs torch float32 module"
     else:
-        got = spec.wrap(_load(name, ckpt, compute, loaded))(*sample)
+        got = _flat(spec.wrap(_load(name, ckpt, compute, loaded))(*sample))
         how = "torch bf16 module vs torch float32 module (onnxruntime has no BF16 CPU kernels)"
     if name == "text_encoder":  # only real tokens are used downstream
         keep = sample[1].bool()
         got, ref = got[keep], ref[keep]
     return {"method": how, "shapes": CHECK_DIMS, **_metrics(got, ref)}
+
+
+def _flat(out) -> torch.Tensor:
+    """A module's or a graph's outputs as one tensor (several outputs concatenated, flattened)."""
+    if isinstance(out, (tuple, list)):
+        return torch.cat([o.float().flatten() for o in out]) if len(out) > 1 else out[0]
+    return out
 
 
 def _fmt_parity(p: dict) -> str:
@@ -261,8 +269,10 @@ def _size(text: str) -> tuple[int, int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zimage_deploy.build", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="tiny", help="'tiny' (embedded), a diffusers-layout directory, or a hub id")
-    ap.add_argument("--variant", default="turbo", choices=sorted(VARIANTS))
+    ap.add_argument("--model", default="tiny",
+                    help="'tiny' / 'tiny-base' (embedded), a diffusers-layout directory, or a hub id")
+    ap.add_argument("--variant", default=None, choices=sorted(VARIANTS),
+                    help="default: base for --model tiny-base, else turbo")
     ap.add_argument("--target", default="cpu", choices=list(TARGETS))
     ap.add_argument("--precision", default=None, choices=PRECISIONS,
                     help="default: the target's default (cpu: fp32, GPUs: bf16)")
@@ -283,11 +293,12 @@ def main(argv=None) -> int:
     eng.add_argument("--weight-streaming", action="store_true", help="allow weight streaming (small-memory cards)")
     args = ap.parse_args(argv)
     precision = args.precision or TARGETS[args.target].default_precision
+    variant = args.variant or ("base" if args.model == "tiny-base" else "turbo")
     opts = EngineOptions(opt_level=args.opt_level, max_batch=args.max_batch, min_side=args.min_side,
                          max_side=args.max_side, opt_side=args.opt_side, static=args.static,
                          static_batch=args.static_batch, refittable=args.refittable,
                          weight_streaming=args.weight_streaming)
-    build(args.model, args.variant, args.target, precision, args.out, parity=not args.skip_parity, engine_opts=opts)
+    build(args.model, variant, args.target, precision, args.out, parity=not args.skip_parity, engine_opts=opts)
     return 0
 
 

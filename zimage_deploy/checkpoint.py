@@ -57,11 +57,12 @@ def missing_files(path: Path) -> list[str]:
 
 
 def resolve(model: str) -> Path:
-    """`tiny`, a local diffusers-layout directory, or a hub id -> local checkpoint directory (checked)."""
-    if model == "tiny":
-        from .tiny import ensure_tiny
+    """`tiny` / `tiny-base` (embedded), a local diffusers-layout directory, or a hub id -> local checkpoint
+    directory (checked)."""
+    from .tiny import TINY_MODELS, ensure_tiny
 
-        return ensure_tiny()
+    if model in TINY_MODELS:
+        return ensure_tiny(model)
     path = Path(model).expanduser()
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         if not path.is_dir():
@@ -133,6 +134,8 @@ def content_hash(path: Path) -> str:
 def model_key(model: str, variant: str) -> str:
     if model == "tiny":
         return f"tiny-{variant}"
+    if model.startswith("tiny-") and not Path(model).exists():
+        return model
     path = Path(model)
     if path.exists():
         return path.resolve().name

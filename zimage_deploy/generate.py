@@ -14,13 +14,17 @@ from .errors import UserError
 from .runtime.backends import BACKENDS
 
 
-def write_image(image, output: Path) -> None:
-    """Save atomically: a failed save leaves no partial file at `output`."""
+def check_output(output: Path) -> None:
     from PIL import Image
 
+    if output.suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"--output {output}: unknown image extension {output.suffix!r} (use .png)")
+
+
+def write_image(image, output: Path) -> None:
+    """Save atomically: a failed save leaves no partial file at `output`."""
+    check_output(output)
     ext = output.suffix.lower()
-    if ext not in Image.registered_extensions():
-        raise UserError(f"--output {output}: unknown image extension {ext!r} (use .png)")
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=ext, dir=output.parent)
     os.close(fd)
@@ -41,30 +45,47 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="default: the variant's (Turbo: 8)")
     ap.add_argument("--height", type=int, default=None, help="pixels, multiple of 16 (default: from the build)")
     ap.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (default: from the build)")
-    ap.add_argument("--guidance-scale", type=float, default=None)
-    ap.add_argument("--image", action="append", default=None, type=Path)
-    ap.add_argument("--strength", type=float, default=None)
-    ap.add_argument("--mask", type=Path, default=None)
+    ap.add_argument("--guidance-scale", type=float, default=None,
+                    help="classifier-free guidance scale; 0 turns CFG off (default: the variant's: Turbo 0)")
+    ap.add_argument("--cfg-normalization", type=float, default=0.0,
+                    help="cap |guided| at this multiple of |positive| (diffusers' cfg_normalization; 0 = off)")
+    ap.add_argument("--cfg-truncation", type=float, default=1.0,
+                    help="guidance off once (1000 - t) / 1000 exceeds this (diffusers' cfg_truncation)")
+    ap.add_argument("--cfg-mode", default="batch", choices=("batch", "sequential"),
+                    help="CFG as one batch-2 transformer call per step (default) or two calls")
+    ap.add_argument("--image", action="append", default=None, type=Path, help="input image (img2img / inpaint)")
+    ap.add_argument("--strength", type=float, default=None, help="img2img / inpaint strength in (0, 1] (0.6)")
+    ap.add_argument("--mask", type=Path, default=None, help="inpainting mask, white = repaint (needs --image)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS)
     ap.add_argument("--output", type=Path, required=True)
     args = ap.parse_args(argv)
 
-    if args.negative_prompt is not None or args.guidance_scale not in (None, 0.0):
-        raise UserError("Z-Image-Turbo runs without classifier-free guidance: --negative-prompt and "
-                        "--guidance-scale need the Base variant (Base/Edit issue #5)")
-    if args.image or args.mask or args.strength is not None:
-        raise UserError("--image / --mask / --strength (img2img, inpaint, edit) land with the Base/Edit issue (#5)")
+    check_output(args.output)
+    if args.image and len(args.image) > 1:
+        raise UserError("several --image (condition images) are for the Edit variant, which is not supported yet; "
+                        "img2img and inpainting take one --image")
+    if args.strength is not None and not args.image:
+        raise UserError("--strength needs --image (img2img / inpainting)")
+    if args.mask and not args.image:
+        raise UserError("--mask needs --image (inpainting)")
 
-    from .runtime.pipeline import TurboPipeline
+    from .runtime.images import open_image
+    from .runtime.pipeline import Pipeline
 
+    image = open_image(args.image[0]) if args.image else None
+    mask = open_image(args.mask) if args.mask else None
     t0 = time.perf_counter()
-    pipe = TurboPipeline(args.engine_dir, backend=args.backend)
-    pipe.check_size(args.height or pipe.manifest["defaults"]["height"], args.width or pipe.manifest["defaults"]["width"])
+    pipe = Pipeline(args.engine_dir, backend=args.backend, cfg_mode=args.cfg_mode)
+    if image is None:
+        pipe.check_size(args.height or pipe.defaults["height"], args.width or pipe.defaults["width"])
     t1 = time.perf_counter()
-    (image,) = pipe(args.prompt, height=args.height, width=args.width, steps=args.steps, seed=args.seed)
+    (result,) = pipe(args.prompt, height=args.height, width=args.width, steps=args.steps, seed=args.seed,
+                     negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
+                     cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation,
+                     image=image, mask=mask, strength=0.6 if args.strength is None else args.strength)
     t2 = time.perf_counter()
-    write_image(image, args.output)
-    print(f"wrote {args.output} ({image.width}x{image.height}, backend {pipe.backend.name}, "
+    write_image(result, args.output)
+    print(f"wrote {args.output} ({result.width}x{result.height}, backend {pipe.backend.name}, "
           f"load {t1 - t0:.2f} s, generate {t2 - t1:.2f} s)")
     return 0
 

@@ -129,10 +129,19 @@ def write_checkpoint(out: Path, dit: dict | None = None, text: dict | None = Non
     return out
 
 
-def ensure_tiny() -> Path:
-    """The embedded tiny Turbo checkpoint, written to the cache on first use."""
-    path = cache_dir() / f"tiny-turbo-v{TINY_VERSION}"
+# The embedded tiny checkpoints: name -> (seed, scheduler config). Base differs from Turbo by its weights and
+# its scheduler shift (the runtime takes the shift from the checkpoint), as the real checkpoints do.
+TINY_MODELS = {
+    "tiny": dict(seed=0, scheduler=None),
+    "tiny-base": dict(seed=1, scheduler=dict(shift=6.0)),
+}
+
+
+def ensure_tiny(name: str = "tiny") -> Path:
+    """An embedded tiny checkpoint, written to the cache on first use."""
+    spec = TINY_MODELS[name]
+    path = cache_dir() / f"{name}-v{TINY_VERSION}"
     if not (path / "model_index.json").is_file():
-        print(f"writing the embedded tiny Z-Image-Turbo checkpoint to {path} (zimage-deploy {__version__})")
-        write_checkpoint(path)
+        print(f"writing the embedded {name} Z-Image checkpoint to {path} (zimage-deploy {__version__})")
+        write_checkpoint(path, scheduler=spec["scheduler"], seed=spec["seed"])
     return path.resolve()

@@ -24,7 +24,8 @@ class Variant:
 
 # Components, in pipeline order. "context_refiner" is the prompt-only part of the DiT
 # (caption embedder + context refiner): it runs once per prompt, "transformer" once per step.
-TURBO_COMPONENTS = ("text_encoder", "context_refiner", "transformer", "vae_decoder")
+# "vae_encoder" serves img2img and inpainting.
+TURBO_COMPONENTS = ("text_encoder", "context_refiner", "transformer", "vae_decoder", "vae_encoder")
 
 VARIANTS: dict[str, Variant] = {
     "turbo": Variant(
@@ -48,8 +49,6 @@ VARIANTS: dict[str, Variant] = {
         max_side=2048,
         components=TURBO_COMPONENTS,
         uses_cfg=True,
-        implemented=False,
-        not_implemented_reason="Z-Image Base (CFG) lands with the Base/Edit issue (#5)",
     ),
     "edit": Variant(
         name="edit",

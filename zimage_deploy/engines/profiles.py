@@ -78,4 +78,5 @@ def profiles(variant, facts: dict, opts: EngineOptions) -> dict[str, dict[str, l
             "cap_states": shapes(b, capl, dim), "cap_lens": shapes(b),
         },
         "vae_decoder": {"latents": shapes(b, c, lh, lw)},
+        "vae_encoder": {"image": shapes(b, 3, tuple(x * scale for x in lh), tuple(x * scale for x in lw))},
     }

@@ -77,6 +77,12 @@ def _sample_vae(facts, d):
     return (torch.randn(d["batch"], facts["latent_channels"], d["latent_h"], d["latent_w"], generator=g),)
 
 
+def _sample_image(facts, d):
+    g = torch.Generator().manual_seed(4)
+    s = facts["vae_scale_factor"]
+    return (torch.rand(d["batch"], 3, d["latent_h"] * s, d["latent_w"] * s, generator=g) * 2 - 1,)
+
+
 SPECS: dict[str, ComponentSpec] = {
     "text_encoder": ComponentSpec(
         "text_encoder",
@@ -110,6 +116,14 @@ SPECS: dict[str, ComponentSpec] = {
         outputs=(IO("image", "float32", ("batch", 3, "height", "width")),),
         wrap=lambda m: m,
         sample=lambda facts, d, dtype: _sample_vae(facts, d),
+    ),
+    "vae_encoder": ComponentSpec(
+        "vae_encoder",
+        inputs=(IO("image", "float32", ("batch", 3, "height", "width")),),
+        outputs=(IO("mean", "float32", ("batch", "latent_channels", "latent_h", "latent_w")),
+                 IO("std", "float32", ("batch", "latent_channels", "latent_h", "latent_w"))),
+        wrap=lambda m: m,
+        sample=lambda facts, d, dtype: _sample_image(facts, d),
     ),
 }
 

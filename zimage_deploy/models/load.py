@@ -12,7 +12,7 @@ from ..errors import UserError
 from .dit import DiTConfig, TimestepEmbedder, ZImageDiT, fuse_state_dict
 from .layers import to_compute_dtype
 from .text_encoder import TextEncoder, TextEncoderConfig, convert_transformers_items
-from .vae import VAEDecoder
+from .vae import VAEDecoder, VAEEncoder
 
 
 def _load(module: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
@@ -56,11 +56,19 @@ def load_text_encoder(ckpt: Path, dtype: torch.dtype = torch.float32) -> TextEnc
     return to_compute_dtype(model, dtype) if dtype != torch.float32 else model
 
 
-def load_vae_decoder(ckpt: Path, dtype: torch.dtype = torch.float32) -> VAEDecoder:
+def _load_vae(ckpt: Path):
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(ckpt, subfolder="vae", use_safetensors=True, dtype=torch.float32)
-    model = VAEDecoder(vae).eval().requires_grad_(False)
+    return AutoencoderKL.from_pretrained(ckpt, subfolder="vae", use_safetensors=True, dtype=torch.float32)
+
+
+def load_vae_decoder(ckpt: Path, dtype: torch.dtype = torch.float32) -> VAEDecoder:
+    model = VAEDecoder(_load_vae(ckpt)).eval().requires_grad_(False)
+    return to_compute_dtype(model.use_fp32_norms(), dtype) if dtype != torch.float32 else model
+
+
+def load_vae_encoder(ckpt: Path, dtype: torch.dtype = torch.float32) -> VAEEncoder:
+    model = VAEEncoder(_load_vae(ckpt)).eval().requires_grad_(False)
     return to_compute_dtype(model.use_fp32_norms(), dtype) if dtype != torch.float32 else model
 
 
@@ -69,4 +77,5 @@ LOADERS = {
     "transformer": load_dit,
     "context_refiner": load_dit,
     "vae_decoder": load_vae_decoder,
+    "vae_encoder": load_vae_encoder,
 }

@@ -73,3 +73,30 @@ class VAEDecoder(nn.Module):
                     new.weight, new.bias = child.weight, child.bias
                     setattr(module, name, new)
         return self
+
+
+class VAEEncoder(nn.Module):
+    """image (B, 3, H, W) in [-1, 1] -> mean, std (B, 16, H/8, W/8) of the latent posterior.
+
+    Sampling (`mean + std * noise`, with the request's generator) and the `(z - shift) * scaling` that maps to
+    the DiT's latent space happen in the runtime, in diffusers' order, so seeds reproduce diffusers."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = getattr(vae, "quant_conv", None)
+        from diffusers.models.attention_processor import Attention
+
+        for module in self.encoder.modules():
+            if isinstance(module, Attention):
+                module.set_processor(SpatialSelfAttention())
+
+    def forward(self, image: torch.Tensor):
+        h = self.encoder(image.to(self.encoder.conv_in.weight.dtype))
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        mean, logvar = h.float().chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        return mean, torch.exp(0.5 * logvar)
+
+    use_fp32_norms = VAEDecoder.use_fp32_norms

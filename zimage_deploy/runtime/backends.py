@@ -114,10 +114,13 @@ class TorchBackend(Backend):
             out = m.context(x["cap_feats"], x["cap_lens"])
         elif component == "transformer":
             out = m(x["latents"], x["timestep"], x["cap_states"], x["cap_lens"])
+        elif component == "vae_encoder":
+            out = m(x["image"])
         else:
             out = m(x["latents"])
-        (spec,) = self.components[component]["outputs"]
-        return {spec["name"]: out.to(DTYPES[spec["dtype"]])}
+        outs = out if isinstance(out, tuple) else (out,)
+        specs = self.components[component]["outputs"]
+        return {s["name"]: o.to(DTYPES[s["dtype"]]) for s, o in zip(specs, outs)}
 
 
 def make_backend(name: str, engine_dir: Path, manifest: dict) -> Backend:

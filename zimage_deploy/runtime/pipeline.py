@@ -1,24 +1,35 @@
-"""The Turbo sampling loop over any backend, reproducing diffusers' ZImagePipeline (text-to-image, no CFG).
+"""One sampling loop over any backend, reproducing diffusers' Z-Image pipelines:
+text-to-image (`ZImagePipeline`, Turbo and Base), with classifier-free guidance when `guidance_scale > 0`
+(Base), img2img (`ZImageImg2ImgPipeline`) and inpainting (`ZImageInpaintPipeline`).
 
 prompt -> chat template + tokens -> text_encoder -> keep real tokens -> pad to 32 -> context_refiner (once)
-       -> N x [transformer -> Euler step] -> vae_decoder -> uint8 image
+       -> [image -> vae_encoder -> noised latents] -> steps x [transformer (x2 with CFG) -> Euler step
+       (-> inpaint blend)] -> vae_decoder -> uint8 image
+
+Random numbers are drawn from one CPU generator in diffusers' order (VAE posterior sample, then noise), so the
+same seed gives the same image.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
 from .. import manifest as manifest_io
 from ..errors import UserError
 from .backends import Backend, make_backend
+from .images import preprocess_image, preprocess_mask, to_pil
 from .prompt import PromptTokenizer, pad_captions
 from .scheduler import FlowMatchEuler, SchedulerConfig
+
+CFG_MODES = ("batch", "sequential")
+REQUIRED = ("text_encoder", "context_refiner", "transformer", "vae_decoder")
 
 
 def initial_latents(seed: int, batch: int, channels: int, h: int, w: int) -> torch.Tensor:
@@ -27,22 +38,37 @@ def initial_latents(seed: int, batch: int, channels: int, h: int, w: int) -> tor
     return torch.randn((batch, channels, h, w), generator=g, dtype=torch.float32)
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [0, 1] -> PIL images, rounding as diffusers' image processor does."""
-    arr = (images.float().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
+def start_step(steps: int, strength: float) -> int:
+    """First step of img2img / inpainting, computed as diffusers does (float arithmetic included)."""
+    init = min(steps * strength, steps)
+    return int(max(steps - init, 0))
 
 
-class TurboPipeline:
-    def __init__(self, engine_dir: str | Path, backend: str | Backend = "auto"):
+@dataclass
+class Prompt:
+    states: torch.Tensor  # (B, S, dim) context refiner output
+    lens: torch.Tensor  # (B,)
+
+
+def _cat_prompts(a: Prompt, b: Prompt) -> Prompt:
+    """One batch of two prompt sets: caption axes padded to the longer (padding is masked out)."""
+    s = max(a.states.shape[1], b.states.shape[1])
+    pad = lambda x: F.pad(x, (0, 0, 0, s - x.shape[1]))  # noqa: E731
+    return Prompt(torch.cat([pad(a.states), pad(b.states)]), torch.cat([a.lens, b.lens]))
+
+
+class Pipeline:
+    def __init__(self, engine_dir: str | Path, backend: str | Backend = "auto", cfg_mode: str = "batch"):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest_io.load(self.engine_dir)
-        if self.manifest["variant"] != "turbo":
-            raise UserError(f"{engine_dir} holds variant {self.manifest['variant']!r}; this runtime runs turbo")
-        missing = [c for c in ("text_encoder", "context_refiner", "transformer", "vae_decoder")
-                   if self.manifest["components"].get(c, {}).get("status") != "complete"]
+        if self.manifest["variant"] not in ("turbo", "base"):
+            raise UserError(f"{engine_dir} holds variant {self.manifest['variant']!r}, which this runtime cannot run")
+        missing = [c for c in REQUIRED if self.manifest["components"].get(c, {}).get("status") != "complete"]
         if missing:
             raise UserError(f"{engine_dir} is not a complete build (missing {missing}): run the build again")
+        if cfg_mode not in CFG_MODES:
+            raise UserError(f"cfg_mode must be one of {CFG_MODES}")
+        self.cfg_mode = cfg_mode
         self.backend = backend if isinstance(backend, Backend) else make_backend(backend, self.engine_dir,
                                                                                   self.manifest)
         self.tokenizer = PromptTokenizer(self.engine_dir / "tokenizer",
@@ -50,46 +76,131 @@ class TurboPipeline:
         sched = json.loads((self.engine_dir / "scheduler" / "scheduler_config.json").read_text())
         self.scheduler_config = SchedulerConfig.from_diffusers(sched)
         self.facts = self.manifest["model"]["facts"]
+        self.defaults = self.manifest["defaults"]
+        self.multiple = self.defaults["resolution_multiple"]
 
     def check_size(self, height: int, width: int) -> None:
-        multiple = self.manifest["defaults"]["resolution_multiple"]
         for name, v in (("height", height), ("width", width)):
-            if v <= 0 or v % multiple:
-                raise UserError(f"{name} must be a positive multiple of {multiple}, got {v}")
+            if v <= 0 or v % self.multiple:
+                raise UserError(f"{name} must be a positive multiple of {self.multiple}, got {v}")
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> context refiner output (B, S, dim) and caption lengths (B,): computed once per prompt."""
+    def encode_prompt(self, prompts: list[str]) -> Prompt:
+        """Context refiner output for each prompt: computed once per prompt, not once per step."""
         ids, mask = self.tokenizer(prompts)
         hidden = self.backend.run("text_encoder", input_ids=ids, attention_mask=mask)["hidden_states"]
-        caps = [hidden[i][mask[i].bool()] for i in range(len(prompts))]
-        feats, lens = pad_captions(caps)
-        return self.backend.run("context_refiner", cap_feats=feats, cap_lens=lens)["cap_states"], lens
+        feats, lens = pad_captions([hidden[i][mask[i].bool()] for i in range(len(prompts))])
+        return Prompt(self.backend.run("context_refiner", cap_feats=feats, cap_lens=lens)["cap_states"], lens)
+
+    def _velocity(self, latents, t, prompt: Prompt) -> torch.Tensor:
+        return self.backend.run("transformer", latents=latents, timestep=t, cap_states=prompt.states,
+                                cap_lens=prompt.lens)["noise_pred"]
+
+    def _guided(self, latents, t, pos: Prompt, neg: Prompt, both: Prompt | None, scale: float, norm: float):
+        """pos + g (pos - neg), optionally renormalised to at most `norm` x |pos| per sample (diffusers' rules)."""
+        b = latents.shape[0]
+        if both is not None:  # one batch-2B call
+            out = self._velocity(torch.cat([latents, latents]), torch.cat([t, t]), both)
+            v_pos, v_neg = out[:b].float(), out[b:].float()
+        else:  # two calls
+            v_pos, v_neg = self._velocity(latents, t, pos).float(), self._velocity(latents, t, neg).float()
+        preds = []
+        for p, n in zip(v_pos, v_neg):
+            pred = p + scale * (p - n)
+            if norm and norm > 0.0:
+                max_norm = torch.linalg.vector_norm(p) * norm
+                new_norm = torch.linalg.vector_norm(pred)
+                if new_norm > max_norm:
+                    pred = pred * (max_norm / new_norm)
+            preds.append(pred)
+        return torch.stack(preds)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], height: int | None = None, width: int | None = None,
-                 steps: int | None = None, seed: int = 0, latents: torch.Tensor | None = None,
-                 progress: bool = True, output: str = "pil"):
+                 steps: int | None = None, seed: int = 0, *, negative_prompt: str | list[str] | None = None,
+                 guidance_scale: float | None = None, cfg_normalization: float = 0.0, cfg_truncation: float = 1.0,
+                 image: Image.Image | None = None, mask: Image.Image | None = None, strength: float = 0.6,
+                 latents: torch.Tensor | None = None, progress: bool = True, output: str = "pil"):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        defaults = self.manifest["defaults"]
-        height, width = height or defaults["height"], width or defaults["width"]
-        steps = steps or defaults["steps"]
-        self.check_size(height, width)
+        b = len(prompts)
+        steps = steps or self.defaults["steps"]
+        guidance = self.defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
+        if guidance < 0:
+            raise UserError(f"guidance scale must be >= 0, got {guidance}")
+        do_cfg = guidance > 0
+        if negative_prompt is not None and not do_cfg:
+            raise UserError("a negative prompt needs classifier-free guidance: pass a guidance scale > 0")
+        if mask is not None and image is None:
+            raise UserError("inpainting needs --image as well as --mask")
+        if image is not None:
+            if not 0.0 < strength <= 1.0:
+                raise UserError(f"strength must be in (0, 1], got {strength}")
+            if "vae_encoder" not in self.manifest["components"]:
+                raise UserError(f"{self.engine_dir} has no vae_encoder graph (needed for --image): rebuild it")
+            init = preprocess_image(image, self.multiple)
+            img_h, img_w = init.shape[-2:]
+            if (height and height != img_h) or (width and width != img_w):
+                raise UserError(f"with an input image the output is the image's size ({img_w}x{img_h}, "
+                                f"rounded down to {self.multiple}); got --width {width} --height {height}")
+            height, width = img_h, img_w
+        height, width = height or self.defaults["height"], width or self.defaults["width"]
+        self.check_size(height, width)
         scale = self.facts["vae_scale_factor"]
         h, w = height // scale, width // scale
-        b = len(prompts)
-        if latents is None:
-            latents = initial_latents(seed, b, self.facts["latent_channels"], h, w)
-        latents = latents.to(self.backend.device)
+        device = self.backend.device
 
-        cap_states, cap_lens = self.encode_prompt(prompts)
+        pos = self.encode_prompt(prompts)
+        neg = both = None
+        if do_cfg:
+            negs = [negative_prompt] * b if isinstance(negative_prompt, str) else (negative_prompt or [""] * b)
+            if len(negs) != b:
+                raise UserError(f"{len(negs)} negative prompts for {b} prompts")
+            neg = self.encode_prompt(negs)
+            both = _cat_prompts(pos, neg) if self.cfg_mode == "batch" else None
+
         sched = FlowMatchEuler(self.scheduler_config, steps, (h // 2) * (w // 2))
-        for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
-            velocity = self.backend.run("transformer", latents=latents, timestep=sched.model_timestep(i, b),
-                                        cap_states=cap_states, cap_lens=cap_lens)["noise_pred"]
+        first = 0
+        gen = torch.Generator("cpu").manual_seed(seed)
+        image_latents = noise = blend = None
+        if image is not None:
+            first = start_step(steps, strength)
+            if first >= steps:
+                raise UserError(f"strength {strength} with {steps} steps leaves no step to run")
+            enc = self.backend.run("vae_encoder", image=init)
+            mean, std = enc["mean"].float().cpu(), enc["std"].float().cpu()
+            sample = mean + std * torch.randn(mean.shape, generator=gen, dtype=torch.float32)
+            vae = self.facts
+            image_latents = ((sample - vae["vae_shift"]) * vae["vae_scaling"]).repeat(b, 1, 1, 1)
+            noise = torch.randn((b, self.facts["latent_channels"], h, w), generator=gen, dtype=torch.float32)
+            sigma = sched.sigmas[first]
+            latents = sigma * noise + (1.0 - sigma) * image_latents
+            if mask is not None:
+                m = preprocess_mask(mask, image, self.multiple)
+                blend = F.interpolate(m, size=(h, w), mode="nearest").to(device)
+            image_latents, noise = image_latents.to(device), noise.to(device)
+        elif latents is None:
+            latents = torch.randn((b, self.facts["latent_channels"], h, w), generator=gen, dtype=torch.float32)
+        latents = latents.to(device)
+
+        for i in tqdm(range(first, steps), desc="denoising", disable=not progress, leave=False):
+            t = sched.model_timestep(i, b)
+            g = guidance
+            if do_cfg and cfg_truncation is not None and float(cfg_truncation) <= 1:
+                if float(t[0]) > cfg_truncation:
+                    g = 0.0
+            if do_cfg and g > 0:
+                velocity = self._guided(latents, t, pos, neg, both, g, cfg_normalization)
+            else:
+                velocity = self._velocity(latents, t, pos)
             latents = sched.step(velocity, i, latents)
+            if blend is not None:
+                proper = image_latents
+                if i < steps - 1:
+                    s = sched.sigmas[i + 1]
+                    proper = s * noise + (1.0 - s) * image_latents
+                latents = (1 - blend) * proper + blend * latents
         if output == "latent":
             return latents
         images = self.backend.run("vae_decoder", latents=latents)["image"].cpu()
