@@ -38,11 +38,12 @@ def alt_ckpt(tmp_path_factory):
     return write_checkpoint(Path(tmp_path_factory.mktemp("alt")) / "ckpt", **ALT_CONFIG)
 
 
-def _build(tmp_path_factory, ckpt, precision):
+def _build(tmp_path_factory, ckpt, precision, variant="turbo"):
     from zimage_deploy import build
 
     out = Path(tmp_path_factory.mktemp(f"build-{precision}"))
-    assert build.main(["--model", str(ckpt), "--target", "cpu", "--precision", precision, "--out", str(out)]) == 0
+    assert build.main(["--model", str(ckpt), "--variant", variant, "--target", "cpu", "--precision", precision,
+                       "--out", str(out)]) == 0
     return out
 
 
@@ -65,7 +66,7 @@ def base_ckpt(_cache):
 
 @pytest.fixture(scope="session")
 def base_fp32(tmp_path_factory, base_ckpt):
-    return _build(tmp_path_factory, base_ckpt, "fp32")
+    return _build(tmp_path_factory, base_ckpt, "fp32", "base")
 
 
 def synthetic_image(width, height, seed=0):
@@ -78,3 +79,20 @@ def synthetic_image(width, height, seed=0):
     arr = np.stack([255 * x / width, 255 * y / height, 128 + 60 * np.sin(x / 5.0) * np.cos(y / 7.0)], axis=-1)
     arr = np.clip(arr + rng.normal(0, 12, arr.shape), 0, 255).astype(np.uint8)
     return Image.fromarray(arr)
+
+
+@pytest.fixture(scope="session")
+def edit_ckpt(_cache):
+    from zimage_deploy.tiny import ensure_tiny
+
+    return ensure_tiny("tiny-edit")
+
+
+@pytest.fixture(scope="session")
+def edit_fp32(tmp_path_factory, edit_ckpt):
+    return _build(tmp_path_factory, edit_ckpt, "fp32", "edit")
+
+
+@pytest.fixture(scope="session")
+def edit_bf16(tmp_path_factory, edit_ckpt):
+    return _build(tmp_path_factory, edit_ckpt, "bf16", "edit")

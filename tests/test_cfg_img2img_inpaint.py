@@ -120,7 +120,7 @@ def _cli(argv, capsys):
     ("strength_zero", "strength must be in (0, 1]"),
     ("strength_big", "strength must be in (0, 1]"),
     ("not_image", "is not an image"),
-    ("two_images", "Edit variant"),
+    ("two_images", "need an Edit build"),
     ("size_with_image", "the image's size"),
 ])
 def test_bad_image_requests(tiny_fp32, tmp_path, capsys, case, message):

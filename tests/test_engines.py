@@ -157,3 +157,18 @@ def test_real_size_profiles():
     assert base["transformer"]["latents"][1][0] == 2  # CFG: tuned for batch 2
     with pytest.raises(UserError, match="multiple of 16"):
         profiles(get_variant("turbo"), facts, EngineOptions(min_side=500))
+
+
+def test_edit_engines(edit_ckpt, tmp_path):
+    out = tmp_path / "edit"
+    assert build.main(["--model", str(edit_ckpt), "--variant", "edit", "--target", "rtx4090", "--precision", "bf16",
+                       "--out", str(out), "--skip-parity"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = ["text_encoder", "context_refiner", "siglip_refiner", "transformer", "vae_decoder", "vae_encoder",
+             "vision_encoder"]
+    assert list(manifest["components"]) == names
+    for name in names:
+        eng = manifest["components"][name]["engine"]
+        assert eng["status"] == "complete" and (out / eng["plan"]).stat().st_size == eng["bytes"]
+    batch = manifest["components"]["transformer"]["engine"]["profile"]["latents"]
+    assert [batch[0][0], batch[1][0], batch[2][0]] == [1, 2, 4]  # CFG: tuned for batch 2

@@ -76,7 +76,7 @@ def test_unknown_target_or_precision(argv, message, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--target", "cpu", "--precision", "nvfp4"], "not supported on target 'cpu'"),
     (["--target", "rtx4090", "--precision", "fp8"], "needs the quantize stage"),
-    (["--variant", "edit"], "not supported yet"),
+    (["--variant", "edit"], "missing: siglip/config.json"),
 ])
 def test_unsupported_combinations(argv, message, tmp_path, capsys):
     code, err = cli(build.main, ["--model", "tiny", "--out", str(tmp_path / "out"), *argv], capsys)

@@ -27,7 +27,7 @@ from .errors import UserError
 from .export.onnx_export import OPSET, export_component, file_hash
 from .engines.builder import EngineBuilder, sha256_file
 from .engines.profiles import EngineOptions, profiles
-from .export.specs import CHECK_DIMS, DTYPES, SPECS
+from .export.specs import CHECK_DIMS, DTYPES, specs_for
 from .targets import PRECISION_PLANS, PRECISIONS, QUANTIZED, TARGETS, get_target
 from .variants import VARIANTS, get_variant
 
@@ -38,11 +38,22 @@ def model_facts(ckpt: Path) -> dict:
     dit, te, vae = (read_config(ckpt, f) for f in ("transformer", "text_encoder", "vae"))
     if dit["cap_feat_dim"] != te["hidden_size"]:
         raise UserError(f"transformer cap_feat_dim {dit['cap_feat_dim']} != text encoder hidden {te['hidden_size']}")
-    return {
+    patch = (dit.get("all_patch_size") or [2])[0]
+    edit = {}
+    if dit.get("siglip_feat_dim"):
+        sig = read_config(ckpt, "siglip")
+        sig = sig.get("vision_config", sig)
+        edit = {"siglip_feat_dim": dit["siglip_feat_dim"], "vision_patch": sig["patch_size"],
+                "vision_patch_dim": sig.get("num_channels", 3) * sig["patch_size"] ** 2,
+                "vision_max_patches": read_config(ckpt, "siglip_processor",
+                                                  "preprocessor_config.json").get("max_num_patches", 256)}
+        if sig["hidden_size"] != dit["siglip_feat_dim"]:
+            raise UserError(f"siglip hidden {sig['hidden_size']} != transformer siglip_feat_dim")
+    return {**edit,
         "vocab_size": te["vocab_size"], "text_hidden": te["hidden_size"], "cap_feat_dim": dit["cap_feat_dim"],
         "dim": dit["dim"], "n_layers": dit["n_layers"], "latent_channels": vae["latent_channels"],
         "in_channels": dit["in_channels"], "vae_scale_factor": 2 ** (len(vae["block_out_channels"]) - 1),
-        "patch_size": (dit.get("all_patch_size") or [2])[0],
+        "patch_size": patch, "patch_dim": patch * patch * vae["latent_channels"],
         "vae_scaling": vae["scaling_factor"], "vae_shift": vae.get("shift_factor") or 0.0,
     }
 
@@ -82,7 +93,7 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
     engine_builder = EngineBuilder(t, engine_opts) if t.flavour != "none" else None
 
     # -- stage 1: checkpoint --------------------------------------------------------------------------
-    ckpt = resolve(model)
+    ckpt = resolve(model, variant)
     log(f"[checkpoint] {ckpt}")
     facts = model_facts(ckpt)
     engine_shapes = profiles(v, facts, engine_opts) if engine_builder else None
@@ -114,6 +125,8 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
     out.mkdir(parents=True, exist_ok=True)
     _copy_tree(ckpt / "tokenizer", out / "tokenizer")
     _copy_tree(ckpt / "scheduler", out / "scheduler")
+    if variant == "edit":
+        _copy_tree(ckpt / "siglip_processor", out / "siglip_processor")
     manifest_io.save(out, manifest)
 
     # -- stage 2: export ------------------------------------------------------------------------------
@@ -128,7 +141,7 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
             continue
         compute = COMPUTE[plan[name]]
         module = _load(name, ckpt, compute, loaded)
-        entry = export_component(name, module, facts, compute, out / "onnx")
+        entry = export_component(name, module, facts, compute, out / "onnx", variant)
         entry.update(key=key, precision=plan[name], engine=None, status="complete")
         manifest["components"][name] = entry
         manifest_io.save(out, manifest)
@@ -155,7 +168,7 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
         for name in v.components:
             entry = manifest["components"][name]
             if "parity" not in entry:
-                entry["parity"] = _parity(name, entry, out, ckpt, loaded, facts)
+                entry["parity"] = _parity(name, entry, out, ckpt, loaded, facts, variant)
             log(f"[parity] {name}: {_fmt_parity(entry['parity'])}")
         manifest["stages"]["parity"] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
     else:
@@ -210,9 +223,9 @@ def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names) -> dict:
 
 
 def _load(name: str, ckpt: Path, compute: torch.dtype, loaded: dict) -> torch.nn.Module:
-    from .models.load import LOADERS
+    from .models.load import LOADER_OF, LOADERS
 
-    key = ("transformer" if name == "context_refiner" else name, compute)
+    key = (LOADER_OF.get(name, name), compute)
     if key not in loaded:
         loaded[key] = LOADERS[key[0]](ckpt, compute)
     return loaded[key]
@@ -224,11 +237,11 @@ def _metrics(got: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def _parity(name: str, entry: dict, out: Path, ckpt: Path, loaded: dict, facts: dict) -> dict:
+def _parity(name: str, entry: dict, out: Path, ckpt: Path, loaded: dict, facts: dict, variant: str) -> dict:
     """fp32: ONNX Runtime on the graph vs the Torch module, at shapes other than the traced ones.
     bf16: ONNX Runtime has no BF16 CPU kernels, so the Torch BF16 module is measured against float32."""
     compute = DTYPES[entry["compute_dtype"]]
-    spec = SPECS[name]
+    spec = specs_for(variant)[name]
     sample = spec.sample(facts, CHECK_DIMS, compute)
     fp32_module = spec.wrap(_load(name, ckpt, torch.float32, loaded))
     ref = _flat(fp32_module(*[s.float() if s.is_floating_point() else s for s in sample]))

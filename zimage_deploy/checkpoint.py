@@ -25,6 +25,7 @@ REQUIRED_FILES = {
     "scheduler": ["scheduler_config.json"],
 }
 WEIGHT_FOLDERS = ("transformer", "text_encoder", "vae")
+EDIT_FILES = {"siglip": ["config.json"], "siglip_processor": ["preprocessor_config.json"]}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.safetensors", "tokenizer/*", "*/*.jinja", "*/*.txt"]
 
@@ -33,16 +34,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ZIMAGE_DEPLOY_CACHE", Path.home() / ".cache" / "zimage_deploy"))
 
 
-def missing_files(path: Path) -> list[str]:
+def missing_files(path: Path, variant: str = "turbo") -> list[str]:
     """Relative paths a usable Z-Image checkpoint needs and `path` lacks (empty list: complete)."""
     missing = []
     if not (path / "model_index.json").is_file():
         missing.append("model_index.json")
-    for folder, files in REQUIRED_FILES.items():
+    required = {**REQUIRED_FILES, **(EDIT_FILES if variant == "edit" else {})}
+    for folder, files in required.items():
         for f in files:
             if not (path / folder / f).is_file():
                 missing.append(f"{folder}/{f}")
-    for folder in WEIGHT_FOLDERS:
+    for folder in WEIGHT_FOLDERS + (("siglip",) if variant == "edit" else ()):
         d = path / folder
         if d.is_dir() and not any(d.glob("*.safetensors")):
             pickles = [p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -56,23 +58,23 @@ def missing_files(path: Path) -> list[str]:
     return missing
 
 
-def resolve(model: str) -> Path:
+def resolve(model: str, variant: str = "turbo") -> Path:
     """`tiny` / `tiny-base` (embedded), a local diffusers-layout directory, or a hub id -> local checkpoint
     directory (checked)."""
     from .tiny import TINY_MODELS, ensure_tiny
 
     if model in TINY_MODELS:
-        return ensure_tiny(model)
+        return check(ensure_tiny(model), variant)
     path = Path(model).expanduser()
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         if not path.is_dir():
             raise UserError(f"model {model!r}: no such directory (and not a hub id of the form owner/name)")
-        return check(path)
-    return check(_download(model))
+        return check(path, variant)
+    return check(_download(model), variant)
 
 
-def check(path: Path) -> Path:
-    missing = missing_files(path)
+def check(path: Path, variant: str = "turbo") -> Path:
+    missing = missing_files(path, variant)
     if missing:
         raise UserError(
             f"{path} is not a complete Z-Image checkpoint in diffusers layout; missing: {', '.join(missing)}"

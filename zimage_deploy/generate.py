@@ -53,7 +53,8 @@ def main(argv=None) -> int:
                     help="guidance off once (1000 - t) / 1000 exceeds this (diffusers' cfg_truncation)")
     ap.add_argument("--cfg-mode", default="batch", choices=("batch", "sequential"),
                     help="CFG as one batch-2 transformer call per step (default) or two calls")
-    ap.add_argument("--image", action="append", default=None, type=Path, help="input image (img2img / inpaint)")
+    ap.add_argument("--image", action="append", default=None, type=Path,
+                    help="input image (img2img / inpaint); Edit builds: condition image, repeatable")
     ap.add_argument("--strength", type=float, default=None, help="img2img / inpaint strength in (0, 1] (0.6)")
     ap.add_argument("--mask", type=Path, default=None, help="inpainting mask, white = repaint (needs --image)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS)
@@ -61,28 +62,36 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     check_output(args.output)
-    if args.image and len(args.image) > 1:
-        raise UserError("several --image (condition images) are for the Edit variant, which is not supported yet; "
-                        "img2img and inpainting take one --image")
     if args.strength is not None and not args.image:
         raise UserError("--strength needs --image (img2img / inpainting)")
     if args.mask and not args.image:
         raise UserError("--mask needs --image (inpainting)")
 
+    from . import manifest as manifest_io
     from .runtime.images import open_image
-    from .runtime.pipeline import Pipeline
+    from .runtime.pipeline import open_pipeline
 
-    image = open_image(args.image[0]) if args.image else None
+    edit = manifest_io.load(args.engine_dir)["variant"] == "edit"
+    if edit and (args.mask or args.strength is not None):
+        raise UserError("the Edit variant takes condition images only: no --mask or --strength")
+    if not edit and args.image and len(args.image) > 1:
+        raise UserError("several --image (condition images) need an Edit build (--variant edit); "
+                        "img2img and inpainting take one --image")
+    images = [open_image(p) for p in args.image or []]
     mask = open_image(args.mask) if args.mask else None
     t0 = time.perf_counter()
-    pipe = Pipeline(args.engine_dir, backend=args.backend, cfg_mode=args.cfg_mode)
-    if image is None:
+    pipe = open_pipeline(args.engine_dir, backend=args.backend, cfg_mode=args.cfg_mode)
+    if not images:
         pipe.check_size(args.height or pipe.defaults["height"], args.width or pipe.defaults["width"])
     t1 = time.perf_counter()
-    (result,) = pipe(args.prompt, height=args.height, width=args.width, steps=args.steps, seed=args.seed,
-                     negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
-                     cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation,
-                     image=image, mask=mask, strength=0.6 if args.strength is None else args.strength)
+    common = dict(height=args.height, width=args.width, steps=args.steps, seed=args.seed,
+                  negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
+                  cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation)
+    if edit:
+        (result,) = pipe(args.prompt, images=images, **common)
+    else:
+        (result,) = pipe(args.prompt, image=images[0] if images else None, mask=mask,
+                         strength=0.6 if args.strength is None else args.strength, **common)
     t2 = time.perf_counter()
     write_image(result, args.output)
     print(f"wrote {args.output} ({result.width}x{result.height}, backend {pipe.backend.name}, "

@@ -10,17 +10,20 @@ PRECISIONS = ("fp32", "bf16", "fp8", "int4", "nvfp4")
 
 # Per-component precision for each requested precision. Quantized schemes touch the DiT (and, for
 # INT4, the text encoder); the VAE stays BF16, and everything is float32 for the CPU reference.
+ALL_COMPONENTS = ("text_encoder", "context_refiner", "siglip_refiner", "transformer", "vae_decoder", "vae_encoder",
+                  "vision_encoder")
+
+
+def _plan(default: str, **overrides: str) -> dict[str, str]:
+    return {c: overrides.get(c, default) for c in ALL_COMPONENTS}
+
+
 PRECISION_PLANS: dict[str, dict[str, str]] = {
-    "fp32": {"text_encoder": "fp32", "context_refiner": "fp32", "transformer": "fp32", "vae_decoder": "fp32",
-             "vae_encoder": "fp32"},
-    "bf16": {"text_encoder": "bf16", "context_refiner": "bf16", "transformer": "bf16", "vae_decoder": "bf16",
-             "vae_encoder": "bf16"},
-    "fp8": {"text_encoder": "bf16", "context_refiner": "bf16", "transformer": "fp8", "vae_decoder": "bf16",
-             "vae_encoder": "bf16"},
-    "int4": {"text_encoder": "int4", "context_refiner": "bf16", "transformer": "int4", "vae_decoder": "bf16",
-             "vae_encoder": "bf16"},
-    "nvfp4": {"text_encoder": "int4", "context_refiner": "bf16", "transformer": "nvfp4", "vae_decoder": "bf16",
-             "vae_encoder": "bf16"},
+    "fp32": _plan("fp32"),
+    "bf16": _plan("bf16"),
+    "fp8": _plan("bf16", transformer="fp8"),
+    "int4": _plan("bf16", transformer="int4", text_encoder="int4"),
+    "nvfp4": _plan("bf16", transformer="nvfp4", text_encoder="int4"),
 }
 
 # Precisions whose graphs need the quantize stage (not part of this build yet).

@@ -34,6 +34,9 @@ TINY_VAE = dict(
     scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
 )
 TINY_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+TINY_SIGLIP = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_channels=3,
+                   patch_size=16, num_patches=64)
+TINY_SIGLIP_PROCESSOR = dict(patch_size=16, max_num_patches=64)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
                   "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
@@ -94,15 +97,19 @@ def _randomize(module: torch.nn.Module, gen: torch.Generator, std_scale: float =
 
 
 def write_checkpoint(out: Path, dit: dict | None = None, text: dict | None = None, vae: dict | None = None,
-                     scheduler: dict | None = None, seed: int = 0) -> Path:
-    """Write a random Z-Image-Turbo checkpoint in diffusers layout to `out` (atomically)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+                     scheduler: dict | None = None, seed: int = 0, edit: bool = False) -> Path:
+    """Write a random Z-Image checkpoint in diffusers layout to `out` (atomically): a `ZImagePipeline`
+    (Turbo/Base), or with `edit` a `ZImageOmniPipeline` with a SigLIP2 vision tower and its processor."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageOmniPipeline, ZImagePipeline,
+                           ZImageTransformer2DModel)
     from transformers import Qwen3Config, Qwen3Model
 
     dit = {**TINY_DIT, **(dit or {})}
     text = {**TINY_TEXT, **(text or {})}
     vae_cfg = {**TINY_VAE, **(vae or {})}
     dit["cap_feat_dim"] = text["hidden_size"]
+    if edit:
+        dit["siglip_feat_dim"] = TINY_SIGLIP["hidden_size"]
     gen = torch.Generator().manual_seed(seed)
 
     tokenizer = build_tokenizer()
@@ -112,10 +119,18 @@ def write_checkpoint(out: Path, dit: dict | None = None, text: dict | None = Non
     _randomize(transformer, gen)
     autoencoder = AutoencoderKL(**vae_cfg)
     _randomize(autoencoder, gen)
-    pipe = ZImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**{**TINY_SCHEDULER, **(scheduler or {})}),
-        vae=autoencoder, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
-    )
+    parts = dict(scheduler=FlowMatchEulerDiscreteScheduler(**{**TINY_SCHEDULER, **(scheduler or {})}),
+                 vae=autoencoder, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    if edit:
+        from transformers import Siglip2VisionConfig, Siglip2VisionModel
+        from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+        siglip = Siglip2VisionModel(Siglip2VisionConfig(**TINY_SIGLIP))
+        _randomize(siglip, gen)
+        pipe = ZImageOmniPipeline(**parts, siglip=siglip, siglip_processor=Siglip2ImageProcessorPil(
+            **TINY_SIGLIP_PROCESSOR))
+    else:
+        pipe = ZImagePipeline(**parts)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -134,6 +149,7 @@ def write_checkpoint(out: Path, dit: dict | None = None, text: dict | None = Non
 TINY_MODELS = {
     "tiny": dict(seed=0, scheduler=None),
     "tiny-base": dict(seed=1, scheduler=dict(shift=6.0)),
+    "tiny-edit": dict(seed=2, scheduler=None, edit=True),
 }
 
 
@@ -143,5 +159,5 @@ def ensure_tiny(name: str = "tiny") -> Path:
     path = cache_dir() / f"{name}-v{TINY_VERSION}"
     if not (path / "model_index.json").is_file():
         print(f"writing the embedded {name} Z-Image checkpoint to {path} (zimage-deploy {__version__})")
-        write_checkpoint(path, scheduler=spec["scheduler"], seed=spec["seed"])
+        write_checkpoint(path, scheduler=spec["scheduler"], seed=spec["seed"], edit=spec.get("edit", False))
     return path.resolve()

@@ -26,6 +26,10 @@ class Variant:
 # (caption embedder + context refiner): it runs once per prompt, "transformer" once per step.
 # "vae_encoder" serves img2img and inpainting.
 TURBO_COMPONENTS = ("text_encoder", "context_refiner", "transformer", "vae_decoder", "vae_encoder")
+# Edit / Omni: the context refiner and transformer take an explicit sequence layout (runtime/omni.py); the
+# SigLIP2 vision tower and the DiT's SigLIP refiner encode the condition images once per request.
+EDIT_COMPONENTS = ("text_encoder", "context_refiner", "siglip_refiner", "transformer", "vae_decoder",
+                   "vae_encoder", "vision_encoder")
 
 VARIANTS: dict[str, Variant] = {
     "turbo": Variant(
@@ -58,10 +62,8 @@ VARIANTS: dict[str, Variant] = {
         scheduler_shift=3.0,
         min_side=512,
         max_side=2048,
-        components=TURBO_COMPONENTS + ("vae_encoder", "vision_encoder"),
+        components=EDIT_COMPONENTS,
         uses_cfg=True,
-        implemented=False,
-        not_implemented_reason="Z-Image-Edit / Omni lands with the Base/Edit issue (#5)",
     ),
 }
 

@@ -13,6 +13,11 @@ from ..errors import UserError
 from ..models.dit import SEQ_MULTIPLE
 
 MAX_TEXT = 512
+MAX_CONDITION_IMAGES = 2  # Edit engines: condition images per request
+
+
+def pad32(n: int) -> int:
+    return -(-n // SEQ_MULTIPLE) * SEQ_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -70,13 +75,47 @@ def profiles(variant, facts: dict, opts: EngineOptions) -> dict[str, dict[str, l
         triples = [d if isinstance(d, tuple) else (d, d, d) for d in dims]
         return [[t[i] for t in triples] for i in range(3)]
 
-    return {
+    shared = {
         "text_encoder": {"input_ids": shapes(b, text), "attention_mask": shapes(b, text)},
+        "vae_decoder": {"latents": shapes(b, c, lh, lw)},
+        "vae_encoder": {"image": shapes(b, 3, tuple(x * scale for x in lh), tuple(x * scale for x in lw))},
+    }
+    if variant.name == "edit":
+        return {**shared, **_omni_profiles(facts, b, c, lh, lw, shapes)}
+    return {
+        **shared,
         "context_refiner": {"cap_feats": shapes(b, capl, cap), "cap_lens": shapes(b)},
         "transformer": {
             "latents": shapes(b, c, lh, lw), "timestep": shapes(b),
             "cap_states": shapes(b, capl, dim), "cap_lens": shapes(b),
         },
-        "vae_decoder": {"latents": shapes(b, c, lh, lw)},
-        "vae_encoder": {"image": shapes(b, 3, tuple(x * scale for x in lh), tuple(x * scale for x in lw))},
+    }
+
+
+def _omni_profiles(facts, b, c, lh, lw, shapes):
+    """Edit: up to MAX_CONDITION_IMAGES condition images, each at most the largest output size; captions of
+    up to 512 tokens plus one 32-token segment per image boundary."""
+    k = MAX_CONDITION_IMAGES
+    tokens = tuple(pad32(h // 2 * (w // 2)) for h, w in zip(lh, lw))  # one image's patch tokens (min/opt/max)
+    cond = (tokens[0], tokens[1], k * tokens[2])
+    x = tuple(a + t for a, t in zip(cond, tokens))
+    cap = (3 * SEQ_MULTIPLE, 4 * SEQ_MULTIPLE, MAX_TEXT + (k + 2) * SEQ_MULTIPLE)
+    sig_one = pad32(facts["vision_max_patches"])
+    sig = (2 * SEQ_MULTIPLE, sig_one + SEQ_MULTIPLE, k * sig_one + SEQ_MULTIPLE)
+    dim, cap_dim, sig_dim = facts["dim"], facts["cap_feat_dim"], facts["siglip_feat_dim"]
+    return {
+        "context_refiner": {"cap_feats": shapes(b, cap, cap_dim), "cap_pad": shapes(b, cap),
+                            "cap_pos": shapes(b, cap, 3), "cap_valid": shapes(b, cap)},
+        "siglip_refiner": {"sig_feats": shapes(b, sig, sig_dim), "sig_pad": shapes(b, sig),
+                           "sig_pos": shapes(b, sig, 3), "sig_valid": shapes(b, sig)},
+        "transformer": {
+            "latents": shapes(b, c, lh, lw), "timestep": shapes(b), "cond_patches": shapes(b, cond, facts["patch_dim"]),
+            "x_pad": shapes(b, x), "x_pos": shapes(b, x, 3), "x_noise": shapes(b, x),
+            "cap_states": shapes(b, cap, dim), "cap_pos": shapes(b, cap, 3), "cap_valid": shapes(b, cap),
+            "cap_noise": shapes(b, cap), "sig_states": shapes(b, sig, dim), "sig_pos": shapes(b, sig, 3),
+            "sig_valid": shapes(b, sig), "sig_noise": shapes(b, sig),
+        },
+        "vision_encoder": {"pixel_values": shapes(b, facts["vision_max_patches"], facts["vision_patch_dim"]),
+                           "pixel_attention_mask": shapes(b, facts["vision_max_patches"]),
+                           "spatial_shapes": shapes(b, 2)},
     }

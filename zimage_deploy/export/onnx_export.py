@@ -12,14 +12,15 @@ from pathlib import Path
 import onnx
 import torch
 
-from .specs import SPECS, TRACE_DIMS, resolve_dtype
+from .specs import TRACE_DIMS, resolve_dtype, specs_for
 
 OPSET = 19  # FP8 Q/DQ (the quantization stage) needs >= 19; TorchScript exporter max is 20
 TWO_GB = 2**31 - 1
 DATA_FILE = "model.onnx.data"
-STATIC_DIMS = ("text_hidden", "cap_feat_dim", "dim", "latent_channels")
+STATIC_DIMS = ("text_hidden", "cap_feat_dim", "dim", "latent_channels", "siglip_feat_dim", "patch_dim",
+               "vision_patch_dim")
 ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.BFLOAT16: "bfloat16",
-               onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT16: "float16"}
+               onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.FLOAT16: "float16"}
 
 
 def file_hash(folder: Path) -> str:
@@ -36,11 +37,12 @@ def _dims(io_dims: tuple, facts: dict) -> tuple:
     return tuple(facts[d] if d in STATIC_DIMS else d for d in io_dims)
 
 
-def export_component(name: str, model: torch.nn.Module, facts: dict, compute: torch.dtype, out_dir: Path) -> dict:
+def export_component(name: str, model: torch.nn.Module, facts: dict, compute: torch.dtype, out_dir: Path,
+                     variant: str = "turbo") -> dict:
     """Export `model` (a loaded module for component `name`) into `out_dir/name/model.onnx`.
 
     Returns the manifest entry: path, hash, opset, size, I/O names with dtypes and dims."""
-    spec = SPECS[name]
+    spec = specs_for(variant)[name]
     wrapper = spec.wrap(model).eval()
     sample = spec.sample(facts, TRACE_DIMS, compute)
     dynamic_axes = {}

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int64": torch.int64}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32}
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,136 @@ SPECS: dict[str, ComponentSpec] = {
     ),
 }
 
+class _ContextOmni(nn.Module):
+    def __init__(self, dit):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, cap_feats, cap_pad, cap_pos, cap_valid):
+        return self.dit.context_omni(cap_feats, cap_pad, cap_pos, cap_valid)
+
+
+class _SiglipRefiner(nn.Module):
+    def __init__(self, dit):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, sig_feats, sig_pad, sig_pos, sig_valid):
+        return self.dit.siglip(sig_feats, sig_pad, sig_pos, sig_valid)
+
+
+class _TransformerOmni(nn.Module):
+    def __init__(self, dit):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, *inputs):
+        return self.dit.forward_omni(*inputs)
+
+
+class _VisionEncoder(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values, pixel_attention_mask, spatial_shapes):
+        return self.model(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
+                          spatial_shapes=spatial_shapes).last_hidden_state
+
+
+def _omni_sample(facts, d, dtype):
+    """A real Omni layout (two prompts of different lengths, one condition image) from the host builder."""
+    from ..runtime.omni import batch_layouts, build_layout
+
+    g = torch.Generator().manual_seed(5)
+    cap, sig, c = facts["cap_feat_dim"], facts["siglip_feat_dim"], facts["latent_channels"]
+    cond = [torch.randn(c, d["latent_h"] + 4, d["latent_w"], generator=g)]
+    sigs = [torch.randn(3, 5, sig, generator=g)]
+    lays = [build_layout([torch.randn(n, cap, generator=g) for n in lens], cond, sigs,
+                         (d["latent_h"], d["latent_w"]), sig) for lens in ([5, 40, 4], [5, 9, 4])[: d["batch"]]]
+    return batch_layouts(lays)
+
+
+def _sample_context_omni(facts, d, dtype):
+    b = _omni_sample(facts, d, dtype)
+    return b["cap_feats"].to(dtype), b["cap_pad"], b["cap_pos"], b["cap_valid"]
+
+
+def _sample_siglip(facts, d, dtype):
+    b = _omni_sample(facts, d, dtype)
+    return b["sig_feats"].to(dtype), b["sig_pad"], b["sig_pos"], b["sig_valid"]
+
+
+def _sample_transformer_omni(facts, d, dtype):
+    b = _omni_sample(facts, d, dtype)
+    g = torch.Generator().manual_seed(6)
+    n = d["batch"]
+    latents = torch.randn(n, facts["latent_channels"], d["latent_h"], d["latent_w"], generator=g)
+    states = lambda k: torch.randn(*b[k].shape[:2], facts["dim"], generator=g).to(dtype)  # noqa: E731
+    return (latents, torch.rand(n, generator=g), b["cond_patches"], b["x_pad"], b["x_pos"], b["x_noise"],
+            states("cap_pad"), b["cap_pos"], b["cap_valid"], b["cap_noise"],
+            states("sig_pad"), b["sig_pos"], b["sig_valid"], b["sig_noise"])
+
+
+def _sample_vision(facts, d, dtype):
+    g = torch.Generator().manual_seed(7)
+    n, ph, pw = d["batch"], 3, 5
+    patches = facts["vision_patch"] ** 2 * 3
+    pixel = torch.rand(n, d["vision_len"], patches, generator=g) * 2 - 1
+    mask = torch.zeros(n, d["vision_len"], dtype=torch.int32)
+    mask[:, : ph * pw] = 1
+    return pixel, mask, torch.tensor([[ph, pw]] * n, dtype=torch.int64)
+
+
+_CAP = ("batch", "cap_len")
+_SIG = ("batch", "sig_len")
+_X = ("batch", "x_len")
+OMNI_SPECS: dict[str, ComponentSpec] = {
+    "context_refiner": ComponentSpec(
+        "context_refiner",
+        inputs=(IO("cap_feats", "compute", _CAP + ("cap_feat_dim",)), IO("cap_pad", "int64", _CAP),
+                IO("cap_pos", "int64", _CAP + (3,)), IO("cap_valid", "int64", _CAP)),
+        outputs=(IO("cap_states", "compute", _CAP + ("dim",)),),
+        wrap=_ContextOmni, sample=_sample_context_omni,
+    ),
+    "siglip_refiner": ComponentSpec(
+        "siglip_refiner",
+        inputs=(IO("sig_feats", "compute", _SIG + ("siglip_feat_dim",)), IO("sig_pad", "int64", _SIG),
+                IO("sig_pos", "int64", _SIG + (3,)), IO("sig_valid", "int64", _SIG)),
+        outputs=(IO("sig_states", "compute", _SIG + ("dim",)),),
+        wrap=_SiglipRefiner, sample=_sample_siglip,
+    ),
+    "transformer": ComponentSpec(
+        "transformer",
+        inputs=(
+            IO("latents", "float32", ("batch", "latent_channels", "latent_h", "latent_w")),
+            IO("timestep", "float32", ("batch",)),
+            IO("cond_patches", "float32", ("batch", "cond_len", "patch_dim")),
+            IO("x_pad", "int64", _X), IO("x_pos", "int64", _X + (3,)), IO("x_noise", "int64", _X),
+            IO("cap_states", "compute", _CAP + ("dim",)), IO("cap_pos", "int64", _CAP + (3,)),
+            IO("cap_valid", "int64", _CAP), IO("cap_noise", "int64", _CAP),
+            IO("sig_states", "compute", _SIG + ("dim",)), IO("sig_pos", "int64", _SIG + (3,)),
+            IO("sig_valid", "int64", _SIG), IO("sig_noise", "int64", _SIG),
+        ),
+        outputs=(IO("noise_pred", "float32", ("batch", "latent_channels", "latent_h", "latent_w")),),
+        wrap=_TransformerOmni, sample=_sample_transformer_omni,
+    ),
+    "vision_encoder": ComponentSpec(
+        "vision_encoder",
+        inputs=(IO("pixel_values", "float32", ("batch", "vision_len", "vision_patch_dim")),
+                IO("pixel_attention_mask", "int32", ("batch", "vision_len")),
+                IO("spatial_shapes", "int64", ("batch", 2))),
+        outputs=(IO("hidden_states", "compute", ("batch", "vision_len", "siglip_feat_dim")),),
+        wrap=_VisionEncoder, sample=_sample_vision,
+    ),
+}
+
+
+def specs_for(variant: str) -> dict[str, ComponentSpec]:
+    """The component specs of a variant: Edit swaps in the Omni context refiner and transformer."""
+    return {**SPECS, **OMNI_SPECS} if variant == "edit" else SPECS
+
+
 # Shapes used to trace the graphs, and other shapes used to check that the graphs are really dynamic.
-TRACE_DIMS = dict(batch=2, text_len=11, cap_len=64, latent_h=8, latent_w=12)
-CHECK_DIMS = dict(batch=1, text_len=6, cap_len=32, latent_h=12, latent_w=6)
+TRACE_DIMS = dict(batch=2, text_len=11, cap_len=64, latent_h=8, latent_w=12, vision_len=20)
+CHECK_DIMS = dict(batch=1, text_len=6, cap_len=32, latent_h=12, latent_w=6, vision_len=16)

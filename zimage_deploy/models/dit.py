@@ -46,6 +46,7 @@ class DiTConfig:
     axes_dims: tuple[int, ...] = (32, 48, 48)
     axes_lens: tuple[int, ...] = (1536, 512, 512)
     patch_size: int = 2
+    siglip_feat_dim: int | None = None  # Edit / Omni: SigLIP features condition the image
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "DiTConfig":
@@ -135,11 +136,16 @@ class Block(nn.Module):
         self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
         self.adaLN_modulation = Linear(cfg.adaln_dim, 4 * cfg.dim) if modulation else None
 
-    def forward(self, x, cos, sin, key_bias, adaln=None):
+    def forward(self, x, cos, sin, key_bias, adaln=None, noisy=None, adaln_clean=None):
+        """`adaln` (B, adaln_dim) modulates every token; with `noisy` (B, S) bool, tokens where it is False
+        take `adaln_clean` instead (Omni: clean condition tokens vs the noisy target)."""
         if self.adaLN_modulation is None:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), cos, sin, key_bias))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
-        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln)[:, None, :].chunk(4, dim=-1)
+        mod = self.adaLN_modulation(adaln)[:, None, :]
+        if noisy is not None:
+            mod = torch.where(noisy[..., None], mod, self.adaLN_modulation(adaln_clean)[:, None, :])
+        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=-1)
         attn = self.attention(self.attention_norm1(x) * (1.0 + scale_msa), cos, sin, key_bias)
         x = x + gate_msa.tanh() * self.attention_norm2(attn)
         ffn = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_mlp))
@@ -176,7 +182,68 @@ class FinalLayer(nn.Module):
         return self.linear(x * scale)
 
 
-class ZImageDiT(nn.Module):
+class OmniMixin:
+    """Omni (Edit) mode with the sequence layout given explicitly (built on the host by runtime/omni.py):
+    positions, pad-token masks, validity (batch padding) and noisy/clean masks are inputs, so one graph serves
+    any number and size of condition images. Order of the joint sequence: [caption, image, siglip]."""
+
+    def refine(self, x, is_pad, pad_token, pos, valid, layers):
+        x = torch.where(is_pad[..., None] > 0, pad_token.to(x.dtype), x)
+        cos, sin = self.rope(pos)
+        key_bias = key_bias_from_valid(valid > 0)
+        for layer in layers:
+            x = layer(x, cos, sin, key_bias)
+        return x
+
+    def context_omni(self, cap_feats, cap_pad, cap_pos, cap_valid):
+        x = self.cap_linear(self.cap_norm(cap_feats))
+        return self.refine(x, cap_pad, self.cap_pad_token, cap_pos, cap_valid, self.context_refiner)
+
+    def siglip(self, sig_feats, sig_pad, sig_pos, sig_valid):
+        x = self.siglip_linear(self.siglip_norm(sig_feats))
+        return self.refine(x, sig_pad, self.siglip_pad_token, sig_pos, sig_valid, self.siglip_refiner)
+
+    def forward_omni(self, latents, timestep, cond_patches, x_pad, x_pos, x_noise,
+                     cap_states, cap_pos, cap_valid, cap_noise, sig_states, sig_pos, sig_valid, sig_noise):
+        """latents (B, C, h, w) noisy target; cond_patches (B, Nc, p*p*C) condition latents patchified and padded
+        per image to 32 (pad rows arbitrary); x_* describe [conditions, target padded to 32] (Nx tokens) ->
+        noise prediction (B, C, h, w), negated like `forward`."""
+        cfg = self.cfg
+        p = cfg.patch_size
+        b, c, h, w = latents.shape
+        ht, wt = h // p, w // p
+        n = ht * wt
+        nc = cond_patches.shape[1]
+        dtype = self.x_embedder.weight.dtype
+        target = latents.to(dtype).reshape(b, c, ht, p, wt, p).permute(0, 2, 4, 3, 5, 1).reshape(b, n, p * p * c)
+        n_pad = x_pad.shape[1] - nc
+        j = torch.arange(n_pad, device=latents.device)
+        target = target[:, torch.clamp(j, max=n - 1)]  # pad rows: replaced by x_pad_token below
+        x = self.x_embedder(torch.cat([cond_patches.to(dtype), target], dim=1))
+        x = torch.where(x_pad[..., None] > 0, self.x_pad_token.to(x.dtype), x)
+
+        t_noisy = self.t_embedder(timestep * cfg.t_scale)
+        t_clean = self.t_embedder(torch.ones_like(timestep) * cfg.t_scale)
+        x_cos, x_sin = self.rope(x_pos)
+        x_noisy = x_noise > 0
+        for layer in self.noise_refiner:
+            x = layer(x, x_cos, x_sin, None, t_noisy, x_noisy, t_clean)
+
+        s = cap_states.shape[1]
+        u = torch.cat([cap_states.to(x.dtype), x, sig_states.to(x.dtype)], dim=1)
+        cos, sin = self.rope(torch.cat([cap_pos, x_pos, sig_pos], dim=1))
+        valid = torch.cat([cap_valid > 0, torch.ones_like(x_noisy), sig_valid > 0], dim=1)
+        noisy = torch.cat([cap_noise > 0, x_noisy, sig_noise > 0], dim=1)
+        key_bias = key_bias_from_valid(valid)
+        for layer in self.layers:
+            u = layer(u, cos, sin, key_bias, t_noisy, noisy, t_clean)
+
+        out = self.final_layer(u[:, s + nc: s + nc + n], t_noisy)  # target tokens: all noisy
+        out = out.reshape(b, ht, wt, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        return -out.float()
+
+
+class ZImageDiT(OmniMixin, nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         if cfg.head_dim != sum(cfg.axes_dims):
@@ -193,6 +260,11 @@ class ZImageDiT(nn.Module):
         self.noise_refiner = nn.ModuleList([Block(cfg, True) for _ in range(cfg.n_refiner_layers)])
         self.context_refiner = nn.ModuleList([Block(cfg, False) for _ in range(cfg.n_refiner_layers)])
         self.layers = nn.ModuleList([Block(cfg, True) for _ in range(cfg.n_layers)])
+        if cfg.siglip_feat_dim:
+            self.siglip_norm = RMSNorm(cfg.siglip_feat_dim, cfg.norm_eps)
+            self.siglip_linear = Linear(cfg.siglip_feat_dim, cfg.dim)
+            self.siglip_refiner = nn.ModuleList([Block(cfg, False) for _ in range(cfg.n_refiner_layers)])
+            self.siglip_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
         for axis, (cos, sin) in enumerate(rope_tables(cfg.axes_dims, cfg.axes_lens, cfg.rope_theta)):
             self.register_buffer(f"rope_cos{axis}", cos, persistent=False)
             self.register_buffer(f"rope_sin{axis}", sin, persistent=False)
@@ -294,6 +366,8 @@ def convert_diffusers_key(name: str, patch_key: str = "2-1") -> str | None:
         "t_embedder.mlp.2.": "t_embedder.linear_2.",
         "cap_embedder.0.": "cap_norm.",
         "cap_embedder.1.": "cap_linear.",
+        "siglip_embedder.0.": "siglip_norm.",
+        "siglip_embedder.1.": "siglip_linear.",
     }
     for old, new in rename.items():
         if name.startswith(old):

@@ -31,6 +31,26 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm that computes in float32 whatever the input dtype (used for BF16 builds)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def swap_norms(model: nn.Module, old: type, new: type, *args) -> nn.Module:
+    """Replace every `old` module (exact type) by `new(*args(child))`, sharing weights."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is old:
+                replacement = new(*args[0](child))
+                replacement.weight, replacement.bias = child.weight, child.bias
+                setattr(module, name, replacement)
+    return model
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
     """Softmax attention over (B, H, S, D) tensors. `key_bias` is an additive float32 mask (0 or -inf)
     broadcastable to (B, H, Sq, Sk).

@@ -10,7 +10,7 @@ from torch import nn
 from ..checkpoint import iter_tensors, read_config
 from ..errors import UserError
 from .dit import DiTConfig, TimestepEmbedder, ZImageDiT, fuse_state_dict
-from .layers import to_compute_dtype
+from .layers import FP32LayerNorm, swap_norms, to_compute_dtype
 from .text_encoder import TextEncoder, TextEncoderConfig, convert_transformers_items
 from .vae import VAEDecoder, VAEEncoder
 
@@ -72,10 +72,41 @@ def load_vae_encoder(ckpt: Path, dtype: torch.dtype = torch.float32) -> VAEEncod
     return to_compute_dtype(model.use_fp32_norms(), dtype) if dtype != torch.float32 else model
 
 
+def _fp32_softmax_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: our `attention` (float32 softmax also in the exported graph, where
+    the exporter would otherwise cast *after* a BF16 softmax)."""
+    from .layers import attention
+
+    if scaling is not None and abs(scaling - query.shape[-1] ** -0.5) > 1e-12:
+        raise NotImplementedError("only the default attention scaling is supported")
+    bias = None if attention_mask is None else attention_mask.float()
+    return attention(query, key, value, bias).transpose(1, 2).contiguous(), None
+
+
+def load_vision_encoder(ckpt: Path, dtype: torch.dtype = torch.float32):
+    """transformers' Siglip2VisionModel (the Edit vision tower), with float32-softmax attention."""
+    from transformers import AttentionInterface, Siglip2VisionModel
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("zimage_fp32_softmax", _fp32_softmax_attention)
+    AttentionMaskInterface.register("zimage_fp32_softmax", eager_mask)  # additive float mask, as eager
+    model = Siglip2VisionModel.from_pretrained(ckpt / "siglip", dtype=torch.float32,
+                                               attn_implementation="zimage_fp32_softmax")
+    model = model.eval().requires_grad_(False)
+    if dtype == torch.float32:
+        return model
+    swap_norms(model, nn.LayerNorm, FP32LayerNorm, lambda m: (m.normalized_shape, m.eps, m.elementwise_affine))
+    return to_compute_dtype(model, dtype)
+
+
 LOADERS = {
     "text_encoder": load_text_encoder,
     "transformer": load_dit,
     "context_refiner": load_dit,
+    "siglip_refiner": load_dit,
+    "vision_encoder": load_vision_encoder,
     "vae_decoder": load_vae_decoder,
     "vae_encoder": load_vae_encoder,
 }
+# graphs cut from one loaded model: the DiT serves the context refiner, the SigLIP refiner and the transformer
+LOADER_OF = {"context_refiner": "transformer", "siglip_refiner": "transformer"}

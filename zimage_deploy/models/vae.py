@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import attention
+from .layers import attention, swap_norms
 
 
 class FP32GroupNorm(nn.GroupNorm):
@@ -64,15 +64,9 @@ class VAEDecoder(nn.Module):
         image = self.decoder(z).float()
         return (image / 2 + 0.5).clamp(0, 1)
 
-    def use_fp32_norms(self) -> "VAEDecoder":
+    def use_fp32_norms(self):
         """Swap every GroupNorm for one that computes in float32 (weights shared)."""
-        for module in list(self.modules()):
-            for name, child in list(module.named_children()):
-                if type(child) is nn.GroupNorm:
-                    new = FP32GroupNorm(child.num_groups, child.num_channels, child.eps, child.affine)
-                    new.weight, new.bias = child.weight, child.bias
-                    setattr(module, name, new)
-        return self
+        return swap_norms(self, nn.GroupNorm, FP32GroupNorm, lambda m: (m.num_groups, m.num_channels, m.eps, m.affine))
 
 
 class VAEEncoder(nn.Module):

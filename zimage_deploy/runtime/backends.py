@@ -92,32 +92,27 @@ class TorchBackend(Backend):
         self.ckpt = path
         self.device = torch.device(device)
         self.models: dict[str, torch.nn.Module] = {}
+        self.wrappers: dict[str, torch.nn.Module] = {}
         self._lock = threading.Lock()
 
     def model(self, component: str) -> torch.nn.Module:
-        from ..models.load import LOADERS
+        """The component's module, called with the graph's inputs in order (the same wrapper the export traced)."""
+        from ..export.specs import specs_for
+        from ..models.load import LOADER_OF, LOADERS
 
-        key = "transformer" if component == "context_refiner" else component
+        key = LOADER_OF.get(component, component)
         with self._lock:
             if key not in self.models:
                 dtype = DTYPES[self.components[component]["compute_dtype"]]
                 self.models[key] = LOADERS[key](self.ckpt, dtype).to(self.device)
-            return self.models[key]
+            if component not in self.wrappers:
+                self.wrappers[component] = specs_for(self.manifest["variant"])[component].wrap(self.models[key])
+            return self.wrappers[component]
 
     @torch.no_grad()
     def run(self, component, **inputs):
-        x = {k: v.to(self.device) for k, v in self._cast_inputs(component, inputs).items()}
-        m = self.model(component)
-        if component == "text_encoder":
-            out = m(x["input_ids"], x["attention_mask"])
-        elif component == "context_refiner":
-            out = m.context(x["cap_feats"], x["cap_lens"])
-        elif component == "transformer":
-            out = m(x["latents"], x["timestep"], x["cap_states"], x["cap_lens"])
-        elif component == "vae_encoder":
-            out = m(x["image"])
-        else:
-            out = m(x["latents"])
+        x = self._cast_inputs(component, inputs)
+        out = self.model(component)(*[v.to(self.device) for v in x.values()])
         outs = out if isinstance(out, tuple) else (out,)
         specs = self.components[component]["outputs"]
         return {s["name"]: o.to(DTYPES[s["dtype"]]) for s, o in zip(specs, outs)}

@@ -58,12 +58,16 @@ def _cat_prompts(a: Prompt, b: Prompt) -> Prompt:
 
 
 class Pipeline:
+    variants = ("turbo", "base")
+    required = REQUIRED
+
     def __init__(self, engine_dir: str | Path, backend: str | Backend = "auto", cfg_mode: str = "batch"):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest_io.load(self.engine_dir)
-        if self.manifest["variant"] not in ("turbo", "base"):
-            raise UserError(f"{engine_dir} holds variant {self.manifest['variant']!r}, which this runtime cannot run")
-        missing = [c for c in REQUIRED if self.manifest["components"].get(c, {}).get("status") != "complete"]
+        if self.manifest["variant"] not in self.variants:
+            raise UserError(f"{engine_dir} holds variant {self.manifest['variant']!r}; "
+                            f"{type(self).__name__} runs {', '.join(self.variants)} (use open_pipeline)")
+        missing = [c for c in self.required if self.manifest["components"].get(c, {}).get("status") != "complete"]
         if missing:
             raise UserError(f"{engine_dir} is not a complete build (missing {missing}): run the build again")
         if cfg_mode not in CFG_MODES:
@@ -205,3 +209,12 @@ class Pipeline:
             return latents
         images = self.backend.run("vae_decoder", latents=latents)["image"].cpu()
         return images if output == "pt" else to_pil(images)
+
+
+def open_pipeline(engine_dir: str | Path, backend: str | Backend = "auto", cfg_mode: str = "batch") -> Pipeline:
+    """The pipeline for the variant the build in `engine_dir` holds."""
+    if manifest_io.load(Path(engine_dir))["variant"] == "edit":
+        from .edit import EditPipeline
+
+        return EditPipeline(engine_dir, backend, cfg_mode)
+    return Pipeline(engine_dir, backend, cfg_mode)

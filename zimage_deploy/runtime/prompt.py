@@ -32,12 +32,17 @@ class PromptTokenizer:
         self.max_length = max_length
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> input_ids (B, L) int64 right-padded, attention_mask (B, L) int64."""
+        """Prompts through the chat template -> input_ids (B, L) int64 right-padded, attention_mask (B, L)."""
+        return self.tokenize([
+            self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True, enable_thinking=True)
+            for p in prompts
+        ])
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts as they are (no template) -> input_ids (B, L) int64 right-padded, attention_mask (B, L)."""
         ids = []
-        for p in prompts:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=True
-            )
+        for text in texts:
             tokens = self.tokenizer(text, add_special_tokens=True)["input_ids"]
             if len(tokens) > self.max_length:
                 warnings.warn(

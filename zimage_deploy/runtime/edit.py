@@ -1,0 +1,136 @@
+"""Z-Image-Edit / Omni: image(s) + instruction -> image, reproducing diffusers' `ZImageOmniPipeline`.
+
+condition images -> [vae_encoder (posterior mode), vision_encoder -> siglip_refiner] once per request;
+prompt -> segments around the images -> text_encoder -> context_refiner (omni layout) once per prompt;
+steps x [transformer (omni layout; x2 with CFG) -> Euler step] -> vae_decoder.
+
+Difference from diffusers, on purpose: diffusers casts the condition image to bfloat16 before the VAE encoder
+whatever the pipeline's dtype (so its float32 pipeline fails); a float32 build here stays float32 there, and
+a BF16 build's VAE encoder graph computes in BF16 as diffusers does.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..errors import UserError
+from .images import to_pil
+from .omni import batch_layouts, build_layout, prepare_condition, prompt_segments
+from .pipeline import Pipeline
+from .scheduler import FlowMatchEuler
+
+
+class EditPipeline(Pipeline):
+    variants = ("edit",)
+    required = ("text_encoder", "context_refiner", "siglip_refiner", "transformer", "vae_decoder", "vae_encoder",
+                "vision_encoder")
+
+    def __init__(self, engine_dir, backend="auto", cfg_mode: str = "batch"):
+        super().__init__(engine_dir, backend, cfg_mode)
+        from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+        self.siglip_processor = Siglip2ImageProcessorPil.from_pretrained(str(self.engine_dir / "siglip_processor"))
+
+    @torch.no_grad()
+    def segment_features(self, prompts: list[str], n_images: int) -> list[list[torch.Tensor]]:
+        """Text-encoder features of each prompt's caption segments (one text-encoder batch for all)."""
+        texts = [seg for p in prompts for seg in prompt_segments(p, n_images)]
+        ids, mask = self.tokenizer.tokenize(texts)
+        hidden = self.backend.run("text_encoder", input_ids=ids, attention_mask=mask)["hidden_states"].cpu()
+        per = len(texts) // len(prompts)
+        feats = [hidden[i][mask[i].bool()] for i in range(len(texts))]
+        return [feats[i * per:(i + 1) * per] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def condition(self, images: list[Image.Image], height, width):
+        """-> VAE latents (C, H/8, W/8) and SigLIP features (Hs, Ws, C) per image, and the last image's size."""
+        latents, sig_feats, size = [], [], None
+        for image in images:
+            sig_image, vae_input, size = prepare_condition(image, self.multiple, height, width)
+            mean = self.backend.run("vae_encoder", image=vae_input)["mean"].float().cpu()
+            latents.append(((mean - self.facts["vae_shift"]) * self.facts["vae_scaling"])[0])
+            inputs = self.siglip_processor(images=[sig_image], return_tensors="pt")
+            hs, ws = (int(v) for v in inputs["spatial_shapes"][0])
+            hidden = self.backend.run("vision_encoder", pixel_values=inputs["pixel_values"],
+                                      pixel_attention_mask=inputs["pixel_attention_mask"],
+                                      spatial_shapes=inputs["spatial_shapes"])["hidden_states"].float().cpu()
+            sig_feats.append(hidden[0, : hs * ws].reshape(hs, ws, -1))
+        return latents, sig_feats, size
+
+    def _states(self, layout: dict) -> dict:
+        """Prompt- and image-only parts, once per request: caption and SigLIP refiners."""
+        run = self.backend.run
+        cap = run("context_refiner", cap_feats=layout["cap_feats"], cap_pad=layout["cap_pad"],
+                  cap_pos=layout["cap_pos"], cap_valid=layout["cap_valid"])["cap_states"]
+        sig = run("siglip_refiner", sig_feats=layout["sig_feats"], sig_pad=layout["sig_pad"],
+                  sig_pos=layout["sig_pos"], sig_valid=layout["sig_valid"])["sig_states"]
+        keep = ("cond_patches", "x_pad", "x_pos", "x_noise", "cap_pos", "cap_valid", "cap_noise", "sig_pos",
+                "sig_valid", "sig_noise")
+        return {**{k: layout[k] for k in keep}, "cap_states": cap, "sig_states": sig}
+
+    def _velocity(self, latents, t, states: dict) -> torch.Tensor:
+        return self.backend.run("transformer", latents=latents, timestep=t, **states)["noise_pred"]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], height: int | None = None, width: int | None = None,
+                 steps: int | None = None, seed: int = 0, *, images: list[Image.Image] | None = None,
+                 negative_prompt: str | list[str] | None = None, guidance_scale: float | None = None,
+                 cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, progress: bool = True,
+                 output: str = "pil", **unsupported):
+        if unsupported.get("mask") is not None or unsupported.get("image") is not None:
+            raise UserError("the Edit variant takes condition images (--image, repeatable); no mask or strength")
+        if not images:
+            raise UserError("the Edit variant needs at least one condition image (--image)")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        b = len(prompts)
+        steps = steps or self.defaults["steps"]
+        guidance = self.defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
+        if steps < 1 or guidance < 0:
+            raise UserError(f"need steps >= 1 and guidance >= 0, got {steps} and {guidance}")
+        do_cfg = guidance > 0
+        if negative_prompt is not None and not do_cfg:
+            raise UserError("a negative prompt needs classifier-free guidance: pass a guidance scale > 0")
+
+        cond_latents, sig_feats, (img_h, img_w) = self.condition(images, height, width)
+        height, width = height or img_h, width or img_w
+        self.check_size(height, width)
+        scale = self.facts["vae_scale_factor"]
+        h, w = height // scale, width // scale
+        gen = torch.Generator("cpu").manual_seed(seed)
+        latents = torch.randn((b, self.facts["latent_channels"], h, w), generator=gen, dtype=torch.float32)
+
+        def states_for(texts):
+            segs = self.segment_features(texts, len(images))
+            lays = [build_layout(s, cond_latents, sig_feats, (h, w), self.facts["siglip_feat_dim"]) for s in segs]
+            return lays
+
+        pos_lays = states_for(prompts)
+        neg_lays = None
+        if do_cfg:
+            negs = [negative_prompt] * b if isinstance(negative_prompt, str) else (negative_prompt or [""] * b)
+            if len(negs) != b:
+                raise UserError(f"{len(negs)} negative prompts for {b} prompts")
+            neg_lays = states_for(negs)
+        pos = self._states(batch_layouts(pos_lays))
+        neg = self._states(batch_layouts(neg_lays)) if do_cfg and self.cfg_mode == "sequential" else None
+        both = self._states(batch_layouts(pos_lays + neg_lays)) if do_cfg and self.cfg_mode == "batch" else None
+
+        device = self.backend.device
+        latents = latents.to(device)
+        sched = FlowMatchEuler(self.scheduler_config, steps, (h // 2) * (w // 2))
+        for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
+            t = sched.model_timestep(i, b)
+            g = guidance
+            if do_cfg and cfg_truncation is not None and float(cfg_truncation) <= 1 and float(t[0]) > cfg_truncation:
+                g = 0.0
+            if do_cfg and g > 0:
+                velocity = self._guided(latents, t, pos, neg, both, g, cfg_normalization)
+            else:
+                velocity = self._velocity(latents, t, pos)
+            latents = sched.step(velocity, i, latents)
+        if output == "latent":
+            return latents
+        decoded = self.backend.run("vae_decoder", latents=latents)["image"].cpu()
+        return decoded if output == "pt" else to_pil(decoded)
