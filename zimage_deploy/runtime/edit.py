@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from ..errors import UserError
-from .images import to_pil
 from .omni import batch_layouts, build_layout, prepare_condition, prompt_segments
 from .pipeline import Pipeline
 from .scheduler import FlowMatchEuler
@@ -117,20 +115,8 @@ class EditPipeline(Pipeline):
         neg = self._states(batch_layouts(neg_lays)) if do_cfg and self.cfg_mode == "sequential" else None
         both = self._states(batch_layouts(pos_lays + neg_lays)) if do_cfg and self.cfg_mode == "batch" else None
 
-        device = self.backend.device
-        latents = latents.to(device)
+        latents = latents.to(self.backend.device)
         sched = FlowMatchEuler(self.scheduler_config, steps, (h // 2) * (w // 2))
-        for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
-            t = sched.model_timestep(i, b)
-            g = guidance
-            if do_cfg and cfg_truncation is not None and float(cfg_truncation) <= 1 and float(t[0]) > cfg_truncation:
-                g = 0.0
-            if do_cfg and g > 0:
-                velocity = self._guided(latents, t, pos, neg, both, g, cfg_normalization)
-            else:
-                velocity = self._velocity(latents, t, pos)
-            latents = sched.step(velocity, i, latents)
-        if output == "latent":
-            return latents
-        decoded = self.backend.run("vae_decoder", latents=latents)["image"].cpu()
-        return decoded if output == "pt" else to_pil(decoded)
+        latents = self.denoise(latents, sched, range(steps), guidance, cfg_normalization, cfg_truncation, pos, neg,
+                               both, progress)
+        return self.decode(latents, output)

@@ -188,23 +188,37 @@ class Pipeline:
             latents = torch.randn((b, self.facts["latent_channels"], h, w), generator=gen, dtype=torch.float32)
         latents = latents.to(device)
 
-        for i in tqdm(range(first, steps), desc="denoising", disable=not progress, leave=False):
+        def inpaint_blend(i, latents):  # keep the unmasked region on the image's own noising path
+            proper = image_latents
+            if i < steps - 1:
+                s = sched.sigmas[i + 1]
+                proper = s * noise + (1.0 - s) * image_latents
+            return (1 - blend) * proper + blend * latents
+
+        latents = self.denoise(latents, sched, range(first, steps), guidance, cfg_normalization, cfg_truncation,
+                               pos, neg, both, progress, inpaint_blend if blend is not None else None)
+        return self.decode(latents, output)
+
+    def denoise(self, latents, sched, steps, guidance, cfg_normalization, cfg_truncation, pos, neg, both,
+                progress, after_step=None):
+        """The step loop: velocity (guided when `guidance > 0`, with diffusers' truncation rule), Euler step,
+        then `after_step(i, latents)` if given."""
+        b = latents.shape[0]
+        for i in tqdm(steps, desc="denoising", disable=not progress, leave=False):
             t = sched.model_timestep(i, b)
             g = guidance
-            if do_cfg and cfg_truncation is not None and float(cfg_truncation) <= 1:
-                if float(t[0]) > cfg_truncation:
-                    g = 0.0
-            if do_cfg and g > 0:
+            if g > 0 and cfg_truncation is not None and float(cfg_truncation) <= 1 and float(t[0]) > cfg_truncation:
+                g = 0.0
+            if g > 0:
                 velocity = self._guided(latents, t, pos, neg, both, g, cfg_normalization)
             else:
                 velocity = self._velocity(latents, t, pos)
             latents = sched.step(velocity, i, latents)
-            if blend is not None:
-                proper = image_latents
-                if i < steps - 1:
-                    s = sched.sigmas[i + 1]
-                    proper = s * noise + (1.0 - s) * image_latents
-                latents = (1 - blend) * proper + blend * latents
+            if after_step is not None:
+                latents = after_step(i, latents)
+        return latents
+
+    def decode(self, latents, output: str = "pil"):
         if output == "latent":
             return latents
         images = self.backend.run("vae_decoder", latents=latents)["image"].cpu()
