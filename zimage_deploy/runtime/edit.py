@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..errors import UserError
 from .omni import batch_layouts, build_layout, prepare_condition, prompt_segments
-from .pipeline import Pipeline
+from .pipeline import Pipeline, timed
 from .scheduler import FlowMatchEuler
 
 
@@ -76,8 +76,8 @@ class EditPipeline(Pipeline):
                  steps: int | None = None, seed: int = 0, *, images: list[Image.Image] | None = None,
                  negative_prompt: str | list[str] | None = None, guidance_scale: float | None = None,
                  cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, progress: bool = True,
-                 output: str = "pil", **unsupported):
-        if unsupported.get("mask") is not None or unsupported.get("image") is not None:
+                 output: str = "pil", timings: dict | None = None, **unsupported):
+        if any(unsupported.get(k) is not None for k in ("mask", "image", "latents")):
             raise UserError("the Edit variant takes condition images (--image, repeatable); no mask or strength")
         if not images:
             raise UserError("the Edit variant needs at least one condition image (--image)")
@@ -91,7 +91,8 @@ class EditPipeline(Pipeline):
         if negative_prompt is not None and not do_cfg:
             raise UserError("a negative prompt needs classifier-free guidance: pass a guidance scale > 0")
 
-        cond_latents, sig_feats, (img_h, img_w) = self.condition(images, height, width)
+        with timed(timings, "encode"):
+            cond_latents, sig_feats, (img_h, img_w) = self.condition(images, height, width)
         height, width = height or img_h, width or img_w
         self.check_size(height, width)
         scale = self.facts["vae_scale_factor"]
@@ -104,19 +105,22 @@ class EditPipeline(Pipeline):
             lays = [build_layout(s, cond_latents, sig_feats, (h, w), self.facts["siglip_feat_dim"]) for s in segs]
             return lays
 
-        pos_lays = states_for(prompts)
-        neg_lays = None
-        if do_cfg:
-            negs = [negative_prompt] * b if isinstance(negative_prompt, str) else (negative_prompt or [""] * b)
-            if len(negs) != b:
-                raise UserError(f"{len(negs)} negative prompts for {b} prompts")
-            neg_lays = states_for(negs)
-        pos = self._states(batch_layouts(pos_lays))
-        neg = self._states(batch_layouts(neg_lays)) if do_cfg and self.cfg_mode == "sequential" else None
-        both = self._states(batch_layouts(pos_lays + neg_lays)) if do_cfg and self.cfg_mode == "batch" else None
+        with timed(timings, "encode"):
+            pos_lays = states_for(prompts)
+            neg_lays = None
+            if do_cfg:
+                negs = [negative_prompt] * b if isinstance(negative_prompt, str) else (negative_prompt or [""] * b)
+                if len(negs) != b:
+                    raise UserError(f"{len(negs)} negative prompts for {b} prompts")
+                neg_lays = states_for(negs)
+            pos = self._states(batch_layouts(pos_lays))
+            neg = self._states(batch_layouts(neg_lays)) if do_cfg and self.cfg_mode == "sequential" else None
+            both = self._states(batch_layouts(pos_lays + neg_lays)) if do_cfg and self.cfg_mode == "batch" else None
 
         latents = latents.to(self.backend.device)
         sched = FlowMatchEuler(self.scheduler_config, steps, (h // 2) * (w // 2))
-        latents = self.denoise(latents, sched, range(steps), guidance, cfg_normalization, cfg_truncation, pos, neg,
-                               both, progress)
-        return self.decode(latents, output)
+        with timed(timings, "denoise"):
+            latents = self.denoise(latents, sched, range(steps), guidance, cfg_normalization, cfg_truncation, pos,
+                                   neg, both, progress)
+        with timed(timings, "decode"):
+            return self.decode(latents, output)

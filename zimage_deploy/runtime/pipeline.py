@@ -13,6 +13,8 @@ same seed gives the same image.
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,17 @@ def _cat_prompts(a: Prompt, b: Prompt) -> Prompt:
     s = max(a.states.shape[1], b.states.shape[1])
     pad = lambda x: F.pad(x, (0, 0, 0, s - x.shape[1]))  # noqa: E731
     return Prompt(torch.cat([pad(a.states), pad(b.states)]), torch.cat([a.lens, b.lens]))
+
+
+@contextmanager
+def timed(timings: dict | None, stage: str):
+    """Add the block's wall time (seconds) to `timings[stage]` when a dict is given."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
 class Pipeline:
@@ -124,7 +137,10 @@ class Pipeline:
                  steps: int | None = None, seed: int = 0, *, negative_prompt: str | list[str] | None = None,
                  guidance_scale: float | None = None, cfg_normalization: float = 0.0, cfg_truncation: float = 1.0,
                  image: Image.Image | None = None, mask: Image.Image | None = None, strength: float = 0.6,
-                 latents: torch.Tensor | None = None, progress: bool = True, output: str = "pil"):
+                 latents: torch.Tensor | None = None, progress: bool = True, output: str = "pil",
+                 timings: dict | None = None):
+        """Generate images. `latents` (B, C, h, w) replaces the seeded initial noise (text-to-image only);
+        `timings`, if a dict, receives seconds per stage (encode, denoise, decode)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)
         steps = steps or self.defaults["steps"]
@@ -155,14 +171,15 @@ class Pipeline:
         h, w = height // scale, width // scale
         device = self.backend.device
 
-        pos = self.encode_prompt(prompts)
-        neg = both = None
-        if do_cfg:
-            negs = [negative_prompt] * b if isinstance(negative_prompt, str) else (negative_prompt or [""] * b)
-            if len(negs) != b:
-                raise UserError(f"{len(negs)} negative prompts for {b} prompts")
-            neg = self.encode_prompt(negs)
-            both = _cat_prompts(pos, neg) if self.cfg_mode == "batch" else None
+        with timed(timings, "encode"):
+            pos = self.encode_prompt(prompts)
+            neg = both = None
+            if do_cfg:
+                negs = [negative_prompt] * b if isinstance(negative_prompt, str) else (negative_prompt or [""] * b)
+                if len(negs) != b:
+                    raise UserError(f"{len(negs)} negative prompts for {b} prompts")
+                neg = self.encode_prompt(negs)
+                both = _cat_prompts(pos, neg) if self.cfg_mode == "batch" else None
 
         sched = FlowMatchEuler(self.scheduler_config, steps, (h // 2) * (w // 2))
         first = 0
@@ -186,6 +203,8 @@ class Pipeline:
             image_latents, noise = image_latents.to(device), noise.to(device)
         elif latents is None:
             latents = torch.randn((b, self.facts["latent_channels"], h, w), generator=gen, dtype=torch.float32)
+        elif tuple(latents.shape) != (b, self.facts["latent_channels"], h, w):
+            raise UserError(f"latents of shape {tuple(latents.shape)} for a {b} x {height}x{width} request")
         latents = latents.to(device)
 
         def inpaint_blend(i, latents):  # keep the unmasked region on the image's own noising path
@@ -195,9 +214,12 @@ class Pipeline:
                 proper = s * noise + (1.0 - s) * image_latents
             return (1 - blend) * proper + blend * latents
 
-        latents = self.denoise(latents, sched, range(first, steps), guidance, cfg_normalization, cfg_truncation,
-                               pos, neg, both, progress, inpaint_blend if blend is not None else None)
-        return self.decode(latents, output)
+        with timed(timings, "denoise"):
+            latents = self.denoise(latents, sched, range(first, steps), guidance, cfg_normalization,
+                                   cfg_truncation, pos, neg, both, progress,
+                                   inpaint_blend if blend is not None else None)
+        with timed(timings, "decode"):
+            return self.decode(latents, output)
 
     def denoise(self, latents, sched, steps, guidance, cfg_normalization, cfg_truncation, pos, neg, both,
                 progress, after_step=None):
