@@ -12,13 +12,11 @@ from pathlib import Path
 import onnx
 import torch
 
-from .specs import TRACE_DIMS, resolve_dtype, specs_for
+from .specs import STATIC_DIMS, TRACE_DIMS, describe_io, specs_for
 
 OPSET = 19  # FP8 Q/DQ (the quantization stage) needs >= 19; TorchScript exporter max is 20
 TWO_GB = 2**31 - 1
 DATA_FILE = "model.onnx.data"
-STATIC_DIMS = ("text_hidden", "cap_feat_dim", "dim", "latent_channels", "siglip_feat_dim", "patch_dim",
-               "vision_patch_dim")
 ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.BFLOAT16: "bfloat16",
                onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.FLOAT16: "float16"}
 
@@ -31,10 +29,6 @@ def file_hash(folder: Path) -> str:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
     return h.hexdigest()
-
-
-def _dims(io_dims: tuple, facts: dict) -> tuple:
-    return tuple(facts[d] if d in STATIC_DIMS else d for d in io_dims)
 
 
 def export_component(name: str, model: torch.nn.Module, facts: dict, compute: torch.dtype, out_dir: Path,
@@ -69,11 +63,9 @@ def export_component(name: str, model: torch.nn.Module, facts: dict, compute: to
         entry = {
             "onnx": f"onnx/{name}/model.onnx",
             "opset": OPSET,
-            "compute_dtype": str(compute).replace("torch.", ""),
+            **_checked_io(spec, graph, facts, compute),
             "external_data": (tmp / DATA_FILE).exists(),
             "bytes": sum(p.stat().st_size for p in tmp.iterdir()),
-            "inputs": _describe(spec.inputs, graph.input, facts, compute),
-            "outputs": _describe(spec.outputs, graph.output, facts, compute),
             "onnx_sha256": file_hash(tmp),
         }
         final = out_dir / name
@@ -98,14 +90,14 @@ def _consolidate_external_data(path: Path) -> None:
                     location=DATA_FILE, size_threshold=1024)
 
 
-def _describe(ios, graph_values, facts, compute) -> list[dict]:
-    by_name = {v.name: v for v in graph_values}
-    described = []
-    for io in ios:
-        value = by_name[io.name]
-        dtype = ONNX_DTYPES.get(value.type.tensor_type.elem_type, str(value.type.tensor_type.elem_type))
-        expected = resolve_dtype(io, compute)
-        if dtype != expected:
-            raise RuntimeError(f"exported {io.name} has dtype {dtype}, expected {expected}")
-        described.append({"name": io.name, "dtype": dtype, "dims": list(_dims(io.dims, facts))})
+def _checked_io(spec, graph, facts, compute) -> dict:
+    """The spec's I/O description, after checking the graph has those names and dtypes."""
+    described = describe_io(spec, facts, compute)
+    values = {v.name: v for v in list(graph.input) + list(graph.output)}
+    for io in described["inputs"] + described["outputs"]:
+        if io["name"] not in values:
+            raise RuntimeError(f"the exported graph has no {io['name']!r} (was it unused, and pruned?)")
+        elem = values[io["name"]].type.tensor_type.elem_type
+        if ONNX_DTYPES.get(elem, str(elem)) != io["dtype"]:
+            raise RuntimeError(f"exported {io['name']} has dtype {ONNX_DTYPES.get(elem, elem)}, expected {io['dtype']}")
     return described

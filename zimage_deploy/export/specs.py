@@ -40,6 +40,23 @@ class _Context(nn.Module):
         return self.dit.context(cap_feats, cap_lens)
 
 
+STATIC_DIMS = ("text_hidden", "cap_feat_dim", "dim", "latent_channels", "siglip_feat_dim", "patch_dim",
+               "vision_patch_dim")
+
+
+def resolve_dims(dims: tuple, facts: dict) -> list:
+    """Named static dims replaced by their sizes; dynamic dims keep their names."""
+    return [facts[d] if d in STATIC_DIMS else d for d in dims]
+
+
+def describe_io(spec: "ComponentSpec", facts: dict, compute: torch.dtype) -> dict:
+    """The manifest's description of a component's graph I/O (names, dtypes, dims)."""
+    def one(io):
+        return {"name": io.name, "dtype": resolve_dtype(io, compute), "dims": resolve_dims(io.dims, facts)}
+    return {"inputs": [one(i) for i in spec.inputs], "outputs": [one(o) for o in spec.outputs],
+            "compute_dtype": str(compute).replace("torch.", "")}
+
+
 def _io_dtype(io: IO, compute: torch.dtype) -> torch.dtype:
     return compute if io.dtype == "compute" else DTYPES[io.dtype]
 

@@ -80,20 +80,41 @@ class OnnxRuntimeBackend(Backend):
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, engine_dir, manifest, device: str = "cpu"):
+    def __init__(self, engine_dir, manifest, device: str | None = None, compile: bool = False, fp8: bool = False,
+                 modules: dict[str, torch.nn.Module] | None = None):
+        """`device`: default cuda when available. On a GPU, `compile` compiles each DiT block (CUDA graphs)
+        and `fp8` runs the DiT blocks' projections in FP8 (models/fast.py). `modules` (loader name ->
+        module already in memory, e.g. {"transformer": dit, ...}) replaces loading from the checkpoint."""
         super().__init__(engine_dir, manifest)
-        path = Path(manifest["model"]["path"])
-        from ..checkpoint import missing_files
-
-        if not path.is_dir() or missing_files(path):
-            raise UserError(
-                f"the torch backend loads weights from the checkpoint the build used ({path}), which is not there"
-            )
-        self.ckpt = path
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if (compile or fp8) and not str(device).startswith("cuda"):
+            raise UserError("--compile / --fp8 of the torch backend need a CUDA GPU")
+        self.compile, self.fp8 = compile, fp8
         self.device = torch.device(device)
         self.models: dict[str, torch.nn.Module] = {}
+        if modules is not None:
+            for key, model in modules.items():
+                self.models[key] = self._accelerate(key, model)
+        else:
+            from ..checkpoint import missing_files
+
+            path = Path(manifest["model"]["path"])
+            if not path.is_dir() or missing_files(path, manifest["variant"]):
+                raise UserError(f"the torch backend loads weights from the checkpoint the build used ({path}), "
+                                "which is not there")
+            self.ckpt = path
         self.wrappers: dict[str, torch.nn.Module] = {}
         self._lock = threading.Lock()
+
+    def _accelerate(self, key: str, model: torch.nn.Module) -> torch.nn.Module:
+        if key == "transformer" and (self.fp8 or self.compile):
+            from ..models.fast import compile_blocks, fp8_blocks
+
+            if self.fp8:
+                fp8_blocks(model)
+            if self.compile:
+                compile_blocks(model)
+        return model
 
     def model(self, component: str) -> torch.nn.Module:
         """The component's module, called with the graph's inputs in order (the same wrapper the export traced)."""
@@ -104,7 +125,7 @@ class TorchBackend(Backend):
         with self._lock:
             if key not in self.models:
                 dtype = DTYPES[self.components[component]["compute_dtype"]]
-                self.models[key] = LOADERS[key](self.ckpt, dtype).to(self.device)
+                self.models[key] = self._accelerate(key, LOADERS[key](self.ckpt, dtype).to(self.device))
             if component not in self.wrappers:
                 self.wrappers[component] = specs_for(self.manifest["variant"])[component].wrap(self.models[key])
             return self.wrappers[component]

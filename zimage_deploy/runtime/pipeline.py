@@ -106,7 +106,8 @@ class Pipeline:
         """Context refiner output for each prompt: computed once per prompt, not once per step."""
         ids, mask = self.tokenizer(prompts)
         hidden = self.backend.run("text_encoder", input_ids=ids, attention_mask=mask)["hidden_states"]
-        feats, lens = pad_captions([hidden[i][mask[i].bool()] for i in range(len(prompts))])
+        keep = mask.bool().to(hidden.device)
+        feats, lens = pad_captions([hidden[i][keep[i]] for i in range(len(prompts))])
         return Prompt(self.backend.run("context_refiner", cap_feats=feats, cap_lens=lens)["cap_states"], lens)
 
     def _velocity(self, latents, t, prompt: Prompt) -> torch.Tensor:

@@ -1,0 +1,368 @@
+"""`python -m zimage_deploy.bench --engine-dir DIR --report OUT`: one request on several backends, side by side
+with diffusers, in one process.
+
+Backends: `diffusers` (eager: the reference users start from), `diffusers-compile` (its transformer under
+torch.compile), our `torch` backend (`torch-fast` on a GPU: compiled blocks + CUDA graphs; `torch-fp8`: FP8
+blocks), `onnxruntime`, `tensorrt`. Each runs a warm-up and `--repeats` timed runs. Per stage (text encoder +
+prompt-only DiT part, DiT all steps and per step, VAE decode) and end to end: median and p90 latency,
+images/s, peak memory (GPU: allocator peak, and NVML when pynvml is there; CPU: process peak RSS), DiT FLOPs
+per step, achieved TFLOP/s and its ratio to a matmul peak measured on the same device. Every backend's image is
+compared with diffusers' (max abs difference, 0-255). Writes report.json, report.md and report.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from . import manifest as manifest_io
+from .cli import run_cli
+from .errors import UserError
+
+BACKENDS = ("diffusers", "diffusers-compile", "torch", "torch-fast", "torch-fp8", "onnxruntime", "tensorrt")
+
+
+# -- measuring ----------------------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Peak:
+    """Peak memory over a block: GPU allocator (and NVML) on CUDA, process RSS high-water mark on the CPU."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:  # reset VmHWM (Linux): the peak then covers this block only
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        self.result = {}
+        if self.device.startswith("cuda"):
+            self.result["gpu_allocator_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+                self.result["nvml_used_gib"] = pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30
+            except Exception:  # noqa: BLE001 - NVML is optional
+                pass
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.result["cpu_peak_rss_gib"] = int(line.split()[1]) / 2**20
+        except OSError:
+            pass
+
+
+def matmul_peak_tflops(device: str, dtype: torch.dtype, n: int | None = None) -> float:
+    """Measured dense matmul throughput on this device and dtype (the denominator of the utilisation ratio)."""
+    n = n or (8192 if device.startswith("cuda") else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    reps = 10 if device.startswith("cuda") else 3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def summarize(times: list[float]) -> dict:
+    ordered = sorted(times)
+    return {"median_s": statistics.median(times), "p90_s": ordered[max(0, int(round(0.9 * len(times))) - 1)],
+            "runs": len(times)}
+
+
+# -- the backends -------------------------------------------------------------------------------------------
+class StageTimer:
+    """Wraps modules' forwards to add up their time per stage (diffusers' pipeline has no timing hooks)."""
+
+    def __init__(self, device: str):
+        self.device, self.times = device, {}
+
+    def wrap(self, module, stage: str, method: str = "forward"):
+        original = getattr(module, method)
+
+        def timed(*args, **kwargs):
+            sync(self.device)
+            t0 = time.perf_counter()
+            out = original(*args, **kwargs)
+            sync(self.device)
+            self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - t0
+            return out
+
+        setattr(module, method, timed)
+
+
+def diffusers_runner(ckpt: Path, device: str, dtype: torch.dtype, compiled: bool):
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(ckpt, dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if compiled:
+        pipe.transformer.compile()
+    timer = StageTimer(device)
+    timer.wrap(pipe.text_encoder, "encode")
+    timer.wrap(pipe.transformer, "denoise")
+    timer.wrap(pipe.vae, "decode", "decode")
+
+    def run(req):
+        timer.times = {}
+        g = torch.Generator("cpu").manual_seed(req["seed"])
+        image = pipe(req["prompt"], height=req["height"], width=req["width"], num_inference_steps=req["steps"],
+                     guidance_scale=req["guidance_scale"], generator=g).images[0]
+        return image, dict(timer.times)
+
+    return run
+
+
+def ours_runner(engine_dir: Path, backend: str, device: str):
+    from .runtime.backends import OnnxRuntimeBackend, TorchBackend, make_backend
+    from .runtime.pipeline import Pipeline
+
+    manifest = manifest_io.load(engine_dir)
+    if backend.startswith("torch"):
+        be = TorchBackend(engine_dir, manifest, device=device, compile=backend == "torch-fast",
+                          fp8=backend == "torch-fp8")
+    elif backend == "onnxruntime":
+        be = OnnxRuntimeBackend(engine_dir, manifest)
+    else:
+        be = make_backend("tensorrt", engine_dir, manifest)
+    pipe = Pipeline(engine_dir, be)
+
+    def run(req):
+        timings: dict = {}
+        image = pipe(req["prompt"], req["height"], req["width"], req["steps"], req["seed"],
+                     guidance_scale=req["guidance_scale"], progress=False, timings=timings)[0]
+        sync(device)
+        return image, timings
+
+    return run
+
+
+def bench_one(name: str, make, req: dict, repeats: int, device: str) -> dict:
+    with Peak(device) as peak:
+        run = make()
+        run(req)  # warm-up (and compilation)
+        times, stages, image = [], [], None
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            image, st = run(req)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            stages.append(st)
+    stage_summary = {k: statistics.median(s[k] for s in stages if k in s) for k in ("encode", "denoise", "decode")
+                     if any(k in s for s in stages)}
+    end = summarize(times)
+    return {"name": name, "end_to_end": end, "images_per_s": 1.0 / end["median_s"], "stages_s": stage_summary,
+            "memory": peak.result, "image": image}
+
+
+def run_bench(engine_dir: Path, backends: list[str], req: dict, repeats: int, device: str) -> dict:
+    manifest = manifest_io.load(engine_dir)
+    ckpt = Path(manifest["model"]["path"])
+    compute = manifest["components"]["transformer"]["compute_dtype"]
+    dtype = torch.bfloat16 if compute == "bfloat16" else torch.float32
+    from .models.dit import DiTConfig
+    from .models.fast import dit_flops
+
+    cfg = DiTConfig.from_diffusers(json.loads((ckpt / "transformer" / "config.json").read_text()))
+    scale = manifest["model"]["facts"]["vae_scale_factor"]
+    image_tokens = (req["height"] // scale // 2) * (req["width"] // scale // 2)
+    from .runtime.prompt import PromptTokenizer
+
+    caption_tokens = int(PromptTokenizer(engine_dir / "tokenizer")([req["prompt"]])[1].sum())
+    flops = dit_flops(cfg, image_tokens, caption_tokens)
+    peak = matmul_peak_tflops(device, dtype)
+
+    makers = {
+        "diffusers": lambda: diffusers_runner(ckpt, device, dtype, False),
+        "diffusers-compile": lambda: diffusers_runner(ckpt, device, dtype, True),
+    }
+    for b in ("torch", "torch-fast", "torch-fp8", "onnxruntime", "tensorrt"):
+        makers[b] = (lambda b=b: ours_runner(engine_dir, b, device))
+    rows, reference = [], None
+    for name in tqdm(backends, desc="backends", unit="backend"):
+        try:
+            row = bench_one(name, makers[name], req, repeats, device)
+        except Exception as e:  # noqa: BLE001 - a backend that cannot run here is reported, not fatal
+            rows.append({"name": name, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+            continue
+        image = np.asarray(row.pop("image")).astype(np.int16)
+        if name == "diffusers":
+            reference = image
+        row["max_abs_diff_vs_diffusers"] = None if reference is None else int(np.abs(image - reference).max())
+        denoise = row["stages_s"].get("denoise")
+        if denoise:
+            per_step = denoise / req["steps"]
+            row["dit_per_step_s"] = per_step
+            row["dit_tflops"] = flops / per_step / 1e12
+            row["dit_fraction_of_matmul_peak"] = row["dit_tflops"] / peak
+        rows.append(row)
+    return {
+        "tool": f"zimage-deploy {__version__}",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(device),
+        "request": req,
+        "build": {"engine_dir": str(engine_dir), "variant": manifest["variant"], "precision": manifest["precision"],
+                  "target": manifest["target"]},
+        "dit_flops_per_step": flops,
+        "matmul_peak_tflops": peak,
+        "matmul_peak_dtype": str(dtype).replace("torch.", ""),
+        "backends": rows,
+    }
+
+
+def machine_info(device: str) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "device": device}
+    for mod in ("diffusers", "transformers", "onnxruntime", "tensorrt", "tensorrt_rtx"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            pass
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30, cuda=torch.version.cuda,
+                    compute_capability=f"{props.major}.{props.minor}")
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:  # noqa: BLE001
+            pass
+    return info
+
+
+# -- reports ------------------------------------------------------------------------------------------------
+def write_report(result: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+    m, r = result["machine"], result["request"]
+    lines = [
+        f"# zimage-deploy benchmark: {r['height']}x{r['width']}, {r['steps']} steps, batch 1",
+        "",
+        f"{result['date']} · {m.get('gpu', 'CPU')} · {m['platform']} · torch {m['torch']}"
+        + "".join(f" · {k} {m[k]}" for k in ("cuda", "driver", "diffusers", "onnxruntime", "tensorrt",
+                                              "tensorrt_rtx") if k in m),
+        f"Build: {result['build']['variant']} {result['build']['precision']} ({result['build']['target']}). "
+        f"DiT {result['dit_flops_per_step'] / 1e9:.2f} GFLOP per step; measured matmul peak "
+        f"{result['matmul_peak_tflops']:.2f} TFLOP/s ({result['matmul_peak_dtype']}).",
+        "",
+        "| backend | end-to-end median s | p90 s | images/s | encode s | DiT all steps s | DiT per step s | "
+        "VAE decode s | DiT TFLOP/s | of peak | peak memory GiB | max diff vs diffusers |",
+        "|" + "---|" * 12,
+    ]
+    for row in result["backends"]:
+        if "skipped" in row:
+            lines.append(f"| {row['name']} | skipped: {row['skipped']} |" + " |" * 10)
+            continue
+        st, mem = row["stages_s"], row["memory"]
+        memory = mem.get("gpu_allocator_peak_gib", mem.get("cpu_peak_rss_gib"))
+        f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+        lines.append(
+            f"| {row['name']} | {f(row['end_to_end']['median_s'])} | {f(row['end_to_end']['p90_s'])} | "
+            f"{f(row['images_per_s'], 2)} | {f(st.get('encode'))} | {f(st.get('denoise'))} | "
+            f"{f(row.get('dit_per_step_s'), 4)} | {f(st.get('decode'))} | {f(row.get('dit_tflops'), 2)} | "
+            f"{f(row.get('dit_fraction_of_matmul_peak'), 2)} | {f(memory, 2)} | "
+            f"{row['max_abs_diff_vs_diffusers']} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    chart(result, out / "report.png")
+    return [out / "report.json", out / "report.md", out / "report.png"]
+
+
+def chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["backends"] if "skipped" not in r]
+    names = [r["name"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
+    left = np.zeros(len(rows))
+    for stage, colour in (("encode", "#4c72b0"), ("denoise", "#dd8452"), ("decode", "#55a868")):
+        vals = np.array([r["stages_s"].get(stage, 0.0) for r in rows])
+        ax.barh(names, vals, left=left, color=colour, label=stage)
+        left += vals
+    ax.scatter([r["end_to_end"]["median_s"] for r in rows], names, color="black", zorder=3, label="end to end")
+    r = result["request"]
+    ax.set_xlabel("seconds (median)")
+    ax.set_title(f"{r['height']}x{r['width']}, {r['steps']} steps · {result['machine'].get('gpu', 'CPU')}")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m zimage_deploy.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--engine-dir", type=Path, required=True)
+    ap.add_argument("--report", type=Path, required=True, help="folder for report.json, report.md, report.png")
+    ap.add_argument("--backends", default=None,
+                    help=f"comma-separated, from {', '.join(BACKENDS)} (default: what fits the device)")
+    ap.add_argument("--prompt", default="a red fox in the snow, watercolor")
+    ap.add_argument("--height", type=int, default=None)
+    ap.add_argument("--width", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--guidance-scale", type=float, default=None)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default=None, help="default: cuda when available")
+    args = ap.parse_args(argv)
+    manifest = manifest_io.load(args.engine_dir)
+    if manifest["variant"] == "edit":
+        raise UserError("the benchmark runs text-to-image builds (turbo, base)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.backends:
+        backends = [b.strip() for b in args.backends.split(",")]
+        unknown = [b for b in backends if b not in BACKENDS]
+        if unknown:
+            raise UserError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
+    elif device.startswith("cuda"):
+        backends = ["diffusers", "diffusers-compile", "torch", "torch-fast", "torch-fp8", "tensorrt"]
+    else:
+        backends = ["diffusers", "torch", "onnxruntime"]
+    d = manifest["defaults"]
+    req = {"prompt": args.prompt, "height": args.height or d["height"], "width": args.width or d["width"],
+           "steps": args.steps or d["steps"], "seed": args.seed,
+           "guidance_scale": d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale}
+    if args.repeats < 1:
+        raise UserError("--repeats must be >= 1")
+    result = run_bench(args.engine_dir, backends, req, args.repeats, device)
+    for path in write_report(result, args.report):
+        print(f"wrote {path}")
+    print((args.report / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

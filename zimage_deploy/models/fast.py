@@ -1,0 +1,80 @@
+"""The fast Torch path for GPUs: regional `torch.compile` (one compiled region per transformer block, so the
+30 identical blocks compile once), CUDA graphs through `mode="reduce-overhead"`, and FP8 (E4M3) linear layers
+through `torch._scaled_mm` for the DiT's transformer blocks.
+
+FP8 scales: per-tensor weight scales (amax / 448) and per-call dynamic per-tensor activation scales. The
+precision-sensitive layers stay BF16: timestep embedder, adaLN modulations, caption/image embedders, final
+layer, norms (FP8 on those turned Z-Image into noise upstream). Needs an SM89+ GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .dit import Block, ZImageDiT
+from .layers import Linear
+
+E4M3_MAX = 448.0
+
+
+class FP8Linear(nn.Module):
+    """y = x W^T + b with x and W in float8_e4m3fn and per-tensor scales; output in the input's dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        scale = (w.abs().amax().float() / E4M3_MAX).clamp(min=1e-12)
+        self.register_buffer("weight_t", (w.float() / scale).to(torch.float8_e4m3fn).t())  # column-major
+        self.register_buffer("weight_scale", scale.reshape(()))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16))
+        self.out_features = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        x_scale = (x2.abs().amax().float() / E4M3_MAX).clamp(min=1e-12)
+        x_fp8 = (x2.float() / x_scale).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(x_fp8, self.weight_t, scale_a=x_scale, scale_b=self.weight_scale,
+                               bias=self.bias, out_dtype=torch.bfloat16)
+        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def fp8_blocks(model: ZImageDiT) -> int:
+    """Swap the attention and feed-forward projections of every transformer block (main layers and refiners)
+    for FP8 linears; returns how many were swapped. adaLN, embedders and the final layer are left alone."""
+    count = 0
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        for parent in (block.attention, block.feed_forward):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Linear):
+                    setattr(parent, name, FP8Linear(child))
+                    count += 1
+    return count
+
+
+def compile_blocks(model: nn.Module, mode: str | None = "reduce-overhead") -> int:
+    """Regional compilation: compile each transformer block in place (same code, so one compile serves
+    all); returns the number of blocks compiled."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile(mode=mode, dynamic=False)
+            count += 1
+    return count
+
+
+def dit_flops(cfg, image_tokens: int, caption_tokens: int, batch: int = 1) -> float:
+    """Multiply-add FLOPs (x2) of one per-step transformer call: the noise refiner on the padded image tokens,
+    the main layers on image + caption tokens, and the final layer (the context refiner runs once per prompt
+    and is not counted). Linear layers: 2 * tokens * in * out; attention: 4 * S^2 * dim per block."""
+    pad = lambda n: -(-n // 32) * 32  # noqa: E731
+    d, f = cfg.dim, cfg.ffn_dim
+    per_token = 2 * (d * 3 * d + d * d + d * 2 * f + f * d)  # qkv, out, w13, w2
+    def block(s):  # noqa: E306
+        return s * per_token + 4 * s * s * d
+    x = pad(image_tokens)
+    s = x + pad(caption_tokens)
+    total = cfg.n_refiner_layers * block(x) + cfg.n_layers * block(s)
+    total += 2 * image_tokens * d * cfg.patch_size**2 * cfg.in_channels * 2  # x embedder + final linear
+    return float(batch * total)
