@@ -1,5 +1,6 @@
-"""Export one component to ONNX: trace, externalise weights above 2 GB, check on the path, infer shapes,
-describe the graph's I/O for the manifest. Written into a temp folder and renamed when complete."""
+"""Export one component to ONNX: trace (weights as named inputs), deepen a two-layer template if asked,
+attach the weights (external data above 2 GB), check on the path, infer shapes, describe the graph's I/O for
+the manifest. Written into a temp folder and renamed when complete."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import onnx
 import torch
 
 from .specs import STATIC_DIMS, TRACE_DIMS, describe_io, specs_for
+from .stamp import stamp_layers
+from .weights import attach_weights, module_weights
 
 OPSET = 19  # FP8 Q/DQ (the quantization stage) needs >= 19; TorchScript exporter max is 20
-TWO_GB = 2**31 - 1
-DATA_FILE = "model.onnx.data"
 ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.BFLOAT16: "bfloat16",
                onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.FLOAT16: "float16"}
 
@@ -32,12 +33,16 @@ def file_hash(folder: Path) -> str:
 
 
 def export_component(name: str, model: torch.nn.Module, facts: dict, compute: torch.dtype, out_dir: Path,
-                     variant: str = "turbo") -> dict:
-    """Export `model` (a loaded module for component `name`) into `out_dir/name/model.onnx`.
+                     variant: str = "turbo", weights=None, depth: int | None = None) -> dict:
+    """Export component `name` of `model` into `out_dir/name/model.onnx` (+ model.onnx.data above 2 GB).
 
+    The graph is traced with the weights as named inputs, optionally deepened to `depth` main layers (a
+    template traced with two layers: the memory-lean path), then the weights are attached from `weights`
+    ((name, tensor) pairs in the model's naming, e.g. streamed from the checkpoint) or from `model` itself.
     Returns the manifest entry: path, hash, opset, size, I/O names with dtypes and dims."""
     spec = specs_for(variant)[name]
     wrapper = spec.wrap(model).eval()
+    prefix = "" if wrapper is model else next(n for n, m in wrapper.named_children() if m is model) + "."
     sample = spec.sample(facts, TRACE_DIMS, compute)
     dynamic_axes = {}
     for io in spec.inputs + spec.outputs:
@@ -52,19 +57,28 @@ def export_component(name: str, model: torch.nn.Module, facts: dict, compute: to
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer notices
             torch.onnx.export(
-                wrapper, sample, str(path), dynamo=False, opset_version=OPSET,
-                input_names=[i.name for i in spec.inputs], output_names=[o.name for o in spec.outputs],
-                dynamic_axes=dynamic_axes, do_constant_folding=True,
+                wrapper, sample, str(path), dynamo=False, opset_version=OPSET, export_params=False,
+                do_constant_folding=False, input_names=[i.name for i in spec.inputs],
+                output_names=[o.name for o in spec.outputs], dynamic_axes=dynamic_axes,
             )
-        _consolidate_external_data(path)
+        graph = onnx.load(str(path))
+        if depth is not None and name in ("transformer", "text_encoder"):
+            stamp_layers(graph, depth, prefix=prefix + "layers")
+        source = ((prefix + k, v) for k, v in (weights if weights is not None else module_weights(model)))
+        io_names = {io.name for io in spec.inputs + spec.outputs}
+        summary = attach_weights(graph, io_names, source, tmp)
+        onnx.save_model(graph, str(path))
+        del graph
         onnx.checker.check_model(str(path), full_check=False)
         onnx.shape_inference.infer_shapes_path(str(path), str(path))
-        graph = onnx.load(str(path), load_external_data=False).graph
+        io_graph = onnx.load(str(path), load_external_data=False).graph
         entry = {
             "onnx": f"onnx/{name}/model.onnx",
             "opset": OPSET,
-            **_checked_io(spec, graph, facts, compute),
-            "external_data": (tmp / DATA_FILE).exists(),
+            **_checked_io(spec, io_graph, facts, compute),
+            "external_data": summary["external_data"],
+            "initializers": summary["initializers"],
+            "weight_bytes": summary["weight_bytes"],
             "bytes": sum(p.stat().st_size for p in tmp.iterdir()),
             "onnx_sha256": file_hash(tmp),
         }
@@ -75,19 +89,6 @@ def export_component(name: str, model: torch.nn.Module, facts: dict, compute: to
         return entry
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _consolidate_external_data(path: Path) -> None:
-    """Above 2 GB the weights go to one external data file beside the graph (the exporter may scatter them)."""
-    folder = path.parent
-    scattered = [p for p in folder.iterdir() if p.name != path.name]
-    if not scattered and path.stat().st_size < TWO_GB:
-        return
-    model = onnx.load(str(path), load_external_data=True)
-    for p in scattered:
-        p.unlink()
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
 
 
 def _checked_io(spec, graph, facts, compute) -> dict:

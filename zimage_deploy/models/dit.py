@@ -387,21 +387,25 @@ def convert_diffusers_key(name: str, patch_key: str = "2-1") -> str | None:
     return name
 
 
-def fuse_state_dict(items, n_parts={"qkv": 3, "w13": 2}) -> dict[str, torch.Tensor]:
-    """(diffusers_key, tensor) pairs -> this module's state dict, concatenating fused projections."""
-    out: dict[str, torch.Tensor] = {}
+def iter_fused(items, n_parts={"qkv": 3, "w13": 2}):
+    """(diffusers_key, tensor) pairs -> (our key, tensor) pairs, streaming: a fused projection is yielded as soon
+    as its parts have arrived (at most one block's parts are held)."""
     pending: dict[str, dict[int, torch.Tensor]] = {}
     for name, tensor in items:
         key = convert_diffusers_key(name)
         if "#" not in key:
-            out[key] = tensor
+            yield key, tensor
             continue
         key, idx = key.split("#")
         pending.setdefault(key, {})[int(idx)] = tensor
         need = n_parts["qkv" if ".qkv." in key else "w13"]
         if len(pending[key]) == need:
-            out[key] = torch.cat([pending[key][i] for i in range(need)], dim=0)
-            del pending[key]
+            parts = pending.pop(key)
+            yield key, torch.cat([parts[i] for i in range(need)], dim=0)
     if pending:
         raise ValueError(f"incomplete fused projections in checkpoint: {sorted(pending)}")
-    return out
+
+
+def fuse_state_dict(items) -> dict[str, torch.Tensor]:
+    """(diffusers_key, tensor) pairs -> this module's state dict, concatenating fused projections."""
+    return dict(iter_fused(items))

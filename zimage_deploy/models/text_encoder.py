@@ -138,10 +138,10 @@ class TextEncoder(nn.Module):
         return x
 
 
-def convert_transformers_items(items, used_layers: int):
-    """(transformers key, tensor) pairs -> this module's state dict; drops the last layer, norm and head."""
-    out: dict[str, torch.Tensor] = {}
-    pending: dict[str, dict[str, torch.Tensor]] = {}
+def iter_converted(items, used_layers: int):
+    """(transformers key, tensor) pairs -> (our key, tensor) pairs, streaming; drops the last layer, the final
+    norm and the head; fused projections are yielded once their parts have arrived."""
+    pending: dict[str, dict[int, torch.Tensor]] = {}
     fused = {"q_proj": ("qkv", 0, 3), "k_proj": ("qkv", 1, 3), "v_proj": ("qkv", 2, 3),
              "gate_proj": ("gate_up", 0, 2), "up_proj": ("gate_up", 1, 2)}
     for name, tensor in items:
@@ -158,10 +158,13 @@ def convert_transformers_items(items, used_layers: int):
                 key = ".".join(parts[:-2] + [new, parts[-1]])
                 pending.setdefault(key, {})[idx] = tensor
                 if len(pending[key]) == total:
-                    out[key] = torch.cat([pending[key][i] for i in range(total)], dim=0)
-                    del pending[key]
+                    got = pending.pop(key)
+                    yield key, torch.cat([got[i] for i in range(total)], dim=0)
                 continue
-        out[name] = tensor
+        yield name, tensor
     if pending:
         raise ValueError(f"incomplete fused projections in text encoder checkpoint: {sorted(pending)}")
-    return out
+
+
+def convert_transformers_items(items, used_layers: int) -> dict[str, torch.Tensor]:
+    return dict(iter_converted(items, used_layers))
