@@ -26,6 +26,7 @@ from .cli import run_cli
 from .errors import UserError
 from .export.onnx_export import OPSET, export_component, file_hash
 from .engines.builder import EngineBuilder, sha256_file
+from .models.load import LOADER_OF, TEMPLATES, stream_weights
 from .engines.profiles import EngineOptions, profiles
 from .export.specs import CHECK_DIMS, DTYPES, specs_for
 from .targets import PRECISION_PLANS, PRECISIONS, QUANTIZED, TARGETS, get_target
@@ -78,7 +79,8 @@ def _copy_tree(src: Path, dst: Path) -> None:
 
 
 def build(model: str, variant: str, target: str, precision: str, out: Path | None = None,
-          parity: bool = True, engine_opts: EngineOptions | None = None, log=tqdm.write) -> Path:
+          parity: bool = True, engine_opts: EngineOptions | None = None, log=tqdm.write,
+          lean: str = "auto") -> Path:
     v, t = get_variant(variant), get_target(target)
     if not v.implemented:
         raise UserError(f"variant {variant!r} is not supported yet: {v.not_implemented_reason}")
@@ -129,6 +131,9 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
         _copy_tree(ckpt / "siglip_processor", out / "siglip_processor")
     manifest_io.save(out, manifest)
 
+    lean = _use_lean(lean, ckpt)
+    manifest["export"] = {"lean": lean}
+
     # -- stage 2: export ------------------------------------------------------------------------------
     t0 = time.perf_counter()
     loaded: dict[str, torch.nn.Module] = {}
@@ -140,8 +145,18 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
             log(f"[export] {name}: up to date, skipped")
             continue
         compute = COMPUTE[plan[name]]
-        module = _load(name, ckpt, compute, loaded)
-        entry = export_component(name, module, facts, compute, out / "onnx", variant)
+        if lean and LOADER_OF.get(name, name) in TEMPLATES:
+            key_ = LOADER_OF.get(name, name)
+            template, depth = _load_template(key_, ckpt, compute, loaded)
+            entry = export_component(name, template, facts, compute, out / "onnx", variant,
+                                     weights=stream_weights(ckpt, key_), depth=depth)
+        else:
+            module = _load(name, ckpt, compute, loaded)
+            entry = export_component(name, module, facts, compute, out / "onnx", variant)
+        if lean:  # free what no later component needs (the lean path's point is bounded memory)
+            later = {LOADER_OF.get(n, n) for n in v.components[v.components.index(name) + 1:]}
+            for k in [k for k in loaded if k[0] not in later]:
+                del loaded[k]
         entry.update(key=key, precision=plan[name], engine=None, status="complete")
         manifest["components"][name] = entry
         manifest_io.save(out, manifest)
@@ -163,7 +178,11 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
         manifest["stages"]["engines"] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
 
     # -- stage 5: parity of what was built against the Torch modules ---------------------------------------
-    if parity:
+    if parity and lean:
+        manifest["stages"]["parity"] = {
+            "status": "skipped", "reason": "lean export: comparing with the Torch modules would load the whole "
+            "model; the lean path is checked against the ordinary one in the tests"}
+    elif parity:
         t0 = time.perf_counter()
         for name in v.components:
             entry = manifest["components"][name]
@@ -210,6 +229,17 @@ def _build_engines(builder: EngineBuilder, manifest: dict, out: Path, variant, s
             f"{entry['flavour']} {entry['version']} {builder.target.sm})")
 
 
+LEAN_AUTO_BYTES = 4 << 30
+
+
+def _use_lean(lean: str, ckpt: Path) -> bool:
+    """`auto`: lean when the DiT and text-encoder weights together exceed 4 GiB."""
+    if lean in ("on", "off"):
+        return lean == "on"
+    size = sum(p.stat().st_size for f in ("transformer", "text_encoder") for p in (ckpt / f).glob("*.safetensors"))
+    return size > LEAN_AUTO_BYTES
+
+
 def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names) -> dict:
     """Components of a previous build in `out` that were built from the same inputs and are intact."""
     kept = {}
@@ -222,8 +252,14 @@ def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names) -> dict:
     return kept
 
 
+def _load_template(key: str, ckpt: Path, compute: torch.dtype, loaded: dict):
+    if (key, compute, "template") not in loaded:
+        loaded[(key, compute, "template")] = TEMPLATES[key](ckpt, compute)
+    return loaded[(key, compute, "template")]
+
+
 def _load(name: str, ckpt: Path, compute: torch.dtype, loaded: dict) -> torch.nn.Module:
-    from .models.load import LOADER_OF, LOADERS
+    from .models.load import LOADERS
 
     key = (LOADER_OF.get(name, name), compute)
     if key not in loaded:
@@ -293,6 +329,9 @@ def main(argv=None) -> int:
                     help="output folder (default: export/<model>-<precision> for cpu, "
                          "engines/<model>-<target>-<precision> for GPU targets)")
     ap.add_argument("--skip-parity", action="store_true", help="do not measure parity after building")
+    ap.add_argument("--lean", default="auto", choices=("auto", "on", "off"),
+                    help="memory-lean export: trace two-layer templates, stream weights from the checkpoint "
+                         "(auto: when the DiT and text encoder exceed 4 GiB)")
     eng = ap.add_argument_group("engines (GPU targets)")
     eng.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimisation level")
     eng.add_argument("--max-batch", type=int, default=4, help="largest batch the engines accept (default 4)")
@@ -311,7 +350,8 @@ def main(argv=None) -> int:
                          max_side=args.max_side, opt_side=args.opt_side, static=args.static,
                          static_batch=args.static_batch, refittable=args.refittable,
                          weight_streaming=args.weight_streaming)
-    build(args.model, variant, args.target, precision, args.out, parity=not args.skip_parity, engine_opts=opts)
+    build(args.model, variant, args.target, precision, args.out, parity=not args.skip_parity, engine_opts=opts,
+          lean=args.lean)
     return 0
 
 

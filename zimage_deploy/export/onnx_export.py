@@ -1,5 +1,5 @@
 """Export one component to ONNX: trace (weights as named inputs), deepen a two-layer template if asked,
-attach the weights (external data above 2 GB), check on the path, infer shapes, describe the graph's I/O for
+attach the weights (external data above 512 MiB), check on the path, infer shapes, describe the graph's I/O for
 the manifest. Written into a temp folder and renamed when complete."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def file_hash(folder: Path) -> str:
 
 def export_component(name: str, model: torch.nn.Module, facts: dict, compute: torch.dtype, out_dir: Path,
                      variant: str = "turbo", weights=None, depth: int | None = None) -> dict:
-    """Export component `name` of `model` into `out_dir/name/model.onnx` (+ model.onnx.data above 2 GB).
+    """Export component `name` of `model` into `out_dir/name/model.onnx` (+ model.onnx.data above 512 MiB).
 
     The graph is traced with the weights as named inputs, optionally deepened to `depth` main layers (a
     template traced with two layers: the memory-lean path), then the weights are attached from `weights`
@@ -62,11 +62,11 @@ def export_component(name: str, model: torch.nn.Module, facts: dict, compute: to
                 output_names=[o.name for o in spec.outputs], dynamic_axes=dynamic_axes,
             )
         graph = onnx.load(str(path))
-        if depth is not None and name in ("transformer", "text_encoder"):
+        if depth is not None and depth > 2 and name in ("transformer", "text_encoder"):
             stamp_layers(graph, depth, prefix=prefix + "layers")
         source = ((prefix + k, v) for k, v in (weights if weights is not None else module_weights(model)))
         io_names = {io.name for io in spec.inputs + spec.outputs}
-        summary = attach_weights(graph, io_names, source, tmp)
+        summary = attach_weights(graph, io_names, source, tmp, strip_prefix=prefix)
         onnx.save_model(graph, str(path))
         del graph
         onnx.checker.check_model(str(path), full_check=False)

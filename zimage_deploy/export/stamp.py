@@ -24,19 +24,30 @@ def stamp_layers(model: onnx.ModelProto, n_layers: int, prefix: str = "layers") 
         return 0
     nodes = list(graph.node)
     l1_idx = [i for i, n in enumerate(nodes) if n.name.startswith(tag(1))]
-    if l1_idx != list(range(l1_idx[0], l1_idx[-1] + 1)):
-        raise ValueError("layer 1's nodes are not contiguous in the graph")
     layer1 = [nodes[i] for i in l1_idx]
     produced = {o for n in layer1 for o in n.output}
     outside = [n for i, n in enumerate(nodes) if i not in set(l1_idx)]
     used_outside = {i for n in outside for i in n.input} | {o.name for o in graph.output}
-    outs = [v for v in produced if v in used_outside]
-    if len(outs) != 1:
-        raise ValueError(f"layer 1 should hand one tensor to the rest of the graph, found {outs}")
-    x_out = outs[0]
-    x_in = x_out.replace(tag(1), tag(0))
-    if x_in not in {i for n in layer1 for i in n.input}:
-        raise ValueError(f"cannot find layer 1's input ({x_in})")
+    # The tensor layer 1 hands on is the one whose layer-0 twin layer 1 consumes (the residual stream).
+    # Other layer-1 values used outside are common subexpressions the exporter shared (e.g. one cast of
+    # the timestep embedding); they stay where they are.
+    consumed_by_l1 = {i for n in layer1 for i in n.input}
+    twins = {n.name: n for n in nodes if n.name.startswith(tag(0))}
+    chained = []
+    for v in sorted(v for v in produced if v in used_outside):
+        producer = next(n for n in layer1 if v in n.output)
+        twin = twins.get(producer.name.replace(tag(1), tag(0)))
+        if twin is not None and twin.output[list(producer.output).index(v)] in consumed_by_l1:
+            chained.append((v, twin.output[list(producer.output).index(v)]))
+    if len(chained) != 1:
+        raise ValueError(f"cannot tell layer 1's output among {sorted(v for v in produced if v in used_outside)}")
+    x_out, x_in = chained[0]
+    graph_output = x_out if x_out in {o.name for o in graph.output} else None
+    if graph_output:  # the last layer feeds the graph output: keep that name for the deepest copy
+        x_out = tag(1) + "stamped_output_0"
+        for n in layer1:
+            n.output[:] = [x_out if o == graph_output else o for o in n.output]
+        produced = {o for n in layer1 for o in n.output}
     weight_inputs = {i.name: i for i in graph.input if i.name.startswith(f"{prefix}.1.")}
 
     def renamed(value: str, k: int) -> str:
@@ -60,13 +71,34 @@ def stamp_layers(model: onnx.ModelProto, n_layers: int, prefix: str = "layers") 
             graph.input.append(extra)
         prev_out = renamed(x_out, k)
     last = prev_out
+    if graph_output:
+        for node in new_nodes:
+            node.output[:] = [graph_output if o == last else o for o in node.output]
+        last = graph_output
     for node in outside:
         node.input[:] = [last if i == x_out else i for i in node.input]
-    for out in graph.output:
-        if out.name == x_out:
-            out.name = last
     insert_at = l1_idx[-1] + 1
+    ordered = topological(nodes[:insert_at] + new_nodes + nodes[insert_at:],
+                          {i.name for i in graph.input} | {t.name for t in graph.initializer})
     del graph.node[:]
-    graph.node.extend(nodes[:insert_at] + new_nodes + nodes[insert_at:])
+    graph.node.extend(ordered)
     # value_info of layer 1's inner tensors is not copied: shape inference rebuilds it
     return n_layers - 2
+
+
+def topological(nodes: list, available: set[str]) -> list:
+    """Nodes in an order where each runs after the producers of its inputs (stable for ready nodes)."""
+    available = set(available) | {""}
+    waiting, ordered = list(nodes), []
+    while waiting:
+        rest = []
+        for node in waiting:
+            if all(i in available for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(waiting):
+            raise ValueError(f"graph has a cycle or a missing input near {rest[0].name}")
+        waiting = rest
+    return ordered

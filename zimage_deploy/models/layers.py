@@ -16,7 +16,9 @@ class Linear(nn.Linear):
     """nn.Linear that casts its input to its weight dtype (float32 side inputs into a BF16 layer)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        if x.dtype != self.weight.dtype:  # decided while tracing: no Cast node when the dtypes agree
+            x = x.to(self.weight.dtype)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

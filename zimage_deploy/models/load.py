@@ -9,9 +9,9 @@ from torch import nn
 
 from ..checkpoint import iter_tensors, read_config
 from ..errors import UserError
-from .dit import DiTConfig, TimestepEmbedder, ZImageDiT, fuse_state_dict
+from .dit import DiTConfig, TimestepEmbedder, ZImageDiT, fuse_state_dict, iter_fused
 from .layers import FP32LayerNorm, swap_norms, to_compute_dtype
-from .text_encoder import TextEncoder, TextEncoderConfig, convert_transformers_items
+from .text_encoder import TextEncoder, TextEncoderConfig, convert_transformers_items, iter_converted
 from .vae import VAEDecoder, VAEEncoder
 
 
@@ -110,3 +110,58 @@ LOADERS = {
 }
 # graphs cut from one loaded model: the DiT serves the context refiner, the SigLIP refiner and the transformer
 LOADER_OF = {"context_refiner": "transformer", "siglip_refiner": "transformer"}
+
+
+# -- the memory-lean export path: two-layer templates (real width) and weights streamed from the checkpoint --
+TEMPLATE_LAYERS = 2
+
+
+def _uninitialized(cls, cfg, dtype):
+    """A module for tracing only: built on the meta device, then given random values (the exporter merges
+    parameters with equal values, and fresh zero pages would all be equal); the values are never exported."""
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(generator=gen)
+    return model
+
+
+def dit_template(ckpt: Path, dtype: torch.dtype = torch.float32) -> tuple[ZImageDiT, int]:
+    """The DiT with TEMPLATE_LAYERS main layers (refiners and embedders complete) and the real depth."""
+    from dataclasses import replace
+
+    cfg = DiTConfig.from_diffusers(read_config(ckpt, "transformer"))
+    model = _uninitialized(ZImageDiT, replace(cfg, n_layers=min(TEMPLATE_LAYERS, cfg.n_layers)), dtype)
+    _restore_buffers(model, model.cfg)
+    for m in model.modules():  # the precision rule: these stay float32 in every build
+        if isinstance(m, (TimestepEmbedder,)) or type(m).__name__ == "RMSNorm" or isinstance(m, nn.LayerNorm):
+            m.float()
+    return model.eval().requires_grad_(False), cfg.n_layers
+
+
+def text_encoder_template(ckpt: Path, dtype: torch.dtype = torch.float32) -> tuple[TextEncoder, int]:
+    from dataclasses import replace
+
+    cfg = TextEncoderConfig.from_transformers(read_config(ckpt, "text_encoder"))
+    model = _uninitialized(TextEncoder, replace(cfg, num_hidden_layers=min(TEMPLATE_LAYERS, cfg.used_layers) + 1),
+                           dtype)
+    d = cfg.head_dim
+    model.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    for m in model.modules():
+        if type(m).__name__ == "RMSNorm":
+            m.float()
+    return model.eval().requires_grad_(False), cfg.used_layers
+
+
+def stream_weights(ckpt: Path, loader: str):
+    """(name, tensor) pairs of a component's weights in our naming, read one at a time from safetensors."""
+    if loader == "transformer":
+        return iter_fused(iter_tensors(ckpt / "transformer"))
+    cfg = TextEncoderConfig.from_transformers(read_config(ckpt, "text_encoder"))
+    return iter_converted(iter_tensors(ckpt / "text_encoder"), cfg.used_layers)
+
+
+TEMPLATES = {"transformer": dit_template, "text_encoder": text_encoder_template}

@@ -1,0 +1,80 @@
+"""Peak RSS and wall time of each real-size stage, each in its own process (so each peak is its own):
+write the random real-size checkpoint, then the memory-lean export of all Turbo components. Writes a Markdown
+and a JSON report. A benchmark, not a test (it writes ~20 GB of checkpoint and ~20 GB of graphs per precision).
+
+    .venv/bin/python benchmarks/export_memory.py --work /data/zimage-mem --precisions bf16 [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def measured(cmd: list[str]) -> dict:
+    """Run `cmd` under GNU time: wall seconds and peak RSS (GiB) of that process tree's largest process."""
+    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", r.stderr).group(1)
+    seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))
+    return {"seconds": round(seconds, 1), "peak_rss_gib": round(peak_kb / 2**20, 2)}
+
+
+def du(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**30
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--precisions", default="bf16", help="comma-separated: bf16, fp32")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint and graphs")
+    args = ap.parse_args()
+    py = sys.executable
+    ckpt, stages = args.work / "checkpoint", {}
+    args.work.mkdir(parents=True, exist_ok=True)
+    if not (ckpt / "model_index.json").is_file():
+        stages["write checkpoint (bf16)"] = measured([py, "-m", "zimage_deploy.realsize", "--out", str(ckpt)])
+    sizes = {"checkpoint": {f: round(du(ckpt / f), 2) for f in ("transformer", "text_encoder", "vae")}}
+    for precision in args.precisions.split(","):
+        out = args.work / f"export-{precision}"
+        stages[f"lean export, all components ({precision})"] = measured(
+            [py, "-m", "zimage_deploy.build", "--model", str(ckpt), "--target", "cpu", "--precision", precision,
+             "--lean", "on", "--skip-parity", "--out", str(out)])
+        manifest = json.loads((out / "manifest.json").read_text())
+        sizes[precision] = {n: round(c["bytes"] / 2**30, 2) for n, c in manifest["components"].items()}
+        if not args.keep:
+            shutil.rmtree(out)
+    report = {"date": str(dt.date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
+              "stages": stages, "sizes_gib": sizes}
+    lines = [f"# Real-size export memory ({report['date']}, {report['machine']})", "",
+             "Random weights of the real Z-Image-Turbo configs (6.15B DiT, Qwen3-4B text encoder, Flux VAE). "
+             "Each stage runs in its own process; peak RSS from GNU time.", "",
+             "| stage | wall s | peak RSS GiB |", "|---|---|---|"]
+    lines += [f"| {k} | {v['seconds']} | {v['peak_rss_gib']} |" for k, v in stages.items()]
+    lines += ["", "| artifact | " + " | ".join(sizes["checkpoint"]) + " |", "|---|---|---|---|"]
+    lines += [f"| checkpoint (bf16 safetensors), GiB | " + " | ".join(str(v) for v in sizes["checkpoint"].values())
+              + " |"]
+    for precision in args.precisions.split(","):
+        lines += ["", f"ONNX ({precision}), GiB: " + ", ".join(f"{k} {v}" for k, v in sizes[precision].items())]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (args.work / "export_memory.md").write_text(text)
+    (args.work / "export_memory.json").write_text(json.dumps(report, indent=2) + "\n")
+    if not args.keep:
+        shutil.rmtree(ckpt)
+
+
+if __name__ == "__main__":
+    main()
