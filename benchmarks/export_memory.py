@@ -64,7 +64,7 @@ def main() -> None:
              "| stage | wall s | peak RSS GiB |", "|---|---|---|"]
     lines += [f"| {k} | {v['seconds']} | {v['peak_rss_gib']} |" for k, v in stages.items()]
     lines += ["", "| artifact | " + " | ".join(sizes["checkpoint"]) + " |", "|---|---|---|---|"]
-    lines += [f"| checkpoint (bf16 safetensors), GiB | " + " | ".join(str(v) for v in sizes["checkpoint"].values())
+    lines += ["| checkpoint (bf16 safetensors), GiB | " + " | ".join(str(v) for v in sizes["checkpoint"].values())
               + " |"]
     for precision in args.precisions.split(","):
         lines += ["", f"ONNX ({precision}), GiB: " + ", ".join(f"{k} {v}" for k, v in sizes[precision].items())]

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .cli import run_cli
+from .fsutil import atomic_dir
 
 REAL_DIT = dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
                 n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
@@ -91,9 +90,7 @@ def write_real_size(out: Path, dtype: str = "bf16", shard_gb: float = 2.0, seed:
 
     torch_dtype, shard_bytes = DTYPES[dtype], int(shard_gb * 2**30)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         with torch.device("meta"):
             transformer = ZImageTransformer2DModel(**{**REAL_DIT, **(dit or {})})
             text_config = Qwen3Config(**{**REAL_TEXT, **(text or {})})
@@ -119,11 +116,6 @@ def write_real_size(out: Path, dtype: str = "bf16", shard_gb: float = 2.0, seed:
             "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "transformer": ["diffusers",
                                                                                      "ZImageTransformer2DModel"],
             "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -7,14 +7,13 @@ random and non-trivial. Tests call `write_checkpoint` with other configs to get 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from .checkpoint import cache_dir
+from .fsutil import atomic_dir
 
 TINY_VERSION = 1  # bump when the tiny checkpoint's content changes
 
@@ -132,15 +131,8 @@ def write_checkpoint(out: Path, dit: dict | None = None, text: dict | None = Non
     else:
         pipe = ZImagePipeline(**parts)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

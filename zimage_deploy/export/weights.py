@@ -83,7 +83,6 @@ def attach_weights(model: onnx.ModelProto, io_names: set[str], source: Iterable[
         for node in model.graph.node:
             node.input[:] = [i[len(strip_prefix):] if i.startswith(strip_prefix) and i not in io_names else i
                              for i in node.input]
-    names = {p.name for p in initializers}
     kept = [i for i in model.graph.input if i.name in io_names]
     del model.graph.input[:]
     model.graph.input.extend(kept)
