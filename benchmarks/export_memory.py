@@ -1,5 +1,6 @@
 """Peak RSS and wall time of each real-size stage, each in its own process (so each peak is its own):
-write the random real-size checkpoint, then the memory-lean export of all Turbo components. Writes a Markdown
+write the random real-size checkpoint, the memory-lean export of all Turbo components, and the layer-by-layer
+weight-only INT4 / FP8 quantization of the DiT and text-encoder graphs. Writes a Markdown
 and a JSON report. A benchmark, not a test (it writes ~20 GB of checkpoint and ~20 GB of graphs per precision).
 
     .venv/bin/python benchmarks/export_memory.py --work /data/zimage-mem --precisions bf16 [--keep]
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--precisions", default="bf16", help="comma-separated: bf16, fp32")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and graphs")
+    ap.add_argument("--quantize", default="int4,fp8", help="weight-only schemes to apply to each export ('' none)")
     args = ap.parse_args()
     py = sys.executable
     ckpt, stages = args.work / "checkpoint", {}
@@ -53,6 +55,15 @@ def main() -> None:
              "--lean", "on", "--skip-parity", "--out", str(out)])
         manifest = json.loads((out / "manifest.json").read_text())
         sizes[precision] = {n: round(c["bytes"] / 2**30, 2) for n, c in manifest["components"].items()}
+        for scheme in args.quantize.split(",") if args.quantize else []:
+            for comp in ("transformer", "text_encoder"):
+                dst = args.work / f"{comp}-{precision}-{scheme}"
+                stages[f"weight-only {scheme} of {comp} ({precision} graph)"] = measured(
+                    [py, "-m", "zimage_deploy.quantize.weight_only", str(out / "onnx" / comp), str(dst),
+                     "--scheme", scheme])
+                sizes[f"{precision}+{scheme}"] = {**sizes.get(f"{precision}+{scheme}", {}),
+                                                  comp: round(du(dst) / 2**30, 2)}
+                shutil.rmtree(dst)
         if not args.keep:
             shutil.rmtree(out)
     report = {"date": str(dt.date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
@@ -66,8 +77,9 @@ def main() -> None:
     lines += ["", "| artifact | " + " | ".join(sizes["checkpoint"]) + " |", "|---|---|---|---|"]
     lines += ["| checkpoint (bf16 safetensors), GiB | " + " | ".join(str(v) for v in sizes["checkpoint"].values())
               + " |"]
-    for precision in args.precisions.split(","):
-        lines += ["", f"ONNX ({precision}), GiB: " + ", ".join(f"{k} {v}" for k, v in sizes[precision].items())]
+    for key, value in sizes.items():
+        if key != "checkpoint":
+            lines += ["", f"ONNX ({key}), GiB: " + ", ".join(f"{k} {v}" for k, v in value.items())]
     text = "\n".join(lines) + "\n"
     print(text)
     (args.work / "export_memory.md").write_text(text)

@@ -24,7 +24,7 @@ from . import manifest as manifest_io
 from .checkpoint import content_hash, read_config, resolve
 from .cli import run_cli
 from .errors import UserError
-from .export.onnx_export import OPSET, export_component, file_hash
+from .export.onnx_export import EXPORT_FORMAT, OPSET, export_component, file_hash
 from .engines.builder import EngineBuilder, sha256_file
 from .models.load import LOADER_OF, TEMPLATES, stream_weights
 from .engines.profiles import EngineOptions, profiles
@@ -67,7 +67,7 @@ def default_out(model: str, variant: str, target: str, precision: str) -> Path:
 
 
 def _component_key(model_sha: str, name: str, precision: str) -> str:
-    return hashlib.sha256(f"{model_sha}|{name}|{precision}|{OPSET}|{__version__}".encode()).hexdigest()
+    return hashlib.sha256(f"{model_sha}|{name}|{precision}|{OPSET}|{EXPORT_FORMAT}|{__version__}".encode()).hexdigest()
 
 
 def _copy_tree(src: Path, dst: Path) -> None:

@@ -17,6 +17,7 @@ from .specs import STATIC_DIMS, TRACE_DIMS, describe_io, specs_for
 from .stamp import stamp_layers
 from .weights import attach_weights, module_weights
 
+EXPORT_FORMAT = 2  # bump when the exported graphs change for the same inputs (keys of up-to-date checks)
 OPSET = 19  # FP8 Q/DQ (the quantization stage) needs >= 19; TorchScript exporter max is 20
 ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.BFLOAT16: "bfloat16",
                onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.FLOAT16: "float16"}

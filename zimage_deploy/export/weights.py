@@ -31,6 +31,54 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
+class ExternalWriter:
+    """Initializers built one at a time: raw bytes appended to one external data file (`external`) or kept
+    inline in the proto."""
+
+    def __init__(self, folder: Path, external: bool):
+        self.external, self.offset, self.bytes_written = external, 0, 0
+        self.file = open(Path(folder) / DATA_FILE, "wb") if external else None
+
+    def add(self, name: str, elem: int, dims: list[int], raw) -> TensorProto:
+        proto = TensorProto(name=name, data_type=elem, dims=dims)
+        n = len(raw) if isinstance(raw, (bytes, bytearray)) else raw.nbytes
+        if self.external:
+            self.file.write(raw)
+            proto.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", DATA_FILE), ("offset", str(self.offset)), ("length", str(n))):
+                entry = proto.external_data.add()
+                entry.key, entry.value = key, value
+            self.offset += n
+        else:
+            proto.raw_data = bytes(raw)
+        self.bytes_written += n
+        return proto
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def read_initializer(proto: TensorProto, folder: Path) -> tuple[bytes, torch.Tensor | None]:
+    """One initializer's raw bytes (from the external data file if it lives there) and, for float types, its
+    values as a torch tensor."""
+    if proto.data_location == TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in proto.external_data}
+        with open(Path(folder) / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            raw = f.read(int(info["length"]))
+    elif proto.raw_data:
+        raw = proto.raw_data
+    else:
+        raw = numpy_helper.to_array(proto).tobytes()
+    dims = list(proto.dims)
+    if proto.data_type == TensorProto.BFLOAT16:
+        return raw, torch.frombuffer(bytearray(raw), dtype=torch.int16).view(torch.bfloat16).reshape(dims)
+    if proto.data_type == TensorProto.FLOAT:
+        return raw, torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(dims)
+    return raw, None
+
+
 def param_inputs(model: onnx.ModelProto, io_names: set[str]) -> dict[str, onnx.ValueInfoProto]:
     """The graph inputs that are weights (every input not in the component's declared I/O)."""
     return {i.name: i for i in model.graph.input if i.name not in io_names}
@@ -48,9 +96,8 @@ def attach_weights(model: onnx.ModelProto, io_names: set[str], source: Iterable[
         for vi in wanted.values():
             dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
             total_bytes += int(np.prod(dims)) * (2 if vi.type.tensor_type.elem_type == TensorProto.BFLOAT16 else 4)
-    external = total_bytes > EXTERNAL_THRESHOLD
-    data = open(folder / DATA_FILE, "wb") if external else None
-    initializers, offset, written = [], 0, 0
+    writer = ExternalWriter(folder, external=total_bytes > EXTERNAL_THRESHOLD)
+    initializers = []
     try:
         for name, tensor in source:
             vi = wanted.pop(name, None)
@@ -60,23 +107,10 @@ def attach_weights(model: onnx.ModelProto, io_names: set[str], source: Iterable[
             dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
             if list(tensor.shape) != dims:
                 raise ValueError(f"weight {name}: checkpoint shape {list(tensor.shape)} != graph shape {dims}")
-            raw = _raw(tensor.to(TORCH_OF[elem]))
             short = name[len(strip_prefix):] if strip_prefix and name.startswith(strip_prefix) else name
-            proto = TensorProto(name=short, data_type=elem, dims=dims)
-            if external:
-                data.write(raw)
-                proto.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = proto.external_data.add()
-                    entry.key, entry.value = key, value
-                offset += len(raw)
-            else:
-                proto.raw_data = raw.tobytes()
-            initializers.append(proto)
-            written += len(raw)
+            initializers.append(writer.add(short, elem, dims, _raw(tensor.to(TORCH_OF[elem]))))
     finally:
-        if data is not None:
-            data.close()
+        writer.close()
     if wanted:
         raise ValueError(f"no weights for {len(wanted)} graph inputs, e.g. {sorted(wanted)[:5]}")
     if strip_prefix:
@@ -87,7 +121,8 @@ def attach_weights(model: onnx.ModelProto, io_names: set[str], source: Iterable[
     del model.graph.input[:]
     model.graph.input.extend(kept)
     model.graph.initializer.extend(initializers)
-    return {"initializers": len(initializers), "weight_bytes": written, "external_data": external}
+    return {"initializers": len(initializers), "weight_bytes": writer.bytes_written,
+            "external_data": writer.external}
 
 
 def module_weights(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
