@@ -31,6 +31,44 @@ def measured(cmd: list[str]) -> dict:
     return {"seconds": round(seconds, 1), "peak_rss_gib": round(peak_kb / 2**20, 2)}
 
 
+def structure_check(ckpt: Path, out: Path, manifest: dict) -> dict:
+    """Real-size graphs against the checkpoint without loading weights: checker on the path, every weight
+    once under its name with the right byte count (shapes from safetensors headers), dynamic dims as
+    declared in the manifest."""
+    import numpy as np
+    import onnx
+    import torch
+    from safetensors import safe_open
+
+    from zimage_deploy.models.dit import iter_fused
+    from zimage_deploy.models.text_encoder import TextEncoderConfig, iter_converted
+
+    def shapes(folder):
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for k in f.keys():
+                    yield k, torch.empty(f.get_slice(k).get_shape(), device="meta")
+
+    cfg = TextEncoderConfig.from_transformers(json.loads((ckpt / "text_encoder" / "config.json").read_text()))
+    expected = {"dit": {k: v.numel() for k, v in iter_fused(shapes(ckpt / "transformer"))},
+                "text": {k: v.numel() for k, v in iter_converted(shapes(ckpt / "text_encoder"), cfg.used_layers)}}
+    result, got = {}, {"dit": {}, "text": {}}
+    for comp, group in (("transformer", "dit"), ("context_refiner", "dit"), ("text_encoder", "text")):
+        path = out / manifest["components"][comp]["onnx"]
+        onnx.checker.check_model(str(path))
+        graph = onnx.load(str(path), load_external_data=False).graph
+        for t in graph.initializer:
+            got[group][t.name] = int(np.prod(t.dims))
+        dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+        declared = {io["name"]: io["dims"] for io in manifest["components"][comp]["inputs"]}
+        result[f"{comp} dims as declared"] = dims == declared
+    for group in ("dit", "text"):
+        result[f"{group} weights: names match checkpoint"] = set(got[group]) == set(expected[group])
+        result[f"{group} weights: element counts match"] = got[group] == expected[group]
+        result[f"{group} weights: count"] = len(got[group])
+    return result
+
+
 def du(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**30
 
@@ -43,7 +81,7 @@ def main() -> None:
     ap.add_argument("--quantize", default="int4,fp8", help="weight-only schemes to apply to each export ('' none)")
     args = ap.parse_args()
     py = sys.executable
-    ckpt, stages = args.work / "checkpoint", {}
+    ckpt, stages, checks = args.work / "checkpoint", {}, {}
     args.work.mkdir(parents=True, exist_ok=True)
     if not (ckpt / "model_index.json").is_file():
         stages["write checkpoint (bf16)"] = measured([py, "-m", "zimage_deploy.realsize", "--out", str(ckpt)])
@@ -55,6 +93,7 @@ def main() -> None:
              "--lean", "on", "--skip-parity", "--out", str(out)])
         manifest = json.loads((out / "manifest.json").read_text())
         sizes[precision] = {n: round(c["bytes"] / 2**30, 2) for n, c in manifest["components"].items()}
+        checks[precision] = structure_check(ckpt, out, manifest)
         for scheme in args.quantize.split(",") if args.quantize else []:
             for comp in ("transformer", "text_encoder"):
                 dst = args.work / f"{comp}-{precision}-{scheme}"
@@ -62,13 +101,13 @@ def main() -> None:
                     [py, "-m", "zimage_deploy.quantize.weight_only", str(out / "onnx" / comp), str(dst),
                      "--scheme", scheme])
                 sizes[f"{precision}+{scheme}"] = {**sizes.get(f"{precision}+{scheme}", {}),
-                                                  comp: round(du(dst) / 2**30, 2)}
+                                                  comp: round(du(dst), 2)}
                 shutil.rmtree(dst)
         if not args.keep:
             shutil.rmtree(out)
     report = {"date": str(dt.date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
               f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
-              "stages": stages, "sizes_gib": sizes}
+              "stages": stages, "sizes_gib": sizes, "structure_checks": checks}
     lines = [f"# Real-size export memory ({report['date']}, {report['machine']})", "",
              "Random weights of the real Z-Image-Turbo configs (6.15B DiT, Qwen3-4B text encoder, Flux VAE). "
              "Each stage runs in its own process; peak RSS from GNU time.", "",
@@ -80,6 +119,8 @@ def main() -> None:
     for key, value in sizes.items():
         if key != "checkpoint":
             lines += ["", f"ONNX ({key}), GiB: " + ", ".join(f"{k} {v}" for k, v in value.items())]
+    for precision, c in checks.items():
+        lines += ["", f"Structure ({precision}): " + "; ".join(f"{k}: {v}" for k, v in c.items())]
     text = "\n".join(lines) + "\n"
     print(text)
     (args.work / "export_memory.md").write_text(text)

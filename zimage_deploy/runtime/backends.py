@@ -92,6 +92,7 @@ class TorchBackend(Backend):
         self.compile, self.fp8 = compile, fp8
         self.device = torch.device(device)
         self.models: dict[str, torch.nn.Module] = {}
+        self.ckpt = None
         if modules is not None:
             for key, model in modules.items():
                 self.models[key] = self._accelerate(key, model)
@@ -124,6 +125,8 @@ class TorchBackend(Backend):
         key = LOADER_OF.get(component, component)
         with self._lock:
             if key not in self.models:
+                if self.ckpt is None:
+                    raise UserError(f"no module for {component} was given to this torch backend")
                 dtype = DTYPES[self.components[component]["compute_dtype"]]
                 self.models[key] = self._accelerate(key, LOADERS[key](self.ckpt, dtype).to(self.device))
             if component not in self.wrappers:
