@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--strength", type=float, default=None, help="img2img / inpaint strength in (0, 1] (0.6)")
     ap.add_argument("--mask", type=Path, default=None, help="inpainting mask, white = repaint (needs --image)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS)
+    ap.add_argument("--low-vram", action="store_true", help="TensorRT: keep one engine in GPU memory at a time")
     ap.add_argument("--output", type=Path, required=True)
     args = ap.parse_args(argv)
 
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     images = [open_image(p) for p in args.image or []]
     mask = open_image(args.mask) if args.mask else None
     t0 = time.perf_counter()
-    pipe = open_pipeline(args.engine_dir, backend=args.backend, cfg_mode=args.cfg_mode)
+    pipe = open_pipeline(args.engine_dir, backend=args.backend, cfg_mode=args.cfg_mode, low_vram=args.low_vram)
     if not images:
         pipe.check_size(args.height or pipe.defaults["height"], args.width or pipe.defaults["width"])
     t1 = time.perf_counter()

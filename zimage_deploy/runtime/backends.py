@@ -142,9 +142,10 @@ class TorchBackend(Backend):
         return {s["name"]: o.to(DTYPES[s["dtype"]]) for s, o in zip(specs, outs)}
 
 
-def make_backend(name: str, engine_dir: Path, manifest: dict) -> Backend:
+def make_backend(name: str, engine_dir: Path, manifest: dict, low_vram: bool = False) -> Backend:
     """`auto`: TensorRT when the build has engines and a CUDA GPU is visible; otherwise ONNX Runtime for
-    float32 builds and Torch for BF16 builds (ONNX Runtime has no BF16 CPU kernels)."""
+    float32 builds and Torch for BF16 builds (ONNX Runtime has no BF16 CPU kernels). `low_vram` (TensorRT):
+    keep one engine resident at a time."""
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
     if name == "auto":
@@ -158,5 +159,5 @@ def make_backend(name: str, engine_dir: Path, manifest: dict) -> Backend:
     if name == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(engine_dir, manifest)
+        return TensorRTBackend(engine_dir, manifest, low_vram=low_vram)
     return OnnxRuntimeBackend(engine_dir, manifest) if name == "onnxruntime" else TorchBackend(engine_dir, manifest)

@@ -74,7 +74,8 @@ class Pipeline:
     variants = ("turbo", "base")
     required = REQUIRED
 
-    def __init__(self, engine_dir: str | Path, backend: str | Backend = "auto", cfg_mode: str = "batch"):
+    def __init__(self, engine_dir: str | Path, backend: str | Backend = "auto", cfg_mode: str = "batch",
+                 low_vram: bool = False):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest_io.load(self.engine_dir)
         if self.manifest["variant"] not in self.variants:
@@ -87,7 +88,7 @@ class Pipeline:
             raise UserError(f"cfg_mode must be one of {CFG_MODES}")
         self.cfg_mode = cfg_mode
         self.backend = backend if isinstance(backend, Backend) else make_backend(backend, self.engine_dir,
-                                                                                  self.manifest)
+                                                                                  self.manifest, low_vram)
         self.tokenizer = PromptTokenizer(self.engine_dir / "tokenizer",
                                          self.manifest["defaults"]["max_sequence_length"])
         sched = json.loads((self.engine_dir / "scheduler" / "scheduler_config.json").read_text())
@@ -248,10 +249,11 @@ class Pipeline:
         return images if output == "pt" else to_pil(images)
 
 
-def open_pipeline(engine_dir: str | Path, backend: str | Backend = "auto", cfg_mode: str = "batch") -> Pipeline:
+def open_pipeline(engine_dir: str | Path, backend: str | Backend = "auto", cfg_mode: str = "batch",
+                  low_vram: bool = False) -> Pipeline:
     """The pipeline for the variant the build in `engine_dir` holds."""
     if manifest_io.load(Path(engine_dir))["variant"] == "edit":
         from .edit import EditPipeline
 
-        return EditPipeline(engine_dir, backend, cfg_mode)
-    return Pipeline(engine_dir, backend, cfg_mode)
+        return EditPipeline(engine_dir, backend, cfg_mode, low_vram)
+    return Pipeline(engine_dir, backend, cfg_mode, low_vram)
