@@ -24,6 +24,7 @@ from . import manifest as manifest_io
 from .checkpoint import content_hash, read_config, resolve
 from .cli import run_cli
 from .errors import UserError
+from .fsutil import atomic_dir
 from .export.onnx_export import EXPORT_FORMAT, OPSET, export_component, file_hash
 from .engines.builder import EngineBuilder, sha256_file
 from .models.load import LOADER_OF, TEMPLATES, stream_weights
@@ -71,11 +72,8 @@ def _component_key(model_sha: str, name: str, precision: str) -> str:
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def build(model: str, variant: str, target: str, precision: str, out: Path | None = None,

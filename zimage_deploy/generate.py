@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from .cli import run_cli
+from .fsutil import atomic_file
 from .errors import UserError
 from .runtime.backends import BACKENDS
 
@@ -24,16 +23,8 @@ def check_output(output: Path) -> None:
 def write_image(image, output: Path) -> None:
     """Save atomically: a failed save leaves no partial file at `output`."""
     check_output(output)
-    ext = output.suffix.lower()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=ext, dir=output.parent)
-    os.close(fd)
-    try:
+    with atomic_file(output, suffix=output.suffix.lower()) as tmp:
         image.save(tmp)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def main(argv=None) -> int:

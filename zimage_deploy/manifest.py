@@ -4,11 +4,10 @@ Written atomically (temp file + rename) after every stage, so a reader never see
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .fsutil import atomic_file
 
 SCHEMA = 1
 NAME = "manifest.json"
@@ -28,13 +27,8 @@ def load(engine_dir: Path) -> dict:
 
 
 def save(engine_dir: Path, manifest: dict) -> None:
-    engine_dir = Path(engine_dir)
-    engine_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=engine_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, engine_dir / NAME)
+    with atomic_file(Path(engine_dir) / NAME) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def complete_components(manifest: dict) -> list[str]:

@@ -5,14 +5,13 @@ the manifest. Written into a temp folder and renamed when complete."""
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
 import torch
 
+from ..fsutil import atomic_dir
 from .specs import STATIC_DIMS, TRACE_DIMS, describe_io, specs_for
 from .stamp import stamp_layers
 from .weights import attach_weights, module_weights
@@ -51,9 +50,7 @@ def export_component(name: str, model: torch.nn.Module, facts: dict, compute: to
         if axes:
             dynamic_axes[io.name] = axes
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=out_dir))
-    try:
+    with atomic_dir(out_dir / name) as tmp:
         path = tmp / "model.onnx"
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer notices
@@ -83,13 +80,7 @@ def export_component(name: str, model: torch.nn.Module, facts: dict, compute: to
             "bytes": sum(p.stat().st_size for p in tmp.iterdir()),
             "onnx_sha256": file_hash(tmp),
         }
-        final = out_dir / name
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        return entry
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return entry
 
 
 def _checked_io(spec, graph, facts, compute) -> dict:
