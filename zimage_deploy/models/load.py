@@ -10,7 +10,7 @@ from torch import nn
 from ..checkpoint import iter_tensors, read_config
 from ..errors import UserError
 from .dit import DiTConfig, TimestepEmbedder, ZImageDiT, fuse_state_dict, iter_fused
-from .layers import FP32LayerNorm, swap_norms, to_compute_dtype
+from .layers import FP32LayerNorm, RMSNorm, swap_norms, to_compute_dtype
 from .text_encoder import TextEncoder, TextEncoderConfig, convert_transformers_items, iter_converted
 from .vae import VAEDecoder, VAEEncoder
 
@@ -137,7 +137,7 @@ def dit_template(ckpt: Path, dtype: torch.dtype = torch.float32) -> tuple[ZImage
     model = _uninitialized(ZImageDiT, replace(cfg, n_layers=min(TEMPLATE_LAYERS, cfg.n_layers)), dtype)
     _restore_buffers(model, model.cfg)
     for m in model.modules():  # the precision rule: these stay float32 in every build
-        if isinstance(m, (TimestepEmbedder,)) or type(m).__name__ == "RMSNorm" or isinstance(m, nn.LayerNorm):
+        if isinstance(m, (TimestepEmbedder, RMSNorm, nn.LayerNorm)):
             m.float()
     return model.eval().requires_grad_(False), cfg.n_layers
 
@@ -151,7 +151,7 @@ def text_encoder_template(ckpt: Path, dtype: torch.dtype = torch.float32) -> tup
     d = cfg.head_dim
     model.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     for m in model.modules():
-        if type(m).__name__ == "RMSNorm":
+        if isinstance(m, RMSNorm):
             m.float()
     return model.eval().requires_grad_(False), cfg.used_layers
 
