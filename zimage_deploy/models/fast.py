@@ -56,6 +56,10 @@ def fp8_blocks(model: ZImageDiT) -> int:
 def compile_blocks(model: nn.Module, mode: str | None = "reduce-overhead") -> int:
     """Regional compilation: compile each transformer block in place (same code, so one compile serves
     all); returns the number of blocks compiled."""
+    import torch._dynamo
+
+    # parameters become graph inputs, so the 30 identical blocks share one compiled graph (no recompiles)
+    torch._dynamo.config.inline_inbuilt_nn_modules = True
     count = 0
     for module in model.modules():
         if isinstance(module, Block):
