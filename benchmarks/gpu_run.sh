@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one script a lent H100/H200 runs (device tool, with `carry: [".whl"]`): install the carried wheels the
+# The one script a lent H100/H200 runs (device tool, with `carry: [".whl"]`; benchmarks/fetch_gpu_wheels.sh
+# fetches them here first): install the carried wheels the
 # machine lacks (diffusers and its two missing needs), then the real-size benchmark. Full output under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1
