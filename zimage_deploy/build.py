@@ -80,8 +80,6 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
           parity: bool = True, engine_opts: EngineOptions | None = None, log=tqdm.write,
           lean: str = "auto") -> Path:
     v, t = get_variant(variant), get_target(target)
-    if not v.implemented:
-        raise UserError(f"variant {variant!r} is not supported yet: {v.not_implemented_reason}")
     t.check_precision(precision)
     if precision in QUANTIZED:
         raise UserError(f"precision {precision!r} needs the quantize stage, which is not available yet "

@@ -18,8 +18,6 @@ class Variant:
     max_side: int
     components: tuple[str, ...]
     uses_cfg: bool
-    implemented: bool = True
-    not_implemented_reason: str = ""
 
 
 # Components, in pipeline order. "context_refiner" is the prompt-only part of the DiT

@@ -31,13 +31,19 @@ class ComponentSpec:
     sample: Callable[[dict, dict[str, int]], tuple]  # (model facts, dim sizes) -> input tensors
 
 
-class _Context(nn.Module):
-    def __init__(self, dit):
-        super().__init__()
-        self.dit = dit
+class _DiTMethod(nn.Module):
+    """Exports one method of the DiT (the prompt-only part, the SigLIP refiner, the Omni step) as a graph."""
 
-    def forward(self, cap_feats, cap_lens):
-        return self.dit.context(cap_feats, cap_lens)
+    def __init__(self, dit, method: str):
+        super().__init__()
+        self.dit, self.method = dit, method
+
+    def forward(self, *inputs):
+        return getattr(self.dit, self.method)(*inputs)
+
+
+def _dit_method(method: str):
+    return lambda dit: _DiTMethod(dit, method)
 
 
 STATIC_DIMS = ("text_hidden", "cap_feat_dim", "dim", "latent_channels", "siglip_feat_dim", "patch_dim",
@@ -112,7 +118,7 @@ SPECS: dict[str, ComponentSpec] = {
         "context_refiner",
         inputs=(IO("cap_feats", "compute", ("batch", "cap_len", "cap_feat_dim")), IO("cap_lens", "int64", ("batch",))),
         outputs=(IO("cap_states", "compute", ("batch", "cap_len", "dim")),),
-        wrap=_Context,
+        wrap=_dit_method("context"),
         sample=_sample_context,
     ),
     "transformer": ComponentSpec(
@@ -143,33 +149,6 @@ SPECS: dict[str, ComponentSpec] = {
         sample=lambda facts, d, dtype: _sample_image(facts, d),
     ),
 }
-
-class _ContextOmni(nn.Module):
-    def __init__(self, dit):
-        super().__init__()
-        self.dit = dit
-
-    def forward(self, cap_feats, cap_pad, cap_pos, cap_valid):
-        return self.dit.context_omni(cap_feats, cap_pad, cap_pos, cap_valid)
-
-
-class _SiglipRefiner(nn.Module):
-    def __init__(self, dit):
-        super().__init__()
-        self.dit = dit
-
-    def forward(self, sig_feats, sig_pad, sig_pos, sig_valid):
-        return self.dit.siglip(sig_feats, sig_pad, sig_pos, sig_valid)
-
-
-class _TransformerOmni(nn.Module):
-    def __init__(self, dit):
-        super().__init__()
-        self.dit = dit
-
-    def forward(self, *inputs):
-        return self.dit.forward_omni(*inputs)
-
 
 class _VisionEncoder(nn.Module):
     def __init__(self, model):
@@ -234,14 +213,14 @@ OMNI_SPECS: dict[str, ComponentSpec] = {
         inputs=(IO("cap_feats", "compute", _CAP + ("cap_feat_dim",)), IO("cap_pad", "int64", _CAP),
                 IO("cap_pos", "int64", _CAP + (3,)), IO("cap_valid", "int64", _CAP)),
         outputs=(IO("cap_states", "compute", _CAP + ("dim",)),),
-        wrap=_ContextOmni, sample=_sample_context_omni,
+        wrap=_dit_method("context_omni"), sample=_sample_context_omni,
     ),
     "siglip_refiner": ComponentSpec(
         "siglip_refiner",
         inputs=(IO("sig_feats", "compute", _SIG + ("siglip_feat_dim",)), IO("sig_pad", "int64", _SIG),
                 IO("sig_pos", "int64", _SIG + (3,)), IO("sig_valid", "int64", _SIG)),
         outputs=(IO("sig_states", "compute", _SIG + ("dim",)),),
-        wrap=_SiglipRefiner, sample=_sample_siglip,
+        wrap=_dit_method("siglip"), sample=_sample_siglip,
     ),
     "transformer": ComponentSpec(
         "transformer",
@@ -256,7 +235,7 @@ OMNI_SPECS: dict[str, ComponentSpec] = {
             IO("sig_valid", "int64", _SIG), IO("sig_noise", "int64", _SIG),
         ),
         outputs=(IO("noise_pred", "float32", ("batch", "latent_channels", "latent_h", "latent_w")),),
-        wrap=_TransformerOmni, sample=_sample_transformer_omni,
+        wrap=_dit_method("forward_omni"), sample=_sample_transformer_omni,
     ),
     "vision_encoder": ComponentSpec(
         "vision_encoder",
