@@ -69,6 +69,17 @@ def structure_check(ckpt: Path, out: Path, manifest: dict) -> dict:
     return result
 
 
+def machine() -> str:
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.machine()}, {os.cpu_count()} cores, {ram:.0f} GiB RAM"
+
+
+def stage_table(title: str, intro: str, stages: dict) -> list[str]:
+    """Markdown: a title, a paragraph, and one row per measured stage."""
+    lines = [f"# {title}", "", intro, "", "| stage | wall s | peak RSS GiB |", "|---|---|---|"]
+    return lines + [f"| {k} | {v['seconds']} | {v['peak_rss_gib']} |" for k, v in stages.items()]
+
+
 def du(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**30
 
@@ -97,22 +108,19 @@ def main() -> None:
         for scheme in args.quantize.split(",") if args.quantize else []:
             for comp in ("transformer", "text_encoder"):
                 dst = args.work / f"{comp}-{precision}-{scheme}"
-                stages[f"weight-only {scheme} of {comp} ({precision} graph)"] = measured(
-                    [py, "-m", "zimage_deploy.quantize.weight_only", str(out / "onnx" / comp), str(dst),
+                stages[f"round-to-nearest {scheme} of {comp} ({precision} graph)"] = measured(
+                    [py, "-m", "zimage_deploy.quantize.qdq", str(out / "onnx" / comp), str(dst),
                      "--scheme", scheme])
                 sizes[f"{precision}+{scheme}"] = {**sizes.get(f"{precision}+{scheme}", {}),
                                                   comp: round(du(dst), 2)}
                 shutil.rmtree(dst)
         if not args.keep:
             shutil.rmtree(out)
-    report = {"date": str(dt.date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
-              "stages": stages, "sizes_gib": sizes, "structure_checks": checks}
-    lines = [f"# Real-size export memory ({report['date']}, {report['machine']})", "",
-             "Random weights of the real Z-Image-Turbo configs (6.15B DiT, Qwen3-4B text encoder, Flux VAE). "
-             "Each stage runs in its own process; peak RSS from GNU time.", "",
-             "| stage | wall s | peak RSS GiB |", "|---|---|---|"]
-    lines += [f"| {k} | {v['seconds']} | {v['peak_rss_gib']} |" for k, v in stages.items()]
+    report = {"date": str(dt.date.today()), "machine": machine(), "stages": stages, "sizes_gib": sizes,
+              "structure_checks": checks}
+    lines = stage_table(f"Real-size export memory ({report['date']}, {report['machine']})",
+                        "Random weights of the real Z-Image-Turbo configs (6.15B DiT, Qwen3-4B text encoder, "
+                        "Flux VAE). Each stage runs in its own process; peak RSS from GNU time.", stages)
     lines += ["", "| artifact | " + " | ".join(sizes["checkpoint"]) + " |", "|---|---|---|---|"]
     lines += ["| checkpoint (bf16 safetensors), GiB | " + " | ".join(str(v) for v in sizes["checkpoint"].values())
               + " |"]

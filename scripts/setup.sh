@@ -8,4 +8,4 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 # TensorRT-RTX builds RTX engines ahead of time without a GPU, so CI builds real engines
-.venv/bin/python -m pip install -q -e ".[test,tensorrt-rtx,serve,ray,bench]"
+.venv/bin/python -m pip install -q -e ".[test,tensorrt-rtx,serve,ray,bench,quantize]"

@@ -75,7 +75,10 @@ def test_unknown_target_or_precision(argv, message, tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--target", "cpu", "--precision", "nvfp4"], "not supported on target 'cpu'"),
-    (["--target", "rtx4090", "--precision", "fp8"], "needs the quantize stage"),
+    (["--target", "rtx4090", "--precision", "fp8", "--calib-size", "0"], "--calib-size must be >= 1"),
+    (["--precision", "int4", "--calib-size", "1000"], "holds only 72 prompts"),
+    (["--target", "cpu", "--precision", "fp8", "--text-encoder-precision", "int4", "--int4-block", "24"],
+     "multiple of 16"),
     (["--variant", "edit"], "missing: siglip/config.json"),
 ])
 def test_unsupported_combinations(argv, message, tmp_path, capsys):

@@ -30,7 +30,9 @@ from .engines.builder import EngineBuilder, sha256_file
 from .models.load import LOADER_OF, TEMPLATES, stream_weights
 from .engines.profiles import EngineOptions, profiles
 from .export.specs import CHECK_DIMS, DTYPES, specs_for
-from .targets import PRECISION_PLANS, PRECISIONS, QUANTIZED, TARGETS, get_target
+from .quantize.options import DEFAULT_EXCLUDE, INT4_METHODS, QuantOptions
+from .targets import (PRECISIONS, QUANTIZED, TARGETS, TEXT_ENCODER_PRECISIONS, base_precision, get_target,
+                      precision_plan)
 from .variants import VARIANTS, get_variant
 
 COMPUTE = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -78,17 +80,30 @@ def _copy_tree(src: Path, dst: Path) -> None:
 
 def build(model: str, variant: str, target: str, precision: str, out: Path | None = None,
           parity: bool = True, engine_opts: EngineOptions | None = None, log=tqdm.write,
-          lean: str = "auto") -> Path:
+          lean: str = "auto", quant: QuantOptions | None = None, text_encoder_precision: str | None = None,
+          engines: bool = True) -> Path:
+    """`quant`: how quantized precisions are made (calibration, exclusions, quality gate); `text_encoder_precision`
+    overrides the text encoder's ("bf16" = not quantized); `engines=False` stops after the graphs (engines are
+    then built by running the same build again where the target's TensorRT is)."""
+    from .quantize.options import load_prompts
+    from .quantize.stage import check_supported, needs_data, quantize_stage
+
     v, t = get_variant(variant), get_target(target)
     t.check_precision(precision)
-    if precision in QUANTIZED:
-        raise UserError(f"precision {precision!r} needs the quantize stage, which is not available yet "
-                        "(quantization issue #4); use fp32 or bf16")
+    if text_encoder_precision not in (None, *TEXT_ENCODER_PRECISIONS):
+        raise UserError(f"text encoder precision must be one of {TEXT_ENCODER_PRECISIONS}")
+    if text_encoder_precision in QUANTIZED and text_encoder_precision not in t.precisions:
+        raise UserError(f"target {target!r} does not run {text_encoder_precision}")
+    plan = precision_plan(precision, t.base, text_encoder_precision)
+    check_supported(plan, variant, v.components)  # before anything is written
+    quant = quant or QuantOptions()
+    if any(needs_data(p, quant) for p in plan.values()):
+        load_prompts(quant.calib_prompts, quant.calib_size)  # an unusable prompt file stops the build here
     out = Path(out) if out else default_out(model, variant, target, precision)
     started = time.perf_counter()
     engine_opts = engine_opts or EngineOptions()
     # fail before writing anything when the target's TensorRT is missing
-    engine_builder = EngineBuilder(t, engine_opts) if t.flavour != "none" else None
+    engine_builder = EngineBuilder(t, engine_opts) if t.flavour != "none" and engines else None
 
     # -- stage 1: checkpoint --------------------------------------------------------------------------
     ckpt = resolve(model, variant)
@@ -97,7 +112,6 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
     engine_shapes = profiles(v, facts, engine_opts) if engine_builder else None
     sha = content_hash(ckpt)
     previous = _previous_manifest(out)
-    plan = PRECISION_PLANS[precision]
     small = facts["dim"] < 1024  # the embedded tiny model and other test checkpoints
     side = 256 if small else 1024
     manifest = {
@@ -109,6 +123,7 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
         "target": target,
         "precision": precision,
         "model": {"source": model, "path": str(ckpt), "sha256": sha, "facts": facts},
+        "plan": {c: plan[c] for c in v.components},
         "defaults": {
             "steps": v.default_steps, "guidance_scale": v.default_guidance, "height": side, "width": side,
             "resolution_multiple": facts["vae_scale_factor"] * facts["patch_size"], "max_sequence_length": 512,
@@ -117,7 +132,7 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
             "flavour": t.flavour, "version": engine_builder.version if engine_builder else None,
             "compute_capability": list(t.compute_capability or []) or None, "options": engine_opts.as_dict(),
         },
-        "components": _up_to_date(previous, out, sha, plan, v.components),
+        "components": _up_to_date(previous, out, sha, plan, v.components, t.base),
         "stages": {},
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -136,11 +151,12 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
     bar = tqdm(v.components, desc="export", unit="graph", leave=False)
     for name in bar:
         bar.set_postfix_str(name)
-        key = _component_key(sha, name, plan[name])
+        exported = base_precision(plan[name], t.base)
+        key = _component_key(sha, name, exported)
         if name in manifest["components"]:
             log(f"[export] {name}: up to date, skipped")
             continue
-        compute = COMPUTE[plan[name]]
+        compute = COMPUTE[exported]
         if lean and LOADER_OF.get(name, name) in TEMPLATES:
             key_ = LOADER_OF.get(name, name)
             template, depth = _load_template(key_, ckpt, compute, loaded)
@@ -153,19 +169,24 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
             later = {LOADER_OF.get(n, n) for n in v.components[v.components.index(name) + 1:]}
             for k in [k for k in loaded if k[0] not in later]:
                 del loaded[k]
-        entry.update(key=key, precision=plan[name], engine=None, status="complete")
+        entry.update(key=key, precision=exported, engine=None, status="complete")
         manifest["components"][name] = entry
         manifest_io.save(out, manifest)
         log(f"[export] {name}: {entry['onnx']} ({entry['bytes'] / 1e6:.1f} MB, opset {OPSET})")
     manifest["stages"]["export"] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
 
-    # -- stage 3: quantize (later issue) -------------------------------------------------------------
-    manifest["stages"]["quantize"] = {"status": "skipped", "reason": f"precision {precision} needs no quantization"}
-    log(f"[quantize] skipped: {manifest['stages']['quantize']['reason']}")
+    # -- stage 3: quantize -------------------------------------------------------------------------------
+    if any(p in QUANTIZED for p in plan.values()):
+        manifest["quantize_options"] = quant.as_dict()
+    manifest["stages"]["quantize"] = quantize_stage(out, manifest, v, plan, quant, ckpt, log)
+    manifest_io.save(out, manifest)
+    if manifest["stages"]["quantize"]["status"] == "skipped":
+        log(f"[quantize] skipped: {manifest['stages']['quantize']['reason']}")
 
     # -- stage 4: engines -------------------------------------------------------------------------------
     if engine_builder is None:
-        reason = "target cpu runs the ONNX graphs with ONNX Runtime (or the Torch backend)"
+        reason = ("target cpu runs the ONNX graphs with ONNX Runtime (or the Torch backend)" if t.flavour == "none"
+                  else "--skip-engines: run the build again without it where the target's TensorRT is installed")
         manifest["stages"]["engines"] = {"status": "skipped", "reason": reason}
         log(f"[engines] skipped: {reason}")
     else:
@@ -182,8 +203,9 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
         t0 = time.perf_counter()
         for name in v.components:
             entry = manifest["components"][name]
-            if "parity" not in entry:
-                entry["parity"] = _parity(name, entry, out, ckpt, loaded, facts, variant)
+            if "parity" not in entry:  # of the export; quantization is measured by the quality gate
+                entry["parity"] = _parity(name, entry.get("unquantized", entry) | {"compute_dtype": entry[
+                    "compute_dtype"]}, out, ckpt, loaded, facts, variant)
             log(f"[parity] {name}: {_fmt_parity(entry['parity'])}")
         manifest["stages"]["parity"] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
     else:
@@ -236,15 +258,22 @@ def _use_lean(lean: str, ckpt: Path) -> bool:
     return size > LEAN_AUTO_BYTES
 
 
-def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names) -> dict:
-    """Components of a previous build in `out` that were built from the same inputs and are intact."""
+def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names, base: str) -> dict:
+    """Components of a previous build in `out` whose exported graph was made from the same inputs and is intact
+    (a quantized component keeps its quantized graph only if the quantize stage finds it up to date too)."""
     kept = {}
     for name in names:
         old = previous.get("components", {}).get(name, {})
+        exported = old.get("unquantized", old)
         folder = out / "onnx" / name
-        if old.get("key") == _component_key(sha, name, plan[name]) and old.get("status") == "complete" \
-                and folder.is_dir() and file_hash(folder) == old.get("onnx_sha256"):
-            kept[name] = old
+        if old.get("key") == _component_key(sha, name, base_precision(plan[name], base)) \
+                and old.get("status") in ("complete", "rejected") \
+                and folder.is_dir() and file_hash(folder) == exported.get("onnx_sha256"):
+            if plan[name] in QUANTIZED:
+                kept[name] = old
+            else:  # no longer quantized: back to the exported graph
+                kept[name] = {k: v for k, v in {**old, **exported}.items() if k not in ("unquantized", "quantization")}
+            kept[name]["status"] = "complete" if plan[name] not in QUANTIZED else old["status"]
     return kept
 
 
@@ -328,7 +357,34 @@ def main(argv=None) -> int:
     ap.add_argument("--lean", default="auto", choices=("auto", "on", "off"),
                     help="memory-lean export: trace two-layer templates, stream weights from the checkpoint "
                          "(auto: when the DiT and text encoder exceed 4 GiB)")
+    q = ap.add_argument_group("quantization (--precision fp8 / int4; nvfp4 needs a GPU)")
+    q.add_argument("--text-encoder-precision", default=None, choices=TEXT_ENCODER_PRECISIONS,
+                   help="text encoder precision (default: int4 with --precision int4, else not quantized; "
+                        "bf16 = not quantized, float32 on the cpu target)")
+    q.add_argument("--calib-prompts", type=Path, default=None,
+                   help="calibration prompts, one per line (default: the 72 EN/ZH prompts shipped)")
+    q.add_argument("--calib-size", type=int, default=None, help="number of calibration prompts (default: all)")
+    q.add_argument("--calib-side", type=int, default=None,
+                   help="image side calibrated at (default: the build's default size)")
+    q.add_argument("--calib-steps", type=int, default=None,
+                   help="sampling steps per calibration prompt (default: the variant's, e.g. 8 for Turbo)")
+    q.add_argument("--int4-method", default="awq", choices=INT4_METHODS,
+                   help="awq: activation-aware scales (modelopt awq_lite); rtn: round to nearest, no calibration")
+    q.add_argument("--int4-block", type=int, default=None,
+                   help="INT4 block size (default 128; 32 for small test checkpoints)")
+    q.add_argument("--quant-exclude", default=",".join(DEFAULT_EXCLUDE), metavar="NAMES",
+                   help="comma-separated module-name substrings kept in high precision (default: %(default)s)")
+    q.add_argument("--fp8-attention", action="store_true",
+                   help="FP8: quantize the DiT's attention BMMs too (q, k, v and the softmax output)")
+    q.add_argument("--no-quality-gate", action="store_true", help="do not compare with the unquantized graphs")
+    q.add_argument("--gate-prompts", type=int, default=3, help="prompts the quality gate runs (default 3)")
+    q.add_argument("--min-psnr", type=float, default=QuantOptions.min_psnr,
+                   help="quality gate: least image PSNR in dB vs unquantized (default %(default)s)")
+    q.add_argument("--min-cosine", type=float, default=QuantOptions.min_cosine,
+                   help="quality gate: least final-latent cosine vs unquantized (default %(default)s)")
     eng = ap.add_argument_group("engines (GPU targets)")
+    eng.add_argument("--skip-engines", action="store_true",
+                     help="stop after the (quantized) graphs; a later build into the same --out adds the engines")
     eng.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimisation level")
     eng.add_argument("--max-batch", type=int, default=4, help="largest batch the engines accept (default 4)")
     eng.add_argument("--min-side", type=int, default=None, help="smallest image side in pixels")
@@ -346,8 +402,15 @@ def main(argv=None) -> int:
                          max_side=args.max_side, opt_side=args.opt_side, static=args.static,
                          static_batch=args.static_batch, refittable=args.refittable,
                          weight_streaming=args.weight_streaming)
+    quant = QuantOptions(calib_prompts=args.calib_prompts, calib_size=args.calib_size, calib_side=args.calib_side,
+                         calib_steps=args.calib_steps,
+                         int4_method=args.int4_method, int4_block=args.int4_block, fp8_attention=args.fp8_attention,
+                         exclude=tuple(e.strip() for e in args.quant_exclude.split(",") if e.strip()),
+                         gate=not args.no_quality_gate, gate_prompts=args.gate_prompts, min_psnr=args.min_psnr,
+                         min_cosine=args.min_cosine)
     build(args.model, variant, args.target, precision, args.out, parity=not args.skip_parity, engine_opts=opts,
-          lean=args.lean)
+          lean=args.lean, quant=quant, text_encoder_precision=args.text_encoder_precision,
+          engines=not args.skip_engines)
     return 0
 
 

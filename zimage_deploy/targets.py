@@ -7,27 +7,36 @@ from dataclasses import dataclass
 from .errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp8", "int4", "nvfp4")
+QUANTIZED = ("fp8", "int4", "nvfp4")  # precisions made by the quantize stage
+TEXT_ENCODER_PRECISIONS = ("bf16", "fp8", "int4")
 
-# Per-component precision for each requested precision. Quantized schemes touch the DiT (and, for
-# INT4, the text encoder); the VAE stays BF16, and everything is float32 for the CPU reference.
 ALL_COMPONENTS = ("text_encoder", "context_refiner", "siglip_refiner", "transformer", "vae_decoder", "vae_encoder",
                   "vision_encoder")
 
-
-def _plan(default: str, **overrides: str) -> dict[str, str]:
-    return {c: overrides.get(c, default) for c in ALL_COMPONENTS}
-
-
-PRECISION_PLANS: dict[str, dict[str, str]] = {
-    "fp32": _plan("fp32"),
-    "bf16": _plan("bf16"),
-    "fp8": _plan("bf16", transformer="fp8"),
-    "int4": _plan("bf16", transformer="int4", text_encoder="int4"),
-    "nvfp4": _plan("bf16", transformer="nvfp4", text_encoder="int4"),
+# What each requested precision quantizes. The rest of the model stays in the target's base dtype (BF16 on GPUs,
+# float32 on the CPU, whose ONNX Runtime has no BF16 kernels); the VAE is never quantized.
+QUANTIZED_COMPONENTS = {
+    "fp8": {"transformer": "fp8"},
+    "int4": {"transformer": "int4", "text_encoder": "int4"},
+    "nvfp4": {"transformer": "nvfp4", "text_encoder": "int4"},
 }
 
-# Precisions whose graphs need the quantize stage (not part of this build yet).
-QUANTIZED = ("fp8", "int4", "nvfp4")
+
+def precision_plan(precision: str, base: str, text_encoder: str | None = None) -> dict[str, str]:
+    """Per-component precision. `base` is the unquantized dtype ("fp32" or "bf16"); `text_encoder` overrides the
+    text encoder's ("bf16" = not quantized)."""
+    plan = {c: base for c in ALL_COMPONENTS}
+    if precision in ("fp32", "bf16"):
+        plan = {c: precision for c in ALL_COMPONENTS}
+    plan.update(QUANTIZED_COMPONENTS.get(precision, {}))
+    if text_encoder is not None:
+        plan["text_encoder"] = base if text_encoder == "bf16" else text_encoder
+    return plan
+
+
+def base_precision(plan_value: str, base: str) -> str:
+    """The dtype a component is exported in before the quantize stage."""
+    return base if plan_value in QUANTIZED else plan_value
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,11 @@ class Target:
     flavour: str  # "tensorrt-rtx", "tensorrt" or "none" (CPU: ONNX Runtime)
     precisions: tuple[str, ...]
     default_precision: str
+
+    @property
+    def base(self) -> str:
+        """Unquantized dtype of this target's graphs when a quantized precision is asked for."""
+        return "fp32" if self.compute_capability is None else "bf16"
 
     @property
     def sm(self) -> str | None:
@@ -60,7 +74,8 @@ class Target:
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("cpu", "CPU reference (ONNX Runtime / Torch)", None, None, "none", ("fp32", "bf16"), "fp32"),
+        Target("cpu", "CPU reference (ONNX Runtime / Torch)", None, None, "none", ("fp32", "bf16", "fp8", "int4"),
+               "fp32"),
         Target("rtx4090", "GeForce RTX 4090 (Ada)", (8, 9), 24, "tensorrt-rtx",
                ("fp32", "bf16", "fp8", "int4"), "bf16"),
         Target("l40s", "L40S (Ada, datacenter)", (8, 9), 48, "tensorrt", ("fp32", "bf16", "fp8", "int4"), "bf16"),

@@ -2,9 +2,11 @@
 30 identical blocks compile once), CUDA graphs through `mode="reduce-overhead"`, and FP8 (E4M3) linear layers
 through `torch._scaled_mm` for the DiT's transformer blocks.
 
-FP8 scales: per-tensor weight scales (amax / 448) and per-call dynamic per-tensor activation scales. The
-precision-sensitive layers stay BF16: timestep embedder, adaLN modulations, caption/image embedders, final
-layer, norms (FP8 on those turned Z-Image into noise upstream). Needs an SM89+ GPU.
+FP8 scales: those of a build's FP8 graphs where it has them (the calibrated per-tensor weight and activation
+scales of `quant/transformer.fp8.safetensors`, same layers), else per-tensor weight scales (amax / 448) and per-call
+dynamic per-tensor activation scales. The precision-sensitive layers stay BF16: timestep embedder, adaLN
+modulations, caption/image embedders, final layer, norms (FP8 on those turned Z-Image into noise upstream).
+Fast on SM89+ GPUs; torch's CPU `_scaled_mm` runs it too (for checking).
 """
 
 from __future__ import annotations
@@ -21,35 +23,49 @@ E4M3_MAX = 448.0
 class FP8Linear(nn.Module):
     """y = x W^T + b with x and W in float8_e4m3fn and per-tensor scales; output in the input's dtype."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, weight_amax: torch.Tensor | None = None,
+                 input_amax: torch.Tensor | None = None):
         super().__init__()
         w = linear.weight.detach()
-        scale = (w.abs().amax().float() / E4M3_MAX).clamp(min=1e-12)
-        self.register_buffer("weight_t", (w.float() / scale).to(torch.float8_e4m3fn).t())  # column-major
+        amax = w.abs().amax() if weight_amax is None else weight_amax.to(w.device)
+        scale = (amax.float() / E4M3_MAX).clamp(min=1e-12)
+        q = (w.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        self.register_buffer("weight_t", q.t())  # column-major
         self.register_buffer("weight_scale", scale.reshape(()))
+        static = None if input_amax is None else (input_amax.float() / E4M3_MAX).reshape(()).to(w.device)
+        self.register_buffer("input_scale", static)  # None: dynamic, per call
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16))
         self.out_features = linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        x_scale = (x2.abs().amax().float() / E4M3_MAX).clamp(min=1e-12)
-        x_fp8 = (x2.float() / x_scale).to(torch.float8_e4m3fn)
+        x_scale = self.input_scale
+        if x_scale is None:
+            x_scale = (x2.abs().amax().float() / E4M3_MAX).clamp(min=1e-12)
+        x_fp8 = (x2.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         out = torch._scaled_mm(x_fp8, self.weight_t, scale_a=x_scale, scale_b=self.weight_scale,
                                bias=self.bias, out_dtype=torch.bfloat16)
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
-def fp8_blocks(model: ZImageDiT) -> int:
-    """Swap the attention and feed-forward projections of every transformer block (main layers and refiners)
-    for FP8 linears; returns how many were swapped. adaLN, embedders and the final layer are left alone."""
+def fp8_blocks(model: ZImageDiT, scales: dict[str, torch.Tensor] | None = None) -> int:
+    """Swap linear layers for FP8 linears; returns how many were swapped. With `scales` (a build's FP8 calibration
+    file): the layers it lists, with its static scales. Without: the attention and feed-forward projections of
+    every transformer block (main layers and refiners), dynamic activation scales; adaLN, embedders and the final
+    layer are left alone."""
+    if scales is not None:
+        chosen = {k[: -len(".weight_amax")] for k in scales if k.endswith(".weight_amax")}
+    else:
+        chosen = {f"{bn}.{pn}.{n}" for bn, block in model.named_modules() if isinstance(block, Block)
+                  for pn in ("attention", "feed_forward")
+                  for n, c in getattr(block, pn).named_children() if isinstance(c, Linear)}
     count = 0
-    for block in [m for m in model.modules() if isinstance(m, Block)]:
-        for parent in (block.attention, block.feed_forward):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, Linear):
-                    setattr(parent, name, FP8Linear(child))
-                    count += 1
+    for name, child in [(n, m) for n, m in model.named_modules() if n in chosen]:
+        parent_name, _, attr = name.rpartition(".")
+        get = (lambda k: None) if scales is None else (lambda k: scales.get(f"{name}.{k}"))
+        setattr(model.get_submodule(parent_name), attr, FP8Linear(child, get("weight_amax"), get("input_amax")))
+        count += 1
     return count
 
 

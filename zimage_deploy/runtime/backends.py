@@ -82,13 +82,14 @@ class TorchBackend(Backend):
 
     def __init__(self, engine_dir, manifest, device: str | None = None, compile: bool = False, fp8: bool = False,
                  modules: dict[str, torch.nn.Module] | None = None):
-        """`device`: default cuda when available. On a GPU, `compile` compiles each DiT block (CUDA graphs)
-        and `fp8` runs the DiT blocks' projections in FP8 (models/fast.py). `modules` (loader name ->
+        """`device`: default cuda when available. On a GPU, `compile` compiles each DiT block (CUDA graphs);
+        `fp8` runs the DiT's projections in FP8 through `torch._scaled_mm` (models/fast.py), with the FP8 graphs'
+        calibrated scales when the build is an fp8 build. `modules` (loader name ->
         module already in memory, e.g. {"transformer": dit, ...}) replaces loading from the checkpoint."""
         super().__init__(engine_dir, manifest)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if (compile or fp8) and not str(device).startswith("cuda"):
-            raise UserError("--compile / --fp8 of the torch backend need a CUDA GPU")
+        if compile and not str(device).startswith("cuda"):
+            raise UserError("--compile of the torch backend needs a CUDA GPU")
         self.compile, self.fp8 = compile, fp8
         self.device = torch.device(device)
         self.models: dict[str, torch.nn.Module] = {}
@@ -111,10 +112,30 @@ class TorchBackend(Backend):
         if key == "transformer" and (self.fp8 or self.compile):
             from ..models.fast import compile_blocks, fp8_blocks
 
-            if self.fp8:
-                fp8_blocks(model)
+            if self.fp8:  # the FP8 graphs' calibrated scales where the build has them
+                fp8_blocks(model, self._scales("transformer", "fp8"))
             if self.compile:
                 compile_blocks(model)
+        return model
+
+    def _scales(self, component: str, scheme: str) -> dict | None:
+        from ..quantize.calibrate import load_scales
+
+        q = self.components.get(component, {}).get("quantization")
+        return load_scales(self.engine_dir / q["scales"])[0] if q and q["scheme"] == scheme else None
+
+    def _quantized(self, key: str, model: torch.nn.Module) -> torch.nn.Module:
+        """Apply the quantization of the build's quantized components served by this module (same scale files,
+        same arithmetic as their Q/DQ graphs)."""
+        from ..models.load import LOADER_OF
+        from ..quantize.calibrate import load_scales
+        from ..quantize.emulate import apply_scales
+
+        for name, comp in self.components.items():
+            q = comp.get("quantization")
+            if q and LOADER_OF.get(name, name) == key:
+                scales, _ = load_scales(self.engine_dir / q["scales"])
+                apply_scales(model, scales, q["scheme"], q["block"] or 0)
         return model
 
     def model(self, component: str) -> torch.nn.Module:
@@ -128,7 +149,8 @@ class TorchBackend(Backend):
                 if self.ckpt is None:
                     raise UserError(f"no module for {component} was given to this torch backend")
                 dtype = DTYPES[self.components[component]["compute_dtype"]]
-                self.models[key] = self._accelerate(key, LOADERS[key](self.ckpt, dtype).to(self.device))
+                model = self._quantized(key, LOADERS[key](self.ckpt, dtype).to(self.device))
+                self.models[key] = self._accelerate(key, model)
             if component not in self.wrappers:
                 self.wrappers[component] = specs_for(self.manifest["variant"])[component].wrap(self.models[key])
             return self.wrappers[component]

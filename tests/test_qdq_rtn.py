@@ -1,5 +1,5 @@
-"""Weight-only INT4 / FP8 quantization of exported graphs (layer by layer): structure, exclusions, and that
-ONNX Runtime runs the result close to the float32 graph."""
+"""Round-to-nearest (no calibration) weight-only INT4 / FP8 quantization of exported graphs (layer by layer):
+structure, exclusions, and that ONNX Runtime runs the result close to the float32 graph."""
 
 import json
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from zimage_deploy.export.specs import CHECK_DIMS, SPECS
-from zimage_deploy.quantize.weight_only import EXCLUDE, quantize_component
+from zimage_deploy.quantize.qdq import quantize_graph as quantize_component
+from zimage_deploy.quantize.options import DEFAULT_EXCLUDE as EXCLUDE
 
 # relative L2 error bounds on the tiny random model (random weights quantize worse than trained ones)
 BOUND = {"int4": 0.5, "fp8": 0.1}  # a packing or scale bug gives ~1 or more
@@ -28,7 +29,7 @@ def test_weight_only(tiny_fp32, tmp_path, scheme, name):
     qtype = onnx.TensorProto.INT4 if scheme == "int4" else onnx.TensorProto.FLOAT8E4M3FN
     inits = {t.name: t for t in model.graph.initializer}
     for w in summary["quantized"]:
-        assert inits[w + "_q"].data_type == qtype and w not in inits
+        assert inits[w + ".weight_q"].data_type == qtype and w + ".weight" not in inits
         assert not any(e in w for e in EXCLUDE)
     assert any("adaLN" in k or "embed_tokens" in k for k in summary["kept"])
     assert summary["bytes_after"] < summary["bytes_before"]

@@ -1,0 +1,210 @@
+"""Calibration with nvidia-modelopt.
+
+modelopt inserts its quantizers into our Torch modules, the real sampling loop runs over the calibration
+prompts (max calibration for FP8; activation-aware AWQ search for INT4), and the scales it found are saved to a
+small safetensors file per component. The graph rewrite (qdq.py) reads that file: calibration never needs the
+ONNX graph, and the graph rewrite never needs the Torch model (so a real-size graph is quantized one tensor at a
+time).
+
+Scale file keys, per quantized linear module NAME (the ONNX initializer of its weight is NAME.weight):
+  NAME.weight_amax      per tensor (FP8) or per block, (out, in / block) (INT4)
+  NAME.input_amax       FP8 activations, per tensor
+  NAME.pre_quant_scale  INT4 AWQ: the activation is multiplied by it and the weight divided by it, per input channel
+and per attention module ATTN of the DiT with FP8 attention: ATTN.q_bmm_amax, ATTN.k_bmm_amax, ATTN.v_bmm_amax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..fsutil import atomic_file
+from ..models.dit import Attention
+from ..models.layers import Linear
+from ..runtime.backends import Backend
+
+E4M3_MAX = 448.0
+
+
+def modelopt():
+    """modelopt's quantization package, with our Linear registered as a quantizable linear layer."""
+    try:
+        with warnings.catch_warnings():  # modelopt warns about untested transformers versions on import
+            warnings.simplefilter("ignore")
+            import modelopt.torch.quantization as mtq
+        from modelopt.torch.quantization.nn import QuantModuleRegistry
+        from modelopt.torch.quantization.nn.modules.quant_linear import _QuantLinear
+    except ImportError:
+        raise UserError("quantization needs nvidia-modelopt: pip install 'zimage-deploy[quantize]'") from None
+    if Linear not in QuantModuleRegistry:  # a subclass of nn.Linear is not converted unless registered
+        QuantModuleRegistry.register({Linear: "zimage_deploy.Linear"})(_QuantLinear)
+    if Attention not in QuantModuleRegistry:
+        QuantModuleRegistry.register({Attention: "zimage_deploy.Attention"})(_quant_attention())
+    return mtq
+
+
+def _quant_attention():
+    """modelopt module for the DiT's attention: quantizers on the BMM inputs q, k, v (the softmax output gets a
+    fixed scale in the graph, its range being [0, 1])."""
+    from modelopt.torch.quantization.nn import QuantModule, TensorQuantizer
+
+    class _QuantAttention(QuantModule):
+        def _setup(self):
+            for x in "qkv":
+                setattr(self, f"{x}_bmm_quantizer", TensorQuantizer())
+
+        def attend(self, q, k, v, key_bias):
+            return super().attend(self.q_bmm_quantizer(q), self.k_bmm_quantizer(k), self.v_bmm_quantizer(v),
+                                  key_bias)
+
+    return _QuantAttention
+
+
+def plan_layers(model: torch.nn.Module, scheme: str, exclude, block: int, skip_prefixes=()) -> tuple[list, dict]:
+    """Linear modules to quantize, and those kept with the reason."""
+    chosen, kept = [], {}
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear) or name.startswith(tuple(skip_prefixes)):
+            continue
+        hit = next((e for e in exclude if e in name), None)
+        if hit:
+            kept[name] = f"excluded ({hit})"
+        elif scheme == "int4" and m.in_features % block:
+            kept[name] = f"in_features {m.in_features} not a multiple of block {block}"
+        else:
+            chosen.append(name)
+    return chosen, kept
+
+
+def attention_modules(model: torch.nn.Module, exclude, skip_prefixes=()) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, Attention)
+            and not n.startswith(tuple(skip_prefixes)) and not any(e in n for e in exclude)]
+
+
+def modelopt_config(scheme: str, layers: list[str], block: int, int4_method: str, attention=()) -> dict:
+    """A modelopt config quantizing exactly `layers` (and the BMMs of the `attention` modules, FP8)."""
+    if scheme == "fp8":
+        fmt = {"num_bits": (4, 3), "axis": None}
+        per_layer = [{"quantizer_name": f"{n}.weight_quantizer", "cfg": fmt} for n in layers]
+        per_layer += [{"quantizer_name": f"{n}.input_quantizer", "cfg": fmt} for n in layers]
+        per_layer += [{"quantizer_name": f"{n}.{x}_bmm_quantizer", "cfg": fmt} for n in attention for x in "qkv"]
+        algorithm = "max"
+    elif scheme == "int4":
+        fmt = {"num_bits": 4, "block_sizes": {-1: block, "type": "static"}}
+        per_layer = [{"quantizer_name": f"{n}.weight_quantizer", "cfg": fmt} for n in layers]
+        algorithm = "awq_lite" if int4_method == "awq" else "max"
+    else:
+        raise UserError(f"calibration of {scheme!r} is not supported")
+    return {"quant_cfg": [{"quantizer_name": "*", "enable": False}, *per_layer], "algorithm": algorithm}
+
+
+def calibrate(model: torch.nn.Module, scheme: str, layers: list[str], block: int, int4_method: str,
+              forward_loop, attention=()) -> dict[str, torch.Tensor]:
+    """Insert modelopt quantizers into `model` (in place: it stays fake-quantized), run `forward_loop(model)`,
+    and return the scales (keys as in the module docstring)."""
+    mtq = modelopt()
+    with contextlib.redirect_stdout(io.StringIO()):  # modelopt prints its progress; ours is the tqdm bar
+        mtq.quantize(model, modelopt_config(scheme, layers, block, int4_method, attention), forward_loop)
+    return collect_scales(model, layers, scheme, block, attention)
+
+
+def collect_scales(model, layers, scheme: str, block: int, attention=()) -> dict[str, torch.Tensor]:
+    modules = dict(model.named_modules())
+    scales = {}
+    for name in attention:
+        for x in "qkv":
+            amax = getattr(modules[name], f"{x}_bmm_quantizer").amax
+            if amax is None:
+                raise UserError(f"no calibration data reached the attention of {name}")
+            scales[f"{name}.{x}_bmm_amax"] = amax.detach().float().cpu().reshape(())
+    for name in layers:
+        m = modules[name]
+        amax = m.weight_quantizer.amax
+        if amax is None:
+            raise UserError(f"calibration left no weight scale for {name}")
+        amax = amax.detach().float().cpu()
+        scales[f"{name}.weight_amax"] = amax.reshape(m.out_features, m.in_features // block) if scheme == "int4" \
+            else amax.reshape(())
+        iq = m.input_quantizer
+        if scheme == "fp8":
+            if iq.amax is None:
+                raise UserError(f"no calibration data reached {name}: is it used by the sampling loop?")
+            scales[f"{name}.input_amax"] = iq.amax.detach().float().cpu().reshape(())
+        pqs = getattr(iq, "pre_quant_scale", None)
+        if pqs is not None:
+            scales[f"{name}.pre_quant_scale"] = pqs.detach().float().cpu().flatten()
+    return {k: v.contiguous().clamp(min=1e-12) for k, v in scales.items()}
+
+
+def save_scales(path: Path, scales: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    with atomic_file(path, suffix=".safetensors") as tmp:
+        save_file(scales, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+
+
+def load_scales(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return load_file(str(path)), meta
+
+
+def layers_of(scales: dict) -> list[str]:
+    return sorted({k.rsplit(".", 1)[0] for k in scales if k.endswith(".weight_amax")})
+
+
+def attention_layers_of(scales: dict) -> list[str]:
+    return sorted({k.rsplit(".", 1)[0] for k in scales if k.endswith(".q_bmm_amax")})
+
+
+# -- the forward loops --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def text_encoder_loop(tokenizer, prompts: list[str], device, batch: int = 8):
+    """Calibration loop of the text encoder: the prompts, in the chat template, as the pipeline encodes them."""
+    def loop(model):
+        for i in tqdm(range(0, len(prompts), batch), desc="calibrating text_encoder", unit="batch", leave=False):
+            ids, mask = tokenizer(prompts[i:i + batch])
+            model(ids.to(device), mask.to(device))
+    return loop
+
+
+class CachedText(Backend):
+    """A backend that answers `text_encoder` from outputs computed beforehand and hands every other component to
+    `inner`: the DiT is calibrated without the text encoder in memory (peak = the larger model, not the sum)."""
+
+    def __init__(self, inner: Backend, cache: dict):
+        super().__init__(inner.engine_dir, inner.manifest)
+        self.inner, self.cache, self.device = inner, cache, inner.device
+
+    @staticmethod
+    def key(input_ids: torch.Tensor) -> tuple:
+        return tuple(input_ids.shape), input_ids.cpu().numpy().tobytes()
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, text_backend, tokenizer, texts: list[str]) -> dict:
+        cache = {}
+        for text in tqdm(texts, desc="text encoder outputs", unit="prompt", leave=False):
+            ids, mask = tokenizer([text])
+            cache[cls.key(ids)] = text_backend.run("text_encoder", input_ids=ids, attention_mask=mask)
+        return cache
+
+    def run(self, component, **inputs):
+        if component == "text_encoder":
+            return self.cache[self.key(inputs["input_ids"])]
+        return self.inner.run(component, **inputs)
+
+
+def sampling_loop(pipe, prompts: list[str], side: int, steps: int | None = None):
+    """Calibration loop of the DiT: the real sampling loop (text encoder, context refiner, every denoising step,
+    with guidance where the variant uses it) over each prompt, seed = its index."""
+    def loop(_model):
+        for i, p in enumerate(tqdm(prompts, desc="calibrating transformer", unit="prompt", leave=False)):
+            pipe(p, height=side, width=side, steps=steps, seed=i, output="latent", progress=False)
+    return loop

@@ -1,0 +1,66 @@
+"""The quantized graphs' arithmetic on Torch modules, from the same scale file: what the Torch backend runs for a
+quantized component, and what the quality gate compares where the graphs themselves cannot run (BF16 graphs on a
+machine without a GPU).
+
+Weights are replaced by their quantize-dequantize (AWQ: dequantized W / s, times s again, which is the graph's
+Mul-by-s on the activation moved onto the weight); FP8 activations are quantize-dequantized by a pre-hook on the
+linear layer with the calibrated per-tensor scale, saturating as `QuantizeLinear` does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .calibrate import E4M3_MAX, attention_layers_of, layers_of
+from .qdq import INT4_MAX, PROBS_AMAX
+
+
+def fake_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    s = scale.to(x.device, torch.float32)
+    return ((x.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
+
+
+def fp8_attention(q, k, v, key_bias, scales):
+    """Attention with FP8 quantize-dequantize on both BMMs' inputs, as the graph with --fp8-attention computes it:
+    q, k, v with their calibrated scales, the softmax output with the fixed scale of a [0, 1] range."""
+    sq, sk, sv = scales
+    q, k, v = fake_fp8(q, sq), fake_fp8(k, sk), fake_fp8(v, sv)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
+    if key_bias is not None:
+        scores = scores + key_bias
+    probs = fake_fp8(scores.softmax(dim=-1).to(v.dtype), torch.tensor(PROBS_AMAX / E4M3_MAX))
+    return torch.matmul(probs, v)
+
+
+def _weight(w: torch.Tensor, scheme: str, amax: torch.Tensor, pre: torch.Tensor | None, block: int) -> torch.Tensor:
+    wf = w.float() if pre is None else w.float() / pre[None, :]
+    if scheme == "fp8":
+        s = (amax.float() / E4M3_MAX).clamp(min=1e-12)
+        deq = (wf / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * s
+    else:
+        out_f, in_f = wf.shape
+        s = (amax.float().reshape(out_f, in_f // block, 1) / INT4_MAX).clamp(min=1e-12)
+        deq = (torch.round(wf.reshape(out_f, in_f // block, block) / s).clamp(-8, 7) * s).reshape(out_f, in_f)
+    return (deq if pre is None else deq * pre[None, :]).to(w.dtype)
+
+
+def apply_scales(model: torch.nn.Module, scales: dict[str, torch.Tensor], scheme: str, block: int) -> list[str]:
+    """Quantize `model`'s calibrated linear layers in place as the graphs do; returns their names."""
+    modules = dict(model.named_modules())
+    names = layers_of(scales)
+    for name in names:
+        m = modules[name]
+        pre = scales.get(f"{name}.pre_quant_scale")
+        with torch.no_grad():
+            m.weight.data = _weight(m.weight.data, scheme, scales[f"{name}.weight_amax"],
+                                    None if pre is None else pre.to(m.weight.device), block)
+        if f"{name}.input_amax" in scales:
+            scale = (scales[f"{name}.input_amax"].float() / E4M3_MAX).reshape(())
+            # the graph quantizes the activation after the linear layer's cast to its weight dtype
+            m.register_forward_pre_hook(lambda mod, args, s=scale: (fake_fp8(args[0].to(mod.weight.dtype), s),))
+    for name in attention_layers_of(scales):
+        bmm = tuple((scales[f"{name}.{x}_bmm_amax"].float() / E4M3_MAX).reshape(()) for x in "qkv")
+        modules[name].attend = functools.partial(fp8_attention, scales=bmm)
+    return names

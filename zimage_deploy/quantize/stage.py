@@ -1,0 +1,221 @@
+"""The build's quantize stage: calibrate (modelopt, the real sampling loop), write Q/DQ graphs, gate on quality.
+
+Reads the exported graphs and the manifest; writes, per quantized component, `quant/<component>.<scheme>.safetensors`
+(the scales) and `onnx/<component>.<scheme>/` (the quantized graph), and points the component's manifest entry
+at the quantized graph (the unquantized one stays, under "unquantized", for the gate and for rebuilds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from .. import manifest as manifest_io
+from ..errors import UserError
+from ..engines.builder import sha256_file
+from ..export.onnx_export import file_hash
+from ..targets import QUANTIZED
+from .calibrate import (CachedText, attention_modules, calibrate, plan_layers, sampling_loop, save_scales,
+                        text_encoder_loop)
+from .options import QuantOptions, load_prompts, prompts_sha256
+
+CALIBRATED = ("transformer", "text_encoder")  # the components a precision may quantize
+
+
+# the options that change a quantized graph (the gate's do not)
+MAKING = ("calib_prompts", "calib_size", "calib_side", "calib_steps", "int4_method", "int4_block", "exclude",
+          "fp8_attention")
+
+
+class GateFailed(UserError):
+    pass
+
+
+def int4_block(opts: QuantOptions, facts: dict) -> int:
+    """128 (the deployment block); 32 for the small test checkpoints, whose widths are under 128."""
+    return opts.int4_block or (128 if facts["dim"] >= 1024 else 32)
+
+
+def needs_data(scheme: str, opts: QuantOptions) -> bool:
+    return scheme == "fp8" or (scheme == "int4" and opts.int4_method == "awq")
+
+
+def check_supported(plan: dict, variant: str, components) -> None:
+    schemes = {plan[c] for c in components if plan[c] in QUANTIZED}
+    if "nvfp4" in schemes:
+        if not torch.cuda.is_available():
+            raise UserError("nvfp4 calibration needs a CUDA GPU (Blackwell for the engines); none is visible here. "
+                            "Build fp8 or int4, or run this build on a GPU machine")
+        raise UserError("nvfp4 is not implemented yet: it has not been run on a GPU (see the quantization issue)")
+    if schemes and variant == "edit":
+        raise UserError("quantizing the edit variant is not supported yet (its calibration needs condition "
+                        "images); build it in bf16 / fp32")
+
+
+def _key(entry: dict, scheme: str, opts: QuantOptions, block: int, calib_sha: str | None) -> str:
+    made = {k: v for k, v in opts.as_dict().items() if k in MAKING}
+    parts = [entry["unquantized"]["onnx_sha256"], scheme, json.dumps(made, sort_keys=True), str(block),
+             str(calib_sha), __version__]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def quantize_stage(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions, ckpt: Path, log) -> dict:
+    """Run the stage; returns its manifest record. Raises GateFailed (after recording why) below the thresholds."""
+    from .qdq import quantize_graph
+
+    t0 = time.perf_counter()
+    todo = {c: plan[c] for c in variant.components if plan[c] in QUANTIZED}
+    if not todo:
+        return {"status": "skipped", "reason": f"precision {manifest['precision']} needs no quantization"}
+    check_supported(plan, variant.name, variant.components)
+    facts = manifest["model"]["facts"]
+    block = int4_block(opts, facts)
+    data = any(needs_data(s, opts) for s in todo.values())
+    prompts = load_prompts(opts.calib_prompts, opts.calib_size) if data else []
+    calib_sha = prompts_sha256(prompts) if data else None
+    side = opts.calib_side or manifest["defaults"]["height"]
+
+    for name in todo:  # the exported graph becomes the "unquantized" record (kept across rebuilds)
+        entry = manifest["components"][name]
+        if "unquantized" not in entry:
+            entry["unquantized"] = {k: entry[k] for k in ("onnx", "onnx_sha256", "bytes", "weight_bytes", "precision")}
+    stale = [n for n, s in todo.items() if not _up_to_date(out, manifest["components"][n],
+                                                           _key(manifest["components"][n], s, opts, block, calib_sha))]
+    for name in todo:
+        if name not in stale:
+            log(f"[quantize] {name}: up to date, skipped")
+
+    calib_seconds = None
+    scales: dict[str, dict] = {}
+    if stale and any(needs_data(todo[n], opts) for n in stale):
+        tc = time.perf_counter()
+        scales = _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log)
+        calib_seconds = round(time.perf_counter() - tc, 2)
+        log(f"[quantize] calibrated on {len(prompts)} prompts at {side}x{side} in {calib_seconds:.1f} s")
+
+    for name in stale:
+        scheme, entry = todo[name], manifest["components"][name]
+        src = out / Path(entry["unquantized"]["onnx"]).parent
+        dst = out / "onnx" / f"{name}.{scheme}"
+        summary = quantize_graph(src, dst, scheme, block, scales.get(name), opts.exclude)
+        used = summary.pop("scales")
+        scale_file = out / "quant" / f"{name}.{scheme}.safetensors"
+        method = {"fp8": "max calibration, per-tensor weights and activations (W8A8)",
+                  "int4": "AWQ (modelopt awq_lite), W4A16" if name in scales else "round to nearest, W4A16"}[scheme]
+        save_scales(scale_file, used, {"scheme": scheme, "block": block, "component": name, "method": method})
+        entry.update(
+            onnx=f"onnx/{name}.{scheme}/model.onnx", onnx_sha256=file_hash(dst), precision=scheme, engine=None,
+            status="complete",
+            bytes=sum(p.stat().st_size for p in dst.iterdir()), weight_bytes=summary["bytes_after"],
+            quantization={
+                "key": _key(entry, scheme, opts, block, calib_sha), "scheme": scheme, "method": method,
+                "block": summary["block"], "layers": len(summary["quantized"]),
+                "activation_qdq": summary["activation_qdq"], "awq_scaled": summary["awq_scaled"],
+                "attention_qdq": summary["attention_qdq"],
+                "kept": summary["kept"], "exclude": list(opts.exclude),
+                "weight_bytes": {"before": summary["bytes_before"], "after": summary["bytes_after"]},
+                "scales": str(scale_file.relative_to(out)), "scales_sha256": sha256_file(scale_file),
+                "calibration": ({"prompts": str(opts.calib_prompts or "shipped"), "count": len(prompts),
+                                 "sha256": calib_sha, "size": [side, side],
+                                 "steps": opts.calib_steps or manifest["defaults"]["steps"], "seconds": calib_seconds}
+                                if name in scales else None),
+            })
+        manifest_io.save(out, manifest)
+        before, after = summary["bytes_before"], summary["bytes_after"]
+        log(f"[quantize] {name}: {scheme}, {len(summary['quantized'])} layers ({summary['activation_qdq']} with FP8 "
+            f"activations, {summary['awq_scaled']} AWQ-scaled, {summary['attention_qdq']} FP8 attentions), "
+            f"{len(summary['kept'])} 2-D weights kept; weights "
+            f"{before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({after / before:.2f}x)")
+
+    record = {"status": "done", "components": todo, "seconds": None, "calibration_seconds": calib_seconds}
+    if opts.gate:
+        from .gate import run_gate
+
+        gate = run_gate(out, manifest, opts.gate_prompts, side, opts.min_psnr, opts.min_cosine)
+        record["quality_gate"] = gate
+        verdict = "passed" if gate["passed"] else "FAILED"
+        log(f"[quantize] quality gate {verdict}: PSNR min {gate['min_psnr_db']:.2f} dB (>= {opts.min_psnr}), "
+            f"mean {gate['mean_psnr_db']:.2f} dB; final-latent cosine min {gate['min_latent_cosine']:.5f} "
+            f"(>= {opts.min_cosine}); {gate['method']}")
+        if not gate["passed"]:
+            for name in todo:  # the runtime refuses a build with rejected components
+                manifest["components"][name]["status"] = "rejected"
+            record.update(status="failed", seconds=round(time.perf_counter() - t0, 2))
+            manifest["stages"]["quantize"] = record
+            manifest_io.save(out, manifest)
+            raise GateFailed(
+                f"quality gate failed: image PSNR {gate['min_psnr_db']:.2f} dB (threshold {opts.min_psnr}), latent "
+                f"cosine {gate['min_latent_cosine']:.5f} (threshold {opts.min_cosine}) against the unquantized "
+                "graphs. Keep more layers in high precision (--quant-exclude), try --int4-method awq, or set "
+                "--min-psnr / --min-cosine if this loss is acceptable; figures in the manifest")
+    else:
+        record["quality_gate"] = {"status": "skipped", "reason": "--no-quality-gate"}
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    return record
+
+
+def _up_to_date(out: Path, entry: dict, key: str) -> bool:
+    q = entry.get("quantization") or {}
+    folder = out / Path(entry["onnx"]).parent
+    scales = out / q.get("scales", "-")
+    return (q.get("key") == key and entry.get("status") == "complete" and folder.is_dir()
+            and file_hash(folder) == entry["onnx_sha256"] and scales.is_file()
+            and sha256_file(scales) == q.get("scales_sha256"))
+
+
+@torch.no_grad()
+def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log) -> dict[str, dict]:
+    """modelopt calibration of the text encoder (prompts) and the DiT (the sampling loop, behind the text encoder
+    as deployed). Returns component -> scales for the components calibrated from data."""
+    from ..export.specs import DTYPES
+    from ..models.load import load_dit, load_text_encoder
+    from ..runtime.backends import TorchBackend
+    from ..runtime.pipeline import Pipeline
+    from ..runtime.prompt import PromptTokenizer
+    from .emulate import apply_scales
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[manifest["components"]["transformer"]["compute_dtype"]]
+    log(f"[quantize] calibrating on {device} ({str(dtype).replace('torch.', '')}), {len(prompts)} prompts")
+    te = load_text_encoder(ckpt, dtype).to(device)
+    tok = PromptTokenizer(out / "tokenizer", manifest["defaults"]["max_sequence_length"])
+    scales = {}
+    if "text_encoder" in todo:
+        scheme = todo["text_encoder"]
+        layers, _ = plan_layers(te, scheme, opts.exclude, block)
+        if needs_data(scheme, opts):
+            scales["text_encoder"] = calibrate(te, scheme, layers, block, opts.int4_method,
+                                               text_encoder_loop(tok, prompts, device))
+        else:  # round to nearest: the DiT is still calibrated behind the text encoder it will be deployed with
+            apply_scales(te, _rtn_scales(te, layers, scheme, block), scheme, block)
+    if "transformer" in todo and needs_data(todo["transformer"], opts):
+        # the text encoder's outputs first (as deployed, quantized or not), then the DiT alone in memory
+        texts = prompts + ([""] if manifest["defaults"]["guidance_scale"] > 0 else [])  # CFG's empty negative
+        cache = CachedText.encode(TorchBackend(out, manifest, device=device, modules={"text_encoder": te}), tok, texts)
+        del te
+        scheme = todo["transformer"]
+        dit = load_dit(ckpt, dtype).to(device)
+        # only the per-step graph's layers: the context refiner (once per prompt) is its own, unquantized graph
+        skip = ("context_refiner", "siglip_refiner")
+        layers, _ = plan_layers(dit, scheme, opts.exclude, block, skip_prefixes=skip)
+        attention = attention_modules(dit, opts.exclude, skip) if scheme == "fp8" and opts.fp8_attention else []
+        backend = CachedText(TorchBackend(out, manifest, device=device, modules={"transformer": dit}), cache)
+        loop = sampling_loop(Pipeline(out, backend), prompts, side, opts.calib_steps)
+        scales["transformer"] = calibrate(dit, scheme, layers, block, opts.int4_method, loop, attention)
+    return scales
+
+
+def _rtn_scales(model, layers, scheme, block) -> dict[str, torch.Tensor]:
+    modules = dict(model.named_modules())
+    out = {}
+    for n in layers:
+        w = modules[n].weight.float()
+        out[f"{n}.weight_amax"] = (w.abs().amax() if scheme == "fp8"
+                                   else w.reshape(w.shape[0], -1, block).abs().amax(-1)).cpu()
+    return out
+
