@@ -38,7 +38,7 @@ def main() -> None:
     stages, sizes, quant = {}, {}, {}
     if not (ckpt / "model_index.json").is_file():
         stages["write checkpoint (bf16)"] = measured([py, "-m", "zimage_deploy.realsize", "--out", str(ckpt)])
-    for run in args.runs.split(","):
+    for run in [r for r in args.runs.split(",") if r]:  # --runs "": re-render the day's report
         cmd = [py, "-m", "zimage_deploy.build", "--model", str(ckpt), "--target", "rtx4090", "--lean", "on",
                "--skip-engines", "--skip-parity", "--no-quality-gate", "--out", str(out), *RUNS[run]]
         stages[f"build {run} (export when not up to date + quantize)"] = measured(cmd)
@@ -50,14 +50,30 @@ def main() -> None:
                       for n, c in manifest["components"].items() if c.get("quantization")}
     report = {"date": str(dt.date.today()), "machine": machine(), "stages": stages, "sizes_gib": sizes,
               "quantization": quant}
+    stem = f"quantize-realsize-{report['date']}"
+    earlier = args.report / f"{stem}.json"
+    if earlier.is_file():  # runs of the same day accumulate in one report (each run is its own process)
+        old = json.loads(earlier.read_text())
+        for k in ("stages", "sizes_gib", "quantization"):
+            report[k] = {**old.get(k, {}), **report[k]}
+    stages, sizes = report["stages"], report["sizes_gib"]
     lines = stage_table(f"Real-size quantization ({report['date']}, {report['machine']})",
                         "Random weights of the real Z-Image-Turbo configs; target rtx4090 (BF16 base graphs), lean "
                         "export, engines and quality gate skipped. Each build in its own process; peak RSS from "
                         "GNU time.", stages)
     lines += ["", "| run | component | graph on disk GiB |", "|---|---|---|"]
     lines += [f"| {run} | {n} | {g} |" for run, d in sizes.items() for n, g in d.items()]
+    lines += ["", "| run | component | method | layers (FP8 activations / AWQ) | weights GB before -> after | "
+              "calibration |", "|---|---|---|---|---|---|"]
+    for run, comps in report["quantization"].items():
+        for n, q in comps.items():
+            cal = q["calibration"]
+            cal = (f"{cal['count']} prompt(s), {cal['size'][0]}², {cal['steps']} steps, {cal['seconds']} s"
+                   if cal else "none (round to nearest)")
+            wb = q["weight_bytes"]
+            lines.append(f"| {run} | {n} | {q['method']} | {q['layers']} ({q['activation_qdq']} / {q['awq_scaled']}) "
+                         f"| {wb['before'] / 1e9:.2f} -> {wb['after'] / 1e9:.2f} | {cal} |")
     args.report.mkdir(parents=True, exist_ok=True)
-    stem = f"quantize-realsize-{report['date']}"
     (args.report / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.report / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -230,3 +230,20 @@ def test_torch_fp8_path_uses_the_graph_scales(quantized):
     values = [psnr(a, b) for a, b in zip(got, _images(out, "onnxruntime", CASES[:2]))]
     print("torch fp8 path vs fp8 graphs", ["%.2f" % v for v in values])
     assert min(values) >= 35.0  # its matmuls round to BF16 outputs; the float32 graph's do not
+
+
+def test_gate_rerun_reuses_rejected_graphs(tmp_path, tiny_ckpt, capsys):
+    """A build rejected by the gate, run again with an attainable threshold, keeps its graphs and passes."""
+    out = tmp_path / "b"
+    args = ["--model", str(tiny_ckpt), "--target", "cpu", "--out", str(out), "--skip-parity", "--calib-size", "2",
+            "--precision", "int4", "--int4-method", "rtn", "--gate-prompts", "1"]
+    with pytest.raises(UserError, match="quality gate failed"):
+        build.main([*args, "--min-cosine", "1.01"])
+    capsys.readouterr()
+    assert build.main(args) == 0
+    log = capsys.readouterr()
+    assert "[quantize] transformer: up to date, skipped" in log.out + log.err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {manifest["components"][n]["status"] for n in ("transformer", "text_encoder")} == {"complete"}
+    assert manifest["stages"]["quantize"]["quality_gate"]["passed"]
+    Pipeline(out, backend="onnxruntime")  # accepted again

@@ -16,9 +16,10 @@ class Linear(nn.Linear):
     """nn.Linear that casts its input to its weight dtype (float32 side inputs into a BF16 layer)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.weight.dtype:  # decided while tracing: no Cast node when the dtypes agree
-            x = x.to(self.weight.dtype)
-        return F.linear(x, self.weight, self.bias)
+        w = self.weight  # read once: under modelopt calibration each read fake-quantizes the whole weight
+        if x.dtype != w.dtype:  # decided while tracing: no Cast node when the dtypes agree
+            x = x.to(w.dtype)
+        return F.linear(x, w, self.bias)
 
 
 class RMSNorm(nn.Module):

@@ -9,29 +9,51 @@ from torch import nn
 
 from ..checkpoint import iter_tensors, read_config
 from ..errors import UserError
-from .dit import DiTConfig, TimestepEmbedder, ZImageDiT, fuse_state_dict, iter_fused
+from .dit import DiTConfig, TimestepEmbedder, ZImageDiT, iter_fused
 from .layers import FP32LayerNorm, RMSNorm, swap_norms, to_compute_dtype
-from .text_encoder import TextEncoder, TextEncoderConfig, convert_transformers_items, iter_converted
+from .text_encoder import TextEncoder, TextEncoderConfig, iter_converted
 from .vae import VAEDecoder, VAEEncoder
 
 
-def _load(module: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
+def _load(module: nn.Module, items, where: Path) -> None:
+    """Copy (name, tensor) pairs into `module` one at a time, cast to each parameter's dtype: memory holds the
+    module and one checkpoint tensor, never a second copy of the model."""
+    state = module.state_dict(keep_vars=True)
+    seen, unexpected = set(), []
+    with torch.no_grad():
+        for name, tensor in items:
+            target = state.get(name)
+            if target is None:
+                unexpected.append(name)
+                continue
+            if target.shape != tensor.shape:
+                raise UserError(f"weights in {where} do not match the model config: {name} has shape "
+                                f"{tuple(tensor.shape)}, the config gives {tuple(target.shape)}")
+            target.copy_(tensor)
+            seen.add(name)
+    missing = [k for k in state if k not in seen]
     if missing or unexpected:
         raise UserError(
             f"weights in {where} do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
 
 
+def _empty(model: nn.Module, dtype: torch.dtype, keep_fp32=()) -> nn.Module:
+    """A meta-device model allocated on the CPU directly in its compute dtype (matmul weights in `dtype`, norms
+    and the `keep_fp32` modules in float32): a BF16 model never exists in float32 first."""
+    if dtype != torch.float32:
+        to_compute_dtype(model, dtype, keep_fp32=keep_fp32)
+    return model.to_empty(device="cpu")
+
+
 def load_dit(ckpt: Path, dtype: torch.dtype = torch.float32) -> ZImageDiT:
     cfg = DiTConfig.from_diffusers(read_config(ckpt, "transformer"))
     with torch.device("meta"):
         model = ZImageDiT(cfg)
-    model = model.to_empty(device="cpu")
+    model = _empty(model, dtype, keep_fp32=(TimestepEmbedder,))
     _restore_buffers(model, cfg)  # non-persistent buffers were left empty by to_empty
-    _load(model, fuse_state_dict(iter_tensors(ckpt / "transformer")), ckpt / "transformer")
-    model.eval().requires_grad_(False)
-    return to_compute_dtype(model, dtype, keep_fp32=(TimestepEmbedder,)) if dtype != torch.float32 else model
+    _load(model, iter_fused(iter_tensors(ckpt / "transformer")), ckpt / "transformer")
+    return model.eval().requires_grad_(False)
 
 
 def _restore_buffers(model: ZImageDiT, cfg: DiTConfig) -> None:
@@ -47,13 +69,11 @@ def load_text_encoder(ckpt: Path, dtype: torch.dtype = torch.float32) -> TextEnc
     cfg = TextEncoderConfig.from_transformers(read_config(ckpt, "text_encoder"))
     with torch.device("meta"):
         model = TextEncoder(cfg)
-    model = model.to_empty(device="cpu")
+    model = _empty(model, dtype)
     d = cfg.head_dim
     model.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    state = convert_transformers_items(iter_tensors(ckpt / "text_encoder"), cfg.used_layers)
-    _load(model, state, ckpt / "text_encoder")
-    model.eval().requires_grad_(False)
-    return to_compute_dtype(model, dtype) if dtype != torch.float32 else model
+    _load(model, iter_converted(iter_tensors(ckpt / "text_encoder"), cfg.used_layers), ckpt / "text_encoder")
+    return model.eval().requires_grad_(False)
 
 
 def _load_vae(ckpt: Path):

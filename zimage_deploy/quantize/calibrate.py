@@ -16,7 +16,9 @@ and per attention module ATTN of the DiT with FP8 attention: ATTN.q_bmm_amax, AT
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
+import threading
 import warnings
 from pathlib import Path
 
@@ -36,9 +38,7 @@ E4M3_MAX = 448.0
 def modelopt():
     """modelopt's quantization package, with our Linear registered as a quantizable linear layer."""
     try:
-        with warnings.catch_warnings():  # modelopt warns about untested transformers versions on import
-            warnings.simplefilter("ignore")
-            import modelopt.torch.quantization as mtq
+        mtq = _import_on_a_clean_stack("modelopt.torch.quantization")
         from modelopt.torch.quantization.nn import QuantModuleRegistry
         from modelopt.torch.quantization.nn.modules.quant_linear import _QuantLinear
     except ImportError:
@@ -48,6 +48,28 @@ def modelopt():
     if Attention not in QuantModuleRegistry:
         QuantModuleRegistry.register({Attention: "zimage_deploy.Attention"})(_quant_attention())
     return mtq
+
+
+def _import_on_a_clean_stack(name: str):
+    """Import `name` from a short-lived thread. Importing modelopt leaves one of its import frames alive, and with
+    it every frame below (their locals included): imported from the calibration code, that kept whole models in
+    memory after use (a real-size text encoder beside the DiT). A fresh thread's stack holds nothing of ours."""
+    result: dict = {}
+
+    def run():
+        try:
+            with warnings.catch_warnings():  # modelopt warns about untested transformers versions on import
+                warnings.simplefilter("ignore")
+                result["module"] = importlib.import_module(name)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=run, name=f"import {name}")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["module"]
 
 
 def _quant_attention():

@@ -7,6 +7,7 @@ at the quantized graph (the unquantized one stays, under "unquantized", for the 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import time
@@ -95,6 +96,7 @@ def quantize_stage(out: Path, manifest: dict, variant, plan: dict, opts: QuantOp
     if stale and any(needs_data(todo[n], opts) for n in stale):
         tc = time.perf_counter()
         scales = _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log)
+        gc.collect()  # the calibrated models (held in modelopt's reference cycles) before the graph rewrite
         calib_seconds = round(time.perf_counter() - tc, 2)
         log(f"[quantize] calibrated on {len(prompts)} prompts at {side}x{side} in {calib_seconds:.1f} s")
 
@@ -133,6 +135,9 @@ def quantize_stage(out: Path, manifest: dict, variant, plan: dict, opts: QuantOp
             f"{before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({after / before:.2f}x)")
 
     record = {"status": "done", "components": todo, "seconds": None, "calibration_seconds": calib_seconds}
+    for name in todo:  # intact graphs (a rejected one reused by a rebuild too) until the gate says otherwise
+        manifest["components"][name]["status"] = "complete"
+    manifest_io.save(out, manifest)
     if opts.gate:
         from .gate import run_gate
 
@@ -163,7 +168,8 @@ def _up_to_date(out: Path, entry: dict, key: str) -> bool:
     q = entry.get("quantization") or {}
     folder = out / Path(entry["onnx"]).parent
     scales = out / q.get("scales", "-")
-    return (q.get("key") == key and entry.get("status") == "complete" and folder.is_dir()
+    # a rejected graph is reused too: a rebuild with other gate thresholds only re-runs the gate
+    return (q.get("key") == key and entry.get("status") in ("complete", "rejected") and folder.is_dir()
             and file_hash(folder) == entry["onnx_sha256"] and scales.is_file()
             and sha256_file(scales) == q.get("scales_sha256"))
 
@@ -198,6 +204,7 @@ def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log) -> di
         texts = prompts + ([""] if manifest["defaults"]["guidance_scale"] > 0 else [])  # CFG's empty negative
         cache = CachedText.encode(TorchBackend(out, manifest, device=device, modules={"text_encoder": te}), tok, texts)
         del te
+        gc.collect()  # modelopt's wrappers form reference cycles: free the text encoder before the DiT loads
         scheme = todo["transformer"]
         dit = load_dit(ckpt, dtype).to(device)
         # only the per-step graph's layers: the context refiner (once per prompt) is its own, unquantized graph
