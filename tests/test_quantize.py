@@ -33,9 +33,21 @@ def _build(tmp_path_factory, ckpt, flags, target="cpu", tag="q"):
     return out
 
 
-@pytest.fixture(scope="session", params=list(FLAGS))
-def quantized(request, tmp_path_factory, tiny_ckpt):
-    return request.param, _build(tmp_path_factory, tiny_ckpt, FLAGS[request.param], tag=request.param)
+@pytest.fixture(scope="session")
+def quantized_build(tmp_path_factory, tiny_ckpt):
+    """kind -> build folder, each built once per session."""
+    built = {}
+
+    def get(kind):
+        if kind not in built:
+            built[kind] = _build(tmp_path_factory, tiny_ckpt, FLAGS[kind], tag=kind)
+        return built[kind]
+    return get
+
+
+@pytest.fixture(params=list(FLAGS))
+def quantized(request, quantized_build):
+    return request.param, quantized_build(request.param)
 
 
 def _images(build_dir, backend="onnxruntime", cases=CASES):
@@ -107,10 +119,9 @@ def test_torch_backend_emulates_the_graphs(quantized):
     assert min(values) >= 40.0  # vs ~30-45 dB between quantized and float32: the emulation is the graph
 
 
-def test_rebuild_is_up_to_date(quantized, tiny_ckpt, capsys):
-    kind, out = quantized
-    if kind != "int4":
-        pytest.skip("one rebuild is enough")
+def test_rebuild_is_up_to_date(quantized_build, tiny_ckpt, capsys):
+    kind = "int4"
+    out = quantized_build(kind)
     before = json.loads((out / "manifest.json").read_text())["components"]
     assert build.main(["--model", str(tiny_ckpt), "--target", "cpu", "--out", str(out), "--skip-parity", *CALIB,
                        *FLAGS[kind]]) == 0
@@ -207,16 +218,14 @@ def test_tensorrt_rtx_engines_of_quantized_graphs(tmp_path_factory, tiny_ckpt, f
             assert len(quants) == q["activation_qdq"] + 4 * q["attention_qdq"] > q["layers"]
 
 
-def test_torch_fp8_path_uses_the_graph_scales(quantized):
+def test_torch_fp8_path_uses_the_graph_scales(quantized_build):
     """The Torch backend's FP8 path (`torch._scaled_mm`, which torch also runs on the CPU) takes the FP8 graphs'
     calibrated static scales, layer for layer, and gives their image."""
     from zimage_deploy.models.fast import E4M3_MAX, FP8Linear
     from zimage_deploy.quantize.calibrate import load_scales
     from zimage_deploy.runtime.backends import TorchBackend
 
-    kind, out = quantized
-    if kind != "fp8":
-        pytest.skip("the FP8 build")
+    out = quantized_build("fp8")
     manifest = json.loads((out / "manifest.json").read_text())
     scales, _ = load_scales(out / manifest["components"]["transformer"]["quantization"]["scales"])
     backend = TorchBackend(out, manifest, device="cpu", fp8=True)
