@@ -221,7 +221,8 @@ def test_tensorrt_rtx_engines_of_quantized_graphs(tmp_path_factory, tiny_ckpt, f
 def test_torch_fp8_path_uses_the_graph_scales(quantized_build):
     """The Torch backend's FP8 path (`torch._scaled_mm`, which torch also runs on the CPU) takes the FP8 graphs'
     calibrated static scales, layer for layer, and gives their image."""
-    from zimage_deploy.models.fast import E4M3_MAX, FP8Linear
+    from zimage_deploy.models.fast import FP8Linear
+    from zimage_deploy.numerics import E4M3_MAX
     from zimage_deploy.quantize.calibrate import load_scales
     from zimage_deploy.runtime.backends import TorchBackend
 

@@ -97,8 +97,9 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
     plan = precision_plan(precision, t.base, text_encoder_precision)
     check_supported(plan, variant, v.components)  # before anything is written
     quant = quant or QuantOptions()
-    if any(needs_data(p, quant) for p in plan.values()):
-        load_prompts(quant.calib_prompts, quant.calib_size)  # an unusable prompt file stops the build here
+    # read here: an unusable prompt file stops the build before anything is written
+    prompts = load_prompts(quant.calib_prompts, quant.calib_size) if any(needs_data(p, quant) for p in plan.values()) \
+        else []
     out = Path(out) if out else default_out(model, variant, target, precision)
     started = time.perf_counter()
     engine_opts = engine_opts or EngineOptions()
@@ -178,7 +179,7 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
     # -- stage 3: quantize -------------------------------------------------------------------------------
     if any(p in QUANTIZED for p in plan.values()):
         manifest["quantize_options"] = quant.as_dict()
-    manifest["stages"]["quantize"] = quantize_stage(out, manifest, v, plan, quant, ckpt, log)
+    manifest["stages"]["quantize"] = quantize_stage(out, manifest, v, plan, quant, prompts, ckpt, log)
     manifest_io.save(out, manifest)
     if manifest["stages"]["quantize"]["status"] == "skipped":
         log(f"[quantize] skipped: {manifest['stages']['quantize']['reason']}")
@@ -204,8 +205,8 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
         for name in v.components:
             entry = manifest["components"][name]
             if "parity" not in entry:  # of the export; quantization is measured by the quality gate
-                entry["parity"] = _parity(name, entry.get("unquantized", entry) | {"compute_dtype": entry[
-                    "compute_dtype"]}, out, ckpt, loaded, facts, variant)
+                exported = {**entry, **entry.get("unquantized", {})}
+                entry["parity"] = _parity(name, exported, out, ckpt, loaded, facts, variant)
             log(f"[parity] {name}: {_fmt_parity(entry['parity'])}")
         manifest["stages"]["parity"] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
     else:

@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..numerics import fp8_scale, to_fp8
 from .dit import Block, ZImageDiT
 from .layers import Linear
-
-E4M3_MAX = 448.0
 
 
 class FP8Linear(nn.Module):
@@ -27,12 +26,10 @@ class FP8Linear(nn.Module):
                  input_amax: torch.Tensor | None = None):
         super().__init__()
         w = linear.weight.detach()
-        amax = w.abs().amax() if weight_amax is None else weight_amax.to(w.device)
-        scale = (amax.float() / E4M3_MAX).clamp(min=1e-12)
-        q = (w.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-        self.register_buffer("weight_t", q.t())  # column-major
-        self.register_buffer("weight_scale", scale.reshape(()))
-        static = None if input_amax is None else (input_amax.float() / E4M3_MAX).reshape(()).to(w.device)
+        scale = fp8_scale(w.abs().amax() if weight_amax is None else weight_amax.to(w.device))
+        self.register_buffer("weight_t", to_fp8(w, scale).t())  # column-major
+        self.register_buffer("weight_scale", scale)
+        static = None if input_amax is None else fp8_scale(input_amax).to(w.device)
         self.register_buffer("input_scale", static)  # None: dynamic, per call
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16))
         self.out_features = linear.out_features
@@ -42,8 +39,8 @@ class FP8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         x_scale = self.input_scale
         if x_scale is None:
-            x_scale = (x2.abs().amax().float() / E4M3_MAX).clamp(min=1e-12)
-        x_fp8 = (x2.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+            x_scale = fp8_scale(x2.abs().amax())
+        x_fp8 = to_fp8(x2, x_scale)
         out = torch._scaled_mm(x_fp8, self.weight_t, scale_a=x_scale, scale_b=self.weight_scale,
                                bias=self.bias, out_dtype=torch.bfloat16)
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)

@@ -32,9 +32,6 @@ from ..models.dit import Attention
 from ..models.layers import Linear
 from ..runtime.backends import Backend
 
-E4M3_MAX = 448.0
-
-
 def modelopt():
     """modelopt's quantization package, with our Linear registered as a quantizable linear layer."""
     try:
@@ -89,20 +86,11 @@ def _quant_attention():
     return _QuantAttention
 
 
-def plan_layers(model: torch.nn.Module, scheme: str, exclude, block: int, skip_prefixes=()) -> tuple[list, dict]:
-    """Linear modules to quantize, and those kept with the reason."""
-    chosen, kept = [], {}
-    for name, m in model.named_modules():
-        if not isinstance(m, torch.nn.Linear) or name.startswith(tuple(skip_prefixes)):
-            continue
-        hit = next((e for e in exclude if e in name), None)
-        if hit:
-            kept[name] = f"excluded ({hit})"
-        elif scheme == "int4" and m.in_features % block:
-            kept[name] = f"in_features {m.in_features} not a multiple of block {block}"
-        else:
-            chosen.append(name)
-    return chosen, kept
+def plan_layers(model: torch.nn.Module, scheme: str, exclude, block: int, skip_prefixes=()) -> list[str]:
+    """Linear modules to quantize: not excluded, not under `skip_prefixes`, and (INT4) whole blocks wide."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not name.startswith(tuple(skip_prefixes))
+            and not any(e in name for e in exclude) and not (scheme == "int4" and m.in_features % block)]
 
 
 def attention_modules(model: torch.nn.Module, exclude, skip_prefixes=()) -> list[str]:
@@ -186,7 +174,6 @@ def attention_layers_of(scales: dict) -> list[str]:
 
 # -- the forward loops --------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def text_encoder_loop(tokenizer, prompts: list[str], device, batch: int = 8):
     """Calibration loop of the text encoder: the prompts, in the chat template, as the pipeline encodes them."""
     def loop(model):

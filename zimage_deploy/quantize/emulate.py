@@ -13,13 +13,9 @@ import functools
 
 import torch
 
-from .calibrate import E4M3_MAX, attention_layers_of, layers_of
-from .qdq import INT4_MAX, PROBS_AMAX
-
-
-def fake_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    s = scale.to(x.device, torch.float32)
-    return ((x.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
+from ..numerics import fake_fp8, fp8_scale, int4_blocks, to_fp8
+from .calibrate import attention_layers_of, layers_of
+from .qdq import PROBS_AMAX
 
 
 def fp8_attention(q, k, v, key_bias, scales):
@@ -30,19 +26,18 @@ def fp8_attention(q, k, v, key_bias, scales):
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
     if key_bias is not None:
         scores = scores + key_bias
-    probs = fake_fp8(scores.softmax(dim=-1).to(v.dtype), torch.tensor(PROBS_AMAX / E4M3_MAX))
+    probs = fake_fp8(scores.softmax(dim=-1).to(v.dtype), fp8_scale(torch.tensor(PROBS_AMAX)))
     return torch.matmul(probs, v)
 
 
 def _weight(w: torch.Tensor, scheme: str, amax: torch.Tensor, pre: torch.Tensor | None, block: int) -> torch.Tensor:
     wf = w.float() if pre is None else w.float() / pre[None, :]
     if scheme == "fp8":
-        s = (amax.float() / E4M3_MAX).clamp(min=1e-12)
-        deq = (wf / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * s
+        s = fp8_scale(amax)
+        deq = to_fp8(wf, s).float() * s
     else:
-        out_f, in_f = wf.shape
-        s = (amax.float().reshape(out_f, in_f // block, 1) / INT4_MAX).clamp(min=1e-12)
-        deq = (torch.round(wf.reshape(out_f, in_f // block, block) / s).clamp(-8, 7) * s).reshape(out_f, in_f)
+        q, s = int4_blocks(wf, block, amax)
+        deq = (q.reshape(*s.shape, block) * s[..., None]).reshape(wf.shape)
     return (deq if pre is None else deq * pre[None, :]).to(w.dtype)
 
 
@@ -57,10 +52,10 @@ def apply_scales(model: torch.nn.Module, scales: dict[str, torch.Tensor], scheme
             m.weight.data = _weight(m.weight.data, scheme, scales[f"{name}.weight_amax"],
                                     None if pre is None else pre.to(m.weight.device), block)
         if f"{name}.input_amax" in scales:
-            scale = (scales[f"{name}.input_amax"].float() / E4M3_MAX).reshape(())
+            scale = fp8_scale(scales[f"{name}.input_amax"])
             # the graph quantizes the activation after the linear layer's cast to its weight dtype
             m.register_forward_pre_hook(lambda mod, args, s=scale: (fake_fp8(args[0].to(mod.weight.dtype), s),))
     for name in attention_layers_of(scales):
-        bmm = tuple((scales[f"{name}.{x}_bmm_amax"].float() / E4M3_MAX).reshape(()) for x in "qkv")
+        bmm = tuple(fp8_scale(scales[f"{name}.{x}_bmm_amax"]) for x in "qkv")
         modules[name].attend = functools.partial(fp8_attention, scales=bmm)
     return names

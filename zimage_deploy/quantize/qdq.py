@@ -30,11 +30,11 @@ from ..cli import run_cli
 from ..errors import UserError
 from ..export.weights import DATA_FILE, EXTERNAL_THRESHOLD, TORCH_OF, ExternalWriter, read_initializer
 from ..fsutil import atomic_dir
-from .calibrate import E4M3_MAX, attention_layers_of, layers_of, load_scales
+from ..numerics import E4M3_MAX, INT4_MAX, fp8_scale, int4_blocks, to_fp8, weight_amax
+from .calibrate import attention_layers_of, layers_of, load_scales
 from .options import DEFAULT_EXCLUDE
 
 SCHEMES = ("int4", "fp8")
-INT4_MAX = 7.0
 QDQ_OPSET = 21  # INT4 blocked DequantizeLinear
 PROBS_AMAX = 1.0  # FP8 attention: the softmax output's range, a fixed scale
 # names that are never matmul weights worth quantizing, whatever the exclusions say
@@ -55,21 +55,6 @@ def pack_int4(q: torch.Tensor) -> bytes:
     return (flat[0::2] | (flat[1::2] << 4)).numpy().tobytes()
 
 
-def int4_blocks(w: torch.Tensor, block: int, amax: torch.Tensor | None = None) -> tuple[bytes, torch.Tensor]:
-    """Symmetric INT4 per block of `block` input channels; `amax` (out, in / block) or the blocks' own range."""
-    out_f, in_f = w.shape
-    blocks = w.float().reshape(out_f, in_f // block, block)
-    amax = blocks.abs().amax(-1) if amax is None else amax.float().reshape(out_f, in_f // block)
-    scale = (amax / INT4_MAX).clamp(min=1e-12)
-    q = torch.round(blocks / scale[..., None]).clamp(-8, 7).reshape(out_f, in_f)
-    return pack_int4(q), scale
-
-
-def fp8_tensor(w: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[bytes, torch.Tensor]:
-    amax = w.float().abs().amax() if amax is None else amax.float()
-    scale = (amax / E4M3_MAX).clamp(min=1e-12).reshape(())
-    q = (w.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return q.view(torch.uint8).numpy().tobytes(), scale
 
 
 def raw_of(t: torch.Tensor, elem: int) -> bytes:
@@ -174,10 +159,12 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block: int = 128, scales: 
             pre = get("pre_quant_scale")
             w = w.float() if pre is None else w.float() / pre[None, :]
             if scheme == "int4":
-                qraw, scale = int4_blocks(w, block, get("weight_amax"))
-                qtype, attrs = TensorProto.INT4, {"axis": 1, "block_size": block}
+                q, scale = int4_blocks(w, block, get("weight_amax"))
+                qraw, qtype, attrs = pack_int4(q), TensorProto.INT4, {"axis": 1, "block_size": block}
             else:
-                qraw, scale = fp8_tensor(w, get("weight_amax"))
+                amax = get("weight_amax")
+                scale = fp8_scale(weight_amax(w, "fp8") if amax is None else amax)
+                qraw = to_fp8(w, scale).view(torch.uint8).numpy().tobytes()
                 qtype, attrs = TensorProto.FLOAT8E4M3FN, {}
             elem = t.data_type  # the graph's dtype for this layer: the activation arrives in it too
             used[f"{name}.weight_amax"] = scale.float() * (INT4_MAX if scheme == "int4" else E4M3_MAX)
@@ -197,8 +184,7 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block: int = 128, scales: 
             in_amax = get("input_amax")
             if in_amax is not None:
                 used[f"{name}.input_amax"] = in_amax
-                s = (in_amax.float() / E4M3_MAX).reshape(())
-                new_inits.append(writer.add(f"{name}.input_scale", elem, [], raw_of(s, elem)))
+                new_inits.append(writer.add(f"{name}.input_scale", elem, [], raw_of(fp8_scale(in_amax), elem)))
                 g.fp8_qdq(matmul, 0, f"{name}.input_scale", zero_point)
                 summary["activation_qdq"] += 1
             summary["quantized"].append(name)
@@ -210,8 +196,7 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block: int = 128, scales: 
             for x, (node, index) in zip("qkpv", ((scores, 0), (scores, 1), (output, 0), (output, 1))):
                 if x != "p":
                     used[f"{attn}.{x}_bmm_amax"] = amax[x]
-                s = (amax[x].float() / E4M3_MAX).reshape(())
-                new_inits.append(writer.add(f"{attn}.{x}_bmm_scale", elem, [], raw_of(s, elem)))
+                new_inits.append(writer.add(f"{attn}.{x}_bmm_scale", elem, [], raw_of(fp8_scale(amax[x]), elem)))
                 g.fp8_qdq(node, index, f"{attn}.{x}_bmm_scale", zero_point)
             summary["attention_qdq"] += 1
         if summary["activation_qdq"] or summary["attention_qdq"]:

@@ -20,10 +20,11 @@ from .. import manifest as manifest_io
 from ..errors import UserError
 from ..engines.builder import sha256_file
 from ..export.onnx_export import file_hash
+from ..numerics import weight_amax
 from ..targets import QUANTIZED
 from .calibrate import (CachedText, attention_modules, calibrate, plan_layers, sampling_loop, save_scales,
                         text_encoder_loop)
-from .options import QuantOptions, load_prompts, prompts_sha256
+from .options import QuantOptions, prompts_sha256
 
 CALIBRATED = ("transformer", "text_encoder")  # the components a precision may quantize
 
@@ -65,20 +66,19 @@ def _key(entry: dict, scheme: str, opts: QuantOptions, block: int, calib_sha: st
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-def quantize_stage(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions, ckpt: Path, log) -> dict:
-    """Run the stage; returns its manifest record. Raises GateFailed (after recording why) below the thresholds."""
+def quantize_stage(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions, prompts: list[str],
+                   ckpt: Path, log) -> dict:
+    """Run the stage; returns its manifest record. `prompts`: the calibration prompts (empty when no scheme of the
+    plan needs data; the build has checked the plan with `check_supported`). Raises GateFailed (after recording
+    why) below the thresholds."""
     from .qdq import quantize_graph
 
     t0 = time.perf_counter()
     todo = {c: plan[c] for c in variant.components if plan[c] in QUANTIZED}
     if not todo:
         return {"status": "skipped", "reason": f"precision {manifest['precision']} needs no quantization"}
-    check_supported(plan, variant.name, variant.components)
-    facts = manifest["model"]["facts"]
-    block = int4_block(opts, facts)
-    data = any(needs_data(s, opts) for s in todo.values())
-    prompts = load_prompts(opts.calib_prompts, opts.calib_size) if data else []
-    calib_sha = prompts_sha256(prompts) if data else None
+    block = int4_block(opts, manifest["model"]["facts"])
+    calib_sha = prompts_sha256(prompts) if prompts else None
     side = opts.calib_side or manifest["defaults"]["height"]
 
     for name in todo:  # the exported graph becomes the "unquantized" record (kept across rebuilds)
@@ -193,7 +193,7 @@ def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log) -> di
     scales = {}
     if "text_encoder" in todo:
         scheme = todo["text_encoder"]
-        layers, _ = plan_layers(te, scheme, opts.exclude, block)
+        layers = plan_layers(te, scheme, opts.exclude, block)
         if needs_data(scheme, opts):
             scales["text_encoder"] = calibrate(te, scheme, layers, block, opts.int4_method,
                                                text_encoder_loop(tok, prompts, device))
@@ -209,7 +209,7 @@ def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log) -> di
         dit = load_dit(ckpt, dtype).to(device)
         # only the per-step graph's layers: the context refiner (once per prompt) is its own, unquantized graph
         skip = ("context_refiner", "siglip_refiner")
-        layers, _ = plan_layers(dit, scheme, opts.exclude, block, skip_prefixes=skip)
+        layers = plan_layers(dit, scheme, opts.exclude, block, skip_prefixes=skip)
         attention = attention_modules(dit, opts.exclude, skip) if scheme == "fp8" and opts.fp8_attention else []
         backend = CachedText(TorchBackend(out, manifest, device=device, modules={"transformer": dit}), cache)
         loop = sampling_loop(Pipeline(out, backend), prompts, side, opts.calib_steps)
@@ -219,10 +219,5 @@ def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log) -> di
 
 def _rtn_scales(model, layers, scheme, block) -> dict[str, torch.Tensor]:
     modules = dict(model.named_modules())
-    out = {}
-    for n in layers:
-        w = modules[n].weight.float()
-        out[f"{n}.weight_amax"] = (w.abs().amax() if scheme == "fp8"
-                                   else w.reshape(w.shape[0], -1, block).abs().amax(-1)).cpu()
-    return out
+    return {f"{n}.weight_amax": weight_amax(modules[n].weight, scheme, block).cpu() for n in layers}
 

@@ -128,14 +128,12 @@ class TorchBackend(Backend):
         """Apply the quantization of the build's quantized components served by this module (same scale files,
         same arithmetic as their Q/DQ graphs)."""
         from ..models.load import LOADER_OF
-        from ..quantize.calibrate import load_scales
         from ..quantize.emulate import apply_scales
 
         for name, comp in self.components.items():
             q = comp.get("quantization")
             if q and LOADER_OF.get(name, name) == key:
-                scales, _ = load_scales(self.engine_dir / q["scales"])
-                apply_scales(model, scales, q["scheme"], q["block"] or 0)
+                apply_scales(model, self._scales(name, q["scheme"]), q["scheme"], q["block"] or 0)
         return model
 
     def model(self, component: str) -> torch.nn.Module:
