@@ -8,4 +8,4 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 benchmarks/gpu_turbo_1024.py --out "$OUT/gpu" --repeats 3 2>&1 | tee "$OUT/gpu_turbo.log"
+python3 benchmarks/gpu_turbo_1024.py --out "$OUT/gpu" --repeats 3 --deadline-s 420 2>&1 | tee "$OUT/gpu_turbo.log"

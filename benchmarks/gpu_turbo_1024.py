@@ -19,6 +19,7 @@ import json
 import statistics
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,31 @@ def time_runs(fn, repeats, device):
     }, image
 
 
+def time_ours(variant, build_dir, manifest, modules, device, size, args):
+    """Our runtime over the in-memory modules: first call (compilation, CUDA-graph capture) timed apart."""
+    from zimage_deploy.runtime.backends import TorchBackend
+    from zimage_deploy.runtime.pipeline import Pipeline
+
+    mods = dict(modules)
+    if "fp8" in variant:  # FP8 swaps the DiT's block projections: keep the BF16 DiT for the other rows
+        mods["transformer"] = copy.deepcopy(modules["transformer"])
+    t0 = time.perf_counter()
+    backend = TorchBackend(build_dir, manifest, device=device, compile="compiled" in variant,
+                           fp8="fp8" in variant, modules=mods)
+    runtime = Pipeline(build_dir, backend)
+
+    def run_ours():
+        timings: dict = {}
+        image = runtime(PROMPT, size, size, args.steps, 0, progress=False, timings=timings)[0]
+        return image, timings
+
+    first = time.perf_counter()
+    run_ours()
+    compile_s = time.perf_counter() - first
+    result, image = time_runs(run_ours, args.repeats, device)
+    return {**result, "first_call_s": compile_s, "setup_s": first - t0}, image
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reduced", action="store_true", help="small config (checks the code, not the speed)")
@@ -178,11 +204,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default="diffusers,ours-bf16,ours-bf16-compiled,ours-fp8-compiled")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="start no further row after this many seconds (the report keeps what ran)")
     args = ap.parse_args()
-    from zimage_deploy.bench import StageTimer, machine_info
-    from zimage_deploy.runtime.backends import TorchBackend
-    from zimage_deploy.runtime.pipeline import Pipeline
     from zimage_deploy import manifest as manifest_io
+    from zimage_deploy.bench import StageTimer, machine_info
 
     device = args.device
     cuda = device.startswith("cuda")
@@ -199,6 +225,28 @@ def main() -> None:
     manifest = manifest_io.load(build_dir)
     results, images = {}, {}
     print(f"setup {setup_s:.1f} s ({'reduced' if args.reduced else 'real'} configs, {dtype}, {device})", flush=True)
+    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(device),
+              "config": "reduced" if args.reduced else "real (6.15B DiT, Qwen3-4B, Flux VAE), random weights",
+              "size": size, "steps": args.steps, "batch": 1, "dtype": str(dtype), "setup_s": setup_s,
+              "results": results}
+
+    def row(label, fn):
+        """One row, whatever happens: out of time, an error (kept in the report with its traceback's tail) or
+        a result; the report is rewritten after each row, so a run cut short still leaves what it measured."""
+        elapsed = time.perf_counter() - t_setup
+        if args.deadline_s is not None and elapsed > args.deadline_s:
+            results[label] = {"skipped": f"time budget ({elapsed:.0f} s > {args.deadline_s:.0f} s)"}
+        else:
+            try:
+                results[label], images[label] = fn()
+            except Exception as e:  # noqa: BLE001 - one failing row must not lose the others
+                results[label] = {"error": f"{type(e).__name__}: {e}"[:500],
+                                  "traceback": traceback.format_exc().splitlines()[-12:]}
+            if cuda:
+                results[label]["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+        print(label, results[label], flush=True)
+        (args.out / "gpu_turbo_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
     if "diffusers" in variants:
         timer = StageTimer(device)
@@ -213,8 +261,7 @@ def main() -> None:
                          generator=g).images[0]
             return image, dict(timer.times)
 
-        results["diffusers eager"], images["diffusers eager"] = time_runs(run_diffusers, args.repeats, device)
-        print("diffusers eager", results["diffusers eager"], flush=True)
+        row("diffusers eager", lambda: time_runs(run_diffusers, args.repeats, device))
 
     for variant, label in (("ours-bf16", "ours eager"), ("ours-bf16-compiled", "ours compiled+cudagraphs"),
                            ("ours-fp8-compiled", "ours fp8 compiled+cudagraphs")):
@@ -223,27 +270,7 @@ def main() -> None:
         if ("compiled" in variant or "fp8" in variant) and not cuda:
             results[label] = {"skipped": "needs a CUDA GPU"}
             continue
-        mods = dict(modules)
-        if "fp8" in variant:  # FP8 swaps the DiT's block projections: keep the BF16 DiT for the other rows
-            mods["transformer"] = copy.deepcopy(modules["transformer"])
-        t0 = time.perf_counter()
-        backend = TorchBackend(build_dir, manifest, device=device, compile="compiled" in variant,
-                               fp8="fp8" in variant, modules=mods)
-        runtime = Pipeline(build_dir, backend)
-
-        def run_ours():
-            timings: dict = {}
-            image = runtime(PROMPT, size, size, args.steps, 0, progress=False, timings=timings)[0]
-            return image, timings
-
-        first = time.perf_counter()
-        run_ours()
-        compile_s = time.perf_counter() - first
-        results[label], images[label] = time_runs(run_ours, args.repeats, device)
-        results[label]["first_call_s"] = compile_s
-        results[label]["setup_s"] = first - t0
-        print(label, results[label], flush=True)
-        backend = runtime = mods = None  # free the FP8 copy before the next row
+        row(label, lambda: time_ours(variant, build_dir, manifest, modules, device, size, args))
         if cuda:
             torch.cuda.empty_cache()
 
@@ -254,18 +281,15 @@ def main() -> None:
             results[label]["max_abs_diff_vs_diffusers"] = int(diff.max())
             results[label]["mean_abs_diff_vs_diffusers"] = float(diff.mean())
         image.save(args.out / f"{label.replace(' ', '_').replace('+', '_')}.png")
-    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(device),
-              "config": "reduced" if args.reduced else "real (6.15B DiT, Qwen3-4B, Flux VAE), random weights",
-              "size": size, "steps": args.steps, "batch": 1, "dtype": str(dtype), "setup_s": setup_s,
-              "results": results}
     (args.out / "gpu_turbo_report.json").write_text(json.dumps(report, indent=2) + "\n")
     base = results.get("diffusers eager", {}).get("median_s")
     print(f"\n{report['machine'].get('gpu', device)} · torch {torch.__version__} · {size}x{size}, {args.steps} steps")
     print("| pipeline | end-to-end median s | encode s | DiT all steps s | decode s | speed-up | max diff |")
     print("|---|---|---|---|---|---|---|")
     for label, r in results.items():
-        if "skipped" in r:
-            print(f"| {label} | skipped: {r['skipped']} | | | | | |")
+        if "median_s" not in r:
+            why = f"skipped: {r['skipped']}" if "skipped" in r else f"failed: {r['error'][:80]}"
+            print(f"| {label} | {why} | | | | | |")
             continue
         st = r["stages_s"]
         speed = f"{base / r['median_s']:.2f}x" if base else "-"

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -256,8 +257,13 @@ def machine_info(device: str) -> dict:
 
             pynvml.nvmlInit()
             info["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception:  # noqa: BLE001 - no pynvml: ask nvidia-smi
+            try:
+                info["driver"] = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                    text=True, timeout=30, check=True).stdout.split("\n")[0].strip()
+            except Exception:  # noqa: BLE001
+                pass
     return info
 
 
