@@ -4,7 +4,7 @@ and the on-disk size of every quantized graph. Engines and the quality gate are 
 gate would run the 6B model at full size on the CPU). A benchmark, not a test: it writes ~20 GB of checkpoint and
 ~35 GB of graphs.
 
-    .venv/bin/python benchmarks/quantize_realsize.py --work /data/zimage-q [--runs int4-rtn,fp8,int4-awq]
+    .venv/bin/python benchmarks/quantize_realsize.py --work /data/zimage-q [--runs int4-rtn,fp8,int4-awq,nvfp4]
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ RUNS = {
     "int4-rtn": ["--precision", "int4", "--int4-method", "rtn"],
     "fp8": ["--precision", "fp8", "--calib-size", "1", "--calib-steps", "2", "--calib-side", "256"],
     "int4-awq": ["--precision", "int4", "--calib-size", "1", "--calib-steps", "1", "--calib-side", "256"],
+    # NVFP4 is for Blackwell: the rtx5090 target (same BF16 base graphs); its text encoder INT4 by round to nearest
+    "nvfp4": ["--target", "rtx5090", "--precision", "nvfp4", "--int4-method", "rtn", "--calib-size", "1",
+              "--calib-steps", "2", "--calib-side", "256"],
 }
 
 
@@ -39,7 +42,8 @@ def main() -> None:
     if not (ckpt / "model_index.json").is_file():
         stages["write checkpoint (bf16)"] = measured([py, "-m", "zimage_deploy.realsize", "--out", str(ckpt)])
     for run in [r for r in args.runs.split(",") if r]:  # --runs "": re-render the day's report
-        cmd = [py, "-m", "zimage_deploy.build", "--model", str(ckpt), "--target", "rtx4090", "--lean", "on",
+        cmd = [py, "-m", "zimage_deploy.build", "--model", str(ckpt), "--target", "rtx4090", "--lean", "on",  # a run's
+               # own --target comes later and wins
                "--skip-engines", "--skip-parity", "--no-quality-gate", "--out", str(out), *RUNS[run]]
         stages[f"build {run} (export when not up to date + quantize)"] = measured(cmd)
         manifest = json.loads((out / "manifest.json").read_text())
@@ -58,12 +62,13 @@ def main() -> None:
             report[k] = {**old.get(k, {}), **report[k]}
     stages, sizes = report["stages"], report["sizes_gib"]
     lines = stage_table(f"Real-size quantization ({report['date']}, {report['machine']})",
-                        "Random weights of the real Z-Image-Turbo configs; target rtx4090 (BF16 base graphs), lean "
+                        "Random weights of the real Z-Image-Turbo configs; target rtx4090 (nvfp4: rtx5090; BF16 base "
+                        "graphs), lean "
                         "export, engines and quality gate skipped. Each build in its own process; peak RSS from "
                         "GNU time.", stages)
     lines += ["", "| run | component | graph on disk GiB |", "|---|---|---|"]
     lines += [f"| {run} | {n} | {g} |" for run, d in sizes.items() for n, g in d.items()]
-    lines += ["", "| run | component | method | layers (FP8 activations / AWQ) | weights GB before -> after | "
+    lines += ["", "| run | component | method | layers (quantized activations / AWQ) | weights GB before -> after | "
               "calibration |", "|---|---|---|---|---|---|"]
     for run, comps in report["quantization"].items():
         for n, q in comps.items():

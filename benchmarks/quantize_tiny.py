@@ -1,6 +1,8 @@
 """Quality of the quantized tiny-model builds on this machine: each scheme built for the cpu target (ONNX Runtime),
 then the same prompts, sizes and seeds through the float32 build and the quantized one: image PSNR, final-latent
-cosine, calibration time, weight bytes. Writes Markdown and JSON under benchmarks/reports/.
+cosine, calibration time, weight bytes. NVFP4 exists only for Blackwell targets: it is built for rtx5090 (BF16
+base, engines skipped) and run on the Torch backend, which emulates its graphs (ONNX Runtime has no FP4 kernels).
+Writes Markdown and JSON under benchmarks/reports/.
 
     .venv/bin/python benchmarks/quantize_tiny.py --work /tmp/zq [--calib-size 64]
 """
@@ -31,6 +33,8 @@ SCHEMES = {
     "fp8, text encoder fp8 too": ["--precision", "fp8", "--text-encoder-precision", "fp8"],
     "int4 AWQ (DiT + text encoder)": ["--precision", "int4"],
     "int4 RTN (DiT + text encoder)": ["--precision", "int4", "--int4-method", "rtn"],
+    "nvfp4 DiT (rtx5090, BF16 base, Torch emulation)": ["--precision", "nvfp4", "--text-encoder-precision", "bf16",
+                                                        "--target", "rtx5090", "--skip-engines"],
 }
 CASES = [("A red fox in the snow at dawn, soft light", 256, 256),
          ("一只橘猫趴在窗台上晒太阳，窗外是开满樱花的街道", 192, 320),
@@ -38,8 +42,8 @@ CASES = [("A red fox in the snow at dawn, soft light", 256, 256),
          ("夜晚的上海外滩，灯火通明，长曝光摄影", 256, 256)]
 
 
-def outputs(build_dir: Path):
-    pipe = Pipeline(build_dir, backend="onnxruntime")
+def outputs(build_dir: Path, backend: str = "onnxruntime"):
+    pipe = Pipeline(build_dir, backend=backend)
     lat = [pipe(p, height=h, width=w, seed=i, output="latent", progress=False) for i, (p, h, w) in enumerate(CASES)]
     return lat, [np.asarray(pipe.decode(x, "pil")[0]) for x in lat]
 
@@ -50,17 +54,18 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=64)
     ap.add_argument("--report", type=Path, default=Path(__file__).parent / "reports")
     args = ap.parse_args()
-    common = ["--model", "tiny", "--target", "cpu", "--skip-parity"]
-    assert build.main([*common, "--precision", "fp32", "--out", str(args.work / "fp32")]) == 0
+    common = ["--model", "tiny", "--skip-parity"]
+    assert build.main([*common, "--target", "cpu", "--precision", "fp32", "--out", str(args.work / "fp32")]) == 0
     ref_lat, ref_img = outputs(args.work / "fp32")
     rows = {}
     for name, flags in SCHEMES.items():
         out = args.work / name.split(" ")[0] / str(len(rows))
         t0 = time.perf_counter()
-        assert build.main([*common, *flags, "--calib-size", str(args.calib_size), "--out", str(out)]) == 0
+        target = [] if "--target" in flags else ["--target", "cpu"]
+        assert build.main([*common, *target, *flags, "--calib-size", str(args.calib_size), "--out", str(out)]) == 0
         seconds = time.perf_counter() - t0
         manifest = json.loads((out / "manifest.json").read_text())
-        lat, img = outputs(out)
+        lat, img = outputs(out, "torch" if "nvfp4" in flags else "onnxruntime")
         quant = {n: c["quantization"] for n, c in manifest["components"].items() if c.get("quantization")}
         gate = manifest["stages"]["quantize"]["quality_gate"]
         rows[name] = {
@@ -76,7 +81,8 @@ def main() -> None:
               "calib_size": args.calib_size, "cases": CASES, "schemes": rows}
     lines = [f"# Quantized tiny model vs float32 ({date}, {machine()})", "",
              f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}. Each scheme built for the cpu "
-             f"target with {args.calib_size} calibration prompts (shipped set); ONNX Runtime on the CPU; same prompts "
+             f"target with {args.calib_size} calibration prompts (shipped set); ONNX Runtime on the CPU (nvfp4: rtx5090"
+             " target, Torch backend emulating its graphs); same prompts "
              "and seeds as the float32 build: " + "; ".join(f"{p[:30]}.. {h}x{w}" for p, h, w in CASES) + ". "
              "The tiny model has random weights: these figures check the path, they do not predict real-model quality.",
              "", "| scheme | image PSNR dB (per case) | final-latent cosine (min) | calibration s | build s | "

@@ -358,7 +358,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lean", default="auto", choices=("auto", "on", "off"),
                     help="memory-lean export: trace two-layer templates, stream weights from the checkpoint "
                          "(auto: when the DiT and text encoder exceed 4 GiB)")
-    q = ap.add_argument_group("quantization (--precision fp8 / int4; nvfp4 needs a GPU)")
+    q = ap.add_argument_group("quantization (--precision fp8 / int4; nvfp4 for Blackwell: rtx5090, b200)")
     q.add_argument("--text-encoder-precision", default=None, choices=TEXT_ENCODER_PRECISIONS,
                    help="text encoder precision (default: int4 with --precision int4, else not quantized; "
                         "bf16 = not quantized, float32 on the cpu target)")
@@ -376,7 +376,7 @@ def main(argv=None) -> int:
     q.add_argument("--quant-exclude", default=",".join(DEFAULT_EXCLUDE), metavar="NAMES",
                    help="comma-separated module-name substrings kept in high precision (default: %(default)s)")
     q.add_argument("--fp8-attention", action="store_true",
-                   help="FP8: quantize the DiT's attention BMMs too (q, k, v and the softmax output)")
+                   help="fp8 / nvfp4: quantize the DiT's attention BMMs to FP8 too (q, k, v and the softmax output)")
     q.add_argument("--no-quality-gate", action="store_true", help="do not compare with the unquantized graphs")
     q.add_argument("--gate-prompts", type=int, default=3, help="prompts the quality gate runs (default 3)")
     q.add_argument("--min-psnr", type=float, default=QuantOptions.min_psnr,

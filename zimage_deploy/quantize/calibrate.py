@@ -1,14 +1,14 @@
 """Calibration with nvidia-modelopt.
 
 modelopt inserts its quantizers into our Torch modules, the real sampling loop runs over the calibration
-prompts (max calibration for FP8; activation-aware AWQ search for INT4), and the scales it found are saved to a
-small safetensors file per component. The graph rewrite (qdq.py) reads that file: calibration never needs the
+prompts (max calibration for FP8 and NVFP4; activation-aware AWQ search for INT4), and the scales it found are
+saved to a small safetensors file per component. The graph rewrite (qdq.py) reads that file: calibration never needs the
 ONNX graph, and the graph rewrite never needs the Torch model (so a real-size graph is quantized one tensor at a
 time).
 
 Scale file keys, per quantized linear module NAME (the ONNX initializer of its weight is NAME.weight):
-  NAME.weight_amax      per tensor (FP8) or per block, (out, in / block) (INT4)
-  NAME.input_amax       FP8 activations, per tensor
+  NAME.weight_amax      per tensor (FP8, NVFP4's global scale) or per block, (out, in / block) (INT4)
+  NAME.input_amax       FP8 activations, per tensor; NVFP4: the range behind the activations' global scale
   NAME.pre_quant_scale  INT4 AWQ: the activation is multiplied by it and the weight divided by it, per input channel
 and per attention module ATTN of the DiT with FP8 attention: ATTN.q_bmm_amax, ATTN.k_bmm_amax, ATTN.v_bmm_amax.
 """
@@ -30,6 +30,7 @@ from ..errors import UserError
 from ..fsutil import atomic_file
 from ..models.dit import Attention
 from ..models.layers import Linear
+from ..numerics import NVFP4_BLOCK
 from ..runtime.backends import Backend
 
 def modelopt():
@@ -87,10 +88,11 @@ def _quant_attention():
 
 
 def plan_layers(model: torch.nn.Module, scheme: str, exclude, block: int, skip_prefixes=()) -> list[str]:
-    """Linear modules to quantize: not excluded, not under `skip_prefixes`, and (INT4) whole blocks wide."""
+    """Linear modules to quantize: not excluded, not under `skip_prefixes`, and (INT4, NVFP4) whole blocks wide."""
+    width = {"int4": block, "nvfp4": NVFP4_BLOCK}.get(scheme, 1)
     return [name for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and not name.startswith(tuple(skip_prefixes))
-            and not any(e in name for e in exclude) and not (scheme == "int4" and m.in_features % block)]
+            and not any(e in name for e in exclude) and not m.in_features % width]
 
 
 def attention_modules(model: torch.nn.Module, exclude, skip_prefixes=()) -> list[str]:
@@ -99,8 +101,13 @@ def attention_modules(model: torch.nn.Module, exclude, skip_prefixes=()) -> list
 
 
 def modelopt_config(scheme: str, layers: list[str], block: int, int4_method: str, attention=()) -> dict:
-    """A modelopt config quantizing exactly `layers` (and the BMMs of the `attention` modules, FP8)."""
-    if scheme == "fp8":
+    """A modelopt config quantizing exactly `layers` (and the BMMs of the `attention` modules, FP8).
+
+    NVFP4 is calibrated as FP8 is: max calibration, per tensor. Its block scales are computed from the data (weights
+    when the graph is written, activations by TensorRT at run time), so what calibration must find are the
+    per-tensor ranges behind the global scales, and modelopt's max calibration collects them without quantizing.
+    (modelopt's own NVFP4 mode fake-quantizes through CUDA/Triton kernels; this way calibration runs anywhere.)"""
+    if scheme in ("fp8", "nvfp4"):
         fmt = {"num_bits": (4, 3), "axis": None}
         per_layer = [{"quantizer_name": f"{n}.weight_quantizer", "cfg": fmt} for n in layers]
         per_layer += [{"quantizer_name": f"{n}.input_quantizer", "cfg": fmt} for n in layers]
@@ -143,7 +150,7 @@ def collect_scales(model, layers, scheme: str, block: int, attention=()) -> dict
         scales[f"{name}.weight_amax"] = amax.reshape(m.out_features, m.in_features // block) if scheme == "int4" \
             else amax.reshape(())
         iq = m.input_quantizer
-        if scheme == "fp8":
+        if scheme in ("fp8", "nvfp4"):
             if iq.amax is None:
                 raise UserError(f"no calibration data reached {name}: is it used by the sampling loop?")
             scales[f"{name}.input_amax"] = iq.amax.detach().float().cpu().reshape(())

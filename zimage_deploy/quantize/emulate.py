@@ -4,7 +4,9 @@ machine without a GPU).
 
 Weights are replaced by their quantize-dequantize (AWQ: dequantized W / s, times s again, which is the graph's
 Mul-by-s on the activation moved onto the weight); FP8 activations are quantize-dequantized by a pre-hook on the
-linear layer with the calibrated per-tensor scale, saturating as `QuantizeLinear` does.
+linear layer with the calibrated per-tensor scale, saturating as `QuantizeLinear` does; NVFP4 activations by a
+pre-hook doing what TensorRT's dynamic FP4 quantization does (block scales from each block of 16, the calibrated
+global scale).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import functools
 
 import torch
 
-from ..numerics import fake_fp8, fp8_scale, int4_blocks, to_fp8
+from ..numerics import fake_fp8, fake_nvfp4, fp8_scale, int4_blocks, nvfp4_blocks, nvfp4_global_scale, to_fp8
 from .calibrate import attention_layers_of, layers_of
 from .qdq import PROBS_AMAX
 
@@ -32,6 +34,8 @@ def fp8_attention(q, k, v, key_bias, scales):
 
 def _weight(w: torch.Tensor, scheme: str, amax: torch.Tensor, pre: torch.Tensor | None, block: int) -> torch.Tensor:
     wf = w.float() if pre is None else w.float() / pre[None, :]
+    if scheme == "nvfp4":
+        return nvfp4_blocks(wf, nvfp4_global_scale(amax), w.dtype)[2]
     if scheme == "fp8":
         s = fp8_scale(amax)
         deq = to_fp8(wf, s).float() * s
@@ -51,7 +55,10 @@ def apply_scales(model: torch.nn.Module, scales: dict[str, torch.Tensor], scheme
         with torch.no_grad():
             m.weight.data = _weight(m.weight.data, scheme, scales[f"{name}.weight_amax"],
                                     None if pre is None else pre.to(m.weight.device), block)
-        if f"{name}.input_amax" in scales:
+        if f"{name}.input_amax" in scales and scheme == "nvfp4":
+            g = nvfp4_global_scale(scales[f"{name}.input_amax"])
+            m.register_forward_pre_hook(lambda mod, args, g=g: (fake_nvfp4(args[0].to(mod.weight.dtype), g),))
+        elif f"{name}.input_amax" in scales:
             scale = fp8_scale(scales[f"{name}.input_amax"])
             # the graph quantizes the activation after the linear layer's cast to its weight dtype
             m.register_forward_pre_hook(lambda mod, args, s=scale: (fake_fp8(args[0].to(mod.weight.dtype), s),))

@@ -4,7 +4,7 @@ Same prompts, seeds and size through the sampling loop twice: once with the quan
 their unquantized graphs. Image PSNR (8-bit) and the cosine of the final latents per prompt; the build fails
 below the thresholds. Backend: ONNX Runtime when the graphs are float32 (the cpu target); otherwise the Torch
 backend with the graphs' quantization applied from the same scale files (emulate.py) — ONNX Runtime has no BF16
-kernels on the CPU, and TensorRT engines need their GPU.
+kernels on the CPU and no FP4 ones at all, and TensorRT engines need their GPU.
 """
 
 from __future__ import annotations
@@ -55,13 +55,14 @@ def run_gate(out: Path, manifest: dict, n_prompts: int, side: int, min_psnr: flo
 
     t0 = time.perf_counter()
     float32 = all(c["compute_dtype"] == "float32" for c in manifest["components"].values())
-    if float32:
+    nvfp4 = any(c.get("precision") == "nvfp4" for c in manifest["components"].values())
+    if float32 and not nvfp4:  # ONNX Runtime has no FP4 kernels
         make, how = OnnxRuntimeBackend, "onnxruntime: quantized graphs vs the unquantized float32 graphs"
     else:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         make = lambda d, m: TorchBackend(d, m, device=device)  # noqa: E731
         how = (f"torch ({device}): the graphs' quantization applied from the scale files vs the unquantized modules "
-               "(BF16 graphs cannot run in ONNX Runtime on the CPU)")
+               "(ONNX Runtime runs neither BF16 graphs on the CPU nor FP4 ones)")
     pipes = {"quantized": Pipeline(out, make(out, manifest)),
              "reference": Pipeline(out, make(out, unquantized_manifest(manifest)))}
     prompts = [GATE_PROMPTS[i % len(GATE_PROMPTS)] for i in range(n_prompts)]

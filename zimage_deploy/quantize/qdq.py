@@ -1,4 +1,5 @@
-"""Quantized graphs: standard-domain Q/DQ (opset 21) written into an exported graph, one weight at a time.
+"""Quantized graphs: standard-domain Q/DQ (opset 21; 23 for NVFP4) written into an exported graph, one weight at a
+time.
 
 For each quantized linear layer NAME (weight initializer NAME.weight -> Transpose -> MatMul):
 - the weight becomes NAME.weight_q (FLOAT8E4M3FN per tensor, or INT4 in blocks along the input dimension) plus
@@ -7,6 +8,11 @@ For each quantized linear layer NAME (weight initializer NAME.weight -> Transpos
   per-tensor scale (what TensorRT fuses into an FP8 GEMM; ONNX Runtime executes it on the CPU);
 - INT4 AWQ: the activation is multiplied by the layer's pre-quantization scale and the weight divided by it
   before quantizing (W4A16: the MatMul itself runs in the graph's dtype).
+- NVFP4 (W4A4, Blackwell): the weight becomes FLOAT4E2M1 in blocks of 16 with FLOAT8E4M3FN block scales, which a
+  first `DequantizeLinear` scales by the per-tensor global scale; the activation goes through TensorRT's
+  `trt::TRT_FP4DynamicQuantize` (block scales computed at run time, calibrated global scale) and the same
+  two-level `DequantizeLinear`. TensorRT fuses both into an FP4 GEMM; ONNX Runtime has no kernel for either, so
+  these graphs are checked through the Torch emulation and TensorRT's parser.
 - FP8 attention (DiT, optional): Q/DQ on both attention BMMs' inputs (q, k; softmax output, v).
 Scales come from a calibration file (calibrate.py). Without one, weights are quantized round-to-nearest from their
 own range (INT4 RTN, or FP8 weight-only) and the precision-sensitive layers are skipped by name.
@@ -30,12 +36,14 @@ from ..cli import run_cli
 from ..errors import UserError
 from ..export.weights import DATA_FILE, EXTERNAL_THRESHOLD, TORCH_OF, ExternalWriter, read_initializer
 from ..fsutil import atomic_dir
-from ..numerics import E4M3_MAX, INT4_MAX, fp8_scale, int4_blocks, to_fp8, weight_amax
+from ..numerics import (E4M3_MAX, INT4_MAX, NVFP4_BLOCK, e2m1_codes, fp8_scale, int4_blocks, nvfp4_blocks,
+                        nvfp4_global_scale, to_fp8, weight_amax)
 from .calibrate import attention_layers_of, layers_of, load_scales
 from .options import DEFAULT_EXCLUDE
 
-SCHEMES = ("int4", "fp8")
-QDQ_OPSET = 21  # INT4 blocked DequantizeLinear
+SCHEMES = ("int4", "fp8", "nvfp4")
+QDQ_OPSET = {"int4": 21, "fp8": 21, "nvfp4": 23}  # 21: INT4 blocked DequantizeLinear; 23: FLOAT4E2M1
+TRT_DOMAIN = "trt"  # TensorRT's ONNX operators (TRT_FP4DynamicQuantize)
 PROBS_AMAX = 1.0  # FP8 attention: the softmax output's range, a fixed scale
 # names that are never matmul weights worth quantizing, whatever the exclusions say
 ALWAYS_KEEP = ("norm", "embed_tokens", "pad_token")
@@ -47,19 +55,36 @@ def quantizable(t: TensorProto, exclude=DEFAULT_EXCLUDE) -> bool:
             and t.data_type in (TensorProto.FLOAT, TensorProto.BFLOAT16))
 
 
-def pack_int4(q: torch.Tensor) -> bytes:
-    """int values in [-8, 7] -> ONNX INT4 bytes (two per byte, the first in the low nibble)."""
-    flat = (q.flatten().to(torch.int16) & 0x0F).to(torch.uint8)
+def pack_nibbles(codes: torch.Tensor) -> bytes:
+    """4-bit codes -> ONNX 4-bit tensor bytes (two per byte, the first in the low nibble)."""
+    flat = codes.flatten().to(torch.uint8) & 0x0F
     if flat.numel() % 2:
         flat = torch.cat([flat, flat.new_zeros(1)])
     return (flat[0::2] | (flat[1::2] << 4)).numpy().tobytes()
 
 
+def pack_int4(q: torch.Tensor) -> bytes:
+    """int values in [-8, 7] -> ONNX INT4 bytes."""
+    return pack_nibbles(q.to(torch.int16) & 0x0F)
 
 
 def raw_of(t: torch.Tensor, elem: int) -> bytes:
     t = t.to(TORCH_OF[elem]).contiguous()
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+
+
+def two_level_dq(values: str, block_scales: str, global_scale: str, out: str, elem: int, axis: int, prefix: str):
+    """NVFP4 dequantization: FP8 block scales x global scale (float32), cast to the graph's dtype, then the blocked
+    DequantizeLinear of the FP4 values."""
+    nodes = [helper.make_node("DequantizeLinear", [block_scales, global_scale], [block_scales + "_f"],
+                              name=prefix + "/ScaleDequantizeLinear")]
+    scale = block_scales + "_f"
+    if elem != TensorProto.FLOAT:
+        nodes.append(helper.make_node("Cast", [scale], [block_scales + "_c"], to=elem, name=prefix + "/ScaleCast"))
+        scale = block_scales + "_c"
+    nodes.append(helper.make_node("DequantizeLinear", [values, scale], [out], axis=axis, block_size=NVFP4_BLOCK,
+                                  name=prefix + "/DequantizeLinear"))
+    return nodes
 
 
 class _Graph:
@@ -94,6 +119,19 @@ class _Graph:
                                                   name=f"/quant{node.name}/{index}/QuantizeLinear"))
         self.insert_before(node, helper.make_node("DequantizeLinear", [tag + "_q", scale_name], [tag + "_dq"],
                                                   name=f"/quant{node.name}/{index}/DequantizeLinear"))
+        node.input[index] = tag + "_dq"
+
+    def fp4_dynamic(self, node: onnx.NodeProto, index: int, global_name: str, elem: int) -> None:
+        """NVFP4 quantize-dequantize of input `index` of `node`: TensorRT's dynamic FP4 quantization (block scales
+        from the data, `global_name` the calibrated per-tensor scale of those scales), then two DequantizeLinear."""
+        value, tag = node.input[index], f"{global_name}.{node.name}"
+        prefix = f"/quant{node.name}/{index}"
+        self.insert_before(node, helper.make_node(
+            "TRT_FP4DynamicQuantize", [value, global_name], [tag + "_f4", tag + "_s8"], domain=TRT_DOMAIN,
+            name=prefix + "/TRT_FP4DynamicQuantize", axis=-1, block_size=NVFP4_BLOCK,
+            scale_type=TensorProto.FLOAT8E4M3FN))
+        for n in two_level_dq(tag + "_f4", tag + "_s8", global_name, tag + "_dq", elem, -1, prefix):
+            self.insert_before(node, n)
         node.input[index] = tag + "_dq"
 
     def attention_matmuls(self, module: str) -> tuple[onnx.NodeProto, onnx.NodeProto]:
@@ -131,7 +169,9 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block: int = 128, scales: 
     g = _Graph(model.graph)
     layers = set(layers_of(scales)) if scales is not None else None
     total = sum(int(np.prod(t.dims)) for t in inits)
-    summary = {"scheme": scheme, "block": block if scheme == "int4" else None, "quantized": [],
+    if scheme == "nvfp4" and scales is None:
+        raise UserError("nvfp4 needs calibrated activation scales (--scales): its activations are quantized too")
+    summary = {"scheme": scheme, "block": {"int4": block, "nvfp4": NVFP4_BLOCK}.get(scheme), "quantized": [],
                "activation_qdq": 0, "awq_scaled": 0, "kept": [], "bytes_before": 0, "bytes_after": 0}
     used: dict[str, torch.Tensor] = {}  # the scales written, in the calibration file's keys
     with atomic_dir(dst) as tmp:
@@ -155,9 +195,33 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block: int = 128, scales: 
                 if len(t.dims) == 2:
                     summary["kept"].append(t.name)
                 continue
+            elem = t.data_type  # the graph's dtype for this layer: the activation arrives in it too
             get = (lambda k: scales.get(f"{name}.{k}")) if scales is not None else (lambda k: None)
             pre = get("pre_quant_scale")
             w = w.float() if pre is None else w.float() / pre[None, :]
+            if scheme == "nvfp4":
+                amax = weight_amax(w, "fp8")  # the global scale is per tensor: the weight's own range
+                gscale = nvfp4_global_scale(amax)
+                q, s8, _ = nvfp4_blocks(w, gscale, TORCH_OF[elem])
+                used[f"{name}.weight_amax"] = amax
+                new_inits.append(writer.add(t.name + "_q", TensorProto.FLOAT4E2M1, list(t.dims),
+                                            pack_nibbles(e2m1_codes(q))))
+                new_inits.append(writer.add(t.name + "_scale", TensorProto.FLOAT8E4M3FN, list(s8.shape),
+                                            s8.view(torch.uint8).numpy().tobytes()))
+                new_inits.append(writer.add(t.name + "_global", TensorProto.FLOAT, [],
+                                            raw_of(gscale, TensorProto.FLOAT)))
+                g.first.extend(two_level_dq(t.name + "_q", t.name + "_scale", t.name + "_global", t.name, elem, 1,
+                                            f"/quant/{t.name}"))
+                in_amax = get("input_amax")
+                if in_amax is None:
+                    raise UserError(f"the scales of {name} have no input_amax: nvfp4 needs calibrated activations")
+                used[f"{name}.input_amax"] = in_amax
+                new_inits.append(writer.add(f"{name}.input_global", TensorProto.FLOAT, [],
+                                            raw_of(nvfp4_global_scale(in_amax), TensorProto.FLOAT)))
+                g.fp4_dynamic(matmul, 0, f"{name}.input_global", elem)
+                summary["activation_qdq"] += 1
+                summary["quantized"].append(name)
+                continue
             if scheme == "int4":
                 q, scale = int4_blocks(w, block, get("weight_amax"))
                 qraw, qtype, attrs = pack_int4(q), TensorProto.INT4, {"axis": 1, "block_size": block}
@@ -166,7 +230,6 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block: int = 128, scales: 
                 scale = fp8_scale(weight_amax(w, "fp8") if amax is None else amax)
                 qraw = to_fp8(w, scale).view(torch.uint8).numpy().tobytes()
                 qtype, attrs = TensorProto.FLOAT8E4M3FN, {}
-            elem = t.data_type  # the graph's dtype for this layer: the activation arrives in it too
             used[f"{name}.weight_amax"] = scale.float() * (INT4_MAX if scheme == "int4" else E4M3_MAX)
             new_inits.append(writer.add(t.name + "_q", qtype, list(t.dims), qraw))
             new_inits.append(writer.add(t.name + "_scale", elem, list(scale.shape), raw_of(scale, elem)))
@@ -211,8 +274,11 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block: int = 128, scales: 
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         for op in model.opset_import:
-            if op.domain in ("", "ai.onnx") and op.version < QDQ_OPSET:
-                op.version = QDQ_OPSET
+            if op.domain in ("", "ai.onnx") and op.version < QDQ_OPSET[scheme]:
+                op.version = QDQ_OPSET[scheme]
+        if scheme == "nvfp4":
+            model.opset_import.append(helper.make_opsetid(TRT_DOMAIN, 1))
+            model.ir_version = max(model.ir_version, 11)  # FLOAT4E2M1
         onnx.save_model(model, str(tmp / "model.onnx"))
         onnx.checker.check_model(str(tmp / "model.onnx"))
         onnx.shape_inference.infer_shapes_path(str(tmp / "model.onnx"), str(tmp / "model.onnx"))

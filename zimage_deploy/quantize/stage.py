@@ -44,16 +44,11 @@ def int4_block(opts: QuantOptions, facts: dict) -> int:
 
 
 def needs_data(scheme: str, opts: QuantOptions) -> bool:
-    return scheme == "fp8" or (scheme == "int4" and opts.int4_method == "awq")
+    return scheme in ("fp8", "nvfp4") or (scheme == "int4" and opts.int4_method == "awq")
 
 
 def check_supported(plan: dict, variant: str, components) -> None:
     schemes = {plan[c] for c in components if plan[c] in QUANTIZED}
-    if "nvfp4" in schemes:
-        if not torch.cuda.is_available():
-            raise UserError("nvfp4 calibration needs a CUDA GPU (Blackwell for the engines); none is visible here. "
-                            "Build fp8 or int4, or run this build on a GPU machine")
-        raise UserError("nvfp4 is not implemented yet: it has not been run on a GPU (see the quantization issue)")
     if schemes and variant == "edit":
         raise UserError("quantizing the edit variant is not supported yet (its calibration needs condition "
                         "images); build it in bf16 / fp32")
@@ -108,6 +103,8 @@ def quantize_stage(out: Path, manifest: dict, variant, plan: dict, opts: QuantOp
         used = summary.pop("scales")
         scale_file = out / "quant" / f"{name}.{scheme}.safetensors"
         method = {"fp8": "max calibration, per-tensor weights and activations (W8A8)",
+                  "nvfp4": "NVFP4 W4A4: weights in FP4 blocks of 16 with FP8 block scales and a per-tensor global "
+                           "scale; activations quantized per block at run time, global scale from max calibration",
                   "int4": "AWQ (modelopt awq_lite), W4A16" if name in scales else "round to nearest, W4A16"}[scheme]
         save_scales(scale_file, used, {"scheme": scheme, "block": block, "component": name, "method": method})
         entry.update(
@@ -129,8 +126,9 @@ def quantize_stage(out: Path, manifest: dict, variant, plan: dict, opts: QuantOp
             })
         manifest_io.save(out, manifest)
         before, after = summary["bytes_before"], summary["bytes_after"]
-        log(f"[quantize] {name}: {scheme}, {len(summary['quantized'])} layers ({summary['activation_qdq']} with FP8 "
-            f"activations, {summary['awq_scaled']} AWQ-scaled, {summary['attention_qdq']} FP8 attentions), "
+        act = "FP4" if scheme == "nvfp4" else "FP8"
+        log(f"[quantize] {name}: {scheme}, {len(summary['quantized'])} layers ({summary['activation_qdq']} with "
+            f"{act} activations, {summary['awq_scaled']} AWQ-scaled, {summary['attention_qdq']} FP8 attentions), "
             f"{len(summary['kept'])} 2-D weights kept; weights "
             f"{before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({after / before:.2f}x)")
 
@@ -210,7 +208,7 @@ def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log) -> di
         # only the per-step graph's layers: the context refiner (once per prompt) is its own, unquantized graph
         skip = ("context_refiner", "siglip_refiner")
         layers = plan_layers(dit, scheme, opts.exclude, block, skip_prefixes=skip)
-        attention = attention_modules(dit, opts.exclude, skip) if scheme == "fp8" and opts.fp8_attention else []
+        attention = attention_modules(dit, opts.exclude, skip) if scheme != "int4" and opts.fp8_attention else []
         backend = CachedText(TorchBackend(out, manifest, device=device, modules={"transformer": dit}), cache)
         loop = sampling_loop(Pipeline(out, backend), prompts, side, opts.calib_steps)
         scales["transformer"] = calibrate(dit, scheme, layers, block, opts.int4_method, loop, attention)

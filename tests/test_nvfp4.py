@@ -1,0 +1,206 @@
+"""NVFP4 (W4A4, Blackwell targets): the E2M1 arithmetic against ml_dtypes, the graph's weight and activation
+dequantization chains against the Torch emulation (onnx's reference evaluator runs the standard operators; TensorRT's
+dynamic FP4 quantization is given an implementation written here with ml_dtypes), the end-to-end image against the
+float32 graphs, TensorRT-RTX SM120 engines. ONNX Runtime has no FP4 kernels: it cannot run these graphs."""
+
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from zimage_deploy import build
+from zimage_deploy.errors import UserError
+from zimage_deploy.numerics import e2m1_codes, fake_nvfp4, nvfp4_blocks, nvfp4_global_scale, to_e2m1
+from zimage_deploy.quantize.emulate import _weight
+from zimage_deploy.quantize.gate import psnr
+from zimage_deploy.runtime.pipeline import Pipeline
+
+CASES = [("A red fox in the snow at dawn", 256, 256),
+         ("一只橘猫趴在窗台上晒太阳，窗外是开满樱花的街道", 192, 320)]
+PSNR_MIN = 25.0  # W4A4 on a random tiny model; FP8 is held to 40 dB, INT4 (W4A16) to 30 dB
+
+
+@pytest.fixture(scope="module")
+def nvfp4_build(tmp_path_factory, tiny_ckpt):
+    out = Path(tmp_path_factory.mktemp("build-nvfp4"))
+    flags = [] if _trt() else ["--skip-engines"]
+    assert build.main(["--model", str(tiny_ckpt), "--target", "rtx5090", "--precision", "nvfp4",
+                       "--text-encoder-precision", "bf16", "--calib-size", "8", "--skip-parity",
+                       "--out", str(out), *flags]) == 0
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def _trt():
+    try:
+        import tensorrt_rtx
+        return tensorrt_rtx
+    except ImportError:
+        return None
+
+
+def test_e2m1_rounding_matches_ml_dtypes():
+    g = torch.Generator().manual_seed(0)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.5, 100.0, 0.0])
+    x = torch.cat([torch.randn(20000, generator=g) * 3, ties, -ties])
+    ref = x.numpy().astype(ml_dtypes.float4_e2m1fn)
+    assert torch.equal(to_e2m1(x), torch.from_numpy(ref.astype(np.float32)))
+    assert torch.equal(e2m1_codes(to_e2m1(x)), torch.from_numpy(ref.view(np.uint8) & 0x0F))
+
+
+def test_nvfp4_block_arithmetic():
+    """Block scales are FP8, each block's largest value maps to +-6 (up to the FP8 scale's rounding), the global
+    scale puts the largest block scale at E4M3's top, and the error is what 4 bits give."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 64, generator=g) * torch.logspace(-2, 1, 64)  # blocks of very different ranges
+    gs = nvfp4_global_scale(w.abs().amax())
+    q, s8, deq = nvfp4_blocks(w, gs, torch.float32)
+    assert s8.dtype == torch.float8_e4m3fn and s8.shape == (32, 4)
+    assert s8.float().max() == 448.0
+    assert set(q.abs().unique().tolist()) <= {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}
+    assert q.reshape(32, 4, 16).abs().amax(-1).min() >= 4.0  # the block's top lands near 6, never far below
+    err = ((deq - w).norm(dim=1) / w.norm(dim=1)).max()
+    assert 0.01 < err < 0.2
+
+
+def _weight_chain(model: onnx.ModelProto, folder: Path, weight: str) -> np.ndarray:
+    """Evaluate the graph's nodes that produce initializer-free `weight` (its dequantization chain)."""
+    nodes, need, inits = [], {weight}, {t.name: t for t in model.graph.initializer}
+    for n in reversed(list(model.graph.node)):
+        if set(n.output) & need:
+            nodes.insert(0, n)
+            need |= set(n.input)
+    used = [inits[i] for i in need if i in inits]
+    for t in used:
+        if t.data_location == TensorProto.EXTERNAL:
+            onnx.external_data_helper.load_external_data_for_tensor(t, str(folder))
+    graph = helper.make_graph(nodes, "w", [], [helper.make_tensor_value_info(weight, TensorProto.UNDEFINED, None)],
+                              used)
+    sub = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    return np.asarray(ReferenceEvaluator(sub).run(None, {})[0]).astype(np.float32)
+
+
+def test_graph_weights_equal_the_emulation(nvfp4_build):
+    """Each NVFP4 weight, dequantized by the graph's own nodes (onnx reference evaluator), equals the Torch
+    emulation's weight; the unquantized graph gives the original."""
+    out, manifest = nvfp4_build
+    comp = manifest["components"]["transformer"]
+    q = comp["quantization"]
+    assert comp["precision"] == "nvfp4" and q["scheme"] == "nvfp4" and q["block"] == 16
+    assert q["layers"] == q["activation_qdq"] >= 8 and q["calibration"]["count"] == 8
+    src = onnx.load(str(out / comp["unquantized"]["onnx"]))
+    qpath = out / comp["onnx"]
+    model = onnx.load(str(qpath), load_external_data=False)
+    assert {(o.domain, o.version) for o in model.opset_import} >= {("", 23), ("trt", 1)}
+    dyn = [n for n in model.graph.node if n.op_type == "TRT_FP4DynamicQuantize"]
+    assert len(dyn) == q["layers"] and all(n.domain == "trt" for n in dyn)
+    inits = {t.name: t for t in model.graph.initializer}
+    originals = {t.name: torch.from_numpy(numpy_helper.to_array(t).astype(np.float32)) for t in src.graph.initializer}
+    from zimage_deploy.quantize.calibrate import load_scales
+
+    scales, _ = load_scales(out / q["scales"])
+    names = sorted({k.rsplit(".", 1)[0] for k in scales if k.endswith(".weight_amax")})
+    assert len(names) == q["layers"]
+    for name in names:
+        assert inits[f"{name}.weight_q"].data_type == TensorProto.FLOAT4E2M1
+        assert inits[f"{name}.weight_scale"].data_type == TensorProto.FLOAT8E4M3FN
+        assert f"{name}.weight" not in inits
+        graph_w = _weight_chain(model, qpath.parent, f"{name}.weight")
+        w = originals[f"{name}.weight"].to(torch.bfloat16)
+        emulated = _weight(w, "nvfp4", scales[f"{name}.weight_amax"], None, 16).float().numpy()
+        np.testing.assert_array_equal(graph_w, emulated)
+        assert 0.02 < np.linalg.norm(graph_w - w.float().numpy()) / np.linalg.norm(w.float().numpy()) < 0.2
+
+
+class TRT_FP4DynamicQuantize(OpRun):
+    """TensorRT's dynamic FP4 quantization, written with numpy and ml_dtypes (independent of numerics.py): per block
+    of 16 along the last axis, scale = amax / 6 / global as FP8 E4M3, values x / (scale * global) as E2M1."""
+    op_domain = "trt"
+
+    def _run(self, x, global_scale, axis=None, block_size=None, scale_type=None):
+        assert axis == -1 and block_size == 16 and scale_type == TensorProto.FLOAT8E4M3FN
+        g = np.float32(global_scale)
+        blocks = x.astype(np.float32).reshape(*x.shape[:-1], -1, 16)
+        s8 = (np.abs(blocks).max(-1) / 6 / g).clip(max=448).astype(ml_dtypes.float8_e4m3fn)
+        eff = s8.astype(np.float32) * g
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v = np.where(eff[..., None] > 0, blocks / eff[..., None], 0).clip(-6, 6)
+        return v.astype(ml_dtypes.float4_e2m1fn).reshape(x.shape), s8
+
+
+def test_graph_activations_equal_the_emulation(nvfp4_build):
+    """One layer's activation chain from the graph (TensorRT's dynamic quantization, scale DequantizeLinear, Cast,
+    blocked DequantizeLinear) against the emulation's `fake_nvfp4`, on BF16 activations of several ranges."""
+    out, manifest = nvfp4_build
+    comp = manifest["components"]["transformer"]
+    model = onnx.load(str(out / comp["onnx"]), load_external_data=False)
+    dyn = next(n for n in model.graph.node if n.op_type == "TRT_FP4DynamicQuantize")
+    chain, need = [dyn], set(dyn.output)
+    for n in model.graph.node:
+        if n.op_type in ("DequantizeLinear", "Cast") and set(n.input) & need:
+            chain.append(n)
+            need |= set(n.output)
+    assert [n.op_type for n in chain] == ["TRT_FP4DynamicQuantize", "DequantizeLinear", "Cast", "DequantizeLinear"]
+    g_init = next(t for t in model.graph.initializer if t.name == dyn.input[1])
+    x_name, y_name = dyn.input[0], chain[-1].output[0]
+    graph = helper.make_graph(chain, "a", [helper.make_tensor_value_info(x_name, TensorProto.BFLOAT16, None)],
+                              [helper.make_tensor_value_info(y_name, TensorProto.BFLOAT16, None)], [g_init])
+    sub = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("trt", 1)])
+    ref = ReferenceEvaluator(sub, new_ops=[TRT_FP4DynamicQuantize])
+    gs = torch.tensor(float(numpy_helper.to_array(g_init)))
+    gen = torch.Generator().manual_seed(2)
+    k = 64
+    for spread in (0.1, 1.0, 30.0):
+        x = (torch.randn(2, 40, k, generator=gen) * spread).to(torch.bfloat16)
+        x[0, 0, :16] = 0  # an all-zero block
+        got = np.asarray(ref.run(None, {x_name: x.float().numpy().astype(ml_dtypes.bfloat16)})[0]).astype(np.float32)
+        np.testing.assert_array_equal(got, fake_nvfp4(x, gs).float().numpy())
+
+
+def test_end_to_end_psnr_against_float32(nvfp4_build, tiny_fp32):
+    """The Torch backend runs the NVFP4 build (emulated from its scale file, what the gate measures); same seeds as
+    the float32 graphs on ONNX Runtime."""
+    out, manifest = nvfp4_build
+    gate = manifest["stages"]["quantize"]["quality_gate"]
+    assert gate["passed"] and gate["method"].startswith("torch")
+    got_pipe, ref_pipe = Pipeline(out, backend="torch"), Pipeline(tiny_fp32, backend="onnxruntime")
+    values = []
+    for i, (p, h, w) in enumerate(CASES):
+        a = np.asarray(got_pipe(p, height=h, width=w, seed=i, progress=False)[0])
+        b = np.asarray(ref_pipe(p, height=h, width=w, seed=i, progress=False)[0])
+        values.append(psnr(a, b))
+    print("nvfp4 vs float32", ["%.2f" % v for v in values])
+    assert all(np.isfinite(v) for v in values) and min(values) >= PSNR_MIN
+
+
+def test_tensorrt_rtx_sm120_engines(nvfp4_build):
+    """The NVFP4 graph builds as a TensorRT-RTX SM120 (RTX 5090) engine on this GPU-less machine; the parsed network
+    has FP4 weights and one dynamic quantization per layer. (Whether TensorRT fuses them into FP4 GEMMs shows only
+    on a Blackwell GPU.)"""
+    trt = _trt()
+    if trt is None:
+        pytest.skip("tensorrt-rtx is not installed")
+    out, manifest = nvfp4_build
+    comp = manifest["components"]["transformer"]
+    assert comp["engine"]["status"] == "complete" and (out / comp["engine"]["plan"]).stat().st_size > 0
+    assert comp["engine"]["compute_capability"] == [12, 0]
+    logger = trt.Logger(trt.Logger.ERROR)
+    network = trt.Builder(logger).create_network(0)
+    assert trt.OnnxParser(network, logger).parse_from_file(str(out / comp["onnx"]))
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    fp4 = [la for la in layers if la.type == trt.LayerType.CONSTANT and la.get_output(0).dtype == trt.DataType.FP4]
+    dynamic = [la for la in layers if la.type == trt.LayerType.DYNAMIC_QUANTIZE]
+    assert len(fp4) == len(dynamic) == comp["quantization"]["layers"]
+
+
+def test_nvfp4_only_for_blackwell(tmp_path, tiny_ckpt):
+    with pytest.raises(UserError, match="not supported on target 'rtx4090'"):
+        build.main(["--model", str(tiny_ckpt), "--target", "rtx4090", "--precision", "nvfp4",
+                    "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "b").exists()
