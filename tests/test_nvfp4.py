@@ -102,10 +102,10 @@ def test_graph_weights_equal_the_emulation(nvfp4_build):
     assert len(dyn) == q["layers"] and all(n.domain == "trt" for n in dyn)
     inits = {t.name: t for t in model.graph.initializer}
     originals = {t.name: torch.from_numpy(numpy_helper.to_array(t).astype(np.float32)) for t in src.graph.initializer}
-    from zimage_deploy.quantize.calibrate import load_scales
+    from zimage_deploy.quantize.calibrate import layers_of, load_scales
 
     scales, _ = load_scales(out / q["scales"])
-    names = sorted({k.rsplit(".", 1)[0] for k in scales if k.endswith(".weight_amax")})
+    names = layers_of(scales)
     assert len(names) == q["layers"]
     for name in names:
         assert inits[f"{name}.weight_q"].data_type == TensorProto.FLOAT4E2M1

@@ -273,8 +273,8 @@ def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names, base: st
             if plan[name] in QUANTIZED:
                 kept[name] = old
             else:  # no longer quantized: back to the exported graph
-                kept[name] = {k: v for k, v in {**old, **exported}.items() if k not in ("unquantized", "quantization")}
-            kept[name]["status"] = "complete" if plan[name] not in QUANTIZED else old["status"]
+                back = {k: v for k, v in {**old, **exported}.items() if k not in ("unquantized", "quantization")}
+                kept[name] = {**back, "status": "complete"}
     return kept
 
 

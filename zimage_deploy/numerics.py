@@ -68,7 +68,7 @@ def to_e2m1(x: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_codes(v: torch.Tensor) -> torch.Tensor:
-    """E2M1 values -> their 4-bit codes (sign in bit 3, the magnitude's index in FP4_GRID below), as uint8."""
+    """E2M1 values -> their 4-bit codes (sign in bit 3, the magnitude's index in FP4_GRID), as uint8."""
     grid = torch.tensor(FP4_GRID)
     index = torch.bucketize(v.abs().float(), grid)  # exact grid values: their own index
     return (index | (torch.signbit(v).to(torch.int64) << 3)).to(torch.uint8)
@@ -78,27 +78,22 @@ def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
     return (amax.float() / (FP4_MAX * E4M3_MAX)).clamp(min=MIN_SCALE).reshape(())
 
 
-def _nvfp4(blocks: torch.Tensor, global_scale: torch.Tensor, dtype: torch.dtype):
-    """FP4 values, FP8 block scales and dequantization scales of `blocks` (..., n, NVFP4_BLOCK): the values are
-    divided by the float32 effective scale (FP8 scale x global), the dequantization multiplies by it in `dtype`."""
-    g = global_scale.to(blocks.device, torch.float32)
+def nvfp4_blocks(x: torch.Tensor, global_scale: torch.Tensor, dtype: torch.dtype):
+    """NVFP4 of `x` in blocks of 16 along its last axis (a weight's input dimension, an activation's features):
+    FP4 values (x's shape), FP8 block scales (..., n / 16), and the dequantized tensor in `dtype` (what the graph's
+    DequantizeLinear chain computes). The values are divided by the float32 effective scale (FP8 scale x global);
+    the dequantization multiplies by it rounded to `dtype`."""
+    shape = x.shape
+    blocks = x.float().reshape(*shape[:-1], shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
+    g = global_scale.to(x.device, torch.float32)
     s8 = to_fp8(blocks.abs().amax(-1) / FP4_MAX, g)
     eff = s8.float() * g
     q = to_e2m1(torch.where(eff[..., None] > 0, blocks / eff[..., None].clamp(min=MIN_SCALE), 0.0))
-    return q, s8, eff.to(dtype).float()
-
-
-def nvfp4_blocks(w: torch.Tensor, global_scale: torch.Tensor, dtype: torch.dtype):
-    """NVFP4 of a (out, in) weight: FP4 values (out, in), FP8 block scales (out, in / 16), and the dequantized
-    weight in `dtype` (what the graph's DequantizeLinear chain computes)."""
-    out_f, in_f = w.shape
-    q, s8, eff = _nvfp4(w.float().reshape(out_f, in_f // NVFP4_BLOCK, NVFP4_BLOCK), global_scale, dtype)
-    return q.reshape(out_f, in_f), s8, (q * eff[..., None]).reshape(out_f, in_f).to(dtype)
+    deq = q * eff.to(dtype).float()[..., None]
+    return q.reshape(shape), s8, deq.reshape(shape).to(dtype)
 
 
 def fake_nvfp4(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """NVFP4 quantize-dequantize of an activation along its last axis, block scales from each block's own range
     (dynamic, as TensorRT's FP4 dynamic quantization computes them at run time), back in x's dtype."""
-    shape = x.shape
-    q, _, eff = _nvfp4(x.float().reshape(*shape[:-1], shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK), global_scale, x.dtype)
-    return (q * eff[..., None]).reshape(shape).to(x.dtype)
+    return nvfp4_blocks(x, global_scale, x.dtype)[2]

@@ -52,7 +52,9 @@ def fp8_blocks(model: ZImageDiT, scales: dict[str, torch.Tensor] | None = None) 
     every transformer block (main layers and refiners), dynamic activation scales; adaLN, embedders and the final
     layer are left alone."""
     if scales is not None:
-        chosen = {k[: -len(".weight_amax")] for k in scales if k.endswith(".weight_amax")}
+        from ..quantize.calibrate import layers_of
+
+        chosen = set(layers_of(scales))
     else:
         chosen = {f"{bn}.{pn}.{n}" for bn, block in model.named_modules() if isinstance(block, Block)
                   for pn in ("attention", "feed_forward")

@@ -55,13 +55,12 @@ def apply_scales(model: torch.nn.Module, scales: dict[str, torch.Tensor], scheme
         with torch.no_grad():
             m.weight.data = _weight(m.weight.data, scheme, scales[f"{name}.weight_amax"],
                                     None if pre is None else pre.to(m.weight.device), block)
-        if f"{name}.input_amax" in scales and scheme == "nvfp4":
-            g = nvfp4_global_scale(scales[f"{name}.input_amax"])
-            m.register_forward_pre_hook(lambda mod, args, g=g: (fake_nvfp4(args[0].to(mod.weight.dtype), g),))
-        elif f"{name}.input_amax" in scales:
-            scale = fp8_scale(scales[f"{name}.input_amax"])
+        if f"{name}.input_amax" in scales:
+            amax = scales[f"{name}.input_amax"]
+            fake = functools.partial(fake_nvfp4, global_scale=nvfp4_global_scale(amax)) if scheme == "nvfp4" \
+                else functools.partial(fake_fp8, scale=fp8_scale(amax))
             # the graph quantizes the activation after the linear layer's cast to its weight dtype
-            m.register_forward_pre_hook(lambda mod, args, s=scale: (fake_fp8(args[0].to(mod.weight.dtype), s),))
+            m.register_forward_pre_hook(lambda mod, args, fake=fake: (fake(args[0].to(mod.weight.dtype)),))
     for name in attention_layers_of(scales):
         bmm = tuple(fp8_scale(scales[f"{name}.{x}_bmm_amax"]) for x in "qkv")
         modules[name].attend = functools.partial(fp8_attention, scales=bmm)

@@ -199,7 +199,7 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block: int = 128, scales: 
             get = (lambda k: scales.get(f"{name}.{k}")) if scales is not None else (lambda k: None)
             pre = get("pre_quant_scale")
             w = w.float() if pre is None else w.float() / pre[None, :]
-            if scheme == "nvfp4":
+            if scheme == "nvfp4":  # FP4 values, FP8 block scales, one float32 global scale; two-level DQ
                 amax = weight_amax(w, "fp8")  # the global scale is per tensor: the weight's own range
                 gscale = nvfp4_global_scale(amax)
                 q, s8, _ = nvfp4_blocks(w, gscale, TORCH_OF[elem])
@@ -212,29 +212,20 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block: int = 128, scales: 
                                             raw_of(gscale, TensorProto.FLOAT)))
                 g.first.extend(two_level_dq(t.name + "_q", t.name + "_scale", t.name + "_global", t.name, elem, 1,
                                             f"/quant/{t.name}"))
-                in_amax = get("input_amax")
-                if in_amax is None:
-                    raise UserError(f"the scales of {name} have no input_amax: nvfp4 needs calibrated activations")
-                used[f"{name}.input_amax"] = in_amax
-                new_inits.append(writer.add(f"{name}.input_global", TensorProto.FLOAT, [],
-                                            raw_of(nvfp4_global_scale(in_amax), TensorProto.FLOAT)))
-                g.fp4_dynamic(matmul, 0, f"{name}.input_global", elem)
-                summary["activation_qdq"] += 1
-                summary["quantized"].append(name)
-                continue
-            if scheme == "int4":
-                q, scale = int4_blocks(w, block, get("weight_amax"))
-                qraw, qtype, attrs = pack_int4(q), TensorProto.INT4, {"axis": 1, "block_size": block}
             else:
-                amax = get("weight_amax")
-                scale = fp8_scale(weight_amax(w, "fp8") if amax is None else amax)
-                qraw = to_fp8(w, scale).view(torch.uint8).numpy().tobytes()
-                qtype, attrs = TensorProto.FLOAT8E4M3FN, {}
-            used[f"{name}.weight_amax"] = scale.float() * (INT4_MAX if scheme == "int4" else E4M3_MAX)
-            new_inits.append(writer.add(t.name + "_q", qtype, list(t.dims), qraw))
-            new_inits.append(writer.add(t.name + "_scale", elem, list(scale.shape), raw_of(scale, elem)))
-            g.first.append(helper.make_node("DequantizeLinear", [t.name + "_q", t.name + "_scale"], [t.name],
-                                            name=f"/quant/{t.name}/DequantizeLinear", **attrs))
+                if scheme == "int4":
+                    q, scale = int4_blocks(w, block, get("weight_amax"))
+                    qraw, qtype, attrs = pack_int4(q), TensorProto.INT4, {"axis": 1, "block_size": block}
+                else:
+                    amax = get("weight_amax")
+                    scale = fp8_scale(weight_amax(w, "fp8") if amax is None else amax)
+                    qraw = to_fp8(w, scale).view(torch.uint8).numpy().tobytes()
+                    qtype, attrs = TensorProto.FLOAT8E4M3FN, {}
+                used[f"{name}.weight_amax"] = scale.float() * (INT4_MAX if scheme == "int4" else E4M3_MAX)
+                new_inits.append(writer.add(t.name + "_q", qtype, list(t.dims), qraw))
+                new_inits.append(writer.add(t.name + "_scale", elem, list(scale.shape), raw_of(scale, elem)))
+                g.first.append(helper.make_node("DequantizeLinear", [t.name + "_q", t.name + "_scale"], [t.name],
+                                                name=f"/quant/{t.name}/DequantizeLinear", **attrs))
             act = matmul.input[0]
             if pre is not None:
                 used[f"{name}.pre_quant_scale"] = pre
@@ -245,10 +236,17 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block: int = 128, scales: 
                 summary["awq_scaled"] += 1
             matmul.input[0] = act
             in_amax = get("input_amax")
+            if in_amax is None and scheme == "nvfp4":
+                raise UserError(f"the scales of {name} have no input_amax: nvfp4 needs calibrated activations")
             if in_amax is not None:
                 used[f"{name}.input_amax"] = in_amax
-                new_inits.append(writer.add(f"{name}.input_scale", elem, [], raw_of(fp8_scale(in_amax), elem)))
-                g.fp8_qdq(matmul, 0, f"{name}.input_scale", zero_point)
+                if scheme == "nvfp4":
+                    new_inits.append(writer.add(f"{name}.input_global", TensorProto.FLOAT, [],
+                                                raw_of(nvfp4_global_scale(in_amax), TensorProto.FLOAT)))
+                    g.fp4_dynamic(matmul, 0, f"{name}.input_global", elem)
+                else:
+                    new_inits.append(writer.add(f"{name}.input_scale", elem, [], raw_of(fp8_scale(in_amax), elem)))
+                    g.fp8_qdq(matmul, 0, f"{name}.input_scale", zero_point)
                 summary["activation_qdq"] += 1
             summary["quantized"].append(name)
         summary["attention_qdq"] = 0

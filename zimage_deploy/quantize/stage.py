@@ -106,7 +106,8 @@ def quantize_stage(out: Path, manifest: dict, variant, plan: dict, opts: QuantOp
                   "nvfp4": "NVFP4 W4A4: weights in FP4 blocks of 16 with FP8 block scales and a per-tensor global "
                            "scale; activations quantized per block at run time, global scale from max calibration",
                   "int4": "AWQ (modelopt awq_lite), W4A16" if name in scales else "round to nearest, W4A16"}[scheme]
-        save_scales(scale_file, used, {"scheme": scheme, "block": block, "component": name, "method": method})
+        save_scales(scale_file, used, {"scheme": scheme, "block": summary["block"], "component": name,
+                                       "method": method})
         entry.update(
             onnx=f"onnx/{name}.{scheme}/model.onnx", onnx_sha256=file_hash(dst), precision=scheme, engine=None,
             status="complete",
