@@ -79,7 +79,7 @@ def test_unknown_target_or_precision(argv, message, tmp_path):
     (["--precision", "int4", "--calib-size", "1000"], "holds only 72 prompts"),
     (["--target", "cpu", "--precision", "fp8", "--text-encoder-precision", "int4", "--int4-block", "24"],
      "multiple of 16"),
-    (["--variant", "edit"], "missing: siglip/config.json"),
+    (["--variant", "edit"], "--variant edit contradicts the checkpoint"),
 ])
 def test_unsupported_combinations(argv, message, tmp_path, capsys):
     code, err = cli(build.main, ["--model", "tiny", "--out", str(tmp_path / "out"), *argv], capsys)

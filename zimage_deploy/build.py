@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import math
 import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from . import manifest as manifest_io
 from .checkpoint import content_hash, read_config, resolve
 from .cli import run_cli
 from .errors import UserError
-from .fsutil import atomic_dir
+from .fsutil import atomic_dir, folder_lock
 from .export.onnx_export import EXPORT_FORMAT, OPSET, export_component, file_hash
 from .engines.builder import EngineBuilder, sha256_file
 from .models.load import LOADER_OF, TEMPLATES, stream_weights
@@ -78,39 +80,83 @@ def _copy_tree(src: Path, dst: Path) -> None:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
-def build(model: str, variant: str, target: str, precision: str, out: Path | None = None,
-          parity: bool = True, engine_opts: EngineOptions | None = None, log=tqdm.write,
+class ParityFailed(UserError):
+    """Exported graphs differ from the Torch modules by more than their declared tolerance."""
+
+
+def build(model: str, variant: str | None = None, target: str = "cpu", precision: str | None = None,
+          out: Path | None = None, parity: bool = True, engine_opts: EngineOptions | None = None, log=tqdm.write,
           lean: str = "auto", quant: QuantOptions | None = None, text_encoder_precision: str | None = None,
           engines: bool = True) -> Path:
-    """`quant`: how quantized precisions are made (calibration, exclusions, quality gate); `text_encoder_precision`
-    overrides the text encoder's ("bf16" = not quantized); `engines=False` stops after the graphs (engines are
-    then built by running the same build again where the target's TensorRT is)."""
-    from .quantize.options import load_prompts
-    from .quantize.stage import check_supported, needs_data, quantize_stage
+    """`variant`: None reads it from the checkpoint (model_index.json); `quant`: how quantized precisions are made
+    (calibration, exclusions, quality gate); `text_encoder_precision` overrides the text encoder's ("bf16" = not
+    quantized); `engines=False` stops after the graphs (engines are then built by running the same build again
+    where the target's TensorRT is).
 
-    v, t = get_variant(variant), get_target(target)
+    Everything that can be checked is checked before anything is written; then the output folder is locked
+    (a second build into it is refused) while the stages write it."""
+    from .quantize.options import load_prompts
+    from .quantize.stage import check_supported, needs_data
+
+    t = get_target(target)
+    precision = precision or t.default_precision
     t.check_precision(precision)
+    if variant is not None:
+        get_variant(variant)  # an unknown name fails before the checkpoint is touched
     if text_encoder_precision not in (None, *TEXT_ENCODER_PRECISIONS):
         raise UserError(f"text encoder precision must be one of {TEXT_ENCODER_PRECISIONS}")
     if text_encoder_precision in QUANTIZED and text_encoder_precision not in t.precisions:
         raise UserError(f"target {target!r} does not run {text_encoder_precision}")
+    ckpt, variant = resolve(model, variant)
+    v = get_variant(variant)
     plan = precision_plan(precision, t.base, text_encoder_precision)
-    check_supported(plan, variant, v.components)  # before anything is written
+    check_supported(plan, variant, v.components)
     quant = quant or QuantOptions()
-    # read here: an unusable prompt file stops the build before anything is written
     prompts = load_prompts(quant.calib_prompts, quant.calib_size) if any(needs_data(p, quant) for p in plan.values()) \
         else []
-    out = Path(out) if out else default_out(model, variant, target, precision)
-    started = time.perf_counter()
     engine_opts = engine_opts or EngineOptions()
-    # fail before writing anything when the target's TensorRT is missing
+    # fails when the target's TensorRT is missing
     engine_builder = EngineBuilder(t, engine_opts) if t.flavour != "none" and engines else None
-
-    # -- stage 1: checkpoint --------------------------------------------------------------------------
-    ckpt = resolve(model, variant)
-    log(f"[checkpoint] {ckpt}")
     facts = model_facts(ckpt)
     engine_shapes = profiles(v, facts, engine_opts) if engine_builder else None
+    out = Path(out) if out else default_out(model, variant, target, precision)
+    with folder_lock(out):
+        return _build(_Job(ckpt, model, v, t, precision, plan, out, parity, engine_opts, engine_builder,
+                           engine_shapes, facts, log, lean, quant, prompts))
+
+
+@dataclass
+class _Job:
+    """One build's checked inputs."""
+    ckpt: Path
+    model: str
+    v: object
+    t: object
+    precision: str
+    plan: dict
+    out: Path
+    parity: bool
+    engine_opts: EngineOptions
+    engine_builder: EngineBuilder | None
+    engine_shapes: dict | None
+    facts: dict
+    log: object
+    lean: str
+    quant: QuantOptions
+    prompts: list
+
+
+def _build(job: _Job) -> Path:
+    from .quantize.stage import quantize_stage
+
+    ckpt, model, v, t, precision, plan, out = job.ckpt, job.model, job.v, job.t, job.precision, job.plan, job.out
+    variant, target, facts, log, quant, prompts = v.name, t.name, job.facts, job.log, job.quant, job.prompts
+    parity, lean, engine_opts, engine_builder = job.parity, job.lean, job.engine_opts, job.engine_builder
+    engine_shapes = job.engine_shapes
+    started = time.perf_counter()
+
+    # -- stage 1: checkpoint --------------------------------------------------------------------------
+    log(f"[checkpoint] {ckpt} ({variant})")
     sha = content_hash(ckpt)
     previous = _previous_manifest(out)
     small = facts["dim"] < 1024  # the embedded tiny model and other test checkpoints
@@ -202,13 +248,26 @@ def build(model: str, variant: str, target: str, precision: str, out: Path | Non
             "model; the lean path is checked against the ordinary one in the tests"}
     elif parity:
         t0 = time.perf_counter()
+        failed = []
         for name in v.components:
             entry = manifest["components"][name]
-            if "parity" not in entry:  # of the export; quantization is measured by the quality gate
+            if "passed" not in entry.get("parity", {}):  # of the export; quantization: the quality gate
                 exported = {**entry, **entry.get("unquantized", {})}
                 entry["parity"] = _parity(name, exported, out, ckpt, loaded, facts, variant)
+            if not entry["parity"]["passed"]:
+                entry["status"], entry["rejected_by"] = "rejected", "parity"
+                failed.append(name)
             log(f"[parity] {name}: {_fmt_parity(entry['parity'])}")
-        manifest["stages"]["parity"] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
+        manifest["stages"]["parity"] = {"status": "failed" if failed else "done",
+                                        "seconds": round(time.perf_counter() - t0, 2)}
+        if failed:
+            manifest_io.save(out, manifest)
+            worst = ", ".join(f"{n} rel_l2 {manifest['components'][n]['parity']['rel_l2']:.3g} "
+                              f"(tolerance {manifest['components'][n]['parity']['tolerance']:g})" for n in failed)
+            raise ParityFailed(f"parity check failed: {worst}. The exported graphs do not compute what the "
+                               f"checkpoint's modules compute; the components are marked rejected and the runtime "
+                               f"refuses them. Please report this with the checkpoint's configs; --skip-parity "
+                               f"builds without the check")
     else:
         manifest["stages"]["parity"] = {"status": "skipped", "reason": "--skip-parity"}
     manifest["stages"]["total_seconds"] = round(time.perf_counter() - started, 2)
@@ -268,7 +327,7 @@ def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names, base: st
         exported = old.get("unquantized", old)
         folder = out / "onnx" / name
         if old.get("key") == _component_key(sha, name, base_precision(plan[name], base)) \
-                and old.get("status") in ("complete", "rejected") \
+                and old.get("status") in ("complete", "rejected") and old.get("rejected_by") != "parity" \
                 and folder.is_dir() and file_hash(folder) == exported.get("onnx_sha256"):
             if plan[name] in QUANTIZED:
                 kept[name] = old
@@ -320,7 +379,10 @@ def _parity(name: str, entry: dict, out: Path, ckpt: Path, loaded: dict, facts: 
     if name == "text_encoder":  # only real tokens are used downstream
         keep = sample[1].bool()
         got, ref = got[keep], ref[keep]
-    return {"method": how, "shapes": CHECK_DIMS, **_metrics(got, ref)}
+    metrics = _metrics(got, ref)
+    tolerance = spec.parity_rel_l2[entry["compute_dtype"]]
+    passed = bool(math.isfinite(metrics["rel_l2"]) and metrics["rel_l2"] <= tolerance)
+    return {"method": how, "shapes": CHECK_DIMS, **metrics, "tolerance": tolerance, "passed": passed}
 
 
 def _flat(out) -> torch.Tensor:
@@ -331,7 +393,9 @@ def _flat(out) -> torch.Tensor:
 
 
 def _fmt_parity(p: dict) -> str:
-    return f"max_abs {p['max_abs']:.2e}, rel_l2 {p['rel_l2']:.2e} ({p['method']})"
+    verdict = "ok" if p.get("passed", True) else "OVER TOLERANCE"
+    return (f"max_abs {p['max_abs']:.2e}, rel_l2 {p['rel_l2']:.2e} <= {p.get('tolerance', float('nan')):g}: "
+            f"{verdict} ({p['method']})")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -345,16 +409,24 @@ def _size(text: str) -> tuple[int, int]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zimage_deploy.build", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny",
-                    help="'tiny' / 'tiny-base' (embedded), a diffusers-layout directory, or a hub id")
+                    help="'tiny' / 'tiny-base' / 'tiny-edit' (embedded test checkpoints, written to "
+                         "$ZIMAGE_DEPLOY_CACHE or ~/.cache/zimage_deploy on first use), a diffusers-layout "
+                         "directory, or a hub id (default: %(default)s)")
     ap.add_argument("--variant", default=None, choices=sorted(VARIANTS),
-                    help="default: base for --model tiny-base, else turbo")
-    ap.add_argument("--target", default="cpu", choices=list(TARGETS))
+                    help="default: read from the checkpoint's model_index.json (ZImageOmniPipeline: edit; "
+                         "ZImagePipeline: turbo, or base for tiny-base / Tongyi-MAI/Z-Image); a variant the "
+                         "checkpoint contradicts is an error")
+    ap.add_argument("--target", default="cpu", choices=list(TARGETS),
+                    help="where the build runs: cpu (ONNX graphs for ONNX Runtime / Torch) or a GPU, for which "
+                         "engines are built (default: %(default)s)")
     ap.add_argument("--precision", default=None, choices=PRECISIONS,
                     help="default: the target's default (cpu: fp32, GPUs: bf16)")
     ap.add_argument("--out", type=Path, default=None,
                     help="output folder (default: export/<model>-<precision> for cpu, "
                          "engines/<model>-<target>-<precision> for GPU targets)")
-    ap.add_argument("--skip-parity", action="store_true", help="do not measure parity after building")
+    ap.add_argument("--skip-parity", action="store_true",
+                    help="do not check the exported graphs against the Torch modules (by default a component over "
+                         "its tolerance fails the build)")
     ap.add_argument("--lean", default="auto", choices=("auto", "on", "off"),
                     help="memory-lean export: trace two-layer templates, stream weights from the checkpoint "
                          "(auto: when the DiT and text encoder exceed 4 GiB)")
@@ -386,19 +458,18 @@ def main(argv=None) -> int:
     eng = ap.add_argument_group("engines (GPU targets)")
     eng.add_argument("--skip-engines", action="store_true",
                      help="stop after the (quantized) graphs; a later build into the same --out adds the engines")
-    eng.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimisation level")
+    eng.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimisation level (default 3)")
     eng.add_argument("--max-batch", type=int, default=4, help="largest batch the engines accept (default 4)")
-    eng.add_argument("--min-side", type=int, default=None, help="smallest image side in pixels")
-    eng.add_argument("--max-side", type=int, default=None, help="largest image side in pixels")
-    eng.add_argument("--opt-side", type=int, default=None, help="image side the engines are tuned for")
+    eng.add_argument("--min-side", type=int, default=None, help="smallest image side in pixels (default: 512, 64 for small test checkpoints)")
+    eng.add_argument("--max-side", type=int, default=None, help="largest image side in pixels (default: 2048, 512 for small test checkpoints)")
+    eng.add_argument("--opt-side", type=int, default=None, help="image side the engines are tuned for (default: 1024, 256 for small test checkpoints)")
     eng.add_argument("--static", type=_size, default=None, metavar="HxW",
-                     help="static shapes (one size and batch; what CUDA graphs want)")
-    eng.add_argument("--static-batch", type=int, default=1)
-    eng.add_argument("--refittable", action="store_true", help="build refittable engines")
-    eng.add_argument("--weight-streaming", action="store_true", help="allow weight streaming (small-memory cards)")
+                     help="static shapes (one size and batch; what CUDA graphs want; default: dynamic profiles)")
+    eng.add_argument("--static-batch", type=int, default=1, help="batch of the --static profile (default 1)")
+    eng.add_argument("--refittable", action="store_true", help="build refittable engines (default: off)")
+    eng.add_argument("--weight-streaming", action="store_true", help="allow weight streaming (small-memory cards; default: off)")
     args = ap.parse_args(argv)
     precision = args.precision or TARGETS[args.target].default_precision
-    variant = args.variant or ("base" if args.model == "tiny-base" else "turbo")
     opts = EngineOptions(opt_level=args.opt_level, max_batch=args.max_batch, min_side=args.min_side,
                          max_side=args.max_side, opt_side=args.opt_side, static=args.static,
                          static_batch=args.static_batch, refittable=args.refittable,
@@ -409,7 +480,7 @@ def main(argv=None) -> int:
                          exclude=tuple(e.strip() for e in args.quant_exclude.split(",") if e.strip()),
                          gate=not args.no_quality_gate, gate_prompts=args.gate_prompts, min_psnr=args.min_psnr,
                          min_cosine=args.min_cosine)
-    build(args.model, variant, args.target, precision, args.out, parity=not args.skip_parity, engine_opts=opts,
+    build(args.model, args.variant, args.target, precision, args.out, parity=not args.skip_parity, engine_opts=opts,
           lean=args.lean, quant=quant, text_encoder_precision=args.text_encoder_precision,
           engines=not args.skip_engines)
     return 0

@@ -58,19 +58,66 @@ def missing_files(path: Path, variant: str = "turbo") -> list[str]:
     return missing
 
 
-def resolve(model: str, variant: str = "turbo") -> Path:
-    """`tiny` / `tiny-base` (embedded), a local diffusers-layout directory, or a hub id -> local checkpoint
-    directory (checked)."""
+# diffusers pipeline class (model_index.json `_class_name`) -> the variants such a checkpoint can be built as.
+# Turbo and Base share one class: the class cannot tell them apart (Base is chosen with --variant base).
+PIPELINE_VARIANTS = {
+    "ZImagePipeline": ("turbo", "base"),
+    "ZImageImg2ImgPipeline": ("turbo", "base"),
+    "ZImageInpaintPipeline": ("turbo", "base"),
+    "ZImageOmniPipeline": ("edit",),
+}
+
+
+def resolve(model: str, variant: str | None = None) -> tuple[Path, str]:
+    """`tiny` / `tiny-base` / `tiny-edit` (embedded), a local diffusers-layout directory, or a hub id -> (local
+    checkpoint directory, variant), checked. The variant comes from the checkpoint's `model_index.json`
+    (`_class_name`); `variant` chooses among the ones it allows (Turbo or Base) and must not contradict it."""
     from .tiny import TINY_MODELS, ensure_tiny
 
     if model in TINY_MODELS:
-        return check(ensure_tiny(model), variant)
-    path = Path(model).expanduser()
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        if not path.is_dir():
-            raise UserError(f"model {model!r}: no such directory (and not a hub id of the form owner/name)")
-        return check(path, variant)
-    return check(_download(model), variant)
+        path = ensure_tiny(model)
+    else:
+        path = Path(model).expanduser()
+        if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+            if not path.is_dir():
+                raise UserError(f"model {model!r}: no such directory (and not a hub id of the form owner/name)")
+        else:
+            path = _download(model)
+    variant = detect_variant(path, variant, model)
+    return check(path, variant), variant
+
+
+def detect_variant(path: Path, asked: str | None, model: str = "") -> str:
+    """The variant of the checkpoint at `path`: from `model_index.json`'s pipeline class; `asked` (--variant) must
+    be one it allows. Without `asked`: Edit for Omni checkpoints; for a Turbo/Base class, Base when the model is
+    `tiny-base` or the Base hub id, else Turbo."""
+    from .tiny import TINY_MODELS
+    from .variants import VARIANTS
+
+    index = path / "model_index.json"
+    try:
+        cls = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
+        raise UserError(f"{index} is not a valid model index ({type(e).__name__})") from None
+    allowed = PIPELINE_VARIANTS.get(cls) if isinstance(cls, str) else None
+    if allowed is None:
+        if index.is_file():
+            known = ", ".join(PIPELINE_VARIANTS)
+            raise UserError(f"{index}: pipeline class {cls!r} is not a Z-Image pipeline this toolkit builds "
+                            f"(known: {known})")
+        return asked or "turbo"  # no model_index.json: `check` reports what is missing
+    if asked is not None:
+        if asked not in allowed:
+            raise UserError(f"--variant {asked} contradicts the checkpoint: its model_index.json names {cls}, "
+                            f"which builds as {' or '.join(allowed)}")
+        return asked
+    if len(allowed) == 1:
+        return allowed[0]
+    tiny = TINY_MODELS.get(model, {})
+    if tiny.get("variant") in allowed:
+        return tiny["variant"]
+    hub = {v.hub_id: v.name for v in VARIANTS.values()}
+    return hub.get(model, "turbo") if hub.get(model, "turbo") in allowed else "turbo"
 
 
 def check(path: Path, variant: str = "turbo") -> Path:

@@ -50,3 +50,32 @@ def atomic_file(path: Path, suffix: str = ""):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+LOCK_NAME = ".build.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """Hold an exclusive lock on `folder` (a `.build.lock` file in it, flock: released when the process ends,
+    even killed). A second holder, in this process or another, gets a UserError at once instead of waiting
+    behind or mixing its files with the first one's."""
+    import fcntl
+
+    from .errors import UserError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, _default_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"{folder} is being written by another build ({holder}); wait for it to end or "
+                            "choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -96,52 +96,73 @@ def _randomize(module: torch.nn.Module, gen: torch.Generator, std_scale: float =
 
 
 def write_checkpoint(out: Path, dit: dict | None = None, text: dict | None = None, vae: dict | None = None,
-                     scheduler: dict | None = None, seed: int = 0, edit: bool = False) -> Path:
-    """Write a random Z-Image checkpoint in diffusers layout to `out` (atomically): a `ZImagePipeline`
-    (Turbo/Base), or with `edit` a `ZImageOmniPipeline` with a SigLIP2 vision tower and its processor."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageOmniPipeline, ZImagePipeline,
-                           ZImageTransformer2DModel)
-    from transformers import Qwen3Config, Qwen3Model
+                     scheduler: dict | None = None, seed: int = 0, edit: bool = False, init: str = "random",
+                     siglip: dict | None = None, siglip_processor: dict | None = None, causal_lm: bool = False,
+                     vocab_size: int = 512) -> Path:
+    """Write a Z-Image checkpoint in diffusers layout to `out` (atomically): a `ZImagePipeline` (Turbo/Base), or
+    with `edit` a `ZImageOmniPipeline` with a SigLIP2 vision tower and its processor.
 
+    `init="random"`: every parameter random and distinct (see `_randomize`); `init="default"`: the libraries' own
+    initialisation (norm gains of ones, zero pad tokens and biases: many parameters share values), seeded.
+    `causal_lm`: the text encoder saved as `Qwen3ForCausalLM` (with an LM head, tied or not) instead of `Qwen3Model`;
+    `vocab_size`: the tokenizer's target vocabulary."""
+    if init not in ("random", "default"):
+        raise ValueError(f"init must be 'random' or 'default', not {init!r}")
     dit = {**TINY_DIT, **(dit or {})}
     text = {**TINY_TEXT, **(text or {})}
     vae_cfg = {**TINY_VAE, **(vae or {})}
     dit["cap_feat_dim"] = text["hidden_size"]
     if edit:
-        dit["siglip_feat_dim"] = TINY_SIGLIP["hidden_size"]
+        siglip_cfg = {**TINY_SIGLIP, **(siglip or {})}
+        dit["siglip_feat_dim"] = siglip_cfg["hidden_size"]
     gen = torch.Generator().manual_seed(seed)
-
-    tokenizer = build_tokenizer()
-    text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **text))
-    _randomize(text_encoder, gen)
-    transformer = ZImageTransformer2DModel(**dit)
-    _randomize(transformer, gen)
-    autoencoder = AutoencoderKL(**vae_cfg)
-    _randomize(autoencoder, gen)
-    parts = dict(scheduler=FlowMatchEulerDiscreteScheduler(**{**TINY_SCHEDULER, **(scheduler or {})}),
-                 vae=autoencoder, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
-    if edit:
-        from transformers import Siglip2VisionConfig, Siglip2VisionModel
-        from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
-
-        siglip = Siglip2VisionModel(Siglip2VisionConfig(**TINY_SIGLIP))
-        _randomize(siglip, gen)
-        pipe = ZImageOmniPipeline(**parts, siglip=siglip, siglip_processor=Siglip2ImageProcessorPil(
-            **TINY_SIGLIP_PROCESSOR))
-    else:
-        pipe = ZImagePipeline(**parts)
+    with torch.random.fork_rng(devices=[]):  # the libraries' own initialisation draws from the global generator
+        torch.manual_seed(seed)
+        pipe = _make_pipeline(text, dit, vae_cfg, scheduler, gen, init, edit, siglip_cfg if edit else None,
+                              siglip_processor, causal_lm, vocab_size)
     out = Path(out)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     return out
 
 
+def _make_pipeline(text, dit, vae_cfg, scheduler, gen, init, edit, siglip_cfg, siglip_processor, causal_lm,
+                   vocab_size):
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageOmniPipeline, ZImagePipeline,
+                           ZImageTransformer2DModel)
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    randomize = _randomize if init == "random" else (lambda module, gen: None)
+
+    tokenizer = build_tokenizer(vocab_size)
+    text_cls = Qwen3ForCausalLM if causal_lm else Qwen3Model
+    text_encoder = text_cls(Qwen3Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **text))
+    randomize(text_encoder, gen)
+    transformer = ZImageTransformer2DModel(**dit)
+    randomize(transformer, gen)
+    autoencoder = AutoencoderKL(**vae_cfg)
+    randomize(autoencoder, gen)
+    parts = dict(scheduler=FlowMatchEulerDiscreteScheduler(**{**TINY_SCHEDULER, **(scheduler or {})}),
+                 vae=autoencoder, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    if edit:
+        from transformers import Siglip2VisionConfig, Siglip2VisionModel
+        from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+        siglip = Siglip2VisionModel(Siglip2VisionConfig(**siglip_cfg))
+        randomize(siglip, gen)
+        pipe = ZImageOmniPipeline(**parts, siglip=siglip, siglip_processor=Siglip2ImageProcessorPil(
+            **{**TINY_SIGLIP_PROCESSOR, **(siglip_processor or {})}))
+    else:
+        pipe = ZImagePipeline(**parts)
+    return pipe
+
+
 # The embedded tiny checkpoints: name -> (seed, scheduler config). Base differs from Turbo by its weights and
 # its scheduler shift (the runtime takes the shift from the checkpoint), as the real checkpoints do.
 TINY_MODELS = {
-    "tiny": dict(seed=0, scheduler=None),
-    "tiny-base": dict(seed=1, scheduler=dict(shift=6.0)),
-    "tiny-edit": dict(seed=2, scheduler=None, edit=True),
+    "tiny": dict(seed=0, scheduler=None, variant="turbo"),
+    "tiny-base": dict(seed=1, scheduler=dict(shift=6.0), variant="base"),
+    "tiny-edit": dict(seed=2, scheduler=None, edit=True, variant="edit"),
 }
 
 

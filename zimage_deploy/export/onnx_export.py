@@ -36,7 +36,9 @@ def export_component(name: str, model: torch.nn.Module, facts: dict, compute: to
                      variant: str = "turbo", weights=None, depth: int | None = None) -> dict:
     """Export component `name` of `model` into `out_dir/name/model.onnx` (+ model.onnx.data above 512 MiB).
 
-    The graph is traced with the weights as named inputs, optionally deepened to `depth` main layers (a
+    The graph is traced with the weights as named inputs (`keep_initializers_as_inputs=True` also turns off the
+    TorchScript exporter's value-based initializer deduplication, which merged equal-valued parameters such as
+    norm gains of ones or zero pad tokens and left nodes reading a removed input), optionally deepened to `depth` main layers (a
     template traced with two layers: the memory-lean path), then the weights are attached from `weights`
     ((name, tensor) pairs in the model's naming, e.g. streamed from the checkpoint) or from `model` itself.
     Returns the manifest entry: path, hash, opset, size, I/O names with dtypes and dims."""
@@ -56,7 +58,7 @@ def export_component(name: str, model: torch.nn.Module, facts: dict, compute: to
             warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer notices
             torch.onnx.export(
                 wrapper, sample, str(path), dynamo=False, opset_version=OPSET, export_params=False,
-                do_constant_folding=False, input_names=[i.name for i in spec.inputs],
+                do_constant_folding=False, keep_initializers_as_inputs=True, input_names=[i.name for i in spec.inputs],
                 output_names=[o.name for o in spec.outputs], dynamic_axes=dynamic_axes,
             )
         graph = onnx.load(str(path))
