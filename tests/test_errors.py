@@ -89,9 +89,13 @@ def test_unsupported_combinations(argv, message, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--negative-prompt", "blurry"], "needs classifier-free guidance"),
-    (["--guidance-scale", "-1"], "guidance scale must be >= 0"),
-    (["--strength", "0.5"], "--strength needs --image"),
-    (["--mask", "{tmp}/m.png"], "--mask needs --image"),
+    (["--guidance-scale", "-1"], "guidance_scale must be in [0, 30], got -1.0"),
+    (["--guidance-scale", "inf"], "guidance_scale must be in [0, 30], got inf"),
+    (["--seed", "-1"], "seed must be in 0..9223372036854775807"),
+    (["--steps", "0"], "steps must be in 1..100, got 0"),
+    (["--height", "0"], "height must be a positive multiple of 16, got 0"),
+    (["--strength", "0.5"], "strength needs an input image"),
+    (["--mask", "{tmp}/m.png"], "inpainting needs an input image as well as the mask"),
     (["--output", "{tmp}/x.notanimage"], "unknown image extension"),
 ])
 def test_generate_refuses_unsupported_options(tiny_fp32, tmp_path, capsys, extra, message):

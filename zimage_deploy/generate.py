@@ -1,4 +1,7 @@
-"""`python -m zimage_deploy.generate`: one image from a built engine directory."""
+"""`python -m zimage_deploy.generate`: one image from a built engine directory.
+
+The request is checked by runtime/validate.py before any model loads (the same rules and messages as the
+runtime API and the server); a bad request prints one `error:` line and exits with code 2."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from pathlib import Path
 
 from .cli import run_cli
 from .fsutil import atomic_file
-from .errors import UserError
+from .errors import RequestError, UserError
 from .runtime.backends import BACKENDS
 
 
@@ -32,10 +35,12 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-dir", type=Path, required=True, help="a folder written by zimage_deploy.build")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--negative-prompt", default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=None, help="default: the variant's (Turbo: 8)")
-    ap.add_argument("--height", type=int, default=None, help="pixels, multiple of 16 (default: from the build)")
-    ap.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (default: from the build)")
+    ap.add_argument("--seed", type=int, default=0, help="0 .. 2**63 - 1 (default: 0)")
+    ap.add_argument("--steps", type=int, default=None, help="1 .. 100 (default: the variant's; Turbo: 8)")
+    ap.add_argument("--height", type=int, default=None,
+                    help="pixels, a multiple of 16 within the build's size range (default: from the build)")
+    ap.add_argument("--width", type=int, default=None,
+                    help="pixels, a multiple of 16 within the build's size range (default: from the build)")
     ap.add_argument("--guidance-scale", type=float, default=None,
                     help="classifier-free guidance scale; 0 turns CFG off (default: the variant's: Turbo 0)")
     ap.add_argument("--cfg-normalization", type=float, default=0.0,
@@ -53,37 +58,39 @@ def main(argv=None) -> int:
     ap.add_argument("--output", type=Path, required=True)
     args = ap.parse_args(argv)
 
-    check_output(args.output)
-    if args.strength is not None and not args.image:
-        raise UserError("--strength needs --image (img2img / inpainting)")
-    if args.mask and not args.image:
-        raise UserError("--mask needs --image (inpainting)")
-
     from . import manifest as manifest_io
-    from .runtime.images import open_image
+    from .runtime.backends import resolve_backend
     from .runtime.pipeline import open_pipeline
+    from .runtime.validate import (MASK_NEEDS_IMAGE, STRENGTH_NEEDS_IMAGE, Limits, check_request, decode_image,
+                                   probe_image)
 
-    edit = manifest_io.load(args.engine_dir)["variant"] == "edit"
-    if edit and (args.mask or args.strength is not None):
-        raise UserError("the Edit variant takes condition images only: no --mask or --strength")
-    if not edit and args.image and len(args.image) > 1:
-        raise UserError("several --image (condition images) need an Edit build (--variant edit); "
-                        "img2img and inpainting take one --image")
-    images = [open_image(p) for p in args.image or []]
-    mask = open_image(args.mask) if args.mask else None
+    check_output(args.output)
+    if args.strength is not None and not args.image:  # the validator's messages, before reading any file
+        raise RequestError(STRENGTH_NEEDS_IMAGE)
+    if args.mask and not args.image:
+        raise RequestError(MASK_NEEDS_IMAGE)
+
+    # everything is checked before any model loads: the request against the build's limits (same rules and
+    # messages as the runtime API and the server), input images from their headers only
+    manifest = manifest_io.load(args.engine_dir)
+    limits = Limits.for_build(manifest, resolve_backend(args.backend, manifest), args.cfg_mode)
+    paths = list(args.image or [])
+    infos = [probe_image(p, f"image {p}") for p in paths]
+    mask_info = probe_image(args.mask, f"mask {args.mask}") if args.mask else None
+    req = check_request(limits, args.prompt, seed=args.seed, steps=args.steps, height=args.height,
+                        width=args.width, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
+                        cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation,
+                        strength=args.strength, images=infos, mask=mask_info)
+    images = [decode_image(p, limits, f"image {p}") for p in paths]
+    mask = decode_image(args.mask, limits, f"mask {args.mask}") if args.mask else None
     t0 = time.perf_counter()
     pipe = open_pipeline(args.engine_dir, backend=args.backend, cfg_mode=args.cfg_mode, low_vram=args.low_vram)
-    if not images:
-        pipe.check_size(args.height or pipe.defaults["height"], args.width or pipe.defaults["width"])
     t1 = time.perf_counter()
-    common = dict(height=args.height, width=args.width, steps=args.steps, seed=args.seed,
-                  negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
-                  cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation)
-    if edit:
-        (result,) = pipe(args.prompt, images=images, **common)
+    common = dict(req.pipeline_kwargs(manifest["variant"]), seed=req.seeds[0])
+    if manifest["variant"] == "edit":
+        (result,) = pipe(req.prompts[0], images=images, **common)
     else:
-        (result,) = pipe(args.prompt, image=images[0] if images else None, mask=mask,
-                         strength=0.6 if args.strength is None else args.strength, **common)
+        (result,) = pipe(req.prompts[0], image=images[0] if images else None, mask=mask, **common)
     t2 = time.perf_counter()
     write_image(result, args.output)
     print(f"wrote {args.output} ({result.width}x{result.height}, backend {pipe.backend.name}, "

@@ -19,11 +19,43 @@ def load(engine_dir: Path) -> dict:
         raise UserError(f"{engine_dir} has no {NAME}: build it first with `python -m zimage_deploy.build --out DIR`")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise UserError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror or e})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path} is not a build manifest: it holds a JSON {type(manifest).__name__}, not an object; "
+                        "rebuild")
     if manifest.get("schema") != SCHEMA:
-        raise UserError(f"{path} has manifest schema {manifest.get('schema')}, this version reads {SCHEMA}: rebuild")
+        raise UserError(f"{path} has manifest schema {manifest.get('schema')!r}, this version reads {SCHEMA}: "
+                        "rebuild")
+    check(manifest, path)
     return manifest
+
+
+# keys the runtime reads, with the JSON type each must have
+_REQUIRED = {"variant": str, "components": dict, "defaults": dict, "model": dict}
+_DEFAULTS = {"steps": int, "guidance_scale": (int, float), "height": int, "width": int,
+             "resolution_multiple": int, "max_sequence_length": int}
+
+
+def check(manifest: dict, path: Path | str = NAME) -> None:
+    """The fields the runtime reads are there with the right types (a clear error, not a traceback later)."""
+    def bad(what: str) -> UserError:
+        return UserError(f"{path} is not a complete build manifest ({what}): rebuild")
+
+    for key, kind in _REQUIRED.items():
+        if not isinstance(manifest.get(key), kind):
+            raise bad(f"{key!r} missing or not a {kind.__name__}")
+    for key, kind in _DEFAULTS.items():
+        v = manifest["defaults"].get(key)
+        if not isinstance(v, kind) or isinstance(v, bool) or v < 0 or (key == "resolution_multiple" and v < 1):
+            raise bad(f"defaults.{key} missing or invalid")
+    if not isinstance(manifest["model"].get("facts"), dict):
+        raise bad("model.facts missing")
+    for name, comp in manifest["components"].items():
+        if not isinstance(comp, dict):
+            raise bad(f"components.{name} is not an object")
 
 
 def save(engine_dir: Path, manifest: dict) -> None:

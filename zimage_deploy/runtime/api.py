@@ -10,8 +10,14 @@ set of activations in memory; the backends' sessions and engines are shared); ot
 randomness comes from its own seed, so results do not depend on what other threads do. Runtimes hold no
 global state: two of them (two builds, or two backends) can live in one process.
 
-Errors: `RequestError` for a request that cannot be served as asked (the caller's fault),
-`InternalError` for a failure inside (not the caller's fault).
+Requests are checked by runtime/validate.py (`check_request`, the same rules and messages as the CLI and the
+server) before anything runs: `self.limits` holds the build's limits, `check(...)` checks a request without
+running it.
+
+Errors: `RequestError` for a request that cannot be served as asked (the caller's fault; `TooLarge` and
+`BadInput` are its 413 / 400 kinds), `InternalError` for a failure inside (not the caller's fault),
+`GenerationCancelled` when `cancel` (a threading.Event or a callable) turned true: it is checked between
+denoising steps and before decoding.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ import torch
 from PIL import Image
 
 from ..errors import InternalError, RequestError, UserError
-from .pipeline import initial_latents, open_pipeline, timed
+from .pipeline import GenerationCancelled, initial_latents, open_pipeline, timed
+from .validate import Limits, Request, check_request
+
+__all__ = ["GenerationCancelled", "GenerationResult", "ZImageRuntime"]
 
 
 @dataclass
@@ -44,39 +53,63 @@ class ZImageRuntime:
         self.manifest = self.pipeline.manifest
         self.variant = self.manifest["variant"]
         self.backend = self.pipeline.backend.name
+        self.limits = Limits.for_build(self.manifest, self.backend, cfg_mode)
         self._slots = threading.BoundedSemaphore(max_concurrent)
 
     @property
     def defaults(self) -> dict:
         return self.pipeline.defaults
 
+    def check(self, prompt: str | list[str], *, seed: int | list[int] = 0, steps: int | None = None,
+              height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
+              guidance_scale: float | None = None, cfg_normalization: float = 0.0, cfg_truncation: float = 1.0,
+              images: list | None = None, mask=None, strength: float | None = None,
+              limits: Limits | None = None) -> Request:
+        """Check a request as `generate` would, without running it -> the normalised Request, or RequestError.
+        `images` / `mask` may be PIL images or validate.ImageInfo sizes (e.g. from `validate.probe_image`)."""
+        return check_request(limits or self.limits, prompt, seed=seed, steps=steps, height=height, width=width,
+                             negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                             cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, images=images,
+                             mask=mask, strength=strength)
+
     def generate(self, prompt: str | list[str], *, seed: int | list[int] = 0, steps: int | None = None,
                  height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
                  guidance_scale: float | None = None, cfg_normalization: float = 0.0, cfg_truncation: float = 1.0,
-                 images: list[Image.Image] | None = None, mask: Image.Image | None = None, strength: float = 0.6,
-                 return_latents: bool = False) -> GenerationResult:
+                 images: list[Image.Image] | None = None, mask: Image.Image | None = None,
+                 strength: float | None = None, return_latents: bool = False, cancel=None,
+                 limits: Limits | None = None) -> GenerationResult:
         """One image per prompt. Several prompts with a list of seeds run as one batch, each image the same as
-        its own single-prompt call with that seed (text-to-image)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
-        if not prompts or len(seeds) != len(prompts):
-            raise RequestError(f"{len(prompts)} prompts and {len(seeds)} seeds: give one seed per prompt")
-        kwargs = dict(height=height, width=width, steps=steps, negative_prompt=negative_prompt,
-                      guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
-                      cfg_truncation=cfg_truncation, progress=False)
+        its own single-prompt call with that seed (text-to-image). `strength` (img2img / inpainting; default
+        0.6) needs an image. `cancel`: a threading.Event or a callable; once it is true the call stops between
+        steps (or before decoding) and raises GenerationCancelled. `limits` replaces `self.limits` (a server's
+        tighter budgets)."""
+        for name, given in (("images", images), ("mask", None if mask is None else [mask])):
+            if given is not None and (not isinstance(given, (list, tuple)) or
+                                      not all(isinstance(im, Image.Image) for im in given)):
+                raise RequestError(f"{name} must be {'a list of PIL images' if name == 'images' else 'a PIL image'}")
+        req = self.check(prompt, seed=seed, steps=steps, height=height, width=width,
+                         negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                         cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, images=images,
+                         mask=mask, strength=strength, limits=limits)
+        return self.run(req, images=images, mask=mask, return_latents=return_latents, cancel=cancel)
+
+    def run(self, req: Request, images: list[Image.Image] | None = None, mask: Image.Image | None = None,
+            return_latents: bool = False, cancel=None) -> GenerationResult:
+        """Run a Request from `check` (with the images it was checked with)."""
+        should_stop = cancel.is_set if isinstance(cancel, threading.Event) else cancel
+        prompts, seeds = list(req.prompts), list(req.seeds)
+        kwargs = dict(req.pipeline_kwargs(self.variant), progress=False, should_stop=should_stop)
         if self.variant == "edit":
-            if mask is not None:
-                raise RequestError("the Edit variant takes condition images, not a mask")
-            kwargs["images"] = images
+            kwargs["images"] = list(images)
         else:
-            if images and len(images) > 1:
-                raise RequestError("img2img / inpainting take one image; several are for Edit builds")
-            kwargs.update(image=images[0] if images else None, mask=mask, strength=strength)
+            kwargs.update(image=images[0] if images else None, mask=mask)
         timings: dict = {}
         with self._slots:
             try:
+                if should_stop is not None and should_stop():
+                    raise GenerationCancelled("cancelled before it started")
                 if self.variant != "edit" and not images and len(prompts) > 1:
-                    kwargs["latents"] = self._batch_latents(seeds, height, width)
+                    kwargs["latents"] = self._batch_latents(seeds, req.height, req.width)
                 if len(prompts) == 1 or "latents" in kwargs:
                     latents = self.pipeline(prompts, seed=seeds[0], output="latent", timings=timings, **kwargs)
                 else:  # image-conditioned batches: one call per seed keeps each image reproducible on its own
@@ -84,6 +117,8 @@ class ZImageRuntime:
                                          for p, s in zip(prompts, seeds)])
                 with timed(timings, "decode"):
                     images_out = self.pipeline.decode(latents, "pil")
+            except GenerationCancelled:
+                raise
             except UserError as e:
                 raise RequestError(str(e)) from None
             except Exception as e:  # noqa: BLE001 - anything else is ours, not the caller's
@@ -91,8 +126,6 @@ class ZImageRuntime:
         return GenerationResult(images_out, seeds, timings, latents.cpu() if return_latents else None)
 
     def _batch_latents(self, seeds, height, width) -> torch.Tensor:
-        facts, d = self.pipeline.facts, self.pipeline.defaults
-        h, w = (height or d["height"]), (width or d["width"])
-        self.pipeline.check_size(h, w)
+        facts = self.pipeline.facts
         s = facts["vae_scale_factor"]
-        return torch.cat([initial_latents(sd, 1, facts["latent_channels"], h // s, w // s) for sd in seeds])
+        return torch.cat([initial_latents(sd, 1, facts["latent_channels"], height // s, width // s) for sd in seeds])

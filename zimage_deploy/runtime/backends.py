@@ -162,20 +162,25 @@ class TorchBackend(Backend):
         return {s["name"]: o.to(DTYPES[s["dtype"]]) for s, o in zip(specs, outs)}
 
 
-def make_backend(name: str, engine_dir: Path, manifest: dict, low_vram: bool = False) -> Backend:
+def resolve_backend(name: str, manifest: dict) -> str:
     """`auto`: TensorRT when the build has engines and a CUDA GPU is visible; otherwise ONNX Runtime for
-    float32 builds and Torch for BF16 builds (ONNX Runtime has no BF16 CPU kernels). `low_vram` (TensorRT):
-    keep one engine resident at a time."""
+    float32 builds and Torch for BF16 builds (ONNX Runtime has no BF16 CPU kernels)."""
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
     if name == "auto":
         has_engines = all((c.get("engine") or {}).get("status") == "complete"
                           for c in manifest["components"].values())
         if has_engines and torch.cuda.is_available():
-            name = "tensorrt"
-        else:
-            bf16 = any(c["compute_dtype"] == "bfloat16" for c in manifest["components"].values())
-            name = "torch" if bf16 else "onnxruntime"
+            return "tensorrt"
+        bf16 = any(c.get("compute_dtype") == "bfloat16" for c in manifest["components"].values())
+        return "torch" if bf16 else "onnxruntime"
+    return name
+
+
+def make_backend(name: str, engine_dir: Path, manifest: dict, low_vram: bool = False) -> Backend:
+    """The backend `name` (see `resolve_backend` for `auto`). `low_vram` (TensorRT): keep one engine resident
+    at a time."""
+    name = resolve_backend(name, manifest)
     if name == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 

@@ -76,14 +76,14 @@ class EditPipeline(Pipeline):
                  steps: int | None = None, seed: int = 0, *, images: list[Image.Image] | None = None,
                  negative_prompt: str | list[str] | None = None, guidance_scale: float | None = None,
                  cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, progress: bool = True,
-                 output: str = "pil", timings: dict | None = None, **unsupported):
+                 output: str = "pil", timings: dict | None = None, should_stop=None, **unsupported):
         if any(unsupported.get(k) is not None for k in ("mask", "image", "latents")):
             raise UserError("the Edit variant takes condition images (--image, repeatable); no mask or strength")
         if not images:
             raise UserError("the Edit variant needs at least one condition image (--image)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)
-        steps = steps or self.defaults["steps"]
+        steps = self.defaults["steps"] if steps is None else steps
         guidance = self.defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
         if steps < 1 or guidance < 0:
             raise UserError(f"need steps >= 1 and guidance >= 0, got {steps} and {guidance}")
@@ -93,7 +93,7 @@ class EditPipeline(Pipeline):
 
         with timed(timings, "encode"):
             cond_latents, sig_feats, (img_h, img_w) = self.condition(images, height, width)
-        height, width = height or img_h, width or img_w
+        height, width = img_h if height is None else height, img_w if width is None else width
         self.check_size(height, width)
         scale = self.facts["vae_scale_factor"]
         h, w = height // scale, width // scale
@@ -121,6 +121,6 @@ class EditPipeline(Pipeline):
         sched = FlowMatchEuler(self.scheduler_config, steps, (h // 2) * (w // 2))
         with timed(timings, "denoise"):
             latents = self.denoise(latents, sched, range(steps), guidance, cfg_normalization, cfg_truncation, pos,
-                                   neg, both, progress)
+                                   neg, both, progress, should_stop=should_stop)
         with timed(timings, "decode"):
             return self.decode(latents, output)

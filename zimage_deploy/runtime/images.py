@@ -1,26 +1,14 @@
 """Input images and masks, prepared as diffusers' VaeImageProcessor does for Z-Image (PIL in, tensors out),
-and output images converted back."""
+and output images converted back. Reading images from files or bytes (formats, pixel budget, header before
+pixels) is runtime/validate.py's `probe_image` / `decode_image`."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import UserError
-
-
-def open_image(path: str | Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError:
-        raise UserError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"{path} is not an image PIL can read ({e})") from None
 
 
 def target_size(image: Image.Image, multiple: int) -> tuple[int, int]:

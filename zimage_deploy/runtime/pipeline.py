@@ -25,13 +25,17 @@ from tqdm import tqdm
 
 from .. import manifest as manifest_io
 from ..errors import UserError
-from .backends import Backend, make_backend
+from .backends import Backend, make_backend, resolve_backend
 from .images import preprocess_image, preprocess_mask, to_pil
 from .prompt import PromptTokenizer, pad_captions
 from .scheduler import FlowMatchEuler, SchedulerConfig
 
 CFG_MODES = ("batch", "sequential")
 REQUIRED = ("text_encoder", "context_refiner", "transformer", "vae_decoder")
+
+
+class GenerationCancelled(Exception):
+    """Raised between denoising steps (and before decoding) once the caller's `should_stop()` is true."""
 
 
 def initial_latents(seed: int, batch: int, channels: int, h: int, w: int) -> torch.Tensor:
@@ -87,6 +91,10 @@ class Pipeline:
         if cfg_mode not in CFG_MODES:
             raise UserError(f"cfg_mode must be one of {CFG_MODES}")
         self.cfg_mode = cfg_mode
+        from .verify import verify_build  # every file the pipeline and its backend read, before the first use
+
+        verify_build(self.engine_dir, self.manifest,
+                     backend.name if isinstance(backend, Backend) else resolve_backend(backend, self.manifest))
         self.backend = backend if isinstance(backend, Backend) else make_backend(backend, self.engine_dir,
                                                                                   self.manifest, low_vram)
         self.tokenizer = PromptTokenizer(self.engine_dir / "tokenizer",
@@ -140,12 +148,13 @@ class Pipeline:
                  guidance_scale: float | None = None, cfg_normalization: float = 0.0, cfg_truncation: float = 1.0,
                  image: Image.Image | None = None, mask: Image.Image | None = None, strength: float = 0.6,
                  latents: torch.Tensor | None = None, progress: bool = True, output: str = "pil",
-                 timings: dict | None = None):
+                 timings: dict | None = None, should_stop=None):
         """Generate images. `latents` (B, C, h, w) replaces the seeded initial noise (text-to-image only);
-        `timings`, if a dict, receives seconds per stage (encode, denoise, decode)."""
+        `timings`, if a dict, receives seconds per stage (encode, denoise, decode); `should_stop`, a callable,
+        is asked between steps and before decoding: when true, GenerationCancelled is raised."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)
-        steps = steps or self.defaults["steps"]
+        steps = self.defaults["steps"] if steps is None else steps
         guidance = self.defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
@@ -167,7 +176,8 @@ class Pipeline:
                 raise UserError(f"with an input image the output is the image's size ({img_w}x{img_h}, "
                                 f"rounded down to {self.multiple}); got --width {width} --height {height}")
             height, width = img_h, img_w
-        height, width = height or self.defaults["height"], width or self.defaults["width"]
+        height = self.defaults["height"] if height is None else height
+        width = self.defaults["width"] if width is None else width
         self.check_size(height, width)
         scale = self.facts["vae_scale_factor"]
         h, w = height // scale, width // scale
@@ -219,16 +229,18 @@ class Pipeline:
         with timed(timings, "denoise"):
             latents = self.denoise(latents, sched, range(first, steps), guidance, cfg_normalization,
                                    cfg_truncation, pos, neg, both, progress,
-                                   inpaint_blend if blend is not None else None)
+                                   inpaint_blend if blend is not None else None, should_stop)
         with timed(timings, "decode"):
             return self.decode(latents, output)
 
     def denoise(self, latents, sched, steps, guidance, cfg_normalization, cfg_truncation, pos, neg, both,
-                progress, after_step=None):
+                progress, after_step=None, should_stop=None):
         """The step loop: velocity (guided when `guidance > 0`, with diffusers' truncation rule), Euler step,
-        then `after_step(i, latents)` if given."""
+        then `after_step(i, latents)` if given; `should_stop()` is asked before each step and after the last."""
         b = latents.shape[0]
         for i in tqdm(steps, desc="denoising", disable=not progress, leave=False):
+            if should_stop is not None and should_stop():
+                raise GenerationCancelled(f"cancelled before step {i + 1}")
             t = sched.model_timestep(i, b)
             g = guidance
             if g > 0 and cfg_truncation is not None and float(cfg_truncation) <= 1 and float(t[0]) > cfg_truncation:
@@ -240,6 +252,8 @@ class Pipeline:
             latents = sched.step(velocity, i, latents)
             if after_step is not None:
                 latents = after_step(i, latents)
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled("cancelled before decoding")
         return latents
 
     def decode(self, latents, output: str = "pil"):

@@ -1,11 +1,11 @@
 """TensorRT / TensorRT-RTX backend: runs the engines of a build on the GPU.
 
-At load, before touching the GPU, every plan is checked against the manifest (size and sha256: a truncated or
-corrupted plan is refused), then the installed TensorRT flavour and version, then the GPU's compute
-capability. One CUDA stream; I/O buffers are torch CUDA tensors; input shapes are set per call within the
-profile; one device-memory buffer is shared by all execution contexts (they run one at a time on the stream);
-with static shapes the per-step transformer call is captured once in a CUDA graph and replayed; low-VRAM
-mode keeps one engine resident at a time.
+At load, before touching the GPU, every plan is checked against the manifest (size, and sha256 once per file
+version, remembered in DIR/.verified.json: a truncated or corrupted plan is refused), then the installed TensorRT
+flavour and version, then the GPU's compute capability. One CUDA stream; I/O buffers are torch CUDA tensors; input
+shapes are set per call within the profile; one device-memory buffer is shared by all execution contexts (they run
+one at a time on the stream); with static shapes the per-step transformer call is captured once in a CUDA graph and
+replayed; low-VRAM mode keeps one engine resident at a time.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ..engines.builder import device_capability, sha256_file
+from ..engines.builder import device_capability
 from ..engines.flavour import import_trt, version
 from ..errors import UserError
 from ..export.specs import DTYPES
 from .backends import Backend
+from .verify import plan_verified
 
 
 def check_plans(engine_dir: Path, manifest: dict) -> None:
@@ -35,7 +36,7 @@ def check_plans(engine_dir: Path, manifest: dict) -> None:
         if size != eng["bytes"]:
             raise UserError(f"engine plan {path} is truncated or corrupted ({size} bytes, the build wrote "
                             f"{eng['bytes']}): rebuild")
-        if sha256_file(path) != eng["plan_sha256"]:
+        if not plan_verified(engine_dir, path, eng["plan_sha256"]):  # hashed once per file version (stamp)
             raise UserError(f"engine plan {path} is corrupted (sha256 differs from the manifest): rebuild")
 
 

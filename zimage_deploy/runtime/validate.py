@@ -1,0 +1,428 @@
+"""One request validator for the CLI, the runtime API, the HTTP server and the Ray Serve app.
+
+    from zimage_deploy.runtime.validate import Limits, check_request
+    limits = Limits.for_build(manifest)                  # or ZImageRuntime(...).limits
+    req = check_request(limits, "a fox", seed=3, height=256, width=256)   # -> Request, or RequestError
+    runtime.generate(**req.generate_kwargs())            # what ZImageRuntime.generate does itself
+
+Everything is checked before any model loads or any image is decoded (image inputs are checked from their
+sizes: PIL reads a file's header without decoding its pixels). The rules, the same everywhere:
+
+- prompt: a non-empty string (not only white space) of at most `max_prompt_chars` (10 000) characters of
+  valid Unicode; the same bound for `negative_prompt`, which needs a guidance scale > 0.
+- seed: an integer in 0 .. 2**63 - 1 (`SEED_MAX`); a batch of B prompts takes one seed or B seeds.
+- steps: an integer in 1 .. `max_steps` (100); default: the variant's.
+- height / width: integers, positive multiples of the build's resolution multiple, within the build's size
+  range: its engine profile (min/max side, or the static size) when it has engines, else the range the default
+  engine profile of the same checkpoint has (64..512 px for small test checkpoints, 512..2048 for real ones).
+- guidance_scale in [0, 30], cfg_normalization in [0, 10], cfg_truncation in [0, 1], strength in (0, 1] (with
+  an input image only; default 0.6): finite numbers.
+- input images (PNG, JPEG or WebP when given as bytes or files): at most `max_input_pixels` (4096 x 4096)
+  pixels before resizing, and after the documented resize rule within the profile:
+  img2img / inpainting: the output takes the image's size rounded down to the multiple, which must be within
+  the size range (a mask has the image's size); Edit: 1 .. `max_conditions` (2) condition images of at least
+  64 px a side and at most 8:1, each scaled to 1024 x 1024 px of area (or the requested output's) when larger,
+  then cropped to the multiple, and then at most max_side**2 pixels; the output defaults to the last one's size.
+- pixel cost of a request = images out x output pixels (+ the prepared condition images of an Edit request):
+  at most `max_request_pixels` when set (the server's `--max-batch-pixels`). Images beyond the profile or the
+  budgets raise `TooLarge` (HTTP 413); undecodable data `BadInput` (400); other violations `RequestError` (422).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import numbers
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..errors import RequestError
+from .backends import resolve_backend
+
+SEED_MAX = 2**63 - 1
+MAX_STEPS = 100
+MAX_PROMPT_CHARS = 10_000
+MAX_INPUT_PIXELS = 4096 * 4096
+MAX_CONDITIONS = 2  # Edit condition images per request (the engine profiles' limit: engines/profiles.py)
+MAX_BATCH = 4  # images per runtime call without engines (the default engine profile's batch)
+GUIDANCE_MAX, CFG_NORMALIZATION_MAX = 30.0, 10.0
+DEFAULT_STRENGTH = 0.6
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+CONDITION_AREA = 1024 * 1024  # Edit: larger condition images are scaled to this area (diffusers' rule)
+STRENGTH_NEEDS_IMAGE = "strength needs an input image (img2img / inpainting)"
+MASK_NEEDS_IMAGE = "inpainting needs an input image as well as the mask"
+
+
+class TooLarge(RequestError):
+    """The request is beyond the build's profile or a memory budget (HTTP 413)."""
+
+    status = 413
+
+
+class BadInput(RequestError):
+    """Data that cannot be read: not an image, an unsupported format, broken base64 (HTTP 400)."""
+
+    status = 400
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a build (and, for a server, its operator) accepts."""
+
+    variant: str
+    multiple: int
+    min_side: int
+    max_side: int
+    default_steps: int
+    default_guidance: float
+    default_height: int
+    default_width: int
+    static: tuple[int, int] | None = None  # static engine profile: the one size it takes
+    max_batch: int = MAX_BATCH  # images per runtime call
+    cfg_doubles_batch: bool = False  # TensorRT with CFG as one batch-2B call: the profile's batch counts 2B
+    max_conditions: int = MAX_CONDITIONS
+    img2img: bool = True  # the build has a vae_encoder
+    max_steps: int = MAX_STEPS
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    max_input_pixels: int = MAX_INPUT_PIXELS
+    max_request_pixels: int | None = None
+
+    @classmethod
+    def for_build(cls, manifest: dict, backend: str = "auto", cfg_mode: str = "batch", **overrides) -> "Limits":
+        """The build's limits; `backend` (as given to the runtime) decides whether the engine profile's batch
+        applies to CFG's doubled batch. `overrides`: any field (None keeps the build's value)."""
+        defaults, facts = manifest["defaults"], manifest["model"]["facts"]
+        multiple = int(defaults["resolution_multiple"])
+        opts = (manifest.get("tensorrt") or {}).get("options") or {}
+        comps = manifest["components"]
+        engines = bool(comps) and all((c.get("engine") or {}).get("status") == "complete" for c in comps.values())
+        small = facts.get("dim", 0) < 1024
+        lo, hi = (64, 512) if small else _variant_range(manifest["variant"])
+        static, max_batch = None, MAX_BATCH
+        if engines:
+            lo, hi = opts.get("min_side") or lo, opts.get("max_side") or hi
+            max_batch = int(opts.get("max_batch") or MAX_BATCH)
+            if opts.get("static"):
+                static = tuple(int(v) for v in opts["static"])
+                lo, hi, max_batch = min(static), max(static), int(opts.get("static_batch") or 1)
+        lo, hi = -(-lo // multiple) * multiple, hi // multiple * multiple
+        tensorrt = engines and resolve_backend(backend, manifest) == "tensorrt"
+        limits = cls(
+            variant=manifest["variant"], multiple=multiple, min_side=lo, max_side=hi,
+            default_steps=int(defaults["steps"]), default_guidance=float(defaults["guidance_scale"]),
+            default_height=int(defaults["height"]), default_width=int(defaults["width"]), static=static,
+            max_batch=max_batch, cfg_doubles_batch=engines and cfg_mode == "batch" and tensorrt,
+            img2img="vae_encoder" in comps)
+        return replace(limits, **{k: v for k, v in overrides.items() if v is not None})
+
+    def sizes_text(self) -> str:
+        if self.static:
+            return f"{self.static[1]}x{self.static[0]} only (static engines)"
+        return f"sides {self.min_side}..{self.max_side} px in multiples of {self.multiple}"
+
+
+def _variant_range(variant: str) -> tuple[int, int]:
+    from ..variants import VARIANTS
+
+    v = VARIANTS.get(variant)
+    return (v.min_side, v.max_side) if v else (512, 2048)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An input image's size (and format, when read from bytes) as known before decoding."""
+
+    width: int
+    height: int
+    format: str | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked request: defaults filled in, every value normalised."""
+
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    height: int  # output size
+    width: int
+    guidance_scale: float
+    cfg_normalization: float
+    cfg_truncation: float
+    negative_prompt: str | None = None
+    strength: float | None = None  # img2img / inpainting only
+    images: int = 0  # input images (img2img / inpainting: 1; Edit: condition images)
+    mask: bool = False
+    pixels: int = 0  # the request's pixel cost (see the module docstring)
+    sizes_given: tuple[int | None, int | None] = field(default=(None, None), repr=False)
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    def pipeline_kwargs(self, variant: str) -> dict:
+        """Keyword arguments for the pipelines (Edit keeps the size as given: its resize rule depends on it)."""
+        h, w = self.sizes_given if variant == "edit" else (self.height, self.width)
+        kwargs = dict(height=h, width=w, steps=self.steps, negative_prompt=self.negative_prompt,
+                      guidance_scale=self.guidance_scale, cfg_normalization=self.cfg_normalization,
+                      cfg_truncation=self.cfg_truncation)
+        if self.strength is not None:
+            kwargs["strength"] = self.strength
+        return kwargs
+
+
+# -- scalar fields ------------------------------------------------------------------------------------------
+def _int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise RequestError(f"{name} must be an integer, got {_show(v)}")
+    return int(v)
+
+
+def _float(name: str, v, lo: float, hi: float, lo_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise RequestError(f"{name} must be a number, got {_show(v)}")
+    try:
+        f = float(v)
+    except (OverflowError, ValueError):
+        f = math.inf
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    if not math.isfinite(f) or f > hi or f < lo or (lo_open and f == lo):
+        raise RequestError(f"{name} must be in {interval}, got {_show(v)}")
+    return f
+
+
+def _show(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _text(name: str, v, limit: int) -> str:
+    if not isinstance(v, str):
+        raise RequestError(f"{name} must be a string, got {type(v).__name__}")
+    if len(v) > limit:
+        raise RequestError(f"{name} is {len(v)} characters; the limit is {limit}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{name} is not valid Unicode text (lone surrogate characters)") from None
+    return v
+
+
+def check_seed(v) -> int:
+    seed = _int("seed", v)
+    if not 0 <= seed <= SEED_MAX:
+        raise RequestError(f"seed must be in 0..{SEED_MAX} (2**63 - 1), got {seed}")
+    return seed
+
+
+def _side(limits: Limits, name: str, v) -> int:
+    v = _int(name, v)
+    if v <= 0 or v % limits.multiple:
+        raise RequestError(f"{name} must be a positive multiple of {limits.multiple}, got {v}")
+    return v
+
+
+def check_size(limits: Limits, height: int, width: int, what: str = "the output", too_large=RequestError) -> None:
+    """Both sides within the build's profile (`too_large`: the error for a side beyond the largest)."""
+    if limits.static:
+        if (height, width) != limits.static:
+            raise RequestError(f"{what} is {width}x{height}, but this build's engines take "
+                               f"{limits.static[1]}x{limits.static[0]} only (static shapes)")
+        return
+    for name, v in (("height", height), ("width", width)):
+        if v > limits.max_side:
+            raise too_large(f"{what}: {name} {v} is above this build's largest side {limits.max_side} "
+                           f"({limits.sizes_text()})")
+        if v < limits.min_side:
+            raise RequestError(f"{what}: {name} {v} is below this build's smallest side {limits.min_side} "
+                               f"({limits.sizes_text()})")
+
+
+# -- images -------------------------------------------------------------------------------------------------
+def image_info(image) -> ImageInfo:
+    """ImageInfo of an ImageInfo, a PIL image or a (width, height) pair."""
+    if isinstance(image, ImageInfo):
+        return image
+    if hasattr(image, "size") and hasattr(image, "mode"):
+        return ImageInfo(int(image.size[0]), int(image.size[1]))
+    if isinstance(image, (tuple, list)) and len(image) == 2:
+        return ImageInfo(int(image[0]), int(image[1]))
+    raise RequestError(f"an input image must be a PIL image, got {type(image).__name__}")
+
+
+def _open(source, what: str):
+    """PIL image opened lazily (header read, pixels not decoded), PNG / JPEG / WebP only."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(source, formats=IMAGE_FORMATS)
+    except FileNotFoundError:
+        raise RequestError(f"{what} does not exist") from None
+    except IsADirectoryError:
+        raise RequestError(f"{what} is a folder, not an image") from None
+    except PermissionError:
+        raise RequestError(f"{what} cannot be read (permission denied)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise TooLarge(f"{what} declares more pixels than an input image may have ({MAX_INPUT_PIXELS})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        raise BadInput(f"{what} is not an image this build reads (PNG, JPEG or WebP)") from None
+
+
+def probe_image(data: bytes | str | Path, what: str = "image") -> ImageInfo:
+    """Format and size from the header of an image given as bytes or a file path, without decoding it."""
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    with _open(source, what) as im:
+        return ImageInfo(im.width, im.height, im.format)
+
+
+def decode_image(data: bytes | str | Path, limits: Limits, what: str = "image"):
+    """Decode an image (bytes or a path) after checking its format and pixel count from its header; the first
+    frame of animated files. -> PIL image (its own copy of the pixels)."""
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    with _open(source, what) as im:
+        check_input_pixels(limits, ImageInfo(im.width, im.height, im.format), what)
+        try:
+            im.load()
+            return im.copy()
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise BadInput(f"{what} is a damaged {im.format} file ({type(e).__name__})") from None
+
+
+def check_input_pixels(limits: Limits, info: ImageInfo, what: str) -> None:
+    if info.width <= 0 or info.height <= 0:
+        raise BadInput(f"{what} has no pixels ({info.width}x{info.height})")
+    if info.width * info.height > limits.max_input_pixels:
+        raise TooLarge(f"{what} is {info.width}x{info.height} = {info.width * info.height} pixels; input images "
+                       f"are limited to {limits.max_input_pixels} pixels")
+
+
+def condition_size(w: int, h: int, multiple: int, height: int | None, width: int | None) -> tuple[int, int]:
+    """An Edit condition image's prepared (height, width): diffusers' Flux2 image processor rules, as
+    runtime/omni.py `prepare_condition` applies them (scale to an area when larger, crop to the multiple)."""
+    if w * h > CONDITION_AREA:
+        area = height * width if height and width else CONDITION_AREA
+        scale = math.sqrt(area / (w * h))
+        w, h = int(w * scale), int(h * scale)
+    return (h // multiple) * multiple, (w // multiple) * multiple
+
+
+def _check_condition(limits: Limits, info: ImageInfo, what: str, height, width) -> tuple[int, int]:
+    w, h = info.width, info.height
+    if w < 64 or h < 64:
+        raise RequestError(f"{what}: condition image too small: {w}x{h}; both sides must be at least 64 px")
+    if max(w / h, h / w) > 8:
+        raise RequestError(f"{what}: condition image aspect ratio too extreme: {w}x{h} (at most 8:1)")
+    ph, pw = condition_size(w, h, limits.multiple, height, width)
+    if ph * pw > limits.max_side ** 2:
+        raise TooLarge(f"{what} is {w}x{h}, {pw}x{ph} after the condition resize rule: above this build's "
+                       f"{limits.max_side}x{limits.max_side} pixels per condition image; send a smaller image "
+                       "(or a smaller height x width for images above 1024x1024 px)")
+    return ph, pw
+
+
+# -- the request --------------------------------------------------------------------------------------------
+def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, width=None, negative_prompt=None,
+                  guidance_scale=None, cfg_normalization=0.0, cfg_truncation=1.0, strength=None, images=(),
+                  mask=None) -> Request:
+    """Check one request against `limits` -> Request (defaults filled in), or raise RequestError (TooLarge /
+    BadInput for its 413 / 400 kinds). `prompt`: a string or a list (one image each); `seed`: an integer or
+    one per prompt; `images` / `mask`: PIL images, ImageInfo (e.g. from `probe_image`) or (width, height)."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise RequestError("prompt must be a string (or a non-empty list of strings)")
+    prompts = tuple(_text("prompt", p, limits.max_prompt_chars) for p in prompts)
+    if any(not p.strip() for p in prompts):
+        raise RequestError("prompt is empty: describe the image to generate")
+    seeds = seed if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+    if len(seeds) != len(prompts):
+        raise RequestError(f"{len(prompts)} prompts and {len(seeds)} seeds: give one seed per prompt")
+    seeds = tuple(check_seed(s) for s in seeds)
+    steps = limits.default_steps if steps is None else _int("steps", steps)
+    if not 1 <= steps <= limits.max_steps:
+        raise RequestError(f"steps must be in 1..{limits.max_steps}, got {steps}")
+    guidance = limits.default_guidance if guidance_scale is None else _float("guidance_scale", guidance_scale, 0.0,
+                                                                              GUIDANCE_MAX)
+    norm = _float("cfg_normalization", 0.0 if cfg_normalization is None else cfg_normalization, 0.0,
+                  CFG_NORMALIZATION_MAX)
+    trunc = _float("cfg_truncation", 1.0 if cfg_truncation is None else cfg_truncation, 0.0, 1.0)
+    if negative_prompt is not None:
+        negative_prompt = _text("negative_prompt", negative_prompt, limits.max_prompt_chars)
+        if guidance <= 0:
+            raise RequestError("a negative prompt needs classifier-free guidance: pass a guidance scale > 0")
+    h_given = None if height is None else _side(limits, "height", height)
+    w_given = None if width is None else _side(limits, "width", width)
+
+    images = list(images or [])
+    infos = [image_info(im) for im in images]
+    for i, info in enumerate(infos):
+        check_input_pixels(limits, info, f"image {i}" if len(infos) > 1 else "the image")
+    mask_info = None if mask is None else image_info(mask)
+    if mask_info is not None:
+        check_input_pixels(limits, mask_info, "the mask")
+    extra_pixels = 0
+    if limits.variant == "edit":
+        if mask_info is not None or strength is not None:
+            raise RequestError("the Edit variant takes condition images only: no --mask or --strength")
+        if not infos:
+            raise RequestError("the Edit variant needs at least one condition image (--image)")
+        if len(infos) > limits.max_conditions:
+            raise RequestError(f"{len(infos)} condition images; this build takes at most {limits.max_conditions}")
+        prepared = [_check_condition(limits, info, f"condition image {i}", h_given, w_given)
+                    for i, info in enumerate(infos)]
+        extra_pixels = sum(h * w for h, w in prepared)
+        height = h_given or prepared[-1][0]
+        width = w_given or prepared[-1][1]
+    elif infos:
+        if len(infos) > 1:
+            raise RequestError("several input images (condition images) need an Edit build (--variant edit); "
+                               "img2img and inpainting take one image")
+        if not limits.img2img:
+            raise RequestError("this build has no vae_encoder graph (needed for an input image): rebuild it")
+        info = infos[0]
+        img_h, img_w = info.height - info.height % limits.multiple, info.width - info.width % limits.multiple
+        if img_h <= 0 or img_w <= 0:
+            raise RequestError(f"image of {info.width}x{info.height} is smaller than {limits.multiple} pixels")
+        if (h_given and h_given != img_h) or (w_given and w_given != img_w):
+            raise RequestError(f"with an input image the output is the image's size ({img_w}x{img_h}, rounded "
+                               f"down to {limits.multiple}); got width {w_given}, height {h_given}")
+        if mask_info is not None and (mask_info.width, mask_info.height) != (info.width, info.height):
+            raise RequestError(f"the mask is {mask_info.width}x{mask_info.height} but the image is "
+                               f"{info.width}x{info.height}: they must be the same size")
+        height, width = img_h, img_w
+        strength = DEFAULT_STRENGTH if strength is None else _float("strength", strength, 0.0, 1.0, lo_open=True)
+        from .pipeline import start_step
+
+        if start_step(steps, strength) >= steps:
+            raise RequestError(f"strength {strength:g} with {steps} steps leaves no step to run")
+    else:
+        if mask_info is not None:
+            raise RequestError(MASK_NEEDS_IMAGE)
+        if strength is not None:
+            raise RequestError(STRENGTH_NEEDS_IMAGE)
+        height = limits.default_height if h_given is None else h_given
+        width = limits.default_width if w_given is None else w_given
+    if infos and limits.variant != "edit":
+        check_size(limits, height, width, "the output (the input image's size)", too_large=TooLarge)
+    else:
+        check_size(limits, height, width)
+
+    b = len(prompts)
+    per_call = b if not infos else 1  # image-conditioned batches run one seed at a time
+    mult = 2 if guidance > 0 and limits.cfg_doubles_batch else 1
+    if per_call * mult > limits.max_batch:
+        if limits.max_batch < mult:
+            raise RequestError("CFG as one batch needs engines built for batch >= 2: use cfg_mode 'sequential'")
+        raise TooLarge(f"{b} images in one call: this build takes at most {limits.max_batch // mult}"
+                       f"{' with classifier-free guidance (its batch counts twice)' if mult > 1 else ''}")
+    pixels = b * height * width + extra_pixels
+    if limits.max_request_pixels is not None and pixels > limits.max_request_pixels:
+        raise TooLarge(f"the request costs {pixels} pixels ({b} x {width}x{height}"
+                       f"{f' + {extra_pixels} of condition images' if extra_pixels else ''}); the budget is "
+                       f"{limits.max_request_pixels} pixels")
+    return Request(prompts=prompts, seeds=seeds, steps=steps, height=height, width=width, guidance_scale=guidance,
+                   cfg_normalization=norm, cfg_truncation=trunc, negative_prompt=negative_prompt,
+                   strength=strength if infos and limits.variant != "edit" else None, images=len(infos),
+                   mask=mask_info is not None, pixels=pixels, sizes_given=(h_given, w_given))

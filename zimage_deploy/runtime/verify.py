@@ -1,0 +1,147 @@
+"""Load-time verification of a build against its manifest, before the first generation.
+
+Checked every time a pipeline opens: the tokenizer and scheduler folders (and the Edit SigLIP processor) are
+there, and every graph the chosen backend runs has the size the manifest records (ONNX Runtime: each
+component's graph folder, model.onnx plus its external data; TensorRT: the plans, in tensorrt_backend.py;
+Torch: the quantization scale files of quantized components). The sha256 the manifest records is checked on
+the first load of each file and remembered in `DIR/.verified.json`, keyed by path, size and modification time
+(nanoseconds): a file that changes is hashed again. A read-only build folder is hashed at every load.
+Any mismatch is a UserError naming the file (the CLIs print it as `error:` and exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UserError
+from ..fsutil import atomic_file
+
+STAMP = ".verified.json"
+
+
+def folder_sha256(folder: Path) -> str:
+    """The hash the build records for a graph folder (names and contents of its files, in name order)."""
+    from ..export.onnx_export import file_hash
+
+    return file_hash(Path(folder))
+
+
+def file_sha256(path: Path) -> str:
+    from ..engines.builder import sha256_file
+
+    return sha256_file(Path(path))
+
+
+class _Stamp:
+    """`DIR/.verified.json`: relative path -> {"files": [[name, size, mtime_ns], ...], "sha256": hash}."""
+
+    def __init__(self, engine_dir: Path):
+        self.path = Path(engine_dir) / STAMP
+        self.engine_dir = Path(engine_dir)
+        try:
+            data = json.loads(self.path.read_text())
+            self.entries = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            self.entries = {}
+        self.dirty = False
+
+    def verified(self, target: Path, files: list[Path], expected: str, hasher) -> bool:
+        key = str(target.relative_to(self.engine_dir))
+        stats = [[p.name, st.st_size, st.st_mtime_ns] for p in files for st in [p.stat()]]
+        entry = self.entries.get(key)
+        if isinstance(entry, dict) and entry.get("files") == stats and entry.get("sha256") == expected:
+            return True
+        if hasher(target) != expected:
+            return False
+        self.entries[key] = {"files": stats, "sha256": expected}
+        self.dirty = True
+        return True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            with atomic_file(self.path) as tmp:
+                tmp.write_text(json.dumps(self.entries, indent=1) + "\n")
+        except OSError:  # a read-only build folder: verify again next time
+            pass
+
+
+def check_support_files(engine_dir: Path, manifest: dict) -> None:
+    """The folders the pipelines read besides the graphs."""
+    engine_dir = Path(engine_dir)
+    needed = [("tokenizer", "tokenizer.json"), ("scheduler", "scheduler_config.json")]
+    if manifest["variant"] == "edit":
+        needed.append(("siglip_processor", None))
+    for folder, file in needed:
+        path = engine_dir / folder
+        if not path.is_dir():
+            raise UserError(f"{path} is missing: the build folder is incomplete; rebuild it")
+        if file and not (path / file).is_file():
+            raise UserError(f"{path / file} is missing: the build folder is incomplete; rebuild it")
+
+
+def check_graphs(engine_dir: Path, manifest: dict, stamp: _Stamp | None = None) -> None:
+    """Every complete component's ONNX graph folder: size always, sha256 on first load (then the stamp)."""
+    engine_dir = Path(engine_dir)
+    own = stamp is None
+    stamp = stamp or _Stamp(engine_dir)
+    for name, comp in manifest["components"].items():
+        if comp.get("status") != "complete":
+            continue
+        if not isinstance(comp.get("onnx"), str) or "bytes" not in comp or "onnx_sha256" not in comp:
+            raise UserError(f"the manifest records no graph, size or hash for {name}: rebuild")
+        graph = engine_dir / comp["onnx"]
+        folder = graph.parent
+        if not graph.is_file():
+            raise UserError(f"graph {graph} is missing: rebuild")
+        files = sorted(p for p in folder.iterdir())
+        if any(not p.is_file() for p in files):
+            raise UserError(f"graph folder {folder} holds something other than the graph's files: rebuild")
+        size = sum(p.stat().st_size for p in files)
+        if size != comp["bytes"]:
+            raise UserError(f"graph {graph} is truncated or corrupted ({size} bytes in {folder.name}/, the build "
+                            f"wrote {comp['bytes']}): rebuild")
+        if not stamp.verified(folder, files, comp["onnx_sha256"], folder_sha256):
+            raise UserError(f"graph {graph} is corrupted (sha256 differs from the manifest): rebuild")
+    if own:
+        stamp.save()
+
+
+def check_scales(engine_dir: Path, manifest: dict, stamp: _Stamp | None = None) -> None:
+    """Quantized components' scale files (read by the Torch backend): present, with the recorded hash."""
+    engine_dir = Path(engine_dir)
+    own = stamp is None
+    stamp = stamp or _Stamp(engine_dir)
+    for name, comp in manifest["components"].items():
+        q = comp.get("quantization")
+        if not q or comp.get("status") != "complete" or not q.get("scales"):
+            continue
+        path = engine_dir / q["scales"]
+        if not path.is_file():
+            raise UserError(f"quantization scales {path} are missing: rebuild")
+        if q.get("scales_sha256") and not stamp.verified(path, [path], q["scales_sha256"], file_sha256):
+            raise UserError(f"quantization scales {path} are corrupted (sha256 differs from the manifest): rebuild")
+    if own:
+        stamp.save()
+
+
+def plan_verified(engine_dir: Path, path: Path, expected_sha256: str) -> bool:
+    """A TensorRT plan's sha256 equals the manifest's (hashed once per file version, then the stamp)."""
+    stamp = _Stamp(engine_dir)
+    ok = stamp.verified(Path(path), [Path(path)], expected_sha256, file_sha256)
+    stamp.save()
+    return ok
+
+
+def verify_build(engine_dir: Path, manifest: dict, backend: str) -> None:
+    """Everything the pipeline and `backend` (its resolved name) will read, before the first generation."""
+    check_support_files(engine_dir, manifest)
+    stamp = _Stamp(engine_dir)
+    if backend == "onnxruntime":
+        check_graphs(engine_dir, manifest, stamp)
+    elif backend == "torch":
+        check_scales(engine_dir, manifest, stamp)
+    # tensorrt: the backend checks its plans (size, then sha256 through `plan_verified`) before loading them
+    stamp.save()
