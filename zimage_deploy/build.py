@@ -241,6 +241,19 @@ def _build(job: _Job) -> Path:
         _build_engines(engine_builder, manifest, out, v, engine_shapes, log)
         manifest["stages"]["engines"] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
 
+    if t.compute_capability is not None and v.name != "edit":  # the VRAM plan picks the runtime mode
+        from .plan import make_plan
+
+        vram = make_plan(target, precision, manifest["defaults"]["height"], manifest["defaults"]["width"],
+                         variant, engine_dir=out)
+        manifest["runtime"] = {"mode": vram.mode, "planned_at": [vram.height, vram.width],
+                               "needs_gib": {m: round(b / (1 << 30), 2) for m, b in vram.modes.items()},
+                               "memory_gib": round(vram.memory / (1 << 30), 1)}
+        manifest_io.save(out, manifest)
+        log(f"[plan] runtime mode {vram.mode} on {target} at {vram.height}x{vram.width}: all resident needs "
+            f"{manifest['runtime']['needs_gib']['all-resident']} GiB of {manifest['runtime']['memory_gib']} "
+            f"(python -m zimage_deploy.plan --engine-dir {out} for the table)")
+
     # -- stage 5: parity of what was built against the Torch modules ---------------------------------------
     if parity and lean:
         manifest["stages"]["parity"] = {
