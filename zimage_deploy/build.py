@@ -312,7 +312,8 @@ def _build_engines(builder: EngineBuilder, manifest: dict, out: Path, variant, s
             log(f"[engines] {name}: up to date, skipped")
             continue
         comp["engine"] = None
-        entry = builder.build(out / comp["onnx"], shapes[name], plan)
+        entry = builder.build(out / comp["onnx"], shapes[name], plan,
+                              strip=builder.strips(bool(comp.get("external_data"))))
         entry.update(plan=f"engines/{name}.plan", key=key, status="complete")
         comp["engine"] = entry
         manifest_io.save(out, manifest)
@@ -480,13 +481,19 @@ def main(argv=None) -> int:
                      help="static shapes (one size and batch; what CUDA graphs want; default: dynamic profiles)")
     eng.add_argument("--static-batch", type=int, default=1, help="batch of the --static profile (default 1)")
     eng.add_argument("--refittable", action="store_true", help="build refittable engines (default: off)")
+    eng.add_argument("--strip-weights", default="auto", choices=("auto", "on", "off"),
+                     help="weightless engines (TensorRT STRIP_PLAN), refitted from the build's ONNX graphs when they "
+                          "load: about half the builder's host memory and the build folder's disk for large graphs "
+                          "(auto: graphs above 512 MiB of weights, i.e. the real-size DiT and text encoder, when a GPU "
+                          "is present: TensorRT-RTX cannot build refittable plans ahead of time without one; "
+                          "default: %(default)s)")
     eng.add_argument("--weight-streaming", action="store_true", help="allow weight streaming (small-memory cards; default: off)")
     args = ap.parse_args(argv)
     precision = args.precision or TARGETS[args.target].default_precision
     opts = EngineOptions(opt_level=args.opt_level, max_batch=args.max_batch, min_side=args.min_side,
                          max_side=args.max_side, opt_side=args.opt_side, static=args.static,
                          static_batch=args.static_batch, refittable=args.refittable,
-                         weight_streaming=args.weight_streaming)
+                         weight_streaming=args.weight_streaming, strip_weights=args.strip_weights)
     quant = QuantOptions(calib_prompts=args.calib_prompts, calib_size=args.calib_size, calib_side=args.calib_side,
                          calib_steps=args.calib_steps,
                          int4_method=args.int4_method, int4_block=args.int4_block, fp8_attention=args.fp8_attention,

@@ -66,12 +66,25 @@ class EngineBuilder:
         self.cache_path = cache_dir() / "timing" / f"{target.flavour}-{self.version}-{target.sm}.cache"
         # tactic timing needs a GPU: an ahead-of-time TensorRT-RTX build on a GPU-less machine times nothing
         self.use_timing_cache = _has_cuda()
+        # TensorRT-RTX 1.7 fails to build refittable or weightless plans ahead of time without a GPU (Myelin's
+        # JIT asks CUDA); say so before anything is written
+        if not _has_cuda() and (opts.refittable or opts.strip_weights == "on"):
+            raise UserError("refittable (--refittable) and weightless (--strip-weights on) engines need a GPU "
+                            f"at build time: {target.flavour} {self.version} cannot build them ahead of time on a "
+                            "machine without one")
+
+    def strips(self, external_data: bool) -> bool:
+        """Weightless plan for this graph? `auto` strips large graphs where the builder can (a GPU is present)."""
+        if self.opts.strip_weights == "auto" and not _has_cuda():
+            return False
+        return self.opts.strips(external_data)
 
     def key(self, onnx_sha: str, profile: dict) -> str:
         return engine_key(onnx_sha, self.target.flavour, self.version, self.target.sm, profile, self.opts)
 
-    def build(self, onnx_path: Path, profile: dict, plan_path: Path) -> dict:
-        """Build `onnx_path` into `plan_path`; return the engine's manifest entry (without the key)."""
+    def build(self, onnx_path: Path, profile: dict, plan_path: Path, strip: bool = False) -> dict:
+        """Build `onnx_path` into `plan_path`; return the engine's manifest entry (without the key). `strip`: a
+        weightless plan (STRIP_PLAN), refitted from `onnx_path` when it loads."""
         trt = self.trt
         t0 = time.perf_counter()
         builder = trt.Builder(self.logger)
@@ -90,6 +103,10 @@ class EngineBuilder:
         config.builder_optimization_level = self.opts.opt_level
         if self.opts.refittable:
             config.set_flag(trt.BuilderFlag.REFIT)
+        if strip:  # identical weights at refit (the graph's own) keep every build-time optimisation
+            config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+            if not self.opts.refittable:
+                config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
         if self.opts.weight_streaming:
             config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
         cache = None
@@ -103,10 +120,14 @@ class EngineBuilder:
         for name, (lo, opt, hi) in profile.items():
             prof.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(prof)
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise RuntimeError(f"{self.target.flavour} failed to build an engine from {onnx_path} (see log above)")
-        _write_atomic(plan_path, memoryview(plan))
+        with atomic_file(plan_path) as tmp, open(tmp, "wb") as f:
+            # streamed to the file as it is serialized: the plan (as large as the weights) is never whole in memory
+            writer = _FileWriter(trt, f)
+            if not builder.build_serialized_network_to_stream(network, config, writer) or writer.failed \
+                    or not writer.written:
+                raise RuntimeError(f"{self.target.flavour} failed to build an engine from {onnx_path} "
+                                   f"({writer.failed or 'see log above'})")
+        del network, parser, builder  # the parser holds a copy of the graph's weights
         if cache is not None:
             _write_atomic(self.cache_path, memoryview(cache.serialize()))
         return {
@@ -117,9 +138,31 @@ class EngineBuilder:
             "compute_capability": list(self.target.compute_capability),
             "profile": profile,
             "options": self.opts.as_dict(),
+            "stripped": strip,
             "timing_cache": str(self.cache_path) if cache is not None else None,
             "build_seconds": round(time.perf_counter() - t0, 2),
         }
+
+
+def _FileWriter(trt, file):
+    """A TensorRT stream writer appending each serialized chunk to an open file; `failed` holds the first error
+    (TensorRT only logs exceptions raised in the callback and reports success)."""
+
+    class Writer(trt.IStreamWriter):
+        def __init__(self):
+            trt.IStreamWriter.__init__(self)
+            self.written, self.failed = 0, None
+
+        def write(self, data):
+            try:
+                n = file.write(data)
+            except Exception as e:  # noqa: BLE001 - reported after the build
+                self.failed = self.failed or e
+                return 0
+            self.written += n
+            return n
+
+    return Writer()
 
 
 def _write_atomic(path: Path, data) -> None:

@@ -31,9 +31,18 @@ class EngineOptions:
     static_batch: int = 1
     refittable: bool = False
     weight_streaming: bool = False
+    strip_weights: str = "auto"  # "auto" (graphs with external data, > 512 MiB of weights), "on", "off"
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def strips(self, external_data: bool) -> bool:
+        """Whether an engine is built weightless (STRIP_PLAN): its weights are refitted from the ONNX graph at
+        load. Keeps the builder's host memory to about one copy of the weights, and the build folder to one copy
+        on disk; costs a refit (a read of the graph's weights) each time the engine loads."""
+        if self.strip_weights not in ("auto", "on", "off"):
+            raise UserError(f"strip_weights must be auto, on or off, not {self.strip_weights!r}")
+        return self.strip_weights == "on" or (self.strip_weights == "auto" and external_data)
 
 
 def side_range(variant, facts: dict, opts: EngineOptions) -> tuple[int, int, int]:

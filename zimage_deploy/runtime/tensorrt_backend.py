@@ -56,15 +56,28 @@ def check_compat(manifest: dict, installed_version: str, device_cc: tuple[int, i
 
 
 class _Engine:
-    def __init__(self, trt, runtime, plan: bytes):
+    def __init__(self, trt, runtime, plan: bytes, refit_from: Path | None = None, logger=None):
         self.engine = runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise UserError("TensorRT could not deserialize the engine (see its log above)")
+        if refit_from is not None:
+            refit_weights(trt, self.engine, refit_from, logger)
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         self.context = self.engine.create_execution_context(strategy)
         self.graph = None  # CUDA graph, static shapes only
         self.static_in: dict[str, torch.Tensor] = {}
         self.static_out: dict[str, torch.Tensor] = {}
+
+
+def refit_weights(trt, engine, onnx_path: Path, logger) -> None:
+    """Fill a weightless (STRIP_PLAN) engine with the weights of the graph it was built from."""
+    refitter = trt.Refitter(engine, logger)
+    parser = trt.OnnxParserRefitter(refitter, logger)
+    if not parser.refit_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+        raise UserError(f"cannot refit the weightless engine from {onnx_path}: {errors}")
+    if not refitter.refit_cuda_engine():
+        raise UserError(f"refitting the weightless engine from {onnx_path} failed (see TensorRT's log above)")
 
 
 class TensorRTBackend(Backend):
@@ -95,8 +108,10 @@ class TensorRTBackend(Backend):
             if self.low_vram:
                 self.engines.clear()
                 torch.cuda.empty_cache()
-            plan = (self.engine_dir / self.components[name]["engine"]["plan"]).read_bytes()
-            self.engines[name] = _Engine(self.trt, self.runtime, plan)
+            comp = self.components[name]
+            plan = (self.engine_dir / comp["engine"]["plan"]).read_bytes()
+            refit = self.engine_dir / comp["onnx"] if comp["engine"].get("stripped") else None
+            self.engines[name] = _Engine(self.trt, self.runtime, plan, refit, self.logger)
         return self.engines[name]
 
     def _bind(self, eng: _Engine, feeds: dict[str, torch.Tensor], out_specs: list[dict]) -> dict[str, torch.Tensor]:
