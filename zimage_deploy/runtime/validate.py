@@ -323,6 +323,15 @@ def _check_condition(limits: Limits, info: ImageInfo, what: str, height, width) 
     return ph, pw
 
 
+def check_image_count(limits: Limits, n: int) -> None:
+    """How many input images the build takes (checked before anything is read)."""
+    if limits.variant == "edit" and n > limits.max_conditions:
+        raise RequestError(f"{n} condition images; this build takes at most {limits.max_conditions}")
+    if limits.variant != "edit" and n > 1:
+        raise RequestError("several input images (condition images) need an Edit build (--variant edit); "
+                           "img2img and inpainting take one image")
+
+
 # -- the request --------------------------------------------------------------------------------------------
 def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, width=None, negative_prompt=None,
                   guidance_scale=None, cfg_normalization=0.0, cfg_truncation=1.0, strength=None, images=(),
@@ -368,17 +377,14 @@ def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, wi
             raise RequestError("the Edit variant takes condition images only: no --mask or --strength")
         if not infos:
             raise RequestError("the Edit variant needs at least one condition image (--image)")
-        if len(infos) > limits.max_conditions:
-            raise RequestError(f"{len(infos)} condition images; this build takes at most {limits.max_conditions}")
+        check_image_count(limits, len(infos))
         prepared = [_check_condition(limits, info, f"condition image {i}", h_given, w_given)
                     for i, info in enumerate(infos)]
         extra_pixels = sum(h * w for h, w in prepared)
         height = h_given or prepared[-1][0]
         width = w_given or prepared[-1][1]
     elif infos:
-        if len(infos) > 1:
-            raise RequestError("several input images (condition images) need an Edit build (--variant edit); "
-                               "img2img and inpainting take one image")
+        check_image_count(limits, len(infos))
         if not limits.img2img:
             raise RequestError("this build has no vae_encoder graph (needed for an input image): rebuild it")
         info = infos[0]

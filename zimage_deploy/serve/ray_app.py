@@ -1,5 +1,6 @@
-"""Scale-out on Ray Serve: one runtime replica per GPU (per CPU slot for CPU builds), the same request schema
-and answers as the HTTP server, Ray's autoscaling and queueing in front.
+"""Scale-out on Ray Serve: one runtime replica per GPU (per CPU slot for CPU builds), Ray's autoscaling and
+queueing in front. Each replica runs the HTTP server's Service (service.py: the same validation, limits,
+batching, cancellation and answers, plus `replica` in /v1/generate and /health answers).
 
     python -m zimage_deploy.serve.ray_app --engine-dir DIR --replicas 2 --port 8000
     python -m zimage_deploy.serve.ray_app --engine-dir DIR --autoscale 1:8 --address auto   # existing cluster
@@ -10,96 +11,98 @@ Every replica loads the build from DIR, so DIR must be readable at the same path
 from __future__ import annotations
 
 import argparse
-import asyncio
-import secrets
+import os
 import sys
 import time
 from pathlib import Path
 
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 
 from ..cli import run_cli
-from .app import Job, _parse_multipart, run_jobs
-from .schema import ApiError, Limits, parse
+from ..errors import UserError
+from .__main__ import API_KEY_ENV, add_limit_options, load_runtime, serve_limits
+from .service import Service
 
 
 class ZImageReplica:
-    """One replica: one runtime; requests run one at a time on it (Ray queues the rest)."""
+    """One replica: one runtime and one Service, the HTTP server's code (limits, validation, batching,
+    cancellation, answers); Ray routes and queues requests in front. A client that disconnects makes Ray cancel
+    its request, which stops its work between denoising steps."""
 
-    def __init__(self, engine_dir: str, backend: str = "auto"):
-        from ..runtime.api import ZImageRuntime
-
-        self.runtime = ZImageRuntime(engine_dir, backend=backend)
-        self.limits = Limits.for_build(self.runtime.manifest)
+    def __init__(self, engine_dir: str, backend: str = "auto", options: dict | None = None):
+        options = dict(options or {})
+        self.runtime = load_runtime(Path(engine_dir), backend)
+        limits = serve_limits(self.runtime, argparse.Namespace(**{**_LIMIT_DEFAULTS, **options.pop("limits", {})}))
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.lock = asyncio.Lock()
+        self.service = Service(self.runtime, limits, watch_disconnect=False, tag={"replica": self.replica},
+                               **options)
 
     async def __call__(self, request: Request):
-        if request.url.path.rstrip("/").endswith("/health"):
-            return {"status": "ok", "variant": self.runtime.variant, "backend": self.runtime.backend,
-                    "replica": self.replica}
-        if request.method != "POST" or not request.url.path.rstrip("/").endswith("/v1/generate"):
-            return JSONResponse({"error": {"message": "not found", "kind": "bad_request"}}, status_code=404)
-        t0 = time.perf_counter()
-        try:
-            if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                parsed = await _parse_multipart(request, self.limits)
-            else:
-                parsed = parse(await request.body(), self.limits)
-            seed = parsed.request.seed if parsed.request.seed is not None else secrets.randbelow(2**31)
-            async with self.lock:
-                (answer,) = await asyncio.to_thread(run_jobs, self.runtime, [Job(parsed, seed, None)])
-        except ApiError as e:
-            return JSONResponse({"error": {"message": e.message, "kind": e.kind}}, status_code=e.status)
-        except Exception as e:  # noqa: BLE001 - RequestError / InternalError from the runtime
-            from ..errors import RequestError
+        return await self.service.dispatch(request)
 
-            status = 422 if isinstance(e, RequestError) else 500
-            return JSONResponse({"error": {"message": str(e), "kind": "bad_request" if status == 422 else
-                                           "internal"}}, status_code=status)
-        answer.update(replica=self.replica, seconds=time.perf_counter() - t0)
-        return answer
+    def __del__(self):  # Ray calls it when the replica shuts down: stop the work in progress between steps
+        service = getattr(self, "service", None)
+        for job in list(service.pending) + list(service.running) if service is not None else []:
+            job.cancel.set()
+
+
+_LIMIT_DEFAULTS = dict(timeout=120.0, max_steps=None, max_side=None, max_prompt_chars=None, max_batch_pixels=None,
+                       max_image_bytes=None, max_body_bytes=None)
 
 
 def deployment(engine_dir: str, replicas: int = 1, autoscale: tuple[int, int] | None = None,
-               gpus_per_replica: float | None = None, backend: str = "auto", max_ongoing_requests: int = 4):
-    """The bound Ray Serve application. GPU builds (engines present) take one GPU per replica by default."""
-    import json
+               gpus_per_replica: float | None = None, backend: str = "auto", max_ongoing_requests: int = 8,
+               max_queued_requests: int = 64, service: dict | None = None, limits: dict | None = None):
+    """The bound Ray Serve application. GPU builds (engines present) take one GPU per replica by default.
+    `service`: Service options per replica (max_batch, batch_wait_ms, timeout_s, api_key, ...); `limits`: the
+    server's limit options (max_batch_pixels, max_side, ...). Ray answers 503 beyond `max_queued_requests`."""
+    from .. import manifest as manifest_io
 
-    manifest = json.loads((Path(engine_dir) / "manifest.json").read_text())
+    manifest = manifest_io.load(Path(engine_dir))
     has_engines = any((c.get("engine") or {}).get("status") == "complete" for c in manifest["components"].values())
     gpus = gpus_per_replica if gpus_per_replica is not None else (1.0 if has_engines else 0.0)
     options = dict(ray_actor_options={"num_gpus": gpus, "num_cpus": 0 if gpus else 1},
-                   max_ongoing_requests=max_ongoing_requests)
+                   max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests)
     if autoscale:
         options["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
                                          "target_ongoing_requests": 2, "upscale_delay_s": 5,
                                          "downscale_delay_s": 60}
     else:
         options["num_replicas"] = replicas
-    return serve.deployment(ZImageReplica, name="zimage", **options).bind(str(Path(engine_dir).resolve()), backend)
+    per_replica = {"max_queue": max_ongoing_requests, **(service or {}), "limits": dict(limits or {})}
+    return serve.deployment(ZImageReplica, name="zimage", **options).bind(str(Path(engine_dir).resolve()), backend,
+                                                                          per_replica)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zimage_deploy.serve.ray_app", description=__doc__.split("\n")[0])
-    ap.add_argument("--engine-dir", type=Path, required=True)
-    ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument("--engine-dir", type=Path, required=True, help="a folder written by zimage_deploy.build")
+    ap.add_argument("--replicas", type=int, default=1, help="default: 1")
     ap.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="autoscaling replica range instead")
-    ap.add_argument("--gpus-per-replica", type=float, default=None)
-    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 for engine builds, else 0")
+    ap.add_argument("--backend", default="auto", help="default: auto")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000, help="default: 8000")
+    ap.add_argument("--max-ongoing", type=int, default=8, help="requests per replica at once (default: 8)")
+    ap.add_argument("--max-queued", type=int, default=64, help="requests Ray queues before 503 (default: 64)")
+    ap.add_argument("--max-batch", type=int, default=4, help="text-to-image images per runtime call (default: 4)")
+    add_limit_options(ap)
     args = ap.parse_args(argv)
     import ray
 
-    autoscale = tuple(int(x) for x in args.autoscale.split(":")) if args.autoscale else None
+    try:
+        autoscale = tuple(int(x) for x in args.autoscale.split(":")) if args.autoscale else None
+    except ValueError:
+        raise UserError(f"--autoscale must be MIN:MAX, got {args.autoscale!r}") from None
+    limits = {k: getattr(args, k) for k in _LIMIT_DEFAULTS}
+    service = dict(max_batch=args.max_batch, timeout_s=args.timeout,
+                   api_key=args.api_key or os.environ.get(API_KEY_ENV))
     ray.init(address=args.address, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(deployment(str(args.engine_dir), args.replicas, autoscale, args.gpus_per_replica, args.backend),
-              route_prefix="/")
+    serve.run(deployment(str(args.engine_dir), args.replicas, autoscale, args.gpus_per_replica, args.backend,
+                         args.max_ongoing, args.max_queued, service, limits), route_prefix="/")
     print(f"Ray Serve: {args.engine_dir} on http://{args.host}:{args.port}/v1/generate (Ctrl-C stops)")
     try:
         while True:

@@ -1,5 +1,7 @@
-"""The request schema of `POST /v1/generate`, shared by the HTTP server and the Ray Serve deployment, and its
-validation against the build (resolution rules and limits)."""
+"""Requests of the HTTP server and the Ray Serve app: `POST /v1/generate` (JSON, or multipart with a `request`
+field) and the OpenAI Images API (`POST /v1/images/generations`, JSON; `POST /v1/images/edits`, multipart),
+parsed from a body already read under its cap, checked by runtime/validate.py (the rules and messages of the
+CLI and the runtime API) and only then decoded. Synchronous: the server runs these off the event loop."""
 
 from __future__ import annotations
 
@@ -7,132 +9,289 @@ import base64
 import binascii
 import io
 import json
-from dataclasses import dataclass
+import re
+import secrets
+from dataclasses import dataclass, field, replace
 
-from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from PIL import Image
 
-MAX_PIXELS = 4096 * 4096
+from ..errors import RequestError, UserError
+from ..runtime.validate import (Limits, Request, SEED_MAX, check_image_count, check_request, check_seed,
+                                decode_image, probe_image)
+from .errors import ApiError
+from .multipart import Part, parse_multipart
 
-
-class ApiError(Exception):
-    """An error answer: HTTP status and a message for the client."""
-
-    def __init__(self, status: int, message: str, kind: str = "bad_request"):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str = Field(min_length=1)
-    negative_prompt: str | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    steps: int | None = Field(default=None, ge=1)
-    height: int | None = Field(default=None, ge=16)
-    width: int | None = Field(default=None, ge=16)
-    guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
-    cfg_normalization: float = Field(default=0.0, ge=0.0, le=10.0)
-    cfg_truncation: float = Field(default=1.0, ge=0.0, le=1000.0)
-    strength: float | None = Field(default=None, gt=0.0, le=1.0)
-    images: list[str] = Field(default_factory=list, max_length=4, description="base64 PNG/JPEG/WebP")
-    mask: str | None = Field(default=None, description="base64 image, white = repaint")
+GENERATE_FIELDS = {"prompt", "negative_prompt", "seed", "steps", "height", "width", "guidance_scale",
+                   "cfg_normalization", "cfg_truncation", "strength", "images", "mask"}
+EXTENSIONS = {"seed", "steps", "negative_prompt", "guidance_scale", "cfg_normalization", "cfg_truncation"}
+# OpenAI fields without a meaning here: accepted (bounded) and ignored
+IGNORED = {"model", "user", "safety_identifier", "quality", "style", "moderation", "input_fidelity",
+           "output_compression", "complexity"}
+OPENAI_FIELDS = {"prompt", "n", "size", "response_format", "output_format", "stream", "background",
+                 "partial_images"} | EXTENSIONS | IGNORED
+INT_FIELDS, FLOAT_FIELDS = {"n", "seed", "steps", "height", "width", "partial_images", "output_compression"}, {
+    "guidance_scale", "cfg_normalization", "cfg_truncation", "strength"}
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+RANDOM_SEEDS = 2**31  # a request without a seed gets one drawn from 0 .. 2**31 - 1 (returned in the answer)
 
 
-@dataclass
-class Limits:
-    min_side: int
-    max_side: int
-    multiple: int
-    max_steps: int = 100
-    max_prompt_chars: int = 4000
-    max_image_bytes: int = 16 << 20
+@dataclass(frozen=True)
+class ServeLimits:
+    """The server's own bounds on top of the build's request limits (`request`)."""
+
+    request: Limits  # with max_request_pixels = max_batch_pixels: every request fits in a batch
+    max_batch_pixels: int
+    max_image_bytes: int  # one encoded input image
+    max_body_bytes: int  # a request body with images (JSON or multipart)
+    max_json_bytes: int  # a request body without images
+    max_text_bytes: int  # one multipart text field
+    max_images: int  # input images per request
+    max_n: int  # images out per request
+    body_timeout_s: float = 30.0
 
     @classmethod
-    def for_build(cls, manifest: dict, **overrides) -> "Limits":
-        """Sizes the build can serve: its engine profile when it has engines, else a generous CPU range."""
-        defaults = manifest["defaults"]
-        small = manifest["model"]["facts"]["dim"] < 1024
-        lo, hi = (64, 1024) if small else (256, 2048)
-        opts = (manifest.get("tensorrt") or {}).get("options") or {}
-        if any((c.get("engine") or {}).get("status") == "complete" for c in manifest["components"].values()):
-            if opts.get("static"):
-                lo, hi = min(opts["static"]), max(opts["static"])
-            else:
-                lo, hi = opts.get("min_side") or (64 if small else 512), opts.get("max_side") or (512 if small
-                                                                                                   else 2048)
-        limits = cls(min_side=lo, max_side=hi, multiple=defaults["resolution_multiple"])
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(limits, k, v)
-        return limits
+    def for_build(cls, limits: Limits, *, max_batch_pixels: int | None = None, max_image_bytes: int | None = None,
+                  max_body_bytes: int | None = None, max_steps: int | None = None, max_side: int | None = None,
+                  max_prompt_chars: int | None = None, body_timeout_s: float | None = None) -> "ServeLimits":
+        """Defaults: a batch costs at most one maximum-size image (Edit: plus its maximum-size condition
+        images); an input image file at most 8 bytes per pixel of the largest useful input (16 MiB at most);
+        a body at most its images in base64 plus 1 MiB."""
+        if max_side is not None:
+            if max_side < limits.min_side or max_side % limits.multiple:
+                raise UserError(f"--max-side {max_side} must be a multiple of {limits.multiple} and at least "
+                                   f"{limits.min_side}")
+            limits = replace(limits, max_side=min(max_side, limits.max_side))
+        limits = replace(limits, max_steps=max_steps or limits.max_steps,
+                         max_prompt_chars=max_prompt_chars or limits.max_prompt_chars)
+        edit = limits.variant == "edit"
+        max_images = limits.max_conditions if edit else 1
+        side2 = limits.max_side ** 2
+        budget = max_batch_pixels or side2 * (1 + (max_images if edit else 0))
+        useful = limits.max_input_pixels if edit else (limits.max_side + limits.multiple) ** 2
+        image_bytes = max_image_bytes or min(16 << 20, 8 * useful + (64 << 10))
+        text = 4 * limits.max_prompt_chars + 4096
+        body = max_body_bytes or (max_images + 1) * (4 * image_bytes // 3 + 4) + 2 * text + (1 << 20)
+        n = max(1, min(limits.max_batch, budget // max(1, limits.min_side ** 2)))
+        return cls(request=replace(limits, max_request_pixels=budget), max_batch_pixels=budget,
+                   max_image_bytes=image_bytes, max_body_bytes=body, max_json_bytes=min(body, 2 * text + 65536),
+                   max_text_bytes=2 * text, max_images=max_images, max_n=n,
+                   body_timeout_s=body_timeout_s or 30.0)
 
 
 @dataclass
-class ParsedRequest:
-    request: GenerateRequest
-    images: list[Image.Image]
-    mask: Image.Image | None
+class Parsed:
+    request: Request
+    images: list[Image.Image] = field(default_factory=list)
+    mask: Image.Image | None = None
+    openai: bool = False
+    output_format: str = "PNG"
 
 
-def _decode_image(data: bytes, what: str, limits: Limits) -> Image.Image:
-    if len(data) > limits.max_image_bytes:
-        raise ApiError(413, f"{what} is {len(data)} bytes; the limit is {limits.max_image_bytes}")
+# -- values -------------------------------------------------------------------------------------------------
+def _json_object(body: bytes) -> dict:
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ApiError(413, f"{what} is {im.width}x{im.height} pixels; the limit is {MAX_PIXELS}")
-            im.load()
-            return im.copy()
-    except ApiError:
-        raise
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise ApiError(400, f"{what} is not an image this server can read ({type(e).__name__})") from None
+        value = json.loads(body)
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, over-long integers, bad UTF-8
+        raise ApiError(400, f"malformed JSON: {str(e)[:200]}") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return value
 
 
-def _b64(text: str, what: str) -> bytes:
+def _unknown(fields, allowed: set[str]) -> None:
+    extra = sorted(str(k)[:40] for k in fields if k not in allowed)
+    if extra:
+        raise ApiError(422, f"unknown field `{extra[0]}` (accepted: {', '.join(sorted(allowed))})", param=extra[0])
+
+
+def _b64(text, what: str, limits: ServeLimits) -> bytes:
+    if not isinstance(text, str):
+        raise ApiError(422, f"{what} must be a base64 string")
+    if len(text) > 4 * limits.max_image_bytes // 3 + 4:
+        raise ApiError(413, f"{what} is above the limit of {limits.max_image_bytes} bytes per image")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, f"{what} is not valid base64") from None
 
 
-def parse(body: bytes | dict, limits: Limits, files: dict[str, list[bytes]] | None = None) -> ParsedRequest:
-    """JSON body (or a dict from a multipart `request` field) + optional uploaded files -> checked request."""
-    if not isinstance(body, dict):
+def _check_bytes(data: bytes, what: str, limits: ServeLimits) -> bytes:
+    if len(data) > limits.max_image_bytes:
+        raise ApiError(413, f"{what} is {len(data)} bytes; the limit is {limits.max_image_bytes} per image")
+    return data
+
+
+def _ignored(name: str, value) -> None:
+    if isinstance(value, str) and len(value) > 256 or not isinstance(value, (str, int, float, bool, type(None))):
+        raise ApiError(422, f"{name} must be a short string or a number", param=name)
+
+
+def _from_text(name: str, text: str):
+    """A multipart text field's value, typed as JSON would give it."""
+    if name in INT_FIELDS:
         try:
-            body = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"malformed JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-    try:
-        req = GenerateRequest.model_validate(body)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise ApiError(422, f"{where}: {first['msg']}") from None
-    if len(req.prompt) > limits.max_prompt_chars:
-        raise ApiError(422, f"prompt is {len(req.prompt)} characters; the limit is {limits.max_prompt_chars}")
-    if req.steps is not None and req.steps > limits.max_steps:
-        raise ApiError(422, f"steps {req.steps} above the limit {limits.max_steps}")
-    for name, v in (("height", req.height), ("width", req.width)):
-        if v is not None and (v % limits.multiple or not limits.min_side <= v <= limits.max_side):
-            raise ApiError(422, f"{name} must be a multiple of {limits.multiple} between {limits.min_side} and "
-                                f"{limits.max_side}, got {v}")
-    files = files or {}
-    images = [_decode_image(_b64(s, f"images[{i}]"), f"images[{i}]", limits) for i, s in enumerate(req.images)]
-    images += [_decode_image(d, f"uploaded image {i}", limits) for i, d in enumerate(files.get("image", []))]
-    mask = _decode_image(_b64(req.mask, "mask"), "mask", limits) if req.mask else None
-    if files.get("mask"):
-        mask = _decode_image(files["mask"][0], "uploaded mask", limits)
-    if len(images) > 4:
-        raise ApiError(422, "at most 4 images")
-    return ParsedRequest(req, images, mask)
+            return int(text.strip())
+        except ValueError:
+            raise ApiError(422, f"{name} must be an integer, got {text[:40]!r}", param=name) from None
+    if name in FLOAT_FIELDS:
+        try:
+            return float(text.strip())
+        except ValueError:
+            raise ApiError(422, f"{name} must be a number, got {text[:40]!r}", param=name) from None
+    if name == "stream":
+        return text.strip().lower() in ("true", "1")
+    return text
 
 
-def encode_png(image: Image.Image) -> str:
+# -- building the checked request ---------------------------------------------------------------------------
+def _check(limits: ServeLimits, fields: dict, images: list[bytes], mask: bytes | None, n: int = 1,
+           openai: bool = False, output_format: str = "PNG", alpha_mask: bool = False) -> Parsed:
+    """Validate the fields and the images' headers, then decode the images."""
+    if fields.get("prompt") is None:
+        raise ApiError(422, "prompt is required", param="prompt")
+    if not isinstance(fields["prompt"], str):
+        raise ApiError(422, "prompt must be a string", param="prompt")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_n:
+        raise ApiError(422, f"n must be an integer in 1..{limits.max_n}, got {str(n)[:40]}", param="n")
+    check_image_count(limits.request, len(images))
+    what = [f"image {i}" if len(images) > 1 else "the image" for i in range(len(images))]
+    infos = [probe_image(_check_bytes(b, w, limits), w) for b, w in zip(images, what)]
+    mask_info = probe_image(_check_bytes(mask, "the mask", limits), "the mask") if mask is not None else None
+    seed = fields.get("seed")
+    seed = secrets.randbelow(RANDOM_SEEDS) if seed is None else check_seed(seed)
+    if seed + n - 1 > SEED_MAX:
+        raise RequestError(f"seed must be at most {SEED_MAX - n + 1} for n = {n} (one seed per image)")
+    req = check_request(limits.request, [fields["prompt"]] * n, seed=[seed + i for i in range(n)],
+                        steps=fields.get("steps"),
+                        height=fields.get("height"), width=fields.get("width"),
+                        negative_prompt=fields.get("negative_prompt"), guidance_scale=fields.get("guidance_scale"),
+                        cfg_normalization=fields.get("cfg_normalization"),
+                        cfg_truncation=fields.get("cfg_truncation"), strength=fields.get("strength"),
+                        images=infos, mask=mask_info)
+    decoded = [decode_image(b, limits.request, w) for b, w in zip(images, what)]
+    mask_image = decode_image(mask, limits.request, "the mask") if mask is not None else None
+    if mask_image is not None and alpha_mask:
+        mask_image = openai_mask(mask_image)
+    return Parsed(req, decoded, mask_image, openai, output_format)
+
+
+def openai_mask(mask: Image.Image) -> Image.Image:
+    """OpenAI's mask rule (fully transparent = edit) when the mask has transparency; else white = repaint."""
+    if "A" in mask.getbands() or (mask.mode == "P" and "transparency" in mask.info):
+        alpha = mask.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            return alpha.point(lambda a: 255 if a == 0 else 0, mode="L")
+    return mask
+
+
+# -- POST /v1/generate ----------------------------------------------------------------------------------------
+def parse_generate_json(body: bytes, limits: ServeLimits) -> Parsed:
+    fields = _json_object(body)
+    _unknown(fields, GENERATE_FIELDS)
+    images = fields.get("images") or []
+    if not isinstance(images, list):
+        raise ApiError(422, "images must be a list of base64 strings", param="images")
+    check_image_count(limits.request, len(images))
+    blobs = [_b64(s, f"images[{i}]", limits) for i, s in enumerate(images)]
+    mask = _b64(fields["mask"], "mask", limits) if fields.get("mask") is not None else None
+    return _check(limits, fields, blobs, mask)
+
+
+def parse_generate_multipart(content_type: str, body: bytes, limits: ServeLimits) -> Parsed:
+    """A `request` text field with the JSON object, `image` files (repeatable), a `mask` file."""
+    parts = _parts(content_type, body, limits)
+    _unknown({p.name for p in parts}, {"request", "image", "mask"})
+    requests = [p for p in parts if p.name == "request"]
+    if len(requests) != 1:
+        raise ApiError(422, "multipart requests need exactly one `request` field (the JSON object)")
+    fields = _json_object(requests[0].text().encode())
+    _unknown(fields, GENERATE_FIELDS - {"images", "mask"})
+    images = [_file(p) for p in parts if p.name == "image"]
+    masks = [_file(p) for p in parts if p.name == "mask"]
+    if len(masks) > 1:
+        raise ApiError(422, "at most one `mask` file")
+    return _check(limits, fields, images, masks[0] if masks else None)
+
+
+def _parts(content_type: str, body: bytes, limits: ServeLimits) -> list[Part]:
+    return parse_multipart(content_type, body, max_files=limits.max_images + 1, max_fields=len(OPENAI_FIELDS) + 8,
+                           max_field_bytes=limits.max_text_bytes, max_file_bytes=limits.max_image_bytes)
+
+
+def _file(part: Part) -> bytes:
+    if not part.is_file:
+        raise ApiError(400, f"`{part.name}` must be a file upload, not a text field")
+    return bytes(part.data)
+
+
+# -- OpenAI Images API ----------------------------------------------------------------------------------------
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+
+
+def _openai_common(fields: dict) -> tuple[dict, int, str]:
+    """OpenAI fields -> (validator fields, n, output format); refuses what this server cannot do."""
+    for name in IGNORED & set(fields):
+        _ignored(name, fields[name])
+    if fields.get("response_format") not in (None, "b64_json"):
+        if fields["response_format"] == "url":
+            raise ApiError(400, "response_format 'url' is not supported: this server returns the images in the "
+                                "answer; use 'b64_json'", param="response_format")
+        raise ApiError(422, "response_format must be 'b64_json'", param="response_format")
+    if fields.get("stream"):
+        raise ApiError(400, "streaming is not supported: leave `stream` out", param="stream")
+    if fields.get("partial_images"):
+        raise ApiError(400, "partial images are not supported", param="partial_images")
+    if fields.get("background") not in (None, "auto", "opaque"):
+        raise ApiError(400, "only opaque backgrounds are supported", param="background")
+    fmt = fields.get("output_format") or "png"
+    if not isinstance(fmt, str) or fmt.lower() not in OUTPUT_FORMATS:
+        raise ApiError(422, f"output_format must be one of {', '.join(OUTPUT_FORMATS)}", param="output_format")
+    out = {k: fields[k] for k in EXTENSIONS | {"prompt", "strength"} if k in fields}
+    size = fields.get("size")
+    if size not in (None, "auto"):
+        m = _SIZE.match(size) if isinstance(size, str) else None
+        if not m:
+            raise ApiError(422, f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {str(size)[:40]!r}",
+                           param="size")
+        out["width"], out["height"] = int(m.group(1)), int(m.group(2))
+    n = 1 if fields.get("n") is None else fields["n"]
+    return out, n, OUTPUT_FORMATS[fmt.lower()]
+
+
+def parse_openai_generations(body: bytes, limits: ServeLimits) -> Parsed:
+    fields = _json_object(body)
+    _unknown(fields, OPENAI_FIELDS)
+    values, n, fmt = _openai_common(fields)
+    return _check(limits, values, [], None, n=n, openai=True, output_format=fmt)
+
+
+def parse_openai_edits(content_type: str, body: bytes, limits: ServeLimits) -> Parsed:
+    """multipart: `image` / `image[]` files, optional `mask` file, text fields as in generations (+ strength)."""
+    parts = _parts(content_type, body, limits)
+    files = {"image", "image[]", "mask"}
+    _unknown({p.name for p in parts}, OPENAI_FIELDS | files | {"strength"})
+    fields = {}
+    for p in parts:
+        if p.name in files:
+            continue
+        if p.name in fields:
+            raise ApiError(422, f"`{p.name}` given twice", param=p.name)
+        fields[p.name] = _from_text(p.name, p.text())
+    values, n, fmt = _openai_common(fields)
+    images = [_file(p) for p in parts if p.name in ("image", "image[]")]
+    masks = [_file(p) for p in parts if p.name == "mask"]
+    if not images:
+        raise ApiError(422, "an `image` file is required (img2img, inpainting with `mask`, Edit builds' condition "
+                            "images)", param="image")
+    if len(masks) > 1:
+        raise ApiError(422, "at most one `mask` file", param="mask")
+    return _check(limits, values, images, masks[0] if masks else None, n=n, openai=True, output_format=fmt,
+                  alpha_mask=True)
+
+
+def encode_image(image: Image.Image, fmt: str = "PNG") -> str:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format=fmt)
     return base64.b64encode(buf.getvalue()).decode()
