@@ -1,0 +1,97 @@
+"""A row's request checked by the project's one request validator (runtime/validate.py: the rules and messages
+of `generate`, `ZImageRuntime` and the server), so that a batch row and an HTTP request are refused for the
+same reasons. What only batch rows have is handled here: the fields typed from CSV text, and image *files*
+(read, hashed, and checked from their headers like the generate command's `--image`)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import RequestError
+from ..runtime.validate import ImageInfo, Limits, Request, check_request, probe_image
+
+# the server's POST /v1/generate fields (serve/schema.py GENERATE_FIELDS); `images` / `mask` name files here
+REQUEST_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "height", "width", "guidance_scale",
+                  "cfg_normalization", "cfg_truncation", "strength", "images", "mask")
+PATH_FIELDS = ("image", "images", "mask")  # `image`: one file, for img2img / inpainting rows
+BATCH_FIELDS = ("id", "image")
+INT_FIELDS = ("seed", "steps", "height", "width")
+FLOAT_FIELDS = ("guidance_scale", "cfg_normalization", "cfg_truncation", "strength")
+MAX_FILE_BYTES = 64 << 20  # one input image file
+
+
+class RowError(RequestError):
+    """Why one row (or one request of it) cannot be served; recorded, and the batch goes on."""
+
+
+@dataclass
+class InputFile:
+    given: str  # as the row names it
+    path: str  # absolute
+    sha256: str
+    info: ImageInfo
+
+
+def typed(fields: dict) -> dict:
+    """CSV cells are text: numbers for the numeric fields, as JSON would give them."""
+    out = dict(fields)
+    for name in INT_FIELDS + FLOAT_FIELDS:
+        v = out.get(name)
+        if not isinstance(v, str):
+            continue
+        try:
+            out[name] = int(v) if name in INT_FIELDS else float(v)
+        except ValueError:
+            kind = "an integer" if name in INT_FIELDS else "a number"
+            raise RowError(f"{name} must be {kind}, got {v[:40]!r}") from None
+    return out
+
+
+def check_fields(fields: dict) -> None:
+    unknown = sorted(str(k)[:40] for k in fields if k not in REQUEST_FIELDS)
+    if unknown:
+        raise RowError(f"unknown field `{unknown[0]}` (accepted: {', '.join(REQUEST_FIELDS + BATCH_FIELDS)})")
+
+
+def read_file(value, what: str, base: Path, allow_outside: bool) -> InputFile:
+    """A file a row names. Relative paths start at the input file's folder (`base`); the file must stay inside
+    that folder (symbolic links resolved) unless `allow_outside`."""
+    if not isinstance(value, str) or not value.strip():
+        raise RowError(f"{what} must be a file path (a non-empty string), got {str(value)[:120]!r}")
+    shown = repr(value if len(value) <= 200 else value[:197] + "...")
+    try:
+        base = base.resolve()
+        path = (base / value.strip()).resolve()  # an absolute value replaces the base
+        if not allow_outside and not path.is_relative_to(base):
+            raise RowError(f"{what} {shown} is outside the input file's folder {base} (--allow-outside allows "
+                           "it)")
+        if not path.is_file():
+            raise RowError(f"{what} {shown}: no such file")
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise RowError(f"{what} {shown} is {size} bytes; the limit is {MAX_FILE_BYTES}")
+        data = path.read_bytes()
+    except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
+        raise RowError(f"{what} {shown} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    return InputFile(value, str(path), hashlib.sha256(data).hexdigest(), probe_image(data, f"{what} {shown}"))
+
+
+def check(limits: Limits, fields: dict, images: list[InputFile], mask: InputFile | None) -> Request:
+    """The row's request through the validator (images checked from their headers) -> Request."""
+    try:
+        prompt = fields.get("prompt")
+        if not isinstance(prompt, str):
+            raise RowError("prompt is required, as a string" if prompt is None else
+                           f"prompt must be a string, got {type(prompt).__name__}")
+        seed = fields.get("seed")
+        return check_request(limits, prompt, seed=0 if seed is None else seed, steps=fields.get("steps"),
+                             height=fields.get("height"), width=fields.get("width"),
+                             negative_prompt=fields.get("negative_prompt"),
+                             guidance_scale=fields.get("guidance_scale"),
+                             cfg_normalization=fields.get("cfg_normalization", 0.0),
+                             cfg_truncation=fields.get("cfg_truncation", 1.0), strength=fields.get("strength"),
+                             images=[f.info for f in images], mask=mask.info if mask else None)
+    except RequestError as e:
+        raise RowError(str(e)) from None
