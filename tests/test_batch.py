@@ -468,9 +468,13 @@ def test_ray_two_cpu_actors_same_files_and_resumable(tmp_path, tiny_fp32):
     try:
         assert batch("--engine-dir", tiny_fp32, "--input", src, "--out", out, "--seeds", 2, "--batch-size", 1,
                      "--ray", "--actors", 2) == 1
+        summary = json.loads((out / "summary.json").read_text())
+        before = (out / "results.jsonl").read_text()
+        assert batch("--engine-dir", tiny_fp32, "--input", src, "--out", out, "--seeds", 2, "--overwrite",
+                     "--ray", "--actors", 4) == 2  # more actors than the cluster's 3 CPUs: refused, nothing lost
+        assert (out / "results.jsonl").read_text() == before
     finally:
         ray.shutdown()
-    summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == len(PROMPTS) and summary["images"] == len(PROMPTS)
     ray_recs, local_recs = results(out), results(local)
     assert [(r["line"], r.get("output"), r.get("fingerprint"), r.get("sha256"), r["status"]) for r in ray_recs] == \

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import importlib
 import os
 import signal
 import sys
@@ -31,10 +32,11 @@ from .inputs import Template, detect_format, read_rows
 from .plan import MAX_SEEDS, SEED_MAX, Options, check_columns, make_groups, make_plan
 from .requests import RowError, check
 from .ray_data import uses_gpu
-from .results import RESULTS, SUMMARY, ResultsLog, is_done, load_previous, remove_stale_temps, summarize, \
+from .results import RESULTS, SUMMARY, ResultsLog, describes_file, load_previous, remove_stale_temps, summarize, \
     write_summary
 
 LOCK = ".batch.lock"
+MAX_IMAGES = 1_000_000  # per job: the plan is held in memory
 
 
 def parser() -> argparse.ArgumentParser:
@@ -136,7 +138,14 @@ def main(argv=None) -> int:
     defaults = _check_args(args, limits)
     fmt = detect_format(args.input, args.input_format)
     template = Template(args.template) if args.template is not None else None
+    if args.ray is not None:
+        try:
+            importlib.import_module("ray.data")
+        except ImportError:
+            raise UserError("--ray needs Ray Data: pip install 'zimage-deploy[ray]'") from None
     rows, header = read_rows(args.input, fmt)
+    if len(rows) * args.seeds > MAX_IMAGES:
+        raise UserError(f"{len(rows)} lines x --seeds {args.seeds} is more than {MAX_IMAGES} images: split the job")
     if header is not None:
         check_columns(header, template)
     if fmt == "text" and template and set(template.fields) - {"prompt"}:
@@ -150,14 +159,15 @@ def main(argv=None) -> int:
 
 def _run(args, manifest, limits, plan, n_rows: int, t_start: float) -> int:
     out = args.out
-    previous = {} if args.overwrite else load_previous(out)
+    previous = load_previous(out)
     log = ResultsLog(out)
     todo = []
     for item in plan.items:
         prev = previous.get(item.output)
-        if is_done(item, prev, out):
-            log.keep(prev)
-        else:
+        on_disk = describes_file(prev, out)
+        if on_disk:
+            log.keep(prev)  # true of the file until it is made again
+        if not (on_disk and prev.get("fingerprint") == item.fingerprint and not args.overwrite):
             todo.append(item)
     skipped = len(plan.items) - len(todo)
     remove_stale_temps(out, {i.output for i in plan.items} | {RESULTS, SUMMARY})
@@ -189,7 +199,8 @@ def _run(args, manifest, limits, plan, n_rows: int, t_start: float) -> int:
     except KeyboardInterrupt:
         interrupted = True
     except Exception as e:  # noqa: BLE001 - a runtime that cannot load, a Ray job that fails: keep what is done
-        stopped = e if isinstance(e, UserError) else UserError(f"the job stopped: {type(e).__name__}: {e}")
+        stopped = e if isinstance(e, UserError) else UserError(f"the job stopped: {type(e).__name__}: "
+                                                               f"{str(e)[:1000]}")
     finally:
         bar.close()
         records = log.finish()

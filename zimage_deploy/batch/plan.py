@@ -104,9 +104,9 @@ def make_plan(rows: list[Row], opts: Options) -> Plan:
             if row.error:
                 raise RowError(row.error)
             new = _row_items(row, opts, bkey)
-            for item in new:
-                if item.output in taken:
-                    raise RowError(f"output {item.output} is already made by line {taken[item.output]} "
+            for item in new:  # case-insensitively: some file systems are
+                if item.output.lower() in taken:
+                    raise RowError(f"output {item.output} is already made by line {taken[item.output.lower()]} "
                                    "(ids must be unique)")
         except Exception as e:  # noqa: BLE001 - a row never stops the batch; RequestError: the row's fault
             extra = {"request": row.fields} if row.fields is not None else {}
@@ -115,7 +115,7 @@ def make_plan(rows: list[Row], opts: Options) -> Plan:
                                        "input" if mine else "internal", id=(row.fields or {}).get("id"), **extra))
             continue
         for item in new:
-            taken[item.output] = row.line
+            taken[item.output.lower()] = row.line
         items += new
     return Plan(items, errors)
 

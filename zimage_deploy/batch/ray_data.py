@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import UserError
 from .execute import Outcome, run_group, worker_name
 from .plan import Item
 
@@ -54,8 +55,12 @@ def run_ray(groups: list[list[Item]], address: str | None, actors: int | None, e
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
         gpu = uses_gpu(manifest)
-        n = actors or max(1, int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1)))
-        n = min(n, len(groups))
+        kind = "GPU" if gpu else "CPU"
+        have = int(ray.cluster_resources().get(kind, 0))
+        if have < (actors or 1):
+            raise UserError(f"--ray: {actors or 1} actors need {actors or 1} {kind}s (one each"
+                            f"{': this build has engines' if gpu else ''}); the cluster has {have}")
+        n = min(actors or have, len(groups))
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the batch command shows its own
         ctx.wait_for_min_actors_s = ACTOR_START_S  # every actor's runtime loaded before work is handed out

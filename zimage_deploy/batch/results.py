@@ -5,7 +5,7 @@ While a job runs, each record is appended (and flushed) right after its image ha
 an interrupted job leaves complete images and the records of those images, nothing half-written. At the end
 the file is rewritten atomically with one record per output in input order. A re-run skips an image whose
 record says `ok` with the same fingerprint (same request, seed, build and runtime) and whose file still has
-the recorded sha256.
+the recorded sha256; the record of an image to be made again is kept until it is (it still describes the file).
 """
 
 from __future__ import annotations
@@ -44,13 +44,15 @@ def load_previous(out_dir: Path) -> dict[str, dict]:
     return found
 
 
-def is_done(item, previous: dict | None, out_dir: Path) -> bool:
-    if not previous or previous.get("status") != "ok" or previous.get("fingerprint") != item.fingerprint:
+def describes_file(record: dict | None, out_dir: Path) -> bool:
+    """An `ok` record whose image is in the folder with the recorded sha256. Such an image is done when its
+    record's fingerprint is the item's (same request, input image hashes, seed, build and backend)."""
+    if not record or record.get("status") != "ok":
         return False
-    path = out_dir / item.output
     try:
-        return path.is_file() and file_sha256(path) == previous.get("sha256")
-    except OSError:
+        path = out_dir / record["output"]
+        return path.is_file() and file_sha256(path) == record.get("sha256")
+    except (OSError, TypeError, ValueError):
         return False
 
 
