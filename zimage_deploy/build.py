@@ -27,6 +27,7 @@ from .checkpoint import content_hash, read_config, resolve
 from .cli import run_cli
 from .errors import UserError
 from .fsutil import atomic_dir, folder_lock
+from .lora.fuse import BuildLoras
 from .export.onnx_export import EXPORT_FORMAT, OPSET, export_component, file_hash
 from .engines.builder import EngineBuilder, sha256_file
 from .models.load import LOADER_OF, TEMPLATES, stream_weights
@@ -71,8 +72,10 @@ def default_out(model: str, variant: str, target: str, precision: str) -> Path:
     return Path("export") / f"{key}-{precision}" if target == "cpu" else Path("engines") / f"{key}-{target}-{precision}"
 
 
-def _component_key(model_sha: str, name: str, precision: str) -> str:
-    return hashlib.sha256(f"{model_sha}|{name}|{precision}|{OPSET}|{EXPORT_FORMAT}|{__version__}".encode()).hexdigest()
+def _component_key(model_sha: str, name: str, precision: str, loras: str = "") -> str:
+    fused = f"|lora:{loras}" if loras else ""  # LoRAs fused into the DiT's weights (build --lora)
+    payload = f"{model_sha}|{name}|{precision}|{OPSET}|{EXPORT_FORMAT}|{__version__}{fused}"
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
@@ -87,11 +90,11 @@ class ParityFailed(UserError):
 def build(model: str, variant: str | None = None, target: str = "cpu", precision: str | None = None,
           out: Path | None = None, parity: bool = True, engine_opts: EngineOptions | None = None, log=tqdm.write,
           lean: str = "auto", quant: QuantOptions | None = None, text_encoder_precision: str | None = None,
-          engines: bool = True) -> Path:
+          engines: bool = True, loras=()) -> Path:
     """`variant`: None reads it from the checkpoint (model_index.json); `quant`: how quantized precisions are made
     (calibration, exclusions, quality gate); `text_encoder_precision` overrides the text encoder's ("bf16" = not
     quantized); `engines=False` stops after the graphs (engines are then built by running the same build again
-    where the target's TensorRT is).
+    where the target's TensorRT is); `loras`: LoRAs fused into the DiT ((path, scale) pairs or 'PATH[:SCALE]').
 
     Everything that can be checked is checked before anything is written; then the output folder is locked
     (a second build into it is refused) while the stages write it."""
@@ -108,6 +111,7 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
     if text_encoder_precision in QUANTIZED and text_encoder_precision not in t.precisions:
         raise UserError(f"target {target!r} does not run {text_encoder_precision}")
     ckpt, variant = resolve(model, variant)
+    fused = BuildLoras(loras, ckpt)  # read and checked against the checkpoint's transformer
     v = get_variant(variant)
     plan = precision_plan(precision, t.base, text_encoder_precision)
     check_supported(plan, variant, v.components)
@@ -122,7 +126,7 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
     out = Path(out) if out else default_out(model, variant, target, precision)
     with folder_lock(out):
         return _build(_Job(ckpt, model, v, t, precision, plan, out, parity, engine_opts, engine_builder,
-                           engine_shapes, facts, log, lean, quant, prompts))
+                           engine_shapes, facts, log, lean, quant, prompts, fused))
 
 
 @dataclass
@@ -144,6 +148,7 @@ class _Job:
     lean: str
     quant: QuantOptions
     prompts: list
+    loras: BuildLoras
 
 
 def _build(job: _Job) -> Path:
@@ -179,10 +184,12 @@ def _build(job: _Job) -> Path:
             "flavour": t.flavour, "version": engine_builder.version if engine_builder else None,
             "compute_capability": list(t.compute_capability or []) or None, "options": engine_opts.as_dict(),
         },
-        "components": _up_to_date(previous, out, sha, plan, v.components, t.base),
+        "components": _up_to_date(previous, out, sha, plan, v.components, t.base, job.loras),
         "stages": {},
     }
     out.mkdir(parents=True, exist_ok=True)
+    if job.loras:
+        manifest["loras"] = job.loras.save(out)  # DIR/loras/ copies: what reloads the DiT later fuses the same
     _copy_tree(ckpt / "tokenizer", out / "tokenizer")
     _copy_tree(ckpt / "scheduler", out / "scheduler")
     if variant == "edit":
@@ -199,7 +206,7 @@ def _build(job: _Job) -> Path:
     for name in bar:
         bar.set_postfix_str(name)
         exported = base_precision(plan[name], t.base)
-        key = _component_key(sha, name, exported)
+        key = _component_key(sha, name, exported, job.loras.key_for(name))
         if name in manifest["components"]:
             log(f"[export] {name}: up to date, skipped")
             continue
@@ -208,9 +215,9 @@ def _build(job: _Job) -> Path:
             key_ = LOADER_OF.get(name, name)
             template, depth = _load_template(key_, ckpt, compute, loaded)
             entry = export_component(name, template, facts, compute, out / "onnx", variant,
-                                     weights=stream_weights(ckpt, key_), depth=depth)
+                                     weights=stream_weights(ckpt, key_, **job.loras.kwargs(key_)), depth=depth)
         else:
-            module = _load(name, ckpt, compute, loaded)
+            module = _load(name, ckpt, compute, loaded, job.loras)
             entry = export_component(name, module, facts, compute, out / "onnx", variant)
         if lean:  # free what no later component needs (the lean path's point is bounded memory)
             later = {LOADER_OF.get(n, n) for n in v.components[v.components.index(name) + 1:]}
@@ -266,7 +273,7 @@ def _build(job: _Job) -> Path:
             entry = manifest["components"][name]
             if "passed" not in entry.get("parity", {}):  # of the export; quantization: the quality gate
                 exported = {**entry, **entry.get("unquantized", {})}
-                entry["parity"] = _parity(name, exported, out, ckpt, loaded, facts, variant)
+                entry["parity"] = _parity(name, exported, out, ckpt, loaded, facts, variant, job.loras)
             if not entry["parity"]["passed"]:
                 entry["status"], entry["rejected_by"] = "rejected", "parity"
                 failed.append(name)
@@ -332,7 +339,7 @@ def _use_lean(lean: str, ckpt: Path) -> bool:
     return size > LEAN_AUTO_BYTES
 
 
-def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names, base: str) -> dict:
+def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names, base: str, loras: BuildLoras) -> dict:
     """Components of a previous build in `out` whose exported graph was made from the same inputs and is intact
     (a quantized component keeps its quantized graph only if the quantize stage finds it up to date too)."""
     kept = {}
@@ -340,7 +347,7 @@ def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names, base: st
         old = previous.get("components", {}).get(name, {})
         exported = old.get("unquantized", old)
         folder = out / "onnx" / name
-        if old.get("key") == _component_key(sha, name, base_precision(plan[name], base)) \
+        if old.get("key") == _component_key(sha, name, base_precision(plan[name], base), loras.key_for(name)) \
                 and old.get("status") in ("complete", "rejected") and old.get("rejected_by") != "parity" \
                 and folder.is_dir() and file_hash(folder) == exported.get("onnx_sha256"):
             if plan[name] in QUANTIZED:
@@ -357,12 +364,13 @@ def _load_template(key: str, ckpt: Path, compute: torch.dtype, loaded: dict):
     return loaded[(key, compute, "template")]
 
 
-def _load(name: str, ckpt: Path, compute: torch.dtype, loaded: dict) -> torch.nn.Module:
+def _load(name: str, ckpt: Path, compute: torch.dtype, loaded: dict,
+          loras: BuildLoras | None = None) -> torch.nn.Module:
     from .models.load import LOADERS
 
     key = (LOADER_OF.get(name, name), compute)
     if key not in loaded:
-        loaded[key] = LOADERS[key[0]](ckpt, compute)
+        loaded[key] = LOADERS[key[0]](ckpt, compute, **(loras.kwargs(key[0]) if loras else {}))
     return loaded[key]
 
 
@@ -372,13 +380,14 @@ def _metrics(got: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def _parity(name: str, entry: dict, out: Path, ckpt: Path, loaded: dict, facts: dict, variant: str) -> dict:
+def _parity(name: str, entry: dict, out: Path, ckpt: Path, loaded: dict, facts: dict, variant: str,
+            loras: BuildLoras | None = None) -> dict:
     """fp32: ONNX Runtime on the graph vs the Torch module, at shapes other than the traced ones.
     bf16: ONNX Runtime has no BF16 CPU kernels, so the Torch BF16 module is measured against float32."""
     compute = DTYPES[entry["compute_dtype"]]
     spec = specs_for(variant)[name]
     sample = spec.sample(facts, CHECK_DIMS, compute)
-    fp32_module = spec.wrap(_load(name, ckpt, torch.float32, loaded))
+    fp32_module = spec.wrap(_load(name, ckpt, torch.float32, loaded, loras))
     ref = _flat(fp32_module(*[s.float() if s.is_floating_point() else s for s in sample]))
     if compute == torch.float32:
         import onnxruntime as ort
@@ -388,7 +397,7 @@ def _parity(name: str, entry: dict, out: Path, ckpt: Path, loaded: dict, facts: 
         got = _flat(tuple(torch.from_numpy(o) for o in sess.run(None, feeds)))
         how = "onnxruntime graph vs torch float32 module"
     else:
-        got = _flat(spec.wrap(_load(name, ckpt, compute, loaded))(*sample))
+        got = _flat(spec.wrap(_load(name, ckpt, compute, loaded, loras))(*sample))
         how = "torch bf16 module vs torch float32 module (onnxruntime has no BF16 CPU kernels)"
     if name == "text_encoder":  # only real tokens are used downstream
         keep = sample[1].bool()
@@ -444,6 +453,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lean", default="auto", choices=("auto", "on", "off"),
                     help="memory-lean export: trace two-layer templates, stream weights from the checkpoint "
                          "(auto: when the DiT and text encoder exceed 4 GiB)")
+    ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                    help="fuse a LoRA into the DiT before export and quantization (repeatable; a .safetensors file "
+                         "or a folder holding one; diffusers/PEFT, kohya or original Z-Image keys; scale default 1)")
     q = ap.add_argument_group("quantization (--precision fp8 / int4; nvfp4 for Blackwell: rtx5090, b200)")
     q.add_argument("--text-encoder-precision", default=None, choices=TEXT_ENCODER_PRECISIONS,
                    help="text encoder precision (default: int4 with --precision int4, else not quantized; "
@@ -502,7 +514,7 @@ def main(argv=None) -> int:
                          min_cosine=args.min_cosine)
     build(args.model, args.variant, args.target, precision, args.out, parity=not args.skip_parity, engine_opts=opts,
           lean=args.lean, quant=quant, text_encoder_precision=args.text_encoder_precision,
-          engines=not args.skip_engines)
+          engines=not args.skip_engines, loras=args.lora)
     return 0
 
 

@@ -55,16 +55,21 @@ def main(argv=None) -> int:
     ap.add_argument("--mask", type=Path, default=None, help="inpainting mask, white = repaint (needs --image)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS)
     ap.add_argument("--low-vram", action="store_true", help="TensorRT: keep one engine in GPU memory at a time")
+    ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                    help="apply a LoRA for this run (repeatable; scale default 1; unquantized builds; TensorRT: "
+                         "--refittable engines, refitted from the base weights)")
     ap.add_argument("--output", type=Path, required=True)
     args = ap.parse_args(argv)
 
     from . import manifest as manifest_io
+    from .lora import LoraManager, parse_lora_arg
     from .runtime.backends import resolve_backend
     from .runtime.pipeline import open_pipeline
     from .runtime.validate import (MASK_NEEDS_IMAGE, STRENGTH_NEEDS_IMAGE, Limits, check_request, decode_image,
                                    probe_image)
 
     check_output(args.output)
+    lora_specs = [parse_lora_arg(a) for a in args.lora]
     if args.strength is not None and not args.image:  # the validator's messages, before reading any file
         raise RequestError(STRENGTH_NEEDS_IMAGE)
     if args.mask and not args.image:
@@ -83,14 +88,17 @@ def main(argv=None) -> int:
                         strength=args.strength, images=infos, mask=mask_info)
     images = [decode_image(p, limits, f"image {p}") for p in paths]
     mask = decode_image(args.mask, limits, f"mask {args.mask}") if args.mask else None
+    loras = LoraManager(args.engine_dir, manifest, resolve_backend(args.backend, manifest), args.low_vram)
+    lora_set = loras.prepare(lora_specs)
     t0 = time.perf_counter()
     pipe = open_pipeline(args.engine_dir, backend=args.backend, cfg_mode=args.cfg_mode, low_vram=args.low_vram)
     t1 = time.perf_counter()
     common = dict(req.pipeline_kwargs(manifest["variant"]), seed=req.seeds[0])
-    if manifest["variant"] == "edit":
-        (result,) = pipe(req.prompts[0], images=images, **common)
-    else:
-        (result,) = pipe(req.prompts[0], image=images[0] if images else None, mask=mask, **common)
+    with loras.bind(pipe).use(lora_set):
+        if manifest["variant"] == "edit":
+            (result,) = pipe(req.prompts[0], images=images, **common)
+        else:
+            (result,) = pipe(req.prompts[0], image=images[0] if images else None, mask=mask, **common)
     t2 = time.perf_counter()
     write_image(result, args.output)
     print(f"wrote {args.output} ({result.width}x{result.height}, backend {pipe.backend.name}, "

@@ -46,14 +46,25 @@ def _empty(model: nn.Module, dtype: torch.dtype, keep_fp32=()) -> nn.Module:
     return model.to_empty(device="cpu")
 
 
-def load_dit(ckpt: Path, dtype: torch.dtype = torch.float32) -> ZImageDiT:
+def load_dit(ckpt: Path, dtype: torch.dtype = torch.float32, loras=()) -> ZImageDiT:
+    """`loras`: (lora.formats.Lora, scale) pairs fused into the weights as they stream in (build --lora)."""
     cfg = DiTConfig.from_diffusers(read_config(ckpt, "transformer"))
     with torch.device("meta"):
         model = ZImageDiT(cfg)
     model = _empty(model, dtype, keep_fp32=(TimestepEmbedder,))
     _restore_buffers(model, cfg)  # non-persistent buffers were left empty by to_empty
-    _load(model, iter_fused(iter_tensors(ckpt / "transformer")), ckpt / "transformer")
+    _load(model, _dit_weights(ckpt, loras), ckpt / "transformer")
     return model.eval().requires_grad_(False)
+
+
+def _dit_weights(ckpt: Path, loras=()):
+    """The DiT's weights in our naming, with the LoRAs fused: the one stream every DiT consumer reads."""
+    items = iter_fused(iter_tensors(ckpt / "transformer"))
+    if loras:
+        from ..lora.fuse import fuse_stream
+
+        items = fuse_stream(items, loras)
+    return items
 
 
 def _restore_buffers(model: ZImageDiT, cfg: DiTConfig) -> None:
@@ -176,10 +187,10 @@ def text_encoder_template(ckpt: Path, dtype: torch.dtype = torch.float32) -> tup
     return model.eval().requires_grad_(False), cfg.used_layers
 
 
-def stream_weights(ckpt: Path, loader: str):
+def stream_weights(ckpt: Path, loader: str, loras=()):
     """(name, tensor) pairs of a component's weights in our naming, read one at a time from safetensors."""
     if loader == "transformer":
-        return iter_fused(iter_tensors(ckpt / "transformer"))
+        return _dit_weights(ckpt, loras)
     cfg = TextEncoderConfig.from_transformers(read_config(ckpt, "text_encoder"))
     return iter_converted(iter_tensors(ckpt / "text_encoder"), cfg.used_layers)
 

@@ -20,6 +20,7 @@ from .. import manifest as manifest_io
 from ..errors import UserError
 from ..engines.builder import sha256_file
 from ..export.onnx_export import file_hash
+from ..lora.fuse import loader_kwargs, recorded_key
 from ..numerics import weight_amax
 from ..targets import QUANTIZED
 from .calibrate import (CachedText, attention_modules, calibrate, plan_layers, sampling_loop, save_scales,
@@ -54,10 +55,10 @@ def check_supported(plan: dict, variant: str, components) -> None:
                         "images); build it in bf16 / fp32")
 
 
-def _key(entry: dict, scheme: str, opts: QuantOptions, block: int, calib_sha: str | None) -> str:
+def _key(entry: dict, scheme: str, opts: QuantOptions, block: int, calib_sha: str | None, loras: str = "") -> str:
     made = {k: v for k, v in opts.as_dict().items() if k in MAKING}
     parts = [entry["unquantized"]["onnx_sha256"], scheme, json.dumps(made, sort_keys=True), str(block),
-             str(calib_sha), __version__]
+             str(calib_sha), __version__] + ([f"lora:{loras}"] if loras else [])  # fused LoRAs: calibration saw them
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -74,6 +75,7 @@ def quantize_stage(out: Path, manifest: dict, variant, plan: dict, opts: QuantOp
         return {"status": "skipped", "reason": f"precision {manifest['precision']} needs no quantization"}
     block = int4_block(opts, manifest["model"]["facts"])
     calib_sha = prompts_sha256(prompts) if prompts else None
+    loras = recorded_key(manifest)
     side = opts.calib_side or manifest["defaults"]["height"]
 
     for name in todo:  # the exported graph becomes the "unquantized" record (kept across rebuilds)
@@ -81,7 +83,8 @@ def quantize_stage(out: Path, manifest: dict, variant, plan: dict, opts: QuantOp
         if "unquantized" not in entry:
             entry["unquantized"] = {k: entry[k] for k in ("onnx", "onnx_sha256", "bytes", "weight_bytes", "precision")}
     stale = [n for n, s in todo.items() if not _up_to_date(out, manifest["components"][n],
-                                                           _key(manifest["components"][n], s, opts, block, calib_sha))]
+                                                           _key(manifest["components"][n], s, opts, block, calib_sha,
+                                                                loras))]
     for name in todo:
         if name not in stale:
             log(f"[quantize] {name}: up to date, skipped")
@@ -113,7 +116,7 @@ def quantize_stage(out: Path, manifest: dict, variant, plan: dict, opts: QuantOp
             status="complete",
             bytes=sum(p.stat().st_size for p in dst.iterdir()), weight_bytes=summary["bytes_after"],
             quantization={
-                "key": _key(entry, scheme, opts, block, calib_sha), "scheme": scheme, "method": method,
+                "key": _key(entry, scheme, opts, block, calib_sha, loras), "scheme": scheme, "method": method,
                 "block": summary["block"], "layers": len(summary["quantized"]),
                 "activation_qdq": summary["activation_qdq"], "awq_scaled": summary["awq_scaled"],
                 "attention_qdq": summary["attention_qdq"],
@@ -205,7 +208,7 @@ def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log) -> di
         del te
         gc.collect()  # modelopt's wrappers form reference cycles: free the text encoder before the DiT loads
         scheme = todo["transformer"]
-        dit = load_dit(ckpt, dtype).to(device)
+        dit = load_dit(ckpt, dtype, **loader_kwargs(out, manifest, "transformer")).to(device)  # LoRAs fused
         # only the per-step graph's layers: the context refiner (once per prompt) is its own, unquantized graph
         skip = ("context_refiner", "siglip_refiner")
         layers = plan_layers(dit, scheme, opts.exclude, block, skip_prefixes=skip)

@@ -22,6 +22,7 @@ denoising steps and before decoding.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from PIL import Image
 
 from ..errors import InternalError, RequestError, UserError
+from ..lora.runtime import LoraManager
 from .pipeline import GenerationCancelled, initial_latents, open_pipeline, timed
 from .validate import Limits, Request, check_request
 
@@ -55,6 +57,7 @@ class ZImageRuntime:
         self.backend = self.pipeline.backend.name
         self.limits = Limits.for_build(self.manifest, self.backend, cfg_mode)
         self._slots = threading.BoundedSemaphore(max_concurrent)
+        self.loras = LoraManager.for_pipeline(self.pipeline)  # run-time LoRAs (lora/runtime.py): prepare, cache bounds
 
     @property
     def defaults(self) -> dict:
@@ -77,12 +80,13 @@ class ZImageRuntime:
                  guidance_scale: float | None = None, cfg_normalization: float = 0.0, cfg_truncation: float = 1.0,
                  images: list[Image.Image] | None = None, mask: Image.Image | None = None,
                  strength: float | None = None, return_latents: bool = False, cancel=None,
-                 limits: Limits | None = None) -> GenerationResult:
+                 limits: Limits | None = None, loras=None) -> GenerationResult:
         """One image per prompt. Several prompts with a list of seeds run as one batch, each image the same as
         its own single-prompt call with that seed (text-to-image). `strength` (img2img / inpainting; default
         0.6) needs an image. `cancel`: a threading.Event or a callable; once it is true the call stops between
         steps (or before decoding) and raises GenerationCancelled. `limits` replaces `self.limits` (a server's
-        tighter budgets)."""
+        tighter budgets). `loras`: [(path, scale), ...] applied for this call only (or a set from
+        `self.loras.prepare`)."""
         for name, given in (("images", images), ("mask", None if mask is None else [mask])):
             if given is not None and (not isinstance(given, (list, tuple)) or
                                       not all(isinstance(im, Image.Image) for im in given)):
@@ -91,11 +95,12 @@ class ZImageRuntime:
                          negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                          cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, images=images,
                          mask=mask, strength=strength, limits=limits)
-        return self.run(req, images=images, mask=mask, return_latents=return_latents, cancel=cancel)
+        return self.run(req, images=images, mask=mask, return_latents=return_latents, cancel=cancel, loras=loras)
 
     def run(self, req: Request, images: list[Image.Image] | None = None, mask: Image.Image | None = None,
-            return_latents: bool = False, cancel=None) -> GenerationResult:
+            return_latents: bool = False, cancel=None, loras=None) -> GenerationResult:
         """Run a Request from `check` (with the images it was checked with)."""
+        lora_set = self.loras.prepare(loras)  # RequestError for a LoRA this build cannot take
         should_stop = cancel.is_set if isinstance(cancel, threading.Event) else cancel
         prompts, seeds = list(req.prompts), list(req.seeds)
         kwargs = dict(req.pipeline_kwargs(self.variant), progress=False, should_stop=should_stop)
@@ -104,8 +109,9 @@ class ZImageRuntime:
         else:
             kwargs.update(image=images[0] if images else None, mask=mask)
         timings: dict = {}
-        with self._slots:
+        with self._slots, contextlib.ExitStack() as lora_scope:
             try:
+                lora_scope.enter_context(self.loras.use(lora_set))
                 if should_stop is not None and should_stop():
                     raise GenerationCancelled("cancelled before it started")
                 if self.variant != "edit" and not images and len(prompts) > 1:

@@ -147,7 +147,10 @@ class TorchBackend(Backend):
                 if self.ckpt is None:
                     raise UserError(f"no module for {component} was given to this torch backend")
                 dtype = DTYPES[self.components[component]["compute_dtype"]]
-                model = self._quantized(key, LOADERS[key](self.ckpt, dtype).to(self.device))
+                from ..lora.fuse import loader_kwargs  # LoRAs the build fused (build --lora)
+
+                model = LOADERS[key](self.ckpt, dtype, **loader_kwargs(self.engine_dir, self.manifest, key))
+                model = self._quantized(key, model.to(self.device))
                 self.models[key] = self._accelerate(key, model)
             if component not in self.wrappers:
                 self.wrappers[component] = specs_for(self.manifest["variant"])[component].wrap(self.models[key])

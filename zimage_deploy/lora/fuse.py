@@ -1,0 +1,141 @@
+"""LoRAs fused into the DiT weights at build time.
+
+The fusion happens in one place, the DiT's weight stream (`models/load.py`: checkpoint tensors -> our fused
+naming -> here): the loaded module (ordinary export, parity, Torch backend, quantization calibration) and the
+memory-lean export (weights streamed into the graphs) read the same fused weights. A fused weight is
+`W + sum(scale * up @ down)` in float32 (diffusers' `fuse_lora` arithmetic), handed on in float32 and cast by its
+consumer to the build's dtype.
+
+A build records each fused LoRA in the manifest (sha256, scale, format) and keeps a copy in `DIR/loras/`, so that
+whatever reloads the DiT later (the Torch backend, the quantize stage) fuses exactly the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from ..errors import InternalError, UserError
+from .formats import Lora, read_lora
+from .spec import as_spec, file_sha256
+from .targets import DIT_LOADER, from_checkpoint
+
+Factor = tuple[tuple[int, int], torch.Tensor, torch.Tensor, float]  # rows, down, up, total scale
+
+
+def factors(loras: Sequence[tuple[Lora, float]]) -> dict[str, list[Factor]]:
+    """target weight -> its low-rank factors, in the order given, each with scale = user scale x file scale."""
+    table: dict[str, list[Factor]] = {}
+    for lora, scale in loras:
+        for layer in lora.layers:
+            table.setdefault(layer.target, []).append((layer.rows, layer.down, layer.up, scale * layer.scale))
+    return table
+
+
+def fused_weight(weight: torch.Tensor, parts: list[Factor]) -> torch.Tensor:
+    """`weight` + its LoRA deltas, in float32."""
+    w = weight.float().clone()
+    for (a, b), down, up, scale in parts:
+        w[a:b] += (up @ down) * scale
+    return w
+
+
+def fuse_stream(items: Iterable[tuple[str, torch.Tensor]], loras: Sequence[tuple[Lora, float]]) \
+        -> Iterator[tuple[str, torch.Tensor]]:
+    """(our name, tensor) pairs with the LoRA deltas added to the weights they adapt."""
+    table = factors(loras)
+    seen = set()
+    for name, tensor in items:
+        parts = table.get(name)
+        if parts:
+            if tensor.dim() != 2 or tensor.shape[1] != parts[0][1].shape[1]:
+                raise InternalError(f"LoRA target {name} has shape {tuple(tensor.shape)}")
+            tensor = fused_weight(tensor, parts)
+            seen.add(name)
+        yield name, tensor
+    if set(table) - seen:
+        raise InternalError(f"LoRA targets missing from the weight stream: {sorted(set(table) - seen)[:5]}")
+
+
+def lora_key(loras: Sequence[tuple[Lora, float]]) -> str:
+    """What identifies a set of LoRAs (files and scales, in order): '' for none."""
+    return _key([(lora.sha256, scale) for lora, scale in loras])
+
+
+def recorded_key(manifest: dict) -> str:
+    """`lora_key` of the LoRAs a build's manifest records as fused."""
+    return _key([(rec["sha256"], rec["scale"]) for rec in manifest.get("loras") or []])
+
+
+def _key(pairs) -> str:
+    if not pairs:
+        return ""
+    return hashlib.sha256(json.dumps([[sha, float(scale)] for sha, scale in pairs]).encode()).hexdigest()
+
+
+class BuildLoras:
+    """The LoRAs a build fuses (`build --lora PATH[:SCALE]`), read and checked against the checkpoint's
+    transformer before anything is written."""
+
+    def __init__(self, args: Sequence = (), ckpt: Path | None = None):
+        specs = [as_spec(a) for a in args or ()]
+        self.loras: list[tuple[Lora, float]] = []
+        if specs:
+            targets = from_checkpoint(ckpt)
+            self.loras = [(read_lora(s.path, targets), s.scale) for s in specs]
+        self.key = lora_key(self.loras)
+
+    def __bool__(self) -> bool:
+        return bool(self.loras)
+
+    def key_for(self, component: str) -> str:
+        """The part of a component's up-to-date key that the LoRAs make: '' for components without DiT weights."""
+        from ..models.load import LOADER_OF
+
+        return self.key if LOADER_OF.get(component, component) == DIT_LOADER else ""
+
+    def kwargs(self, loader: str) -> dict:
+        """Keyword arguments of a loader (models/load.py) for these LoRAs."""
+        return {"loras": self.loras} if self.loras and loader == DIT_LOADER else {}
+
+    def save(self, out: Path) -> list[dict]:
+        """Copy the files into `out/loras/` (atomically; kept when already there) -> the manifest's `loras`."""
+        from ..fsutil import atomic_file
+
+        records = []
+        for lora, scale in self.loras:
+            rel = Path("loras") / f"{lora.sha256[:16]}.safetensors"
+            dst = Path(out) / rel
+            if not (dst.is_file() and file_sha256(dst) == lora.sha256):
+                with atomic_file(dst, suffix=".safetensors") as tmp:
+                    shutil.copyfile(lora.path, tmp)
+            records.append({"file": str(rel), "source": str(lora.path), "scale": scale, **lora.record()})
+        return records
+
+
+def build_loras(engine_dir: Path, manifest: dict) -> list[tuple[Lora, float]]:
+    """The LoRAs a build fused (its manifest's `loras`, read from its `loras/` copies, hashes checked)."""
+    records = manifest.get("loras") or []
+    if not records:
+        return []
+    targets = from_checkpoint(Path(manifest["model"]["path"]))
+    loras = []
+    for rec in records:
+        path = Path(engine_dir) / rec["file"]
+        if not path.is_file() or file_sha256(path) != rec["sha256"]:
+            raise UserError(f"{engine_dir} fused LoRA {rec.get('source')} at build time, but its copy {path} is "
+                            "missing or changed: rebuild")
+        loras.append((read_lora(path, targets, rec["sha256"]), float(rec["scale"])))
+    return loras
+
+
+def loader_kwargs(engine_dir: Path, manifest: dict, loader: str) -> dict:
+    """Keyword arguments that make `loader` (models/load.py) load the DiT as the build fused it."""
+    if loader != DIT_LOADER or not manifest.get("loras"):
+        return {}
+    return {"loras": build_loras(engine_dir, manifest)}
