@@ -246,6 +246,8 @@ class LoraManager:
             raise
         except UserError as e:
             raise RequestError(str(e)) from None
+        except OSError as e:  # removed or unreadable between the checks and the read
+            raise RequestError(f"LoRA file cannot be read ({e})") from None
         return LoraSet(items, tuple((lora.sha256, scale) for lora, scale in items))
 
     # -- applying ---------------------------------------------------------------------------------------
