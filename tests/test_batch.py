@@ -381,6 +381,23 @@ def test_resume_after_kill_and_changed_rows(tmp_path, tiny_fp32):
     assert sha(out / "line000009-seed0.png") == sha(ref / "line000009-seed0.png")
 
 
+def test_rows_named_by_id_survive_reordering(tmp_path, tiny_fp32):
+    rows = [{"id": "red-fox", "prompt": "a red fox", "steps": 2, **SIZE},
+            {"id": "Cat_2", "prompt": "a cat", "steps": 2, **SIZE}]
+    src, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out"
+    assert batch("--engine-dir", tiny_fp32, "--input", src, "--out", out) == 0
+    write_jsonl(src, [{"prompt": "a new first line", "steps": 2, **SIZE}] + rows[::-1])
+    assert batch("--engine-dir", tiny_fp32, "--input", src, "--out", out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 1 and summary["skipped"] == 2
+    assert [(r["line"], r["output"]) for r in results(out)] == [
+        (1, "line000001-seed0.png"), (2, "Cat_2-seed0.png"), (3, "red-fox-seed0.png")]
+    # ids that differ only in case would clash on some file systems
+    write_jsonl(src, rows + [{"id": "cat_2", "prompt": "another cat", "steps": 2, **SIZE}])
+    assert batch("--engine-dir", tiny_fp32, "--input", src, "--out", out) == 1
+    assert "already made by line 2" in results(out)[-1]["error"]
+
+
 def test_stale_temp_files_only_ours_are_removed(tmp_path):
     from zimage_deploy.batch.results import remove_stale_temps
 

@@ -165,10 +165,12 @@ def _run(args, manifest, limits, plan, n_rows: int, t_start: float) -> int:
     for item in plan.items:
         prev = previous.get(item.output)
         on_disk = describes_file(prev, out)
+        if on_disk and prev.get("fingerprint") == item.fingerprint and not args.overwrite:
+            log.keep({**prev, "line": item.line, "id": item.id})  # done (the row may have moved)
+            continue
         if on_disk:
             log.keep(prev)  # true of the file until it is made again
-        if not (on_disk and prev.get("fingerprint") == item.fingerprint and not args.overwrite):
-            todo.append(item)
+        todo.append(item)
     skipped = len(plan.items) - len(todo)
     remove_stale_temps(out, {i.output for i in plan.items} | {RESULTS, SUMMARY})
     for record in plan.errors:
@@ -204,8 +206,7 @@ def _run(args, manifest, limits, plan, n_rows: int, t_start: float) -> int:
     finally:
         bar.close()
         records = log.finish()
-    made = {i.output for i in todo}
-    fresh = [r for r in records if r.get("status") == "ok" and r.get("output") in made]
+    fresh = [r for r in records if r.get("status") == "ok" and r.get("output") in log.added]
     summary = summarize(records, fresh, written, skipped, time.perf_counter() - t_start)
     summary["interrupted"] = interrupted
     if stopped is not None:

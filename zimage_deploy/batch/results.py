@@ -79,6 +79,7 @@ class ResultsLog:
     def __init__(self, out_dir: Path):
         self.path = out_dir / RESULTS
         self.records: dict[str, dict] = {}
+        self.added: set[str] = set()  # keys of the records made by this run
         self._f = None
 
     def keep(self, record: dict) -> None:
@@ -87,6 +88,7 @@ class ResultsLog:
 
     def add(self, record: dict) -> None:
         self.records[record_key(record)] = record
+        self.added.add(record_key(record))
         if self._f is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "a", encoding="utf-8")
@@ -98,7 +100,7 @@ class ResultsLog:
         if self._f is not None:
             self._f.close()
             self._f = None
-        ordered = sorted(self.records.values(), key=lambda r: (r["line"], r.get("seed") or 0))
+        ordered = sorted(self.records.values(), key=lambda r: (r.get("line") or 0, r.get("seed") or 0))
         with atomic_file(self.path, suffix=".jsonl") as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
                 for r in ordered:
