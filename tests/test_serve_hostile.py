@@ -14,7 +14,6 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -324,6 +323,18 @@ def test_no_bare_500_and_no_server_paths(runtime, tiny_fp32, monkeypatch):
         r = post(f"{s.url}/v1/generate", b'{"prompt": "a", "steps": 1}')
         assert r.status_code == 422 and str(tiny_fp32) not in r.text and "<build> has no vae_encoder" in r.text
         assert httpx.get(f"{s.url}/ready").status_code == 200  # the worker survived
+
+
+def test_shutdown_refuses_new_work_and_is_not_ready(runtime):
+    with Served(runtime, shutdown_timeout_s=30) as s:
+        assert httpx.get(f"{s.url}/ready").status_code == 200
+        s.service.begin_shutdown()
+        wait_for(lambda: s.service.closing)
+        ready = httpx.get(f"{s.url}/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "shutting down"
+        r = post(f"{s.url}/v1/generate", b'{"prompt": "a"}')
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+        assert httpx.get(f"{s.url}/health").status_code == 200  # alive, though not ready
 
 
 def test_unknown_routes_and_methods_are_json(served):

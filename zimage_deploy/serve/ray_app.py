@@ -21,7 +21,7 @@ from starlette.requests import Request
 
 from ..cli import run_cli
 from ..errors import UserError
-from .__main__ import API_KEY_ENV, add_limit_options, load_runtime, serve_limits
+from .__main__ import API_KEY_ENV, SWITCH_INTERVAL_S, add_limit_options, load_runtime, serve_limits
 from .service import Service
 
 
@@ -32,6 +32,7 @@ class ZImageReplica:
 
     def __init__(self, engine_dir: str, backend: str = "auto", options: dict | None = None):
         options = dict(options or {})
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # this process serves one replica
         self.runtime = load_runtime(Path(engine_dir), backend)
         limits = serve_limits(self.runtime, argparse.Namespace(**{**_LIMIT_DEFAULTS, **options.pop("limits", {})}))
         self.replica = serve.get_replica_context().replica_id.unique_id

@@ -141,7 +141,7 @@ class Service:
             self.worker = self.loop.create_task(self._work())
 
     @property
-    def ready(self) -> bool:
+    def is_ready(self) -> bool:
         return self.worker is not None and not self.worker.done() and not self.closing
 
     def begin_shutdown(self) -> None:
@@ -184,11 +184,11 @@ class Service:
 
     async def ready(self, request: Request) -> Response:
         """Ready: the build was loaded and verified, the worker runs, and the server is not shutting down."""
-        state = "ready" if self.ready else ("shutting down" if self.closing else "starting")
+        state = "ready" if self.is_ready else ("shutting down" if self.closing else "starting")
         return JSONResponse({"status": state, "variant": self.runtime.variant, "backend": self.runtime.backend,
                              "sizes": self.limits.request.sizes_text(),
                              "max_batch_pixels": self.limits.max_batch_pixels},
-                            status_code=200 if self.ready else 503)
+                            status_code=200 if self.is_ready else 503)
 
     async def prometheus(self, request: Request) -> Response:
         try:
@@ -212,6 +212,7 @@ class Service:
 
     async def dispatch(self, request: Request, path: str | None = None) -> Response:
         """Route by method and path (the Ray app; the FastAPI app registers the same methods as routes)."""
+        self.start()
         path = (path if path is not None else request.url.path).rstrip("/") or "/"
         name = self.ROUTES.get((request.method, path))
         if name is None:
