@@ -115,7 +115,7 @@ def test_edits_on_an_edit_build(tmp_path_factory, edit_ckpt):
     assert build.main(["--model", str(edit_ckpt), "--variant", "edit", "--target", "cpu", "--precision", "fp32",
                        "--skip-parity", "--out", str(out)]) == 0
     rt = ZImageRuntime(out)
-    images = [synthetic_image(96, 96, seed=1), synthetic_image(128, 64, seed=2)]
+    images = [synthetic_image(96, 96, seed=1), synthetic_image(128, 64, seed=2).convert("RGBA")]  # RGBA too
     with ServerThread(create_app(rt)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         res = client.images.edit(image=[(f"{i}.png", png_bytes(im), "image/png") for i, im in enumerate(images)],
@@ -125,5 +125,5 @@ def test_edits_on_an_edit_build(tmp_path_factory, edit_ckpt):
             client.images.edit(image=[(f"{i}.png", png_bytes(images[0]), "image/png") for i in range(3)],
                                prompt="x")
     want = rt.generate("make the sky red", seed=3, steps=2, guidance_scale=2.0, height=64, width=64,
-                       images=images).images[0]
+                       images=[images[0], images[1].convert("RGB")]).images[0]
     assert np.array_equal(decode(res.data[0].b64_json), arr(want))

@@ -14,6 +14,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -252,6 +253,32 @@ def test_images_limited_to_png_jpeg_webp(served, fmt):
     data = png_bytes(synthetic_image(64, 64), fmt)
     r = post(f"{served.url}/v1/generate", json.dumps({"prompt": "a", "images": [b64(data)]}).encode())
     assert r.status_code == 400 and "PNG, JPEG or WebP" in r.json()["error"]["message"]
+
+
+def _mode_image(mode: str, fmt: str) -> bytes:
+    base = synthetic_image(64, 64, seed=4)
+    image = {"I;16": lambda: Image.fromarray((np.asarray(base.convert("L")).astype(np.uint16) * 257)),
+             "P": lambda: base.convert("P"), "LA": lambda: base.convert("LA"), "CMYK": lambda: base.convert("CMYK"),
+             "L": lambda: base.convert("L"), "RGBA": lambda: base.convert("RGBA")}[mode]()
+    return png_bytes(image, fmt)
+
+
+@pytest.mark.parametrize("mode,fmt", [("I;16", "PNG"), ("P", "PNG"), ("LA", "PNG"), ("RGBA", "WEBP"),
+                                      ("CMYK", "JPEG"), ("L", "JPEG")])
+def test_unusual_image_modes(served, mode, fmt):
+    data = _mode_image(mode, fmt)
+    r = post(f"{served.url}/v1/generate", json.dumps({"prompt": "a", "seed": 1, "steps": 1,
+                                                      "images": [f"data:image/{fmt.lower()};base64,{b64(data)}"]}).encode())
+    assert r.status_code == 200, r.text
+
+
+def test_longest_prompts_fit_the_body_limit(served):
+    """10 000 characters of emoji in both prompts, JSON-escaped (12 bytes each): accepted, not 413."""
+    body = json.dumps({"prompt": "\U0001F98A" * 10_000, "negative_prompt": "\U0001F32B" * 10_000, "seed": 1,
+                       "steps": 1, "guidance_scale": 1.5, "size": "64x64"}).encode()
+    assert len(body) > 240_000
+    r = httpx.post(f"{served.url}/v1/images/generations", content=body, headers=JSON, timeout=60)
+    assert r.status_code == 200, r.text
 
 
 # -- cancellation and the queue ---------------------------------------------------------------------------------

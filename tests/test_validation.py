@@ -303,7 +303,7 @@ def test_server_limits(limits):
 
     sl = ServeLimits.for_build(limits)
     assert sl.max_batch_pixels == sl.request.max_request_pixels == 512 * 512 and sl.max_images == 1
-    assert sl.max_image_bytes < 3 << 20 and sl.max_body_bytes < 8 << 20 and sl.max_json_bytes < 256 << 10
+    assert sl.max_image_bytes < 3 << 20 and sl.max_body_bytes < 8 << 20 and sl.max_json_bytes < 512 << 10
     narrow = ServeLimits.for_build(limits, max_side=256, max_steps=10, max_prompt_chars=50)
     assert (narrow.request.max_side, narrow.request.max_steps, narrow.request.max_prompt_chars) == (256, 10, 50)
     with pytest.raises(RequestError, match="above this build's largest side 256"):

@@ -69,7 +69,7 @@ class ServeLimits:
         budget = max_batch_pixels or side2 * (1 + (max_images if edit else 0))
         useful = limits.max_input_pixels if edit else (limits.max_side + limits.multiple) ** 2
         image_bytes = max_image_bytes or min(16 << 20, 8 * useful + (64 << 10))
-        text = 4 * limits.max_prompt_chars + 4096
+        text = 12 * limits.max_prompt_chars + 4096  # JSON-escaped worst case (\uXXXX pairs)
         body = max_body_bytes or (max_images + 1) * (4 * image_bytes // 3 + 4) + 2 * text + (1 << 20)
         n = max(1, min(limits.max_batch, budget // max(1, limits.min_side ** 2)))
         return cls(request=replace(limits, max_request_pixels=budget), max_batch_pixels=budget,
@@ -106,13 +106,17 @@ def _unknown(fields, allowed: set[str]) -> None:
         raise ApiError(422, f"unknown field `{extra[0]}` (accepted: {', '.join(sorted(allowed))})", param=extra[0])
 
 
+_DATA_URL = re.compile(r"data:[\w.+/-]{1,40};base64,")
+
+
 def _b64(text, what: str, limits: ServeLimits) -> bytes:
     if not isinstance(text, str):
         raise ApiError(422, f"{what} must be a base64 string")
-    if len(text) > 4 * limits.max_image_bytes // 3 + 4:
+    if len(text) > 4 * limits.max_image_bytes // 3 + 4 + 64:
         raise ApiError(413, f"{what} is above the limit of {limits.max_image_bytes} bytes per image")
+    data_url = _DATA_URL.match(text)  # data:image/png;base64,... as browsers and some clients send
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode(text[data_url.end():] if data_url else text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, f"{what} is not valid base64") from None
 
