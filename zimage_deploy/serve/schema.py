@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 
 from ..errors import RequestError, UserError
-from ..runtime.validate import (Limits, Request, SEED_MAX, check_image_count, check_request, check_seed,
-                                decode_image, probe_image)
+from ..runtime.validate import (CONDITION_AREA, SEED_MAX, Limits, Request, check_image_count, check_request,
+                                check_seed, decode_image, probe_image)
 from .errors import ApiError
 from .multipart import Part, parse_multipart
 
@@ -175,10 +175,28 @@ def _check(limits: ServeLimits, fields: dict, images: list[bytes], mask: bytes |
                         cfg_truncation=fields.get("cfg_truncation"), strength=fields.get("strength"),
                         images=infos, mask=mask_info)
     decoded = [decode_image(b, limits.request, w) for b, w in zip(images, what)]
+    if limits.request.variant == "edit":  # queued at their prepared area, not their upload size (same result)
+        decoded = [_condition_area(im, *req.sizes_given) for im in decoded]
     mask_image = decode_image(mask, limits.request, "the mask") if mask is not None else None
     if mask_image is not None and alpha_mask:
         mask_image = openai_mask(mask_image)
     return Parsed(req, decoded, mask_image, openai, output_format)
+
+
+def _condition_area(image: Image.Image, height: int | None, width: int | None) -> Image.Image:
+    """The Edit pipeline's first resize (runtime/omni.py `prepare_condition`), done before queueing: an image
+    above 1024x1024 px of area is scaled to that area (or the output's); the pipeline then leaves it as is, and
+    the result is the same. Not when the scaled image would fail the pipeline's 64 px check, which it makes on
+    the image it is given (only for outputs far below real models' smallest size): then the upload is kept."""
+    from ..runtime.omni import resize_to_area
+
+    if image.width * image.height <= CONDITION_AREA:
+        return image
+    area = height * width if height and width else CONDITION_AREA
+    scale = (area / (image.width * image.height)) ** 0.5
+    if min(int(image.width * scale), int(image.height * scale)) < 64:
+        return image
+    return resize_to_area(image, area)
 
 
 def openai_mask(mask: Image.Image) -> Image.Image:
