@@ -38,14 +38,18 @@ PLAN_TARGETS = ("rtx4090", "rtx5090", "l40s", "h100", "h200", "b200")
 STAGE = re.compile(r"^\[(checkpoint|export|quantize|engines|plan|parity|done)\]")
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def tree_rss(proc: psutil.Process) -> tuple[int, int]:
+    """(RSS, anonymous RSS) of the process tree; anonymous = RSS less file-backed and shared pages (page cache a
+    memory limit can reclaim: memory-mapped weights, for one)."""
+    total = anon = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            info = p.memory_info()
         except psutil.Error:
-            pass
-    return total
+            continue
+        total += info.rss
+        anon += info.rss - info.shared
+    return total, anon
 
 
 def folder_bytes(path: Path) -> int:
@@ -59,9 +63,22 @@ def folder_bytes(path: Path) -> int:
     return total
 
 
-def measure(cmd: list[str], out: Path, interval: float, log_path: Path) -> dict:
+def memory_cgroup(limit_gib: float) -> Path:
+    """A cgroup-v1 memory cgroup limited to `limit_gib` (what a machine with that much RAM leaves a build: page
+    cache is reclaimed under the limit, anonymous memory over it is killed)."""
+    cg = Path("/sys/fs/cgroup/memory") / f"zimage-build-{int(limit_gib)}g"
+    cg.mkdir(exist_ok=True)
+    (cg / "memory.limit_in_bytes").write_text(str(int(limit_gib * 2**30)))
+    return cg
+
+
+def measure(cmd: list[str], out: Path, interval: float, log_path: Path, cgroup: Path | None = None) -> dict:
     """Run `cmd`; sample RSS and `out`'s size; attribute samples to the stage named by the latest log line."""
     t0 = time.perf_counter()
+    if cgroup is not None:  # the child enters the cgroup before it execs the build
+        cmd = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *cmd]
+        (cgroup / "memory.max_usage_in_bytes").write_text("0")
+        (cgroup / "memory.failcnt").write_text("0")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ps = psutil.Process(proc.pid)
     state = {"stage": "checkpoint"}
@@ -81,18 +98,21 @@ def measure(cmd: list[str], out: Path, interval: float, log_path: Path) -> dict:
 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
-    peak_rss = peak_disk = 0
+    peak_rss = peak_anon = peak_disk = 0
     while proc.poll() is None:
-        rss, disk = tree_rss(ps), folder_bytes(out) if out.exists() else 0
+        (rss, anon), disk = tree_rss(ps), folder_bytes(out) if out.exists() else 0
         now = time.perf_counter() - t0
-        s = stages.setdefault(state["stage"], {"start_s": now, "end_s": now, "peak_rss": 0, "peak_disk": 0})
+        s = stages.setdefault(state["stage"], {"start_s": now, "end_s": now, "peak_rss": 0, "peak_anon": 0,
+                                               "peak_disk": 0})
         s["end_s"] = now
-        s["peak_rss"], s["peak_disk"] = max(s["peak_rss"], rss), max(s["peak_disk"], disk)
-        peak_rss, peak_disk = max(peak_rss, rss), max(peak_disk, disk)
+        s["peak_rss"], s["peak_anon"] = max(s["peak_rss"], rss), max(s["peak_anon"], anon)
+        s["peak_disk"] = max(s["peak_disk"], disk)
+        peak_rss, peak_anon, peak_disk = max(peak_rss, rss), max(peak_anon, anon), max(peak_disk, disk)
         time.sleep(interval)
     thread.join()
     return {"returncode": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1), "peak_rss": peak_rss,
-            "peak_disk": peak_disk, "final_disk": folder_bytes(out) if out.exists() else 0, "stages": stages}
+            "peak_anon": peak_anon, "peak_disk": peak_disk,
+            "final_disk": folder_bytes(out) if out.exists() else 0, "stages": stages}
 
 
 def plans(precision: str) -> dict:
@@ -118,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--report", type=Path, required=True, help="report path without suffix (.json and .md)")
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--keep", action="store_true", help="keep the build folders")
+    ap.add_argument("--memory-limit-gib", type=float, default=None,
+                    help="run each build in a cgroup-v1 memory cgroup of this size (root, Linux)")
     args = ap.parse_args(argv)
     report_json = args.report.with_suffix(".json")
     result = json.loads(report_json.read_text()) if report_json.is_file() else {"builds": {}}
@@ -135,7 +157,12 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "zimage_deploy.build", "--model", args.model, "--target", target,
                "--precision", precision, "--out", str(out), "--skip-parity", *extra]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
-        row = measure(cmd, out, args.interval, args.work / f"build-{name}.log")
+        cgroup = memory_cgroup(args.memory_limit_gib) if args.memory_limit_gib else None
+        row = measure(cmd, out, args.interval, args.work / f"build-{name}.log", cgroup)
+        if cgroup is not None:
+            row["memory_limit_gib"] = args.memory_limit_gib
+            row["cgroup_max_usage_gib"] = round(int((cgroup / "memory.max_usage_in_bytes").read_text()) / 2**30, 2)
+            row["cgroup_limit_hits"] = int((cgroup / "memory.failcnt").read_text())
         row.update(command=" ".join(["python", *cmd[1:]]), target=target, precision=precision)
         if (out / "manifest.json").is_file():
             manifest = json.loads((out / "manifest.json").read_text())
@@ -152,7 +179,8 @@ def main(argv=None) -> int:
         report_json.parent.mkdir(parents=True, exist_ok=True)
         report_json.write_text(json.dumps(result, indent=2) + "\n")
         args.report.with_suffix(".md").write_text(markdown(result))
-        print(f"   rc {row['returncode']}, {row['wall_s']} s, peak RSS {row['peak_rss'] / 2**30:.2f} GiB, "
+        print(f"   rc {row['returncode']}, {row['wall_s']} s, peak RSS {row['peak_rss'] / 2**30:.2f} GiB "
+              f"(anonymous {row['peak_anon'] / 2**30:.2f}), "
               f"peak disk {row['peak_disk'] / 2**30:.2f} GiB", flush=True)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
@@ -167,18 +195,19 @@ def markdown(result: dict) -> str:
              f"{result['versions']}. Peak RSS: the build's whole process tree, sampled each second; peak disk: the "
              "build folder. Reduced calibration on this CPU (1 prompt, 256², 2 steps); quality gate and parity "
              "skipped (real-size numerics are checked by the tests on reduced-depth real-width checkpoints).", "",
-             "| build | command | rc | wall s | peak RSS GiB | peak disk GiB | final disk GiB | runtime mode |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| build | command | rc | wall s | memory limit GiB | peak RSS GiB | peak anonymous GiB | peak disk GiB "
+             "| final disk GiB | runtime mode |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["builds"].items():
         mode = (r.get("runtime") or {}).get("mode", "-")
-        lines.append(f"| {name} | `{r['command']}` | {r['returncode']} | {r['wall_s']} | {g(r['peak_rss'])} | "
+        lines.append(f"| {name} | `{r['command']}` | {r['returncode']} | {r['wall_s']} | "
+                     f"{r.get('memory_limit_gib') or 'none'} | {g(r['peak_rss'])} | {g(r.get('peak_anon'))} | "
                      f"{g(r['peak_disk'])} | {g(r['final_disk'])} | {mode} |")
-    lines += ["", "Per stage (from the build's log lines):", "", "| build | stage | seconds | peak RSS GiB | peak disk GiB |",
-              "|---|---|---|---|---|"]
+    lines += ["", "Per stage (from the build's log lines; a stage's samples run until the next stage's first line):", "",
+              "| build | stage | seconds | peak RSS GiB | peak anonymous GiB | peak disk GiB |", "|---|---|---|---|---|---|"]
     for name, r in result["builds"].items():
         for stage, s in r["stages"].items():
             lines.append(f"| {name} | {stage} | {s['end_s'] - s['start_s']:.0f} | {g(s['peak_rss'])} | "
-                         f"{g(s['peak_disk'])} |")
+                         f"{g(s.get('peak_anon'))} | {g(s['peak_disk'])} |")
     lines += ["", "| build | component | graph GiB | weights GiB | engine GiB | engine build s |", "|---|---|---|---|---|---|"]
     for name, r in result["builds"].items():
         for c, e in (r.get("components") or {}).items():

@@ -59,3 +59,45 @@ def test_auto_strip_keeps_weights_without_a_gpu(tmp_path, tiny_ckpt):
                        "--lean", "on"]) == 0
     comps = json.loads((out / "manifest.json").read_text())["components"]
     assert all(c["engine"]["stripped"] is False for c in comps.values())
+
+
+def test_external_weights_are_mapped_not_copied(tmp_path, tiny_ckpt, monkeypatch):
+    """Graphs with external data (real-size ones) reach the builder as pointers into a memory map of the data file;
+    the plan equals the one built from the same graph with inline weights, in size."""
+    from zimage_deploy.export import weights as weights_mod
+
+    inline, external = tmp_path / "inline", tmp_path / "external"
+    argv = ["--model", str(tiny_ckpt), "--target", "rtx4090", "--precision", "bf16", "--skip-parity"]
+    assert build.main([*argv, "--out", str(inline)]) == 0
+    monkeypatch.setattr(weights_mod, "EXTERNAL_THRESHOLD", 0)  # every graph's weights in model.onnx.data
+    assert build.main([*argv, "--out", str(external)]) == 0
+    a, b = (json.loads((d / "manifest.json").read_text())["components"] for d in (inline, external))
+    for name in a:
+        assert b[name]["external_data"] is True and a[name]["external_data"] is False
+        assert (external / "onnx" / name / "model.onnx.data").is_file()
+        assert b[name]["engine"]["bytes"] == a[name]["engine"]["bytes"], name
+
+
+def test_truncated_external_data_is_refused(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    from zimage_deploy.export import weights as weights_mod
+
+    out = tmp_path / "b"
+    monkeypatch.setattr(weights_mod, "EXTERNAL_THRESHOLD", 0)
+    argv = ["--model", str(tiny_ckpt), "--target", "rtx4090", "--precision", "bf16", "--skip-parity", "--out", str(out)]
+    assert build.main([*argv, "--skip-engines"]) == 0
+    data = out / "onnx" / "vae_decoder" / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4096])
+    from zimage_deploy.engines.builder import EngineBuilder
+    from zimage_deploy.engines.profiles import EngineOptions
+    from zimage_deploy.errors import UserError
+    from zimage_deploy.targets import get_target
+
+    profile = json.loads((out / "manifest.json").read_text())
+    with pytest.raises(UserError, match="beyond model.onnx.data"):
+        from zimage_deploy.engines.profiles import profiles
+        from zimage_deploy.variants import get_variant
+
+        shapes = profiles(get_variant("turbo"), profile["model"]["facts"], EngineOptions())["vae_decoder"]
+        EngineBuilder(get_target("rtx4090"), EngineOptions()).build(out / "onnx/vae_decoder/model.onnx", shapes,
+                                                                     tmp_path / "x.plan")
+    assert not (tmp_path / "x.plan").exists()

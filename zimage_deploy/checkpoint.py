@@ -164,20 +164,55 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def content_hash(path: Path) -> str:
-    """sha256 over the relative names and bytes of every file of the checkpoint."""
+    """sha256 over the relative names and contents of every file of the checkpoint. Each file's own sha256 is
+    remembered in the cache by (path, size, mtime), so an unchanged 20 GB checkpoint is not read again."""
     from tqdm import tqdm
 
     files = sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts)
-    total = sum(p.stat().st_size for p in files)
-    h = hashlib.sha256()
+    stamps = _load_stamps()
+    todo = [p for p in files if _stamp_key(p) not in stamps]
+    total = sum(p.stat().st_size for p in todo)
     with tqdm(total=total, unit="B", unit_scale=True, desc="hashing checkpoint", disable=total < 1 << 30) as bar:
-        for p in files:
-            h.update(str(p.relative_to(path)).encode() + b"\0")
+        for p in todo:
+            h = hashlib.sha256()
             with open(p, "rb") as f:
                 while chunk := f.read(1 << 24):
                     h.update(chunk)
                     bar.update(len(chunk))
+            stamps[_stamp_key(p)] = h.hexdigest()
+    if todo:
+        _save_stamps(stamps)
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(path)).encode() + b"\0" + stamps[_stamp_key(p)].encode())
     return h.hexdigest()
+
+
+def _stamp_key(p: Path) -> str:
+    st = p.stat()
+    return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _stamps_path() -> Path:
+    return cache_dir() / "file-hashes.json"
+
+
+def _load_stamps() -> dict:
+    try:
+        stamps = json.loads(_stamps_path().read_text())
+        return stamps if isinstance(stamps, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_stamps(stamps: dict) -> None:
+    from .fsutil import atomic_file
+
+    try:
+        with atomic_file(_stamps_path()) as tmp:
+            tmp.write_text(json.dumps(stamps))
+    except OSError:  # a read-only cache only costs the next build a re-read
+        pass
 
 
 def model_key(model: str, variant: str) -> str:
