@@ -92,3 +92,13 @@ def test_plan_cli_table(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "runtime mode: all-resident" in text and "| transformer | nvfp4 |" in text
     assert out.is_file()
+
+
+def test_runtime_mode_follows_the_build_plan():
+    from zimage_deploy.runtime.backends import planned_low_vram
+
+    assert planned_low_vram({"runtime": {"mode": "low-vram"}}, None) is True
+    assert planned_low_vram({"runtime": {"mode": "all-resident"}}, None) is False
+    assert planned_low_vram({}, None) is False
+    assert planned_low_vram({"runtime": {"mode": "low-vram"}}, False) is False  # asked for explicitly
+    assert planned_low_vram({"runtime": {"mode": "all-resident"}}, True) is True

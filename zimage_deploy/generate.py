@@ -54,7 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--strength", type=float, default=None, help="img2img / inpaint strength in (0, 1] (0.6)")
     ap.add_argument("--mask", type=Path, default=None, help="inpainting mask, white = repaint (needs --image)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS)
-    ap.add_argument("--low-vram", action="store_true", help="TensorRT: keep one engine in GPU memory at a time")
+    ap.add_argument("--low-vram", action="store_true", default=None,
+                    help="TensorRT: keep one engine in GPU memory at a time (default: the mode the build's VRAM plan "
+                         "picked for its target, see python -m zimage_deploy.plan)")
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="apply a LoRA for this run (repeatable; scale default 1; unquantized builds; TensorRT: "
                          "--refittable engines, refitted from the base weights)")

@@ -152,10 +152,13 @@ class _OrtLoraBackend:
 
 
 class LoraManager:
-    def __init__(self, engine_dir: Path, manifest: dict, backend: str, low_vram: bool = False, max_sets: int = 2,
+    def __init__(self, engine_dir: Path, manifest: dict, backend: str, low_vram: bool | None = None, max_sets: int = 2,
                  max_file_bytes: int = 2 << 30):
         """`backend`: the backend's name (resolved, not auto); `low_vram`: the TensorRT backend's mode."""
         self.pipeline = None
+        from ..runtime.backends import planned_low_vram
+
+        low_vram = planned_low_vram(manifest, low_vram)  # as make_backend decides it
         self.engine_dir, self.manifest, self.backend_name, self.low_vram = Path(engine_dir), manifest, backend, low_vram
         self.files = BoundedCache(64, max_file_bytes, lambda lora: lora.nbytes)
         self.states = BoundedCache(max_sets)

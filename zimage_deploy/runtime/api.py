@@ -48,7 +48,7 @@ class GenerationResult:
 
 class ZImageRuntime:
     def __init__(self, engine_dir: str | Path, backend: str = "auto", cfg_mode: str = "batch",
-                 max_concurrent: int = 1, low_vram: bool = False):
+                 max_concurrent: int = 1, low_vram: bool | None = None):
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
         self.pipeline = open_pipeline(engine_dir, backend, cfg_mode, low_vram)

@@ -180,12 +180,19 @@ def resolve_backend(name: str, manifest: dict) -> str:
     return name
 
 
-def make_backend(name: str, engine_dir: Path, manifest: dict, low_vram: bool = False) -> Backend:
+def planned_low_vram(manifest: dict, low_vram: bool | None) -> bool:
+    """`low_vram` as asked, or (None) the mode the build's VRAM plan picked for its target."""
+    if low_vram is None:
+        return (manifest.get("runtime") or {}).get("mode") == "low-vram"
+    return bool(low_vram)
+
+
+def make_backend(name: str, engine_dir: Path, manifest: dict, low_vram: bool | None = None) -> Backend:
     """The backend `name` (see `resolve_backend` for `auto`). `low_vram` (TensorRT): keep one engine resident
-    at a time."""
+    at a time; None: the mode the build's VRAM plan picked for its target (manifest `runtime.mode`)."""
     name = resolve_backend(name, manifest)
     if name == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(engine_dir, manifest, low_vram=low_vram)
+        return TensorRTBackend(engine_dir, manifest, low_vram=planned_low_vram(manifest, low_vram))
     return OnnxRuntimeBackend(engine_dir, manifest) if name == "onnxruntime" else TorchBackend(engine_dir, manifest)

@@ -25,7 +25,7 @@ class EditPipeline(Pipeline):
     required = ("text_encoder", "context_refiner", "siglip_refiner", "transformer", "vae_decoder", "vae_encoder",
                 "vision_encoder")
 
-    def __init__(self, engine_dir, backend="auto", cfg_mode: str = "batch", low_vram: bool = False):
+    def __init__(self, engine_dir, backend="auto", cfg_mode: str = "batch", low_vram: bool | None = None):
         super().__init__(engine_dir, backend, cfg_mode, low_vram)
         from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
 

@@ -65,12 +65,18 @@ def _cat_prompts(a: Prompt, b: Prompt) -> Prompt:
 
 @contextmanager
 def timed(timings: dict | None, stage: str):
-    """Add the block's wall time (seconds) to `timings[stage]` when a dict is given."""
+    """Add the block's wall time (seconds) to `timings[stage]` when a dict is given; with CUDA in use, the GPU's
+    queued work is waited for at both ends, so each stage's kernels count in their own stage."""
+    sync = timings is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+    if sync:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     try:
         yield
     finally:
         if timings is not None:
+            if sync:
+                torch.cuda.synchronize()
             timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
@@ -79,13 +85,18 @@ class Pipeline:
     required = REQUIRED
 
     def __init__(self, engine_dir: str | Path, backend: str | Backend = "auto", cfg_mode: str = "batch",
-                 low_vram: bool = False):
+                 low_vram: bool | None = None):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest_io.load(self.engine_dir)
         if self.manifest["variant"] not in self.variants:
             raise UserError(f"{engine_dir} holds variant {self.manifest['variant']!r}; "
                             f"{type(self).__name__} runs {', '.join(self.variants)} (use open_pipeline)")
-        missing = [c for c in self.required if self.manifest["components"].get(c, {}).get("status") != "complete"]
+        comps = self.manifest["components"]
+        rejected = [c for c in self.required if comps.get(c, {}).get("status") == "rejected"]
+        if rejected:
+            raise UserError(f"{engine_dir}: components {rejected} were rejected by the build's "
+                            f"{comps[rejected[0]].get('rejected_by', 'quality gate')} check; rebuild")
+        missing = [c for c in self.required if comps.get(c, {}).get("status") != "complete"]
         if missing:
             raise UserError(f"{engine_dir} is not a complete build (missing {missing}): run the build again")
         if cfg_mode not in CFG_MODES:
@@ -264,7 +275,7 @@ class Pipeline:
 
 
 def open_pipeline(engine_dir: str | Path, backend: str | Backend = "auto", cfg_mode: str = "batch",
-                  low_vram: bool = False) -> Pipeline:
+                  low_vram: bool | None = None) -> Pipeline:
     """The pipeline for the variant the build in `engine_dir` holds."""
     if manifest_io.load(Path(engine_dir))["variant"] == "edit":
         from .edit import EditPipeline
