@@ -111,8 +111,13 @@ class Attention(nn.Module):
         o = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_bias)
         return self.out(o.transpose(1, 2).flatten(2))
 
+    dense = False  # set by the Torch runtime when every key is valid (models/fast.py); ignored while exporting
+
     def attend(self, q, k, v, key_bias):
-        """The two attention BMMs and the softmax (where FP8 attention hooks in: quantize/)."""
+        """The two attention BMMs and the softmax (where FP8 attention hooks in: quantize/). With `dense` set, eager
+        and compiled Torch leave the all-zero mask out, so SDPA can take its flash kernel; exported graphs keep it."""
+        if self.dense and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing():
+            key_bias = None
         return attention(q, k, v, key_bias)
 
 

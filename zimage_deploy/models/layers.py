@@ -71,9 +71,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch
 
 
 def key_bias_from_valid(valid: torch.Tensor) -> torch.Tensor:
-    """(B, S) bool, True where a key may be attended -> (B, 1, 1, S) additive float32 mask."""
-    zero = torch.zeros((), dtype=torch.float32)
-    return torch.where(valid, zero, torch.full((), float("-inf")))[:, None, None, :]
+    """(B, S) bool, True where a key may be attended -> (B, 1, 1, S) additive float32 mask. Outside export the two
+    constants live on `valid`'s device: `where` would copy CPU scalars to the GPU (a host sync, and no CUDA graph)."""
+    device = None if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() else valid.device
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    return torch.where(valid, zero, torch.full((), float("-inf"), device=device))[:, None, None, :]
 
 
 def to_compute_dtype(model: nn.Module, dtype: torch.dtype, keep_fp32: tuple[type, ...] = ()) -> nn.Module:
