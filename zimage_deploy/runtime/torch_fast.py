@@ -187,6 +187,9 @@ class FastTorchBackend(TorchBackend):
         else:
             out = model(*args)
         outs = out if isinstance(out, tuple) else (out,)
+        if self.mode == "blocks" and key == "transformer":
+            # a per-block graph's output (the context's states, reused every step) is overwritten by later replays
+            outs = tuple(o.clone() for o in outs)
         specs = self.components[component]["outputs"]
         return {s["name"]: o.to(DTYPES[s["dtype"]]) for s, o in zip(specs, outs)}
 
