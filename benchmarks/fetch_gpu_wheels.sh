@@ -1,11 +1,28 @@
 #!/usr/bin/env bash
-# Here, before a GPU session: download the wheels the lent H100/H200 lacks (Python 3.12 there) into .whl/,
-# which git ignores through .git/info/exclude and the device call carries (`carry: [".whl"]`).
-# Then, on the device: bash benchmarks/gpu_run.sh
+# Here, before a GPU session's one device call: download the wheels the lent H100/H200 lacks into .whl/, which git
+# ignores through .git/info/exclude and the device call carries (`carry: [".whl"]`). Then, in ONE device call:
+#     bash benchmarks/gpu_run.sh          (timeout_s 600; see that script)
+#
+# What the machine lacks: its image (Python 3.12, torch 2.11 + CUDA 13) has transformers, tokenizers,
+# huggingface_hub, safetensors, onnx, onnxruntime, pillow, numpy, tqdm, jinja2, regex, requests, filelock, zipp
+# (the device README's package list), but not diffusers. diffusers' other need, importlib_metadata, is imported
+# only on Python < 3.8, so diffusers alone is carried. The working tree plus the wheels must stay under the
+# device call's 64 MiB: checked below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p .git/info
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+rm -rf .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    diffusers==0.42.1 importlib_metadata zipp
+    diffusers==0.42.1
 ls -la .whl
+# what travels: tracked and untracked-not-ignored files, plus the carried .whl
+tree_bytes=$(git ls-files -z --cached --others --exclude-standard | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
+whl_bytes=$(du -cb .whl | tail -1 | cut -f1)
+total=$((tree_bytes + whl_bytes))
+echo "working tree $((tree_bytes / 1024)) KiB + wheels $((whl_bytes / 1024)) KiB = $((total / 1024 / 1024)) MiB (limit 64)"
+if [ "$total" -gt $((60 * 1024 * 1024)) ]; then
+    echo "error: over 60 MiB: the device call would refuse it (limit 64 MiB); remove large untracked files" >&2
+    exit 1
+fi

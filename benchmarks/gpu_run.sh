@@ -1,11 +1,66 @@
 #!/usr/bin/env bash
-# The one script a lent H100/H200 runs (device tool, with `carry: [".whl"]`; benchmarks/fetch_gpu_wheels.sh
-# fetches them here first): install the carried wheels the
-# machine lacks (diffusers and its two missing needs), then the real-size benchmark. Full output under $OUT.
-set -o pipefail
+# The one script a lent H100/H200 runs, in one device call, after `bash benchmarks/fetch_gpu_wheels.sh` here:
+#     device run: command "bash benchmarks/gpu_run.sh", carry [".whl"], timeout_s 600
+# It installs the carried wheels the machine lacks (diffusers), checks the imports, then runs the real-size
+# benchmark (benchmarks/gpu_turbo_1024.py) under an outer `timeout` well below the call's limit; the benchmark
+# starts no row after 300 s and writes each row's image and the JSON report as the row ends. Under $OUT:
+#     gpu_run.log                    everything printed (nvidia-smi, versions, one line per row, the table)
+#     gpu/gpu_turbo_report.json      the report (card, driver, versions, date, per-row results)
+#     gpu/<row>.png                  each row's image (6 rows at most: $OUT brings back 8 files)
+# The table is printed at the end, also when the benchmark was cut short (from the report it left).
+#
+# CPU dry run of the same plumbing (the tests run it): GPU_RUN_CPU=1 OUT=/tmp/x bash benchmarks/gpu_run.sh
+# Knobs: PYTHON (python3), GPU_RUN_TIMEOUT (outer limit, s), GPU_RUN_ARGS (extra benchmark arguments),
+# GPU_RUN_WHEELS (wheel folder, .whl).
+set -uo pipefail
+cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 benchmarks/gpu_turbo_1024.py --out "$OUT/gpu" --repeats 3 --deadline-s 420 2>&1 | tee "$OUT/gpu_turbo.log"
+PY=${PYTHON:-python3}
+OUT=${OUT:-$(mktemp -d)}
+WHEELS=${GPU_RUN_WHEELS:-.whl}
+if [ -n "${GPU_RUN_CPU:-}" ]; then
+    LIMIT=${GPU_RUN_TIMEOUT:-900}
+    ARGS="--reduced --device cpu --repeats 1 --size 64 --steps 2 --compile-backend eager"
+else
+    LIMIT=${GPU_RUN_TIMEOUT:-530}  # + install and table: the call's 600 s are never reached
+    ARGS="--repeats 3 --deadline-s 300 --stop-s 470"
+fi
+ARGS="$ARGS ${GPU_RUN_ARGS:-}"
+mkdir -p "$OUT/gpu"
+
+run() {
+    date -u +"start %Y-%m-%dT%H:%M:%SZ"
+    if [ -z "${GPU_RUN_CPU:-}" ]; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "warning: nvidia-smi failed"
+    fi
+    site=$(mktemp -d)/site
+    shopt -s nullglob
+    wheels=("$WHEELS"/*.whl)
+    if [ ${#wheels[@]} -gt 0 ]; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${wheels[@]}" \
+            || { echo "error: installing the carried wheels failed"; return 3; }
+        echo "installed: $(cd "$site" && ls -d ./*.dist-info | sed 's|^\./||; s|\.dist-info$||' | tr '\n' ' ')"
+    else
+        echo "no wheels in $WHEELS (run bash benchmarks/fetch_gpu_wheels.sh here and carry .whl)"
+    fi
+    export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    "$PY" -c "import torch, transformers, diffusers; print('python', __import__('sys').version.split()[0], \
+'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, \
+'diffusers', diffusers.__version__)" \
+        || { echo "error: a needed package is missing (diffusers: run bash benchmarks/fetch_gpu_wheels.sh here, carry .whl)"; return 3; }
+    # shellcheck disable=SC2086  # ARGS is a list of words
+    timeout -k 15 "$LIMIT" "$PY" benchmarks/gpu_turbo_1024.py --out "$OUT/gpu" $ARGS
+    rc=$?
+    if [ $rc -ne 0 ]; then
+        echo "benchmark exit status $rc ($([ $rc -eq 124 ] && echo "outer timeout after $LIMIT s" || echo failed))"
+        if [ -f "$OUT/gpu/gpu_turbo_report.json" ]; then
+            "$PY" benchmarks/gpu_turbo_1024.py --table "$OUT/gpu/gpu_turbo_report.json"
+        else
+            echo "no report was written"
+        fi
+    fi
+    date -u +"end %Y-%m-%dT%H:%M:%SZ"
+    return $rc
+}
+
+run 2>&1 | tee "$OUT/gpu_run.log"

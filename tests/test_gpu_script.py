@@ -1,0 +1,411 @@
+"""The GPU benchmark and the Torch fast paths, on the CPU: every row of benchmarks/gpu_turbo_1024.py in its reduced
+mode, benchmarks/gpu_run.sh's plumbing (wheels, outer timeout, table), dense attention against the masked one, the
+per-step graph wrapper's static buffers, FP8 static scales and fast accumulation, dynamo's counters, the compile
+fallback, and the CUDA-synchronised stage timer. What needs a GPU (CUDA-graph capture, flash kernels, FP8 GEMMs,
+speed) is owed to a GPU session: see README, Benchmarks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from zimage_deploy.models import fast
+from zimage_deploy.models.dit import Attention, Block
+from zimage_deploy.models.load import load_dit
+from zimage_deploy.runtime import torch_fast
+from zimage_deploy.runtime.backends import TorchBackend
+from zimage_deploy.runtime.pipeline import Pipeline, timed
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_turbo_1024.py"
+QUICK = ["--reduced", "--device", "cpu", "--repeats", "1", "--size", "64", "--steps", "2",
+         "--compile-backend", "eager"]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("gpu_turbo_1024", SCRIPT)
+    module = sys.modules.get(spec.name)
+    if module is None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory):
+    """The script's reduced configs: diffusers' modules with random weights, ours with the same weights, a build
+    folder for the runtime."""
+    g = _script()
+    pipe = g.build_diffusers(g.REDUCED, "cpu", torch.float32)
+    out = tmp_path_factory.mktemp("reduced")
+    modules = g.build_ours(pipe, g.REDUCED, "cpu", torch.float32, out)
+    from zimage_deploy import manifest as manifest_io
+
+    return out, manifest_io.load(out), modules
+
+
+def _dit_inputs(dit, cap_len: int, seq: int, batch: int = 1, seed: int = 0):
+    """(latents, timestep, cap_states, cap_lens) for a per-step call."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 16, 8, 8, generator=g), torch.full((batch,), 0.4),
+            torch.randn(batch, seq, dit.cfg.dim, generator=g), torch.full((batch,), cap_len))
+
+
+def _feats(dit, seq: int, seed: int = 0):
+    return torch.randn(1, seq, dit.cfg.cap_feat_dim, generator=torch.Generator().manual_seed(seed))
+
+
+# -- dense attention --------------------------------------------------------------------------------------------
+def test_dense_attention_equals_the_masked_one_when_every_key_is_valid(tiny_ckpt):
+    dit = load_dit(tiny_ckpt)
+    latents, t, states, lens = _dit_inputs(dit, 40, 64)  # 40 tokens pad to 64: every caption key is valid
+    assert torch_fast.dense_captions(lens, 64)
+    with torch.no_grad():
+        feats = _feats(dit, 64)
+        masked = dit(latents, t, states, lens), dit.context(feats, lens)
+        assert fast.set_dense_attention(dit, True) == 2 * dit.cfg.n_refiner_layers + dit.cfg.n_layers
+        dense = dit(latents, t, states, lens), dit.context(feats, lens)
+    for a, b in zip(masked, dense):
+        assert ((a - b).norm() / a.norm()).item() < 1e-5
+
+
+def test_dense_attention_differs_where_keys_are_masked(tiny_ckpt):
+    """Negative control: with caption slots beyond the padded length the mask matters, and the runtime's rule
+    keeps it."""
+    dit = load_dit(tiny_ckpt)
+    latents, t, states, lens = _dit_inputs(dit, 40, 96)  # 64 attended, 32 masked
+    assert not torch_fast.dense_captions(lens, 96)
+    with torch.no_grad():
+        masked = dit(latents, t, states, lens)
+        fast.set_dense_attention(dit, True)
+        dense = dit(latents, t, states, lens)
+    assert ((masked - dense).norm() / masked.norm()).item() > 1e-3
+
+
+@pytest.mark.parametrize("lens,seq,expected", [([40], 64, True), ([33, 64], 64, True), ([40, 70], 96, False),
+                                               ([1], 32, True), ([32], 64, False)])
+def test_dense_captions_rule(lens, seq, expected):
+    assert torch_fast.dense_captions(torch.tensor(lens), seq) is expected
+
+
+def test_dense_captions_never_reads_a_device_tensor():
+    assert torch_fast.dense_captions(torch.tensor([40], device="meta"), 64) is False
+
+
+def test_export_ignores_the_dense_flag(tiny_ckpt):
+    """A traced graph keeps the mask even with the flag set (what export sees)."""
+    dit = load_dit(tiny_ckpt)
+    latents, t, states, lens = _dit_inputs(dit, 40, 96)
+    with torch.no_grad():
+        masked = dit(latents, t, states, lens)
+        fast.set_dense_attention(dit, True)
+        traced = torch.jit.trace(dit, (latents, t, states, lens), check_trace=False)
+        out = traced(latents, t, states, lens)
+    assert ((masked - out).norm() / masked.norm()).item() < 1e-5
+
+
+# -- the backend ------------------------------------------------------------------------------------------------
+def _images(build, manifest, modules, backend, prompts, steps=2):
+    pipe = Pipeline(build, backend)
+    return [np.asarray(im).astype(np.int16) for im in pipe(prompts, 64, 64, steps, 0, progress=False)]
+
+
+def test_fast_backend_modes_match_the_plain_backend(reduced, monkeypatch):
+    build, manifest, modules = reduced
+    reference = _images(build, manifest, modules, TorchBackend(build, manifest, device="cpu", modules=modules),
+                        ["a cat"])
+    decisions = []
+    original = torch_fast.FastTorchBackend._set_dense
+    monkeypatch.setattr(torch_fast.FastTorchBackend, "_set_dense",
+                        lambda self, dense: (decisions.append(dense), original(self, dense)))
+    for mode in torch_fast.MODES:
+        decisions.clear()
+        backend = torch_fast.FastTorchBackend(build, manifest, device="cpu", mode=mode, compile_text=mode != "eager",
+                                              compile_vae=mode != "eager", compile_backend="eager", modules=modules)
+        got = _images(build, manifest, modules, backend, ["a cat"])
+        assert np.abs(got[0] - reference[0]).max() <= 1, mode
+        assert decisions == [True] * 3, mode  # context + 2 steps, batch 1: unmasked
+        assert backend.fallbacks == {}
+        if mode == "step":
+            graph = backend.models["transformer"]
+            assert isinstance(graph, torch_fast.StepGraph) and graph.replays == 2 and graph.captured == 0
+    # the caller's modules were not changed: no compiled regions, no dense flags
+    assert all(getattr(m, "_compiled_call_impl", None) is None for k in modules for m in modules[k].modules())
+    assert not any(m.dense for m in modules["transformer"].modules() if isinstance(m, Attention))
+
+
+def test_mixed_caption_lengths_keep_the_mask(reduced, monkeypatch):
+    build, manifest, modules = reduced
+    decisions = []
+    original = torch_fast.FastTorchBackend._set_dense
+    monkeypatch.setattr(torch_fast.FastTorchBackend, "_set_dense",
+                        lambda self, dense: (decisions.append(dense), original(self, dense)))
+    prompts = ["a cat", "a very long prompt about a cat on a windowsill in the afternoon light, with many words " * 3]
+    backend = torch_fast.FastTorchBackend(build, manifest, device="cpu", modules=modules)
+    got = _images(build, manifest, modules, backend, prompts)
+    assert decisions == [False] * 3
+    reference = _images(build, manifest, modules, TorchBackend(build, manifest, device="cpu", modules=modules),
+                        prompts)
+    assert max(np.abs(a - b).max() for a, b in zip(got, reference)) <= 1
+
+
+def test_failed_stage_compilation_falls_back_and_says_so(reduced):
+    build, manifest, modules = reduced
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    backend = torch_fast.FastTorchBackend(build, manifest, device="cpu", compile_vae=True,
+                                          compile_backend=broken_backend, modules=modules)
+    got = _images(build, manifest, modules, backend, ["a cat"])
+    assert "vae_decoder" in backend.fallbacks and "no compiler here" in backend.fallbacks["vae_decoder"]
+    reference = _images(build, manifest, modules, TorchBackend(build, manifest, device="cpu", modules=modules),
+                        ["a cat"])
+    assert np.abs(got[0] - reference[0]).max() <= 1
+
+
+def test_unknown_mode_is_refused(reduced):
+    from zimage_deploy.errors import UserError
+
+    build, manifest, modules = reduced
+    with pytest.raises(UserError, match="mode must be one of"):
+        torch_fast.FastTorchBackend(build, manifest, device="cpu", mode="graphs", modules=modules)
+
+
+# -- the per-step graph wrapper ---------------------------------------------------------------------------------
+def test_step_graph_static_buffers(tiny_ckpt):
+    """New inputs reach the static buffers every call, outputs are copies (not the buffer the next call
+    overwrites), and a new shape gets its own entry."""
+    dit = load_dit(tiny_ckpt)
+    graph = torch_fast.StepGraph(dit, capture=False)
+    a, b = _dit_inputs(dit, 40, 64, seed=1), _dit_inputs(dit, 20, 32, seed=2)
+    b_same_shape = _dit_inputs(dit, 50, 64, seed=3)
+    with torch.no_grad():
+        ra = graph(*a)
+        ra_copy = ra.clone()
+        rb = graph(*b_same_shape)
+        assert torch.equal(ra, ra_copy)
+        assert torch.allclose(ra, dit(*a), atol=1e-6) and torch.allclose(rb, dit(*b_same_shape), atol=1e-6)
+        assert len(graph.graphs) == 1
+        assert torch.allclose(graph(*b), dit(*b), atol=1e-6)
+        assert len(graph.graphs) == 2 and graph.replays == 3
+        assert torch.equal(graph.context(_feats(dit, 64), a[3]), dit.context(_feats(dit, 64), a[3]))
+
+
+# -- FP8 --------------------------------------------------------------------------------------------------------
+def test_recorded_input_ranges_and_static_fp8(tiny_ckpt, monkeypatch):
+    dit = load_dit(tiny_ckpt)
+    names = fast.block_projections(dit)
+    assert len(names) == 4 * (2 * dit.cfg.n_refiner_layers + dit.cfg.n_layers)
+    seen: dict[str, list[np.ndarray]] = {}  # an independent record: every input, reduced afterwards
+    hooks = [dit.get_submodule(n).register_forward_hook(
+        lambda m, args, out, n=n: seen.setdefault(n, []).append(args[0].detach().numpy().copy())) for n in names]
+    inputs = [_dit_inputs(dit, 40, 64, seed=s) for s in (1, 2)]
+    with torch.no_grad(), fast.record_input_amax(dit, names) as scales:
+        for i, x in enumerate(inputs):
+            dit.context(_feats(dit, 64, seed=i), x[3])
+            dit(*x)
+    for h in hooks:
+        h.remove()
+    for n in names:
+        assert scales[f"{n}.input_amax"].item() == pytest.approx(max(np.abs(a).max() for a in seen[n]), rel=1e-6)
+        assert scales[f"{n}.weight_amax"].item() == pytest.approx(dit.get_submodule(n).weight.abs().max().item())
+
+    with torch.no_grad():
+        reference = dit(*inputs[0])
+    model = fast.share_copy(dit)
+    calls = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: (calls.append(k["use_fast_accum"]), real(*a, **k))[1])
+    assert fast.fp8_blocks(model, scales, fast_accum=True) == len(names)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, fast.FP8Linear)}
+    assert sorted(layers) == names
+    for n, m in layers.items():
+        assert torch.allclose(m.input_scale, scales[f"{n}.input_amax"] / 448.0)
+    with torch.no_grad():
+        out = model(*inputs[0])
+    assert calls and all(calls)
+    assert ((out - reference).norm() / reference.norm()).item() < 0.1
+    assert not any(isinstance(m, fast.FP8Linear) for m in dit.modules())  # the original keeps its layers
+
+
+def test_record_input_amax_needs_a_run(tiny_ckpt):
+    dit = load_dit(tiny_ckpt)
+    with pytest.raises(ValueError, match="no input seen"):
+        with fast.record_input_amax(dit, fast.block_projections(dit)[:2]):
+            pass
+    assert not any(m._forward_pre_hooks for m in dit.modules())
+
+
+def test_share_copy_shares_tensors_not_structure(tiny_ckpt):
+    dit = load_dit(tiny_ckpt)
+    copy = fast.share_copy(dit)
+    assert all(a is b for a, b in zip(dit.parameters(), copy.parameters()))
+    fast.compile_blocks(copy, None, "eager")
+    fast.set_dense_attention(copy, True)
+    assert all(m._compiled_call_impl is None for m in dit.modules() if isinstance(m, Block))
+    assert all(m._compiled_call_impl is not None for m in copy.modules() if isinstance(m, Block))
+    assert not any(m.dense for m in dit.modules() if isinstance(m, Attention))
+
+
+# -- dynamo's counters ------------------------------------------------------------------------------------------
+def test_compile_counters_see_graphs_breaks_and_recompiles():
+    torch_fast.reset_compile_counters()
+
+    def f(x):
+        y = x.sin()
+        torch._dynamo.graph_break()
+        return y.cos()
+
+    compiled = torch.compile(f, backend="eager", dynamic=False)
+    compiled(torch.ones(3))
+    c = torch_fast.compile_counters()
+    assert c["unique_graphs"] >= 2 and c["graph_breaks"] >= 1 and c["recompiles"] == 0
+    compiled(torch.ones(5))  # another static shape: a recompilation
+    c = torch_fast.compile_counters()
+    assert c["recompiles"] >= 1 and "size mismatch" in " ".join(c["recompile_reasons"])
+    torch_fast.reset_compile_counters()
+    c = torch_fast.compile_counters()
+    assert c["unique_graphs"] == c["graph_breaks"] == c["recompiles"] == c["frames_total"] == 0
+
+
+# -- the stage timer ------------------------------------------------------------------------------------------
+def test_stage_timer_waits_for_the_gpu(monkeypatch):
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("sync"))
+    timings = {}
+    with timed(timings, "denoise"):
+        events.append("work")
+    assert events == ["sync", "work", "sync"] and timings["denoise"] >= 0
+    events.clear()
+    with timed(None, "denoise"):  # no timings asked for: no sync
+        events.append("work")
+    assert events == ["work"]
+
+
+# -- the script and the shell plumbing --------------------------------------------------------------------------
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+def test_gpu_script_every_row_reduced_on_cpu(tmp_path):
+    """Every row's code path on the reduced configs: each writes its image, diffs and counters; ours match
+    diffusers' image, the compiled and per-step-graph rows match ours eager, FP8 stays close to it."""
+    r = subprocess.run([sys.executable, str(SCRIPT), *QUICK, "--out", str(tmp_path)], capture_output=True,
+                       text=True, timeout=900, cwd=ROOT, env=_env())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_turbo_report.json").read_text())
+    res = report["results"]
+    g = _script()
+    assert list(res) == list(g.ROWS)
+    for key, row in res.items():
+        assert row["median_s"] > 0 and (tmp_path / row["image"]).is_file(), key
+        assert "error" not in row and "skipped" not in row, key
+    assert res["eager"]["max_abs_diff_vs_diffusers"] <= 2
+    for key in ("step", "blocks"):
+        assert res[key]["max_abs_diff_vs_ours_bf16"] <= 1, key
+    for key in ("fp8-step", "fp8-dynamic-step"):
+        assert res[key]["psnr_vs_ours_bf16_db"] >= 30, key
+        assert res[key]["fp8_layers"] == 16
+    assert res["fp8-step"]["fp8_scales"].startswith("static") and res["fp8-dynamic-step"]["fp8_scales"] == "dynamic"
+    assert res["eager"]["compile"]["unique_graphs"] == 0
+    for key in ("step", "blocks", "fp8-step", "fp8-dynamic-step"):
+        c = res[key]["compile"]
+        assert c["unique_graphs"] >= 3 and c["graph_breaks"] == 0 and c["recompiles_in_timed_runs"] == 0, key
+        assert res[key]["notes"] == [] and res[key]["fallbacks"] == {}, key
+    for key in ("step", "fp8-step", "fp8-dynamic-step"):  # first call, second call, one timed run: 2 steps each
+        assert res[key]["step_graphs"]["replays"] == 6 and res[key]["step_graphs"]["captured"] == 0, key
+    assert res["eager"]["attention"]["dit_step_unmasked_s"] > 0
+    assert "goal_2x_met" not in report["summary"]  # a reduced CPU run says nothing about the goal
+    assert "| fp8-step |" in r.stdout and "best:" in r.stdout
+
+
+def test_gpu_script_sigterm_keeps_what_ran(tmp_path):
+    """The outer timeout's SIGTERM during a row: the rows done stay, the running one is reported as killed."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *QUICK, "--rows", "diffusers,eager,step",
+                             "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, env=_env())
+    try:
+        for line in proc.stdout:
+            if line.startswith("eager: running"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 124, rest[-2000:]
+    report = json.loads((tmp_path / "gpu_turbo_report.json").read_text())
+    assert report["results"]["diffusers"]["median_s"] > 0 and (tmp_path / "diffusers.png").is_file()
+    assert "killed by the outer timeout" in report["results"]["eager"].get("error", ""), (report, rest[-3000:])
+    assert "step" not in report["results"] and report["killed_at_s"] > 0
+
+
+def test_gpu_script_arguments(tmp_path):
+    for bad in (["--rows", "diffusers,turbo"], ["--repeats", "0"], []):
+        r = subprocess.run([sys.executable, str(SCRIPT), *bad] + (["--out", str(tmp_path)] if bad else []),
+                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env())
+        assert r.returncode == 2 and "error:" in r.stderr, bad
+
+
+def test_gpu_script_deadline_skips_rows(tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), *QUICK, "--rows", "eager", "--deadline-s", "0",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads((tmp_path / "gpu_turbo_report.json").read_text())["results"]["eager"]
+    assert row["skipped"].startswith("time budget")
+
+
+def _probe_wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel (the install step is what is checked)."""
+    folder.mkdir()
+    path = folder / "zimage_probe-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("zimage_probe/__init__.py", "VALUE = 1\n")
+        z.writestr("zimage_probe-0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: zimage_probe\nVersion: 0.1\n")
+        z.writestr("zimage_probe-0.1.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                   "Tag: py3-none-any\n")
+        z.writestr("zimage_probe-0.1.dist-info/RECORD", "")
+    return folder
+
+
+def _gpu_run(tmp_path, **env):
+    out = tmp_path / "out"
+    e = {**os.environ, "GPU_RUN_CPU": "1", "OUT": str(out), "PYTHON": sys.executable, **env}
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh")], capture_output=True, text=True,
+                       timeout=900, cwd=tmp_path, env=e)
+    return r, out
+
+
+def test_gpu_run_sh_dry_run(tmp_path):
+    """The device script's CPU mode: carried wheels installed, the benchmark run, the files where the device
+    call brings them back from (at most 8, at most two folders down), the log kept."""
+    r, out = _gpu_run(tmp_path, GPU_RUN_WHEELS=str(_probe_wheel(tmp_path / "wheels")),
+                      GPU_RUN_ARGS="--rows diffusers,eager")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = (out / "gpu_run.log").read_text()
+    assert "installed: zimage_probe-0.1" in log and "| eager |" in log and log.strip().endswith("Z")
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["gpu/diffusers.png", "gpu/eager.png", "gpu/gpu_turbo_report.json", "gpu_run.log"]
+
+
+def test_gpu_run_sh_outer_timeout(tmp_path):
+    """Cut short by the outer timeout: exit status 124, said in the log, and the table (or that no report exists)
+    still printed."""
+    r, out = _gpu_run(tmp_path, GPU_RUN_TIMEOUT="3", GPU_RUN_WHEELS=str(tmp_path / "none"))
+    assert r.returncode == 124
+    log = (out / "gpu_run.log").read_text()
+    assert "no wheels in" in log and "outer timeout after 3 s" in log
+    assert "no report was written" in log or "| row |" in log
