@@ -310,3 +310,6 @@ def test_server_limits(limits):
         check_request(narrow.request, "a", height=512, width=64)
     with pytest.raises(UserError, match="multiple of 16"):
         ServeLimits.for_build(limits, max_side=100)
+    with pytest.raises(UserError, match="below the smallest image"):
+        ServeLimits.for_build(limits, max_batch_pixels=1000)
+    assert ServeLimits.for_build(limits, max_steps=1000).request.max_steps == 100  # never widened

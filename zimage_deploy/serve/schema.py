@@ -55,18 +55,21 @@ class ServeLimits:
                   max_prompt_chars: int | None = None, body_timeout_s: float | None = None) -> "ServeLimits":
         """Defaults: a batch costs at most one maximum-size image (Edit: plus its maximum-size condition
         images); an input image file at most 8 bytes per pixel of the largest useful input (16 MiB at most);
-        a body at most its images in base64 plus 1 MiB."""
+        a body at most its images in base64 plus 1 MiB. Options only narrow the build's own limits."""
         if max_side is not None:
             if max_side < limits.min_side or max_side % limits.multiple:
                 raise UserError(f"--max-side {max_side} must be a multiple of {limits.multiple} and at least "
-                                   f"{limits.min_side}")
+                                f"{limits.min_side}")
             limits = replace(limits, max_side=min(max_side, limits.max_side))
-        limits = replace(limits, max_steps=max_steps or limits.max_steps,
-                         max_prompt_chars=max_prompt_chars or limits.max_prompt_chars)
+        limits = replace(limits, max_steps=min(max_steps or limits.max_steps, limits.max_steps),
+                         max_prompt_chars=min(max_prompt_chars or limits.max_prompt_chars, limits.max_prompt_chars))
         edit = limits.variant == "edit"
         max_images = limits.max_conditions if edit else 1
         side2 = limits.max_side ** 2
         budget = max_batch_pixels or side2 * (1 + (max_images if edit else 0))
+        smallest = (limits.static[0] * limits.static[1]) if limits.static else limits.min_side ** 2
+        if budget < smallest:
+            raise UserError(f"--max-batch-pixels {budget} is below the smallest image this build makes ({smallest})")
         useful = limits.max_input_pixels if edit else (limits.max_side + limits.multiple) ** 2
         image_bytes = max_image_bytes or min(16 << 20, 8 * useful + (64 << 10))
         text = 12 * limits.max_prompt_chars + 4096  # JSON-escaped worst case (\uXXXX pairs)
