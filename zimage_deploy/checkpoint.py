@@ -64,6 +64,8 @@ PIPELINE_VARIANTS = {
     "ZImagePipeline": ("turbo", "base"),
     "ZImageImg2ImgPipeline": ("turbo", "base"),
     "ZImageInpaintPipeline": ("turbo", "base"),
+    "ZImageControlNetPipeline": ("turbo", "base"),  # its controlnet/ is built too (controlnet.py)
+    "ZImageControlNetInpaintPipeline": ("turbo", "base"),
     "ZImageOmniPipeline": ("edit",),
 }
 

@@ -53,6 +53,11 @@ def main(argv=None) -> int:
                     help="input image (img2img / inpaint); Edit builds: condition image, repeatable")
     ap.add_argument("--strength", type=float, default=None, help="img2img / inpaint strength in (0, 1] (0.6)")
     ap.add_argument("--mask", type=Path, default=None, help="inpainting mask, white = repaint (needs --image)")
+    ap.add_argument("--control-image", type=Path, default=None,
+                    help="ControlNet builds: the control image (edges, depth, pose, ...), resized to the output size; "
+                         "with an inpainting ControlNet, --image and --mask condition it too")
+    ap.add_argument("--controlnet-scale", type=float, default=None,
+                    help="how strongly the control image steers, in [0, 2] (default 0.75; 0 = the plain image)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS)
     ap.add_argument("--low-vram", action="store_true", default=None,
                     help="TensorRT: keep one engine in GPU memory at a time (default: the mode the build's VRAM plan "
@@ -67,8 +72,8 @@ def main(argv=None) -> int:
     from .lora import LoraManager, parse_lora_arg
     from .runtime.backends import resolve_backend
     from .runtime.pipeline import open_pipeline
-    from .runtime.validate import (MASK_NEEDS_IMAGE, STRENGTH_NEEDS_IMAGE, Limits, check_request, decode_image,
-                                   probe_image)
+    from .runtime.validate import (MASK_NEEDS_IMAGE, SCALE_NEEDS_CONTROL, STRENGTH_NEEDS_IMAGE, Limits,
+                                   check_request, decode_image, probe_image)
 
     check_output(args.output)
     lora_specs = [parse_lora_arg(a) for a in args.lora]
@@ -76,6 +81,8 @@ def main(argv=None) -> int:
         raise RequestError(STRENGTH_NEEDS_IMAGE)
     if args.mask and not args.image:
         raise RequestError(MASK_NEEDS_IMAGE)
+    if args.controlnet_scale is not None and args.control_image is None:
+        raise RequestError(SCALE_NEEDS_CONTROL)
 
     # everything is checked before any model loads: the request against the build's limits (same rules and
     # messages as the runtime API and the server), input images from their headers only
@@ -84,12 +91,16 @@ def main(argv=None) -> int:
     paths = list(args.image or [])
     infos = [probe_image(p, f"image {p}") for p in paths]
     mask_info = probe_image(args.mask, f"mask {args.mask}") if args.mask else None
+    what = f"control image {args.control_image}"
+    control_info = probe_image(args.control_image, what) if args.control_image else None
     req = check_request(limits, args.prompt, seed=args.seed, steps=args.steps, height=args.height,
                         width=args.width, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
                         cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation,
-                        strength=args.strength, images=infos, mask=mask_info)
+                        strength=args.strength, images=infos, mask=mask_info, control_image=control_info,
+                        controlnet_scale=args.controlnet_scale)
     images = [decode_image(p, limits, f"image {p}") for p in paths]
     mask = decode_image(args.mask, limits, f"mask {args.mask}") if args.mask else None
+    control = decode_image(args.control_image, limits, what) if args.control_image else None
     loras = LoraManager(args.engine_dir, manifest, resolve_backend(args.backend, manifest), args.low_vram)
     lora_set = loras.prepare(lora_specs)
     t0 = time.perf_counter()
@@ -100,7 +111,8 @@ def main(argv=None) -> int:
         if manifest["variant"] == "edit":
             (result,) = pipe(req.prompts[0], images=images, **common)
         else:
-            (result,) = pipe(req.prompts[0], image=images[0] if images else None, mask=mask, **common)
+            (result,) = pipe(req.prompts[0], image=images[0] if images else None, mask=mask, control_image=control,
+                             **common)
     t2 = time.perf_counter()
     write_image(result, args.output)
     print(f"wrote {args.output} ({result.width}x{result.height}, backend {pipe.backend.name}, "

@@ -91,14 +91,16 @@ def profiles(variant, facts: dict, opts: EngineOptions) -> dict[str, dict[str, l
     }
     if variant.name == "edit":
         return {**shared, **_omni_profiles(facts, b, c, lh, lw, shapes)}
-    return {
-        **shared,
-        "context_refiner": {"cap_feats": shapes(b, capl, cap), "cap_lens": shapes(b)},
-        "transformer": {
-            "latents": shapes(b, c, lh, lw), "timestep": shapes(b),
-            "cap_states": shapes(b, capl, dim), "cap_lens": shapes(b),
-        },
-    }
+    step = {"latents": shapes(b, c, lh, lw), "timestep": shapes(b), "cap_states": shapes(b, capl, dim),
+            "cap_lens": shapes(b)}
+    out = {**shared, "context_refiner": {"cap_feats": shapes(b, capl, cap), "cap_lens": shapes(b)},
+           "transformer": dict(step)}
+    if facts.get("n_hints"):  # a ControlNet: its hints graph, and the transformer taking the hints
+        joint = tuple(pad32(h // 2 * (w // 2)) + n for h, w, n in zip(lh, lw, capl))
+        hints = shapes(facts["n_hints"], b, joint, dim)
+        out["controlnet"] = {**step, "control": shapes(b, facts["control_in_dim"], lh, lw), "scale": shapes(b)}
+        out["transformer"]["hints"] = hints
+    return out
 
 
 def _omni_profiles(facts, b, c, lh, lw, shapes):

@@ -42,7 +42,7 @@ def export_component(name: str, model: torch.nn.Module, facts: dict, compute: to
     template traced with two layers: the memory-lean path), then the weights are attached from `weights`
     ((name, tensor) pairs in the model's naming, e.g. streamed from the checkpoint) or from `model` itself.
     Returns the manifest entry: path, hash, opset, size, I/O names with dtypes and dims."""
-    spec = specs_for(variant)[name]
+    spec = specs_for(variant, facts)[name]
     wrapper = spec.wrap(model).eval()
     prefix = "" if wrapper is model else next(n for n, m in wrapper.named_children() if m is model) + "."
     sample = spec.sample(facts, TRACE_DIMS, compute)

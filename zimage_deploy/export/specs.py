@@ -54,7 +54,7 @@ def _dit_method(method: str):
 
 
 STATIC_DIMS = ("text_hidden", "cap_feat_dim", "dim", "latent_channels", "siglip_feat_dim", "patch_dim",
-               "vision_patch_dim")
+               "vision_patch_dim", "n_hints", "control_in_dim")
 
 
 def resolve_dims(dims: tuple, facts: dict) -> list:
@@ -255,9 +255,63 @@ OMNI_SPECS: dict[str, ComponentSpec] = {
 }
 
 
-def specs_for(variant: str) -> dict[str, ComponentSpec]:
-    """The component specs of a variant: Edit swaps in the Omni context refiner and transformer."""
-    return {**SPECS, **OMNI_SPECS} if variant == "edit" else SPECS
+def specs_for(variant: str, facts: dict | None = None) -> dict[str, ComponentSpec]:
+    """The component specs of a variant: Edit swaps in the Omni context refiner and transformer; a build with a
+    ControlNet (its `facts` give `n_hints`) adds the `controlnet` graph and a transformer that takes its hints."""
+    if variant == "edit":
+        return {**SPECS, **OMNI_SPECS}
+    return {**SPECS, **CONTROL_SPECS} if facts and facts.get("n_hints") else SPECS
+
+
+def _sample_control(facts, d, dtype):
+    latents, t, states, lens = _sample_transformer(facts, d, dtype)
+    g = torch.Generator().manual_seed(8)
+    control = torch.randn(d["batch"], facts["control_in_dim"], d["latent_h"], d["latent_w"], generator=g)
+    return latents, t, states, lens, control, torch.linspace(0.75, 0.5, d["batch"])
+
+
+def _sample_hinted(facts, d, dtype):
+    latents, t, states, lens = _sample_transformer(facts, d, dtype)
+    g = torch.Generator().manual_seed(9)
+    tokens = (d["latent_h"] // 2) * (d["latent_w"] // 2)
+    joint = (tokens + 31) // 32 * 32 + d["cap_len"]  # image tokens padded to 32, then the caption slots
+    hints = torch.randn(facts["n_hints"], d["batch"], joint, facts["dim"], generator=g).to(dtype)
+    return latents, t, states, lens, hints
+
+
+class _Hints(nn.Module):
+    """The `controlnet` graph: every ControlNet hint of one step (models/controlnet.py `control_hints`)."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, latents, timestep, cap_states, cap_lens, control, scale):
+        from ..models.controlnet import control_hints
+
+        return control_hints(self.dit, latents, timestep, cap_states, cap_lens, control, scale)
+
+
+_LATENTS = ("batch", "latent_channels", "latent_h", "latent_w")
+_STEP = (IO("latents", "float32", _LATENTS), IO("timestep", "float32", ("batch",)),
+         IO("cap_states", "compute", ("batch", "cap_len", "dim")), IO("cap_lens", "int64", ("batch",)))
+# Hints cover the joint sequence: image tokens padded to 32, then the caption slots.
+_HINTS = ("n_hints", "batch", "joint_len", "dim")
+CONTROL_SPECS: dict[str, ComponentSpec] = {
+    "controlnet": ComponentSpec(
+        "controlnet",
+        inputs=_STEP + (IO("control", "float32", ("batch", "control_in_dim", "latent_h", "latent_w")),
+                        IO("scale", "float32", ("batch",))),
+        outputs=(IO("hints", "compute", _HINTS),),
+        wrap=_Hints, sample=_sample_control,
+    ),
+    "transformer": ComponentSpec(
+        "transformer",
+        inputs=_STEP + (IO("hints", "compute", _HINTS),),
+        outputs=(IO("noise_pred", "float32", _LATENTS),),
+        wrap=lambda m: m, sample=_sample_hinted,
+    ),
+}
 
 
 # Shapes used to trace the graphs, and other shapes used to check that the graphs are really dynamic.

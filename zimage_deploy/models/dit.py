@@ -312,10 +312,12 @@ class ZImageDiT(OmniMixin, nn.Module):
         return x
 
     # -- the per-step part ---------------------------------------------------------------------------
-    def forward(self, latents, timestep, cap_states, cap_lens) -> torch.Tensor:
+    def forward(self, latents, timestep, cap_states, cap_lens, hints=None) -> torch.Tensor:
         """latents (B, C, H/8, W/8) float32, timestep (B,) in [0, 1] (diffusers' `(1000 - t) / 1000`),
         cap_states (B, S, dim) from `context`, cap_lens (B,) -> noise prediction (B, C, H/8, W/8) float32,
-        already negated as the pipeline does (the flow-matching velocity for the scheduler)."""
+        already negated as the pipeline does (the flow-matching velocity for the scheduler). `hints` (n, B, S_img
+        padded + S, dim): ControlNet hints, added by the main layers of a DiT with a ControlNet (models/controlnet.py);
+        without them the computation (and the exported graph) is the plain one."""
         cfg = self.cfg
         p = cfg.patch_size
         b, c, h, w = latents.shape
@@ -356,8 +358,9 @@ class ZImageDiT(OmniMixin, nn.Module):
         cos = torch.cat([x_cos, cap_cos.expand(b, -1, -1)], dim=1)
         sin = torch.cat([x_sin, cap_sin.expand(b, -1, -1)], dim=1)
         key_bias = key_bias_from_valid(torch.cat([is_img.new_ones(b, n_pad), cap_attended], dim=1))
+        extra = {} if hints is None else {"hints": hints}
         for layer in self.layers:
-            x = layer(x, cos, sin, key_bias, adaln)
+            x = layer(x, cos, sin, key_bias, adaln, **extra)
 
         out = self.final_layer(x[:, :n], adaln)
         out = out.reshape(b, ht, wt, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)

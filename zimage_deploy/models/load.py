@@ -46,24 +46,34 @@ def _empty(model: nn.Module, dtype: torch.dtype, keep_fp32=()) -> nn.Module:
     return model.to_empty(device="cpu")
 
 
-def load_dit(ckpt: Path, dtype: torch.dtype = torch.float32, loras=()) -> ZImageDiT:
-    """`loras`: (lora.formats.Lora, scale) pairs fused into the weights as they stream in (build --lora)."""
+def load_dit(ckpt: Path, dtype: torch.dtype = torch.float32, loras=(), controlnet=None) -> ZImageDiT:
+    """`loras`: (lora.formats.Lora, scale) pairs fused into the weights as they stream in (build --lora);
+    `controlnet`: a controlnet.ControlNetSource, whose branch the DiT gets (`dit.control`, hints in its main layers)."""
     cfg = DiTConfig.from_diffusers(read_config(ckpt, "transformer"))
     with torch.device("meta"):
         model = ZImageDiT(cfg)
+        if controlnet is not None:
+            from .controlnet import attach
+
+            attach(model, controlnet.config)
     model = _empty(model, dtype, keep_fp32=(TimestepEmbedder,))
     _restore_buffers(model, cfg)  # non-persistent buffers were left empty by to_empty
-    _load(model, _dit_weights(ckpt, loras), ckpt / "transformer")
+    _load(model, _dit_weights(ckpt, loras, controlnet), ckpt / "transformer")
     return model.eval().requires_grad_(False)
 
 
-def _dit_weights(ckpt: Path, loras=()):
-    """The DiT's weights in our naming, with the LoRAs fused: the one stream every DiT consumer reads."""
+def _dit_weights(ckpt: Path, loras=(), controlnet=None):
+    """The DiT's weights in our naming, with the LoRAs fused (and the ControlNet's after them): the one stream every
+    DiT consumer reads."""
     items = iter_fused(iter_tensors(ckpt / "transformer"))
     if loras:
         from ..lora.fuse import fuse_stream
 
         items = fuse_stream(items, loras)
+    if controlnet is not None:
+        from ..controlnet import dit_stream
+
+        items = dit_stream(items, controlnet, DiTConfig.from_diffusers(read_config(ckpt, "transformer")).n_layers)
     return items
 
 
@@ -139,8 +149,9 @@ LOADERS = {
     "vae_decoder": load_vae_decoder,
     "vae_encoder": load_vae_encoder,
 }
-# graphs cut from one loaded model: the DiT serves the context refiner, the SigLIP refiner and the transformer
-LOADER_OF = {"context_refiner": "transformer", "siglip_refiner": "transformer"}
+# graphs cut from one loaded model: the DiT serves the context refiner, the SigLIP refiner and the transformer (and,
+# with a ControlNet attached, the `controlnet` hints graph, which shares its embedders and noise refiner)
+LOADER_OF = {"context_refiner": "transformer", "siglip_refiner": "transformer", "controlnet": "transformer"}
 
 
 # -- the memory-lean export path: two-layer templates (real width) and weights streamed from the checkpoint --
@@ -160,12 +171,17 @@ def _uninitialized(cls, cfg, dtype):
     return model
 
 
-def dit_template(ckpt: Path, dtype: torch.dtype = torch.float32) -> tuple[ZImageDiT, int]:
-    """The DiT with TEMPLATE_LAYERS main layers (refiners and embedders complete) and the real depth."""
+def dit_template(ckpt: Path, dtype: torch.dtype = torch.float32, controlnet=None) -> tuple[ZImageDiT, int]:
+    """The DiT with TEMPLATE_LAYERS main layers (refiners and embedders complete) and the real depth; with a
+    ControlNet, its branch complete and main layers that take hints."""
     from dataclasses import replace
 
     cfg = DiTConfig.from_diffusers(read_config(ckpt, "transformer"))
     model = _uninitialized(ZImageDiT, replace(cfg, n_layers=min(TEMPLATE_LAYERS, cfg.n_layers)), dtype)
+    if controlnet is not None:
+        from .controlnet import template_branch
+
+        template_branch(model, controlnet.config, dtype)
     _restore_buffers(model, model.cfg)
     for m in model.modules():  # the precision rule: these stay float32 in every build
         if isinstance(m, (TimestepEmbedder, RMSNorm, nn.LayerNorm)):
@@ -187,10 +203,10 @@ def text_encoder_template(ckpt: Path, dtype: torch.dtype = torch.float32) -> tup
     return model.eval().requires_grad_(False), cfg.used_layers
 
 
-def stream_weights(ckpt: Path, loader: str, loras=()):
+def stream_weights(ckpt: Path, loader: str, loras=(), controlnet=None):
     """(name, tensor) pairs of a component's weights in our naming, read one at a time from safetensors."""
     if loader == "transformer":
-        return _dit_weights(ckpt, loras)
+        return _dit_weights(ckpt, loras, controlnet)
     cfg = TextEncoderConfig.from_transformers(read_config(ckpt, "text_encoder"))
     return iter_converted(iter_tensors(ckpt / "text_encoder"), cfg.used_layers)
 

@@ -67,39 +67,50 @@ class ZImageRuntime:
               height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
               guidance_scale: float | None = None, cfg_normalization: float = 0.0, cfg_truncation: float = 1.0,
               images: list | None = None, mask=None, strength: float | None = None,
-              limits: Limits | None = None) -> Request:
+              limits: Limits | None = None, control_image=None, controlnet_scale: float | None = None) -> Request:
         """Check a request as `generate` would, without running it -> the normalised Request, or RequestError.
-        `images` / `mask` may be PIL images or validate.ImageInfo sizes (e.g. from `validate.probe_image`)."""
+        `images` / `mask` / `control_image` may be PIL images or validate.ImageInfo sizes (e.g. from
+        `validate.probe_image`)."""
         return check_request(limits or self.limits, prompt, seed=seed, steps=steps, height=height, width=width,
                              negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                              cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, images=images,
-                             mask=mask, strength=strength)
+                             mask=mask, strength=strength, control_image=control_image,
+                             controlnet_scale=controlnet_scale)
 
     def generate(self, prompt: str | list[str], *, seed: int | list[int] = 0, steps: int | None = None,
                  height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
                  guidance_scale: float | None = None, cfg_normalization: float = 0.0, cfg_truncation: float = 1.0,
                  images: list[Image.Image] | None = None, mask: Image.Image | None = None,
                  strength: float | None = None, return_latents: bool = False, cancel=None,
-                 limits: Limits | None = None, loras=None) -> GenerationResult:
+                 limits: Limits | None = None, loras=None, control_image: Image.Image | None = None,
+                 controlnet_scale: float | None = None) -> GenerationResult:
         """One image per prompt. Several prompts with a list of seeds run as one batch, each image the same as
         its own single-prompt call with that seed (text-to-image). `strength` (img2img / inpainting; default
         0.6) needs an image. `cancel`: a threading.Event or a callable; once it is true the call stops between
         steps (or before decoding) and raises GenerationCancelled. `limits` replaces `self.limits` (a server's
         tighter budgets). `loras`: [(path, scale), ...] applied for this call only (or a set from
-        `self.loras.prepare`)."""
-        for name, given in (("images", images), ("mask", None if mask is None else [mask])):
+        `self.loras.prepare`). `control_image` (ControlNet builds, resized to the output size) and
+        `controlnet_scale` (default 0.75): the ControlNet's input; with an inpainting ControlNet, `images` and
+        `mask` condition it too."""
+        for name, given in (("images", images), ("mask", None if mask is None else [mask]),
+                            ("control_image", None if control_image is None else [control_image])):
             if given is not None and (not isinstance(given, (list, tuple)) or
                                       not all(isinstance(im, Image.Image) for im in given)):
                 raise RequestError(f"{name} must be {'a list of PIL images' if name == 'images' else 'a PIL image'}")
         req = self.check(prompt, seed=seed, steps=steps, height=height, width=width,
                          negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                          cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, images=images,
-                         mask=mask, strength=strength, limits=limits)
-        return self.run(req, images=images, mask=mask, return_latents=return_latents, cancel=cancel, loras=loras)
+                         mask=mask, strength=strength, limits=limits, control_image=control_image,
+                         controlnet_scale=controlnet_scale)
+        return self.run(req, images=images, mask=mask, return_latents=return_latents, cancel=cancel, loras=loras,
+                        control_image=control_image)
 
     def run(self, req: Request, images: list[Image.Image] | None = None, mask: Image.Image | None = None,
-            return_latents: bool = False, cancel=None, loras=None) -> GenerationResult:
+            return_latents: bool = False, cancel=None, loras=None,
+            control_image: Image.Image | None = None) -> GenerationResult:
         """Run a Request from `check` (with the images it was checked with)."""
+        if req.control_image and control_image is None:
+            raise RequestError("the request was checked with a control image: pass it to run")
         lora_set = self.loras.prepare(loras)  # RequestError for a LoRA this build cannot take
         should_stop = cancel.is_set if isinstance(cancel, threading.Event) else cancel
         prompts, seeds = list(req.prompts), list(req.seeds)
@@ -108,6 +119,8 @@ class ZImageRuntime:
             kwargs["images"] = list(images)
         else:
             kwargs.update(image=images[0] if images else None, mask=mask)
+            if req.control_image:
+                kwargs["control_image"] = control_image
         timings: dict = {}
         with self._slots, contextlib.ExitStack() as lora_scope:
             try:

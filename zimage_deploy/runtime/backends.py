@@ -147,13 +147,16 @@ class TorchBackend(Backend):
                 if self.ckpt is None:
                     raise UserError(f"no module for {component} was given to this torch backend")
                 dtype = DTYPES[self.components[component]["compute_dtype"]]
+                from ..controlnet import loader_kwargs as controlnet_kwargs  # its ControlNet (build --controlnet)
                 from ..lora.fuse import loader_kwargs  # LoRAs the build fused (build --lora)
 
-                model = LOADERS[key](self.ckpt, dtype, **loader_kwargs(self.engine_dir, self.manifest, key))
+                model = LOADERS[key](self.ckpt, dtype, **loader_kwargs(self.engine_dir, self.manifest, key),
+                                     **controlnet_kwargs(self.manifest, key))
                 model = self._quantized(key, model.to(self.device))
                 self.models[key] = self._accelerate(key, model)
             if component not in self.wrappers:
-                self.wrappers[component] = specs_for(self.manifest["variant"])[component].wrap(self.models[key])
+                specs = specs_for(self.manifest["variant"], self.manifest["model"]["facts"])
+                self.wrappers[component] = specs[component].wrap(self.models[key])
             return self.wrappers[component]
 
     @torch.no_grad()

@@ -54,13 +54,14 @@ def start_step(steps: int, strength: float) -> int:
 class Prompt:
     states: torch.Tensor  # (B, S, dim) context refiner output
     lens: torch.Tensor  # (B,)
+    control: object = None  # runtime/control.py Control: the request's ControlNet input, if any
 
 
 def _cat_prompts(a: Prompt, b: Prompt) -> Prompt:
     """One batch of two prompt sets: caption axes padded to the longer (padding is masked out)."""
     s = max(a.states.shape[1], b.states.shape[1])
     pad = lambda x: F.pad(x, (0, 0, 0, s - x.shape[1]))  # noqa: E731
-    return Prompt(torch.cat([pad(a.states), pad(b.states)]), torch.cat([a.lens, b.lens]))
+    return Prompt(torch.cat([pad(a.states), pad(b.states)]), torch.cat([a.lens, b.lens]), a.control)
 
 
 @contextmanager
@@ -131,8 +132,13 @@ class Pipeline:
         return Prompt(self.backend.run("context_refiner", cap_feats=feats, cap_lens=lens)["cap_states"], lens)
 
     def _velocity(self, latents, t, prompt: Prompt) -> torch.Tensor:
+        extra = {}
+        if "controlnet" in self.manifest["components"]:  # the transformer of a ControlNet build takes its hints
+            from .control import step_hints
+
+            extra["hints"] = step_hints(self, latents, t, prompt.states, prompt.lens, prompt.control)
         return self.backend.run("transformer", latents=latents, timestep=t, cap_states=prompt.states,
-                                cap_lens=prompt.lens)["noise_pred"]
+                                cap_lens=prompt.lens, **extra)["noise_pred"]
 
     def _guided(self, latents, t, pos: Prompt, neg: Prompt, both: Prompt | None, scale: float, norm: float):
         """pos + g (pos - neg), optionally renormalised to at most `norm` x |pos| per sample (diffusers' rules)."""
@@ -159,10 +165,20 @@ class Pipeline:
                  guidance_scale: float | None = None, cfg_normalization: float = 0.0, cfg_truncation: float = 1.0,
                  image: Image.Image | None = None, mask: Image.Image | None = None, strength: float = 0.6,
                  latents: torch.Tensor | None = None, progress: bool = True, output: str = "pil",
-                 timings: dict | None = None, should_stop=None):
+                 timings: dict | None = None, should_stop=None, control_image: Image.Image | None = None,
+                 controlnet_scale: float | None = None):
         """Generate images. `latents` (B, C, h, w) replaces the seeded initial noise (text-to-image only);
-        `timings`, if a dict, receives seconds per stage (encode, denoise, decode); `should_stop`, a callable,
-        is asked between steps and before decoding: when true, GenerationCancelled is raised."""
+        `timings`, if a dict, receives seconds per stage (encode, denoise, decode; with a control image also
+        controlnet, its share of denoise); `should_stop`, a callable, is asked between steps and before decoding: when
+        true, GenerationCancelled is raised. `control_image` (ControlNet builds; `controlnet_scale` default 0.75):
+        with `image` and `mask`, an inpainting ControlNet's inputs instead of img2img / inpainting."""
+        control_inputs = None
+        if control_image is not None or controlnet_scale is not None:
+            from .control import DEFAULT_SCALE, check_control
+
+            check_control(self.facts, control_image, image, mask)
+            cn_scale = DEFAULT_SCALE if controlnet_scale is None else float(controlnet_scale)
+            control_inputs, image, mask = (control_image, image, mask, cn_scale), None, None
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)
         steps = self.defaults["steps"] if steps is None else steps
@@ -196,12 +212,19 @@ class Pipeline:
 
         with timed(timings, "encode"):
             pos = self.encode_prompt(prompts)
+            if control_inputs is not None:  # the control image, VAE-encoded once per request
+                from .control import Control, control_latents
+
+                cimg, img, msk, cscale = control_inputs
+                pos.control = Control(control_latents(self, cimg, height, width, img, msk).to(device), cscale,
+                                      timings)
             neg = both = None
             if do_cfg:
                 negs = [negative_prompt] * b if isinstance(negative_prompt, str) else (negative_prompt or [""] * b)
                 if len(negs) != b:
                     raise UserError(f"{len(negs)} negative prompts for {b} prompts")
                 neg = self.encode_prompt(negs)
+                neg.control = pos.control
                 both = _cat_prompts(pos, neg) if self.cfg_mode == "batch" else None
 
         sched = FlowMatchEuler(self.scheduler_config, steps, (h // 2) * (w // 2))

@@ -23,6 +23,11 @@ sizes: PIL reads a file's header without decoding its pixels). The rules, the sa
   the size range (a mask has the image's size); Edit: 1 .. `max_conditions` (2) condition images of at least
   64 px a side and at most 8:1, each scaled to 1024 x 1024 px of area (or the requested output's) when larger,
   then cropped to the multiple, and then at most max_side**2 pixels; the output defaults to the last one's size.
+- ControlNet builds: one control image (the same formats and pixel limit, at least 16 px a side and at most 8:1;
+  resized to the output size, which is the given height / width or the build's default), `controlnet_scale` a
+  finite number in [0, 2] (default 0.75) and only with a control image; with an inpainting ControlNet
+  (control_in_dim 33) an input image and its mask (the same size) condition the ControlNet too, without strength
+  (the output is the given or default size, sampled from noise, as diffusers does).
 - pixel cost of a request = images out x output pixels (+ the prepared condition images of an Edit request):
   at most `max_request_pixels` when set (the server's `--max-batch-pixels`). Images beyond the profile or the
   budgets raise `TooLarge` (HTTP 413); undecodable data `BadInput` (400); other violations `RequestError` (422).
@@ -51,6 +56,11 @@ DEFAULT_STRENGTH = 0.6
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 CONDITION_AREA = 1024 * 1024  # Edit: larger condition images are scaled to this area (diffusers' rule)
 STRENGTH_NEEDS_IMAGE = "strength needs an input image (img2img / inpainting)"
+CONTROLNET_SCALE_MAX = 2.0
+CONTROL_MIN_SIDE = 16
+SCALE_NEEDS_CONTROL = "controlnet_scale needs a control image"
+NO_CONTROLNET = ("this build has no ControlNet: a control image needs a build made with --controlnet PATH (or from "
+                 "a ZImageControlNetPipeline checkpoint)")
 MASK_NEEDS_IMAGE = "inpainting needs an input image as well as the mask"
 
 
@@ -87,6 +97,8 @@ class Limits:
     max_prompt_chars: int = MAX_PROMPT_CHARS
     max_input_pixels: int = MAX_INPUT_PIXELS
     max_request_pixels: int | None = None
+    controlnet: bool = False  # the build has a ControlNet (control images)
+    control_inpaint: bool = False  # ... an inpainting one (control_in_dim 33: image + mask condition it too)
 
     @classmethod
     def for_build(cls, manifest: dict, backend: str = "auto", cfg_mode: str = "batch", **overrides) -> "Limits":
@@ -113,7 +125,8 @@ class Limits:
             default_steps=int(defaults["steps"]), default_guidance=float(defaults["guidance_scale"]),
             default_height=int(defaults["height"]), default_width=int(defaults["width"]), static=static,
             max_batch=max_batch, cfg_doubles_batch=engines and cfg_mode == "batch" and tensorrt,
-            img2img="vae_encoder" in comps)
+            img2img="vae_encoder" in comps, controlnet="controlnet" in comps,
+            control_inpaint=bool((facts.get("controlnet") or {}).get("inpaint")))
         return replace(limits, **{k: v for k, v in overrides.items() if v is not None})
 
     def sizes_text(self) -> str:
@@ -154,6 +167,8 @@ class Request:
     strength: float | None = None  # img2img / inpainting only
     images: int = 0  # input images (img2img / inpainting: 1; Edit: condition images)
     mask: bool = False
+    control_image: bool = False  # ControlNet builds
+    controlnet_scale: float | None = None
     pixels: int = 0  # the request's pixel cost (see the module docstring)
     sizes_given: tuple[int | None, int | None] = field(default=(None, None), repr=False)
 
@@ -169,6 +184,8 @@ class Request:
                       cfg_truncation=self.cfg_truncation)
         if self.strength is not None:
             kwargs["strength"] = self.strength
+        if self.control_image:
+            kwargs["controlnet_scale"] = self.controlnet_scale
         return kwargs
 
 
@@ -333,12 +350,45 @@ def check_image_count(limits: Limits, n: int) -> None:
 
 
 # -- the request --------------------------------------------------------------------------------------------
+def _check_control(limits: Limits, control_image, controlnet_scale, infos, mask_info, strength) -> float | None:
+    """The ControlNet fields -> the scale (None without a control image)."""
+    if control_image is None:
+        if controlnet_scale is not None:
+            raise RequestError(SCALE_NEEDS_CONTROL)
+        return None
+    if not limits.controlnet:
+        raise RequestError(NO_CONTROLNET)
+    info = image_info(control_image)
+    check_input_pixels(limits, info, "the control image")
+    if min(info.width, info.height) < CONTROL_MIN_SIDE or max(info.width / info.height, info.height / info.width) > 8:
+        raise RequestError(f"the control image is {info.width}x{info.height}: it needs at least {CONTROL_MIN_SIDE} px "
+                           "a side and at most an 8:1 aspect ratio (it is resized to the output size)")
+    if infos or mask_info is not None:
+        if not limits.control_inpaint:
+            raise RequestError("an input image or mask with a control image needs an inpainting ControlNet "
+                               "(control_in_dim 33); this build's takes a control image only")
+        if not infos or mask_info is None:
+            raise RequestError("inpainting with the ControlNet needs both an input image and a mask")
+        check_image_count(limits, len(infos))
+        if (mask_info.width, mask_info.height) != (infos[0].width, infos[0].height):
+            raise RequestError(f"the mask is {mask_info.width}x{mask_info.height} but the image is "
+                               f"{infos[0].width}x{infos[0].height}: they must be the same size")
+        if strength is not None:
+            raise RequestError("strength is not used with a control image: the inpainting ControlNet samples from "
+                               "noise")
+    from .control import DEFAULT_SCALE
+
+    return DEFAULT_SCALE if controlnet_scale is None else _float("controlnet_scale", controlnet_scale, 0.0,
+                                                          CONTROLNET_SCALE_MAX)
+
+
 def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, width=None, negative_prompt=None,
                   guidance_scale=None, cfg_normalization=0.0, cfg_truncation=1.0, strength=None, images=(),
-                  mask=None) -> Request:
+                  mask=None, control_image=None, controlnet_scale=None) -> Request:
     """Check one request against `limits` -> Request (defaults filled in), or raise RequestError (TooLarge /
     BadInput for its 413 / 400 kinds). `prompt`: a string or a list (one image each); `seed`: an integer or
-    one per prompt; `images` / `mask`: PIL images, ImageInfo (e.g. from `probe_image`) or (width, height)."""
+    one per prompt; `images` / `mask` / `control_image`: PIL images, ImageInfo (e.g. from `probe_image`) or
+    (width, height)."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise RequestError("prompt must be a string (or a non-empty list of strings)")
@@ -372,7 +422,11 @@ def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, wi
     if mask_info is not None:
         check_input_pixels(limits, mask_info, "the mask")
     extra_pixels = 0
-    if limits.variant == "edit":
+    control_scale = _check_control(limits, control_image, controlnet_scale, infos, mask_info, strength)
+    if control_scale is not None:  # the images only condition the ControlNet: sampled at the output size
+        height = limits.default_height if h_given is None else h_given
+        width = limits.default_width if w_given is None else w_given
+    elif limits.variant == "edit":
         if mask_info is not None or strength is not None:
             raise RequestError("the Edit variant takes condition images only: no --mask or --strength")
         if not infos:
@@ -410,7 +464,7 @@ def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, wi
             raise RequestError(STRENGTH_NEEDS_IMAGE)
         height = limits.default_height if h_given is None else h_given
         width = limits.default_width if w_given is None else w_given
-    if infos and limits.variant != "edit":
+    if infos and limits.variant != "edit" and control_scale is None:
         check_size(limits, height, width, "the output (the input image's size)", too_large=TooLarge)
     else:
         check_size(limits, height, width)
@@ -430,5 +484,6 @@ def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, wi
                        f"{limits.max_request_pixels} pixels")
     return Request(prompts=prompts, seeds=seeds, steps=steps, height=height, width=width, guidance_scale=guidance,
                    cfg_normalization=norm, cfg_truncation=trunc, negative_prompt=negative_prompt,
-                   strength=strength if infos and limits.variant != "edit" else None, images=len(infos),
-                   mask=mask_info is not None, pixels=pixels, sizes_given=(h_given, w_given))
+                   strength=strength if infos and limits.variant != "edit" and control_scale is None else None,
+                   images=len(infos), mask=mask_info is not None, control_image=control_scale is not None,
+                   controlnet_scale=control_scale, pixels=pixels, sizes_given=(h_given, w_given))
