@@ -101,3 +101,27 @@ def test_truncated_external_data_is_refused(tmp_path, tiny_ckpt, monkeypatch, ca
         EngineBuilder(get_target("rtx4090"), EngineOptions()).build(out / "onnx/vae_decoder/model.onnx", shapes,
                                                                      tmp_path / "x.plan")
     assert not (tmp_path / "x.plan").exists()
+
+
+def test_drop_intermediate(tmp_path, tiny_ckpt):
+    """--drop-intermediate deletes the unquantized graphs after quantization and each graph once its plan is
+    written; the plans and the manifest's hashes stay; the graph backends refuse the build; a rebuild without
+    the flag exports again and keeps the engines (same keys)."""
+    from zimage_deploy.errors import UserError
+    from zimage_deploy.runtime.pipeline import open_pipeline
+
+    out = tmp_path / "b"
+    argv = ["--model", str(tiny_ckpt), "--target", "rtx4090", "--precision", "int4", "--int4-method", "rtn",
+            "--no-quality-gate", "--skip-parity", "--out", str(out)]
+    assert build.main([*argv, "--drop-intermediate"]) == 0
+    comps = json.loads((out / "manifest.json").read_text())["components"]
+    assert not any((out / "onnx").iterdir())
+    assert all(c["dropped"] and (out / c["engine"]["plan"]).is_file() for c in comps.values())
+    assert comps["transformer"]["unquantized"]["dropped"] and comps["text_encoder"]["unquantized"]["dropped"]
+    with pytest.raises(UserError):
+        open_pipeline(out, "onnxruntime")
+    plans = {n: c["engine"]["plan_sha256"] for n, c in comps.items()}
+    assert build.main(argv) == 0
+    comps = json.loads((out / "manifest.json").read_text())["components"]
+    assert {n: c["engine"]["plan_sha256"] for n, c in comps.items()} == plans  # engines up to date
+    assert all((out / c["onnx"]).is_file() and not c.get("dropped") for c in comps.values())

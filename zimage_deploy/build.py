@@ -24,6 +24,7 @@ from tqdm import tqdm
 from . import __version__
 from . import manifest as manifest_io
 from .checkpoint import content_hash, read_config, resolve
+from .controlnet import BuildControlNet
 from .cli import run_cli
 from .errors import UserError
 from .fsutil import atomic_dir, folder_lock
@@ -90,11 +91,12 @@ class ParityFailed(UserError):
 def build(model: str, variant: str | None = None, target: str = "cpu", precision: str | None = None,
           out: Path | None = None, parity: bool = True, engine_opts: EngineOptions | None = None, log=tqdm.write,
           lean: str = "auto", quant: QuantOptions | None = None, text_encoder_precision: str | None = None,
-          engines: bool = True, loras=()) -> Path:
+          engines: bool = True, loras=(), drop_intermediate: bool = False, controlnet=None) -> Path:
     """`variant`: None reads it from the checkpoint (model_index.json); `quant`: how quantized precisions are made
     (calibration, exclusions, quality gate); `text_encoder_precision` overrides the text encoder's ("bf16" = not
     quantized); `engines=False` stops after the graphs (engines are then built by running the same build again
-    where the target's TensorRT is); `loras`: LoRAs fused into the DiT ((path, scale) pairs or 'PATH[:SCALE]').
+    where the target's TensorRT is); `loras`: LoRAs fused into the DiT ((path, scale) pairs or 'PATH[:SCALE]');
+    `controlnet`: a ControlNet exported beside the DiT (controlnet.py; a ZImageControlNetPipeline's own without it).
 
     Everything that can be checked is checked before anything is written; then the output folder is locked
     (a second build into it is refused) while the stages write it."""
@@ -112,8 +114,9 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
         raise UserError(f"target {target!r} does not run {text_encoder_precision}")
     ckpt, variant = resolve(model, variant)
     fused = BuildLoras(loras, ckpt)  # read and checked against the checkpoint's transformer
-    v = get_variant(variant)
-    plan = precision_plan(precision, t.base, text_encoder_precision)
+    control = BuildControlNet(controlnet, ckpt, variant)  # checked against it too
+    v = control.variant(get_variant(variant))
+    plan = control.plan(precision_plan(precision, t.base, text_encoder_precision))
     check_supported(plan, variant, v.components)
     quant = quant or QuantOptions()
     prompts = load_prompts(quant.calib_prompts, quant.calib_size) if any(needs_data(p, quant) for p in plan.values()) \
@@ -121,12 +124,12 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
     engine_opts = engine_opts or EngineOptions()
     # fails when the target's TensorRT is missing
     engine_builder = EngineBuilder(t, engine_opts) if t.flavour != "none" and engines else None
-    facts = model_facts(ckpt)
+    facts = control.facts(model_facts(ckpt))
     engine_shapes = profiles(v, facts, engine_opts) if engine_builder else None
     out = Path(out) if out else default_out(model, variant, target, precision)
     with folder_lock(out):
         return _build(_Job(ckpt, model, v, t, precision, plan, out, parity, engine_opts, engine_builder,
-                           engine_shapes, facts, log, lean, quant, prompts, fused))
+                           engine_shapes, facts, log, lean, quant, prompts, fused, drop_intermediate, control))
 
 
 @dataclass
@@ -149,6 +152,8 @@ class _Job:
     quant: QuantOptions
     prompts: list
     loras: BuildLoras
+    drop_intermediate: bool = False
+    controlnet: BuildControlNet | None = None
 
 
 def _build(job: _Job) -> Path:
@@ -184,10 +189,12 @@ def _build(job: _Job) -> Path:
             "flavour": t.flavour, "version": engine_builder.version if engine_builder else None,
             "compute_capability": list(t.compute_capability or []) or None, "options": engine_opts.as_dict(),
         },
-        "components": _up_to_date(previous, out, sha, plan, v.components, t.base, job.loras),
+        "components": _up_to_date(previous, out, sha, plan, v.components, t.base, job.loras, job.controlnet),
         "stages": {},
     }
     out.mkdir(parents=True, exist_ok=True)
+    if job.controlnet:
+        manifest["controlnet"] = job.controlnet.record()  # path, sha256, config: what the Torch backend reloads
     if job.loras:
         manifest["loras"] = job.loras.save(out)  # DIR/loras/ copies: what reloads the DiT later fuses the same
     _copy_tree(ckpt / "tokenizer", out / "tokenizer")
@@ -206,62 +213,33 @@ def _build(job: _Job) -> Path:
     for name in bar:
         bar.set_postfix_str(name)
         exported = base_precision(plan[name], t.base)
-        key = _component_key(sha, name, exported, job.loras.key_for(name))
+        key = _component_key(sha, name, exported, _dit_key(name, job.loras, job.controlnet))
         if name in manifest["components"]:
             log(f"[export] {name}: up to date, skipped")
             continue
         compute = COMPUTE[exported]
         if lean and LOADER_OF.get(name, name) in TEMPLATES:
             key_ = LOADER_OF.get(name, name)
-            template, depth = _load_template(key_, ckpt, compute, loaded)
-            entry = export_component(name, template, facts, compute, out / "onnx", variant,
-                                     weights=stream_weights(ckpt, key_, **job.loras.kwargs(key_)), depth=depth)
+            template, depth = _load_template(key_, ckpt, compute, loaded, job.controlnet)
+            weights = stream_weights(ckpt, key_, **job.loras.kwargs(key_), **_cn_kwargs(job.controlnet, key_))
+            entry = export_component(name, template, facts, compute, out / "onnx", variant, weights=weights,
+                                     depth=depth)
         else:
-            module = _load(name, ckpt, compute, loaded, job.loras)
+            module = _load(name, ckpt, compute, loaded, job.loras, job.controlnet)
             entry = export_component(name, module, facts, compute, out / "onnx", variant)
         if lean:  # free what no later component needs (the lean path's point is bounded memory)
             later = {LOADER_OF.get(n, n) for n in v.components[v.components.index(name) + 1:]}
             for k in [k for k in loaded if k[0] not in later]:
                 del loaded[k]
-        entry.update(key=key, precision=exported, engine=None, status="complete")
+        # an engine of the previous build stays a candidate: its key (graph hash included) decides if it is current
+        entry.update(key=key, precision=exported, status="complete",
+                     engine=previous.get("components", {}).get(name, {}).get("engine"))
         manifest["components"][name] = entry
         manifest_io.save(out, manifest)
         log(f"[export] {name}: {entry['onnx']} ({entry['bytes'] / 1e6:.1f} MB, opset {OPSET})")
     manifest["stages"]["export"] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
 
-    # -- stage 3: quantize -------------------------------------------------------------------------------
-    if any(p in QUANTIZED for p in plan.values()):
-        manifest["quantize_options"] = quant.as_dict()
-    manifest["stages"]["quantize"] = quantize_stage(out, manifest, v, plan, quant, prompts, ckpt, log)
-    manifest_io.save(out, manifest)
-    if manifest["stages"]["quantize"]["status"] == "skipped":
-        log(f"[quantize] skipped: {manifest['stages']['quantize']['reason']}")
-
-    # -- stage 4: engines -------------------------------------------------------------------------------
-    if engine_builder is None:
-        reason = ("target cpu runs the ONNX graphs with ONNX Runtime (or the Torch backend)" if t.flavour == "none"
-                  else "--skip-engines: run the build again without it where the target's TensorRT is installed")
-        manifest["stages"]["engines"] = {"status": "skipped", "reason": reason}
-        log(f"[engines] skipped: {reason}")
-    else:
-        t0 = time.perf_counter()
-        _build_engines(engine_builder, manifest, out, v, engine_shapes, log)
-        manifest["stages"]["engines"] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
-
-    if t.compute_capability is not None and v.name != "edit":  # the VRAM plan picks the runtime mode
-        from .plan import make_plan
-
-        vram = make_plan(target, precision, manifest["defaults"]["height"], manifest["defaults"]["width"],
-                         variant, engine_dir=out)
-        manifest["runtime"] = {"mode": vram.mode, "planned_at": [vram.height, vram.width],
-                               "needs_gib": {m: round(b / (1 << 30), 2) for m, b in vram.modes.items()},
-                               "memory_gib": round(vram.memory / (1 << 30), 1)}
-        manifest_io.save(out, manifest)
-        log(f"[plan] runtime mode {vram.mode} on {target} at {vram.height}x{vram.width}: all resident needs "
-            f"{manifest['runtime']['needs_gib']['all-resident']} GiB of {manifest['runtime']['memory_gib']} "
-            f"(python -m zimage_deploy.plan --engine-dir {out} for the table)")
-
-    # -- stage 5: parity of what was built against the Torch modules ---------------------------------------
+    # -- stage 3: parity of the export against the Torch modules, before anything is spent on it --------------
     if parity and lean:
         manifest["stages"]["parity"] = {
             "status": "skipped", "reason": "lean export: comparing with the Torch modules would load the whole "
@@ -273,7 +251,8 @@ def _build(job: _Job) -> Path:
             entry = manifest["components"][name]
             if "passed" not in entry.get("parity", {}):  # of the export; quantization: the quality gate
                 exported = {**entry, **entry.get("unquantized", {})}
-                entry["parity"] = _parity(name, exported, out, ckpt, loaded, facts, variant, job.loras)
+                entry["parity"] = _parity(name, exported, out, ckpt, loaded, facts, variant, job.loras,
+                                          job.controlnet)
             if not entry["parity"]["passed"]:
                 entry["status"], entry["rejected_by"] = "rejected", "parity"
                 failed.append(name)
@@ -290,6 +269,44 @@ def _build(job: _Job) -> Path:
                                f"builds without the check")
     else:
         manifest["stages"]["parity"] = {"status": "skipped", "reason": "--skip-parity"}
+    # -- stage 4: quantize -------------------------------------------------------------------------------
+    if any(p in QUANTIZED for p in plan.values()):
+        manifest["quantize_options"] = quant.as_dict()
+    manifest["stages"]["quantize"] = quantize_stage(out, manifest, v, plan, quant, prompts, ckpt, log)
+    manifest_io.save(out, manifest)
+    if manifest["stages"]["quantize"]["status"] == "skipped":
+        log(f"[quantize] skipped: {manifest['stages']['quantize']['reason']}")
+    elif job.drop_intermediate:  # the unquantized graphs only serve the quality gate and rebuilds
+        for name, entry in manifest["components"].items():
+            unq = entry.get("unquantized")
+            if unq and unq["onnx"] != entry["onnx"] and not unq.get("dropped"):
+                _drop_graph(out, unq, log, f"{name} (unquantized)")
+        manifest_io.save(out, manifest)
+
+    # -- stage 5: engines -------------------------------------------------------------------------------
+    if engine_builder is None:
+        reason = ("target cpu runs the ONNX graphs with ONNX Runtime (or the Torch backend)" if t.flavour == "none"
+                  else "--skip-engines: run the build again without it where the target's TensorRT is installed")
+        manifest["stages"]["engines"] = {"status": "skipped", "reason": reason}
+        log(f"[engines] skipped: {reason}")
+    else:
+        t0 = time.perf_counter()
+        _build_engines(engine_builder, manifest, out, v, engine_shapes, log, job.drop_intermediate)
+        manifest["stages"]["engines"] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
+
+    if t.compute_capability is not None and v.name != "edit":  # the VRAM plan picks the runtime mode
+        from .plan import make_plan
+
+        vram = make_plan(target, precision, manifest["defaults"]["height"], manifest["defaults"]["width"],
+                         variant, engine_dir=out)
+        manifest["runtime"] = {"mode": vram.mode, "planned_at": [vram.height, vram.width],
+                               "needs_gib": {m: round(b / (1 << 30), 2) for m, b in vram.modes.items()},
+                               "memory_gib": round(vram.memory / (1 << 30), 1)}
+        manifest_io.save(out, manifest)
+        log(f"[plan] runtime mode {vram.mode} on {target} at {vram.height}x{vram.width}: all resident needs "
+            f"{manifest['runtime']['needs_gib']['all-resident']} GiB of {manifest['runtime']['memory_gib']} "
+            f"(python -m zimage_deploy.plan --engine-dir {out} for the table)")
+
     manifest["stages"]["total_seconds"] = round(time.perf_counter() - started, 2)
     manifest_io.save(out, manifest)
     log(f"[done] {out / manifest_io.NAME}")
@@ -303,9 +320,21 @@ def _previous_manifest(out: Path) -> dict:
         return {}
 
 
-def _build_engines(builder: EngineBuilder, manifest: dict, out: Path, variant, shapes: dict, log) -> None:
+def _drop_graph(out: Path, entry: dict, log, what: str) -> None:
+    """Delete a graph the runtime does not need (--drop-intermediate); the manifest keeps its hash and says so."""
+    folder = out / Path(entry["onnx"]).parent
+    if folder.is_dir():
+        size = sum(p.stat().st_size for p in folder.iterdir())
+        shutil.rmtree(folder)
+        log(f"[drop] {what}: {folder.relative_to(out)} ({size / 2**30:.2f} GiB)")
+    entry["dropped"] = True
+
+
+def _build_engines(builder: EngineBuilder, manifest: dict, out: Path, variant, shapes: dict, log,
+                   drop: bool = False) -> None:
     """One engine per component; an engine whose key (ONNX hash, flavour, version, SM, profile, options) is
-    unchanged and whose plan file is intact is kept."""
+    unchanged and whose plan file is intact is kept. `drop`: each graph whose plan holds its weights is deleted
+    once the plan is written (the TensorRT runtime reads plans only; a rebuild exports again)."""
     bar = tqdm(variant.components, desc=f"engines ({builder.target.flavour} {builder.target.sm})", unit="engine",
                leave=False)
     for name in bar:
@@ -317,6 +346,9 @@ def _build_engines(builder: EngineBuilder, manifest: dict, out: Path, variant, s
         if old.get("key") == key and old.get("status") == "complete" and plan.is_file() \
                 and sha256_file(plan) == old.get("plan_sha256"):
             log(f"[engines] {name}: up to date, skipped")
+            if drop and not old.get("stripped") and not comp.get("dropped"):
+                _drop_graph(out, comp, log, name)
+                manifest_io.save(out, manifest)
             continue
         comp["engine"] = None
         entry = builder.build(out / comp["onnx"], shapes[name], plan,
@@ -324,6 +356,9 @@ def _build_engines(builder: EngineBuilder, manifest: dict, out: Path, variant, s
         entry.update(plan=f"engines/{name}.plan", key=key, status="complete")
         comp["engine"] = entry
         manifest_io.save(out, manifest)
+        if drop and not entry["stripped"]:
+            _drop_graph(out, comp, log, name)
+            manifest_io.save(out, manifest)
         log(f"[engines] {name}: {entry['plan']} ({entry['bytes'] / 1e6:.1f} MB, {entry['build_seconds']:.1f} s, "
             f"{entry['flavour']} {entry['version']} {builder.target.sm})")
 
@@ -339,7 +374,8 @@ def _use_lean(lean: str, ckpt: Path) -> bool:
     return size > LEAN_AUTO_BYTES
 
 
-def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names, base: str, loras: BuildLoras) -> dict:
+def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names, base: str, loras: BuildLoras,
+                controlnet: BuildControlNet | None = None) -> dict:
     """Components of a previous build in `out` whose exported graph was made from the same inputs and is intact
     (a quantized component keeps its quantized graph only if the quantize stage finds it up to date too)."""
     kept = {}
@@ -347,7 +383,8 @@ def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names, base: st
         old = previous.get("components", {}).get(name, {})
         exported = old.get("unquantized", old)
         folder = out / "onnx" / name
-        if old.get("key") == _component_key(sha, name, base_precision(plan[name], base), loras.key_for(name)) \
+        if old.get("key") == _component_key(sha, name, base_precision(plan[name], base),
+                                            _dit_key(name, loras, controlnet)) \
                 and old.get("status") in ("complete", "rejected") and old.get("rejected_by") != "parity" \
                 and folder.is_dir() and file_hash(folder) == exported.get("onnx_sha256"):
             if plan[name] in QUANTIZED:
@@ -358,19 +395,29 @@ def _up_to_date(previous: dict, out: Path, sha: str, plan: dict, names, base: st
     return kept
 
 
-def _load_template(key: str, ckpt: Path, compute: torch.dtype, loaded: dict):
+def _dit_key(name: str, loras: BuildLoras, controlnet: BuildControlNet | None) -> str:
+    """What fused LoRAs and a ControlNet add to a component's up-to-date key."""
+    return loras.key_for(name) + (controlnet.key_for(name) if controlnet else "")
+
+
+def _cn_kwargs(controlnet: BuildControlNet | None, loader: str) -> dict:
+    return controlnet.kwargs(loader) if controlnet else {}
+
+
+def _load_template(key: str, ckpt: Path, compute: torch.dtype, loaded: dict, controlnet=None):
     if (key, compute, "template") not in loaded:
-        loaded[(key, compute, "template")] = TEMPLATES[key](ckpt, compute)
+        loaded[(key, compute, "template")] = TEMPLATES[key](ckpt, compute, **_cn_kwargs(controlnet, key))
     return loaded[(key, compute, "template")]
 
 
 def _load(name: str, ckpt: Path, compute: torch.dtype, loaded: dict,
-          loras: BuildLoras | None = None) -> torch.nn.Module:
+          loras: BuildLoras | None = None, controlnet: BuildControlNet | None = None) -> torch.nn.Module:
     from .models.load import LOADERS
 
     key = (LOADER_OF.get(name, name), compute)
     if key not in loaded:
-        loaded[key] = LOADERS[key[0]](ckpt, compute, **(loras.kwargs(key[0]) if loras else {}))
+        loaded[key] = LOADERS[key[0]](ckpt, compute, **(loras.kwargs(key[0]) if loras else {}),
+                                      **_cn_kwargs(controlnet, key[0]))
     return loaded[key]
 
 
@@ -381,13 +428,13 @@ def _metrics(got: torch.Tensor, ref: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def _parity(name: str, entry: dict, out: Path, ckpt: Path, loaded: dict, facts: dict, variant: str,
-            loras: BuildLoras | None = None) -> dict:
+            loras: BuildLoras | None = None, controlnet: BuildControlNet | None = None) -> dict:
     """fp32: ONNX Runtime on the graph vs the Torch module, at shapes other than the traced ones.
     bf16: ONNX Runtime has no BF16 CPU kernels, so the Torch BF16 module is measured against float32."""
     compute = DTYPES[entry["compute_dtype"]]
-    spec = specs_for(variant)[name]
+    spec = specs_for(variant, facts)[name]
     sample = spec.sample(facts, CHECK_DIMS, compute)
-    fp32_module = spec.wrap(_load(name, ckpt, torch.float32, loaded, loras))
+    fp32_module = spec.wrap(_load(name, ckpt, torch.float32, loaded, loras, controlnet))
     ref = _flat(fp32_module(*[s.float() if s.is_floating_point() else s for s in sample]))
     if compute == torch.float32:
         import onnxruntime as ort
@@ -397,7 +444,7 @@ def _parity(name: str, entry: dict, out: Path, ckpt: Path, loaded: dict, facts: 
         got = _flat(tuple(torch.from_numpy(o) for o in sess.run(None, feeds)))
         how = "onnxruntime graph vs torch float32 module"
     else:
-        got = _flat(spec.wrap(_load(name, ckpt, compute, loaded, loras))(*sample))
+        got = _flat(spec.wrap(_load(name, ckpt, compute, loaded, loras, controlnet))(*sample))
         how = "torch bf16 module vs torch float32 module (onnxruntime has no BF16 CPU kernels)"
     if name == "text_encoder":  # only real tokens are used downstream
         keep = sample[1].bool()
@@ -453,6 +500,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lean", default="auto", choices=("auto", "on", "off"),
                     help="memory-lean export: trace two-layer templates, stream weights from the checkpoint "
                          "(auto: when the DiT and text encoder exceed 4 GiB)")
+    ap.add_argument("--controlnet", default=None, metavar="PATH",
+                    help="a Z-Image ControlNet exported beside the DiT: a diffusers ZImageControlNetModel folder or a "
+                         "single .safetensors (Z-Image-Turbo-Fun-Controlnet-Union format); a ZImageControlNetPipeline "
+                         "checkpoint's own controlnet/ is used without it")
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="fuse a LoRA into the DiT before export and quantization (repeatable; a .safetensors file "
                          "or a folder holding one; diffusers/PEFT, kohya or original Z-Image keys; scale default 1)")
@@ -499,6 +550,11 @@ def main(argv=None) -> int:
                           "(auto: graphs above 512 MiB of weights, i.e. the real-size DiT and text encoder, when a GPU "
                           "is present: TensorRT-RTX cannot build refittable plans ahead of time without one; "
                           "default: %(default)s)")
+    ap.add_argument("--drop-intermediate", action="store_true",
+                    help="delete what the runtime does not need as soon as it is used: unquantized graphs after "
+                         "quantization, and (GPU targets) each graph once its engine plan holds its weights; halves "
+                         "the build folder of real-size builds, but a rebuild exports again and only the TensorRT "
+                         "backend can run the build (default: keep everything)")
     eng.add_argument("--weight-streaming", action="store_true", help="allow weight streaming (small-memory cards; default: off)")
     args = ap.parse_args(argv)
     precision = args.precision or TARGETS[args.target].default_precision
@@ -514,7 +570,8 @@ def main(argv=None) -> int:
                          min_cosine=args.min_cosine)
     build(args.model, args.variant, args.target, precision, args.out, parity=not args.skip_parity, engine_opts=opts,
           lean=args.lean, quant=quant, text_encoder_precision=args.text_encoder_precision,
-          engines=not args.skip_engines, loras=args.lora)
+          engines=not args.skip_engines, loras=args.lora, drop_intermediate=args.drop_intermediate,
+          controlnet=args.controlnet)
     return 0
 
 

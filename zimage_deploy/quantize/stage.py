@@ -112,8 +112,8 @@ def quantize_stage(out: Path, manifest: dict, variant, plan: dict, opts: QuantOp
         save_scales(scale_file, used, {"scheme": scheme, "block": summary["block"], "component": name,
                                        "method": method})
         entry.update(
-            onnx=f"onnx/{name}.{scheme}/model.onnx", onnx_sha256=file_hash(dst), precision=scheme, engine=None,
-            status="complete",
+            onnx=f"onnx/{name}.{scheme}/model.onnx", onnx_sha256=file_hash(dst), precision=scheme,
+            status="complete",  # a previous engine stays a candidate: its key holds this graph's hash
             bytes=sum(p.stat().st_size for p in dst.iterdir()), weight_bytes=summary["bytes_after"],
             quantization={
                 "key": _key(entry, scheme, opts, block, calib_sha, loras), "scheme": scheme, "method": method,
@@ -208,14 +208,28 @@ def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log) -> di
         del te
         gc.collect()  # modelopt's wrappers form reference cycles: free the text encoder before the DiT loads
         scheme = todo["transformer"]
-        dit = load_dit(ckpt, dtype, **loader_kwargs(out, manifest, "transformer")).to(device)  # LoRAs fused
-        # only the per-step graph's layers: the context refiner (once per prompt) is its own, unquantized graph
-        skip = ("context_refiner", "siglip_refiner")
+        from ..controlnet import loader_kwargs as controlnet_kwargs, sample_request
+
+        dit = load_dit(ckpt, dtype, **loader_kwargs(out, manifest, "transformer"),  # LoRAs fused
+                       **controlnet_kwargs(manifest, "transformer")).to(device)  # and the ControlNet's branch
+        # only the per-step graphs' layers: the context refiner (once per prompt) is its own, unquantized graph; the
+        # ControlNet's branch (its own graph, sharing the noise refiner) is calibrated in the same loop, with control
+        # images, when it is quantized too
+        skip = ("context_refiner", "siglip_refiner") + (() if "controlnet" in todo else ("control.",))
         layers = plan_layers(dit, scheme, opts.exclude, block, skip_prefixes=skip)
         attention = attention_modules(dit, opts.exclude, skip) if scheme != "int4" and opts.fp8_attention else []
-        backend = CachedText(TorchBackend(out, manifest, device=device, modules={"transformer": dit}), cache)
-        loop = sampling_loop(Pipeline(out, backend), prompts, side, opts.calib_steps)
+        modules = {"transformer": dit}
+        if manifest.get("controlnet"):  # control images are VAE-encoded
+            from ..models.load import load_vae_encoder
+
+            modules["vae_encoder"] = load_vae_encoder(ckpt, dtype).to(device)
+        backend = CachedText(TorchBackend(out, manifest, device=device, modules=modules), cache)
+        facts = manifest["model"]["facts"]
+        loop = sampling_loop(Pipeline(out, backend), prompts, side, opts.calib_steps,
+                             lambda i: sample_request(facts, i, side))
         scales["transformer"] = calibrate(dit, scheme, layers, block, opts.int4_method, loop, attention)
+        if "controlnet" in todo:  # one module, one set of scales: the shared noise refiner quantized alike
+            scales["controlnet"] = scales["transformer"]
     return scales
 
 
