@@ -38,6 +38,11 @@ def add_limit_options(ap: argparse.ArgumentParser) -> None:
                     help="largest input image file (default: from the build's largest side, at most 16 MiB)")
     ap.add_argument("--max-body-bytes", type=int, default=None,
                     help="largest request body (default: the input images in base64 plus 1 MiB)")
+    ap.add_argument("--lora-dir", type=Path, default=None,
+                    help="a folder of .safetensors LoRAs that requests may name in their `loras` field (names only, "
+                         "never paths; unquantized builds; default: none, the field is refused)")
+    ap.add_argument("--max-lora-sets", type=int, default=2,
+                    help="LoRA combinations kept prepared at once (each holds its adapted weights; default: 2)")
     ap.add_argument("--api-key", default=None,
                     help=f"require `Authorization: Bearer KEY` (default: the {API_KEY_ENV} environment variable; "
                          "none: no authentication)")
@@ -53,6 +58,12 @@ def serve_limits(runtime, args):
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.timeout <= 0:
         raise UserError(f"--timeout must be > 0, got {args.timeout}")
+    if getattr(args, "lora_dir", None) is not None:
+        if not Path(args.lora_dir).is_dir():
+            raise UserError(f"--lora-dir {args.lora_dir}: no such folder")
+        if getattr(args, "max_lora_sets", 2) < 1:
+            raise UserError("--max-lora-sets must be >= 1")
+        runtime.loras.configure(max_sets=args.max_lora_sets)
     return ServeLimits.for_build(runtime.limits, max_batch_pixels=args.max_batch_pixels,
                                  max_image_bytes=args.max_image_bytes, max_body_bytes=args.max_body_bytes,
                                  max_steps=args.max_steps, max_side=args.max_side,
@@ -113,7 +124,8 @@ def main(argv=None) -> int:
     limits = serve_limits(runtime, args)
     service = Service(runtime, limits, max_queue=args.max_queue, max_batch=args.max_batch,
                       batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout,
-                      api_key=args.api_key or os.environ.get(API_KEY_ENV), shutdown_timeout_s=args.shutdown_timeout)
+                      api_key=args.api_key or os.environ.get(API_KEY_ENV), shutdown_timeout_s=args.shutdown_timeout,
+                      lora_dir=args.lora_dir)
     app = create_app(runtime, service=service)
 
     class Server(uvicorn.Server):

@@ -49,7 +49,7 @@ class ZImageReplica:
 
 
 _LIMIT_DEFAULTS = dict(timeout=120.0, max_steps=None, max_side=None, max_prompt_chars=None, max_batch_pixels=None,
-                       max_image_bytes=None, max_body_bytes=None)
+                       max_image_bytes=None, max_body_bytes=None, lora_dir=None, max_lora_sets=2)
 
 
 def deployment(engine_dir: str, replicas: int = 1, autoscale: tuple[int, int] | None = None,
@@ -99,7 +99,10 @@ def main(argv=None) -> int:
         raise UserError(f"--autoscale must be MIN:MAX, got {args.autoscale!r}") from None
     limits = {k: getattr(args, k) for k in _LIMIT_DEFAULTS}
     service = dict(max_batch=args.max_batch, timeout_s=args.timeout,
-                   api_key=args.api_key or os.environ.get(API_KEY_ENV))
+                   api_key=args.api_key or os.environ.get(API_KEY_ENV),
+                   lora_dir=str(args.lora_dir.resolve()) if args.lora_dir else None)
+    limits["max_lora_sets"] = args.max_lora_sets
+    limits["lora_dir"] = service["lora_dir"]
     ray.init(address=args.address, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(deployment(str(args.engine_dir), args.replicas, autoscale, args.gpus_per_replica, args.backend,

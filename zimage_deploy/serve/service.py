@@ -76,12 +76,13 @@ class Job:
         return self.parsed.request.batch
 
     def batch_key(self):
-        """Requests with the same key can share one runtime call (text-to-image only)."""
+        """Requests with the same key can share one runtime call (text-to-image only, the same LoRAs)."""
         r = self.parsed.request
         if r.images or r.mask:
             return None
+        loras = self.parsed.lora_set.key if self.parsed.lora_set is not None else None
         return (r.steps, r.height, r.width, r.guidance_scale, r.negative_prompt, r.cfg_normalization,
-                r.cfg_truncation)
+                r.cfg_truncation, loras)
 
 
 def run_batch(runtime, jobs: list[Job]) -> list[dict]:
@@ -92,7 +93,7 @@ def run_batch(runtime, jobs: list[Job]) -> list[dict]:
                                                  seeds=sum((r.seeds for r in reqs), ()),
                                                  pixels=sum(r.pixels for r in reqs))
     first = jobs[0].parsed
-    result = runtime.run(req, images=first.images or None, mask=first.mask,
+    result = runtime.run(req, images=first.images or None, mask=first.mask, loras=first.lora_set,
                          cancel=lambda: all(j.cancel.is_set() for j in jobs))
     answers, k = [], 0
     for j in jobs:
@@ -107,9 +108,11 @@ def run_batch(runtime, jobs: list[Job]) -> list[dict]:
 class Service:
     def __init__(self, runtime, limits: ServeLimits | None = None, *, max_queue: int = 64, max_batch: int = 4,
                  batch_wait_ms: float = 10.0, timeout_s: float = 120.0, api_key: str | None = None,
-                 shutdown_timeout_s: float = 10.0, watch_disconnect: bool = True, tag: dict | None = None):
+                 shutdown_timeout_s: float = 10.0, watch_disconnect: bool = True, tag: dict | None = None,
+                 lora_dir: str | None = None):
         """`watch_disconnect`: notice clients that leave while waiting (uvicorn; Ray cancels such requests
-        itself); `tag`: fields added to /health and /v1/generate answers (the Ray replica's id)."""
+        itself); `tag`: fields added to /health and /v1/generate answers (the Ray replica's id); `lora_dir`: the
+        folder whose LoRAs requests may name (`loras` field; none: the field is refused)."""
         if max_queue < 1 or max_batch < 1 or timeout_s <= 0 or batch_wait_ms < 0 or shutdown_timeout_s < 0:
             raise ValueError("max_queue and max_batch must be >= 1, timeout_s > 0, waits >= 0")
         self.runtime = runtime
@@ -120,6 +123,7 @@ class Service:
         self.api_key = api_key or None
         self.watch_disconnect = watch_disconnect
         self.tag = dict(tag or {})
+        self.lora_dir = lora_dir
         self.metrics = Metrics()
         self.hidden = hidden_paths(runtime.pipeline.engine_dir)
         self.live = 0
@@ -236,7 +240,7 @@ class Service:
             self.metrics.live.set(self.live)
             try:
                 body = await self._read_body(request, limit)
-                parsed = await self.loop.run_in_executor(self.parse_pool, parse, body)
+                parsed = await self.loop.run_in_executor(self.parse_pool, lambda: self._with_loras(parse(body)))
                 job = Job(parsed, self.loop.create_future())
                 self.pending.append(job)
                 self.metrics.queue_depth.set(len(self.pending))
@@ -263,6 +267,18 @@ class Service:
         self.metrics.images.inc(len(answer["images"]))
         self.metrics.latency.labels("total").observe(time.perf_counter() - t0)
         return JSONResponse(self._format(job.parsed, answer))
+
+    def _with_loras(self, parsed: Parsed) -> Parsed:
+        """Resolve the request's LoRA names in --lora-dir and prepare the set (files read and checked, bounded
+        cache), before the request is queued: a bad LoRA is the client's 4xx, not a failed generation."""
+        if parsed.loras:
+            if not self.lora_dir:
+                raise ApiError(422, "this server takes no LoRAs (start it with --lora-dir)", param="loras")
+            from ..lora import resolve_lora_name
+
+            specs = [(resolve_lora_name(self.lora_dir, name), scale) for name, scale in parsed.loras]
+            parsed.lora_set = self.runtime.loras.prepare(specs)
+        return parsed
 
     def _auth(self, request: Request) -> None:
         if not self.api_key:
