@@ -16,7 +16,7 @@ from .specs import STATIC_DIMS, TRACE_DIMS, describe_io, specs_for
 from .stamp import stamp_layers
 from .weights import attach_weights, module_weights
 
-EXPORT_FORMAT = 2  # bump when the exported graphs change for the same inputs (keys of up-to-date checks)
+EXPORT_FORMAT = 3  # bump when the exported graphs change for the same inputs (keys of up-to-date checks)
 OPSET = 19  # FP8 Q/DQ (the quantization stage) needs >= 19; TorchScript exporter max is 20
 ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.BFLOAT16: "bfloat16",
                onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.FLOAT16: "float16"}
@@ -71,6 +71,7 @@ def export_component(name: str, model: torch.nn.Module, facts: dict, compute: to
         del graph
         onnx.checker.check_model(str(path), full_check=False)
         onnx.shape_inference.infer_shapes_path(str(path), str(path))
+        _declare_static_dims(path, spec, facts)
         io_graph = onnx.load(str(path), load_external_data=False).graph
         entry = {
             "onnx": f"onnx/{name}/model.onnx",
@@ -83,6 +84,25 @@ def export_component(name: str, model: torch.nn.Module, facts: dict, compute: to
             "onnx_sha256": file_hash(tmp),
         }
     return entry
+
+
+def _declare_static_dims(path: Path, spec, facts: dict) -> None:
+    """Graph outputs declare the spec's static sizes (the exporter leaves some as symbols, e.g. the VAE encoder's
+    16 latent channels); the proto is rewritten without its external data (that file stays as it is)."""
+    from .specs import resolve_dims
+
+    model = onnx.load(str(path), load_external_data=False)
+    outputs = {o.name: o for o in model.graph.output}
+    changed = False
+    for io in spec.outputs:
+        dims = outputs[io.name].type.tensor_type.shape.dim if io.name in outputs else []
+        for d, size in zip(dims, resolve_dims(io.dims, facts)):
+            if isinstance(size, int) and d.dim_value != size:
+                d.Clear()
+                d.dim_value = size
+                changed = True
+    if changed:
+        onnx.save_model(model, str(path))
 
 
 def _checked_io(spec, graph, facts, compute) -> dict:
