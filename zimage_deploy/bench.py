@@ -8,6 +8,10 @@ prompt-only DiT part, DiT all steps and per step, VAE decode) and end to end: me
 images/s, peak memory (GPU: allocator peak, and NVML when pynvml is there; CPU: process peak RSS), DiT FLOPs
 per step, achieved TFLOP/s and its ratio to a matmul peak measured on the same device. Every backend's image is
 compared with diffusers' (max abs difference, 0-255). Writes report.json, report.md and report.png.
+
+A ControlNet build runs with a control image (`--control-image`, default a synthetic line drawing at the output
+size; diffusers: `ZImageControlNetPipeline`), and the ControlNet graph's time per step (its share of the DiT's)
+gets its own column.
 """
 
 from __future__ import annotations
@@ -120,24 +124,70 @@ class StageTimer:
         setattr(module, method, timed)
 
 
-def diffusers_runner(ckpt: Path, device: str, dtype: torch.dtype, compiled: bool):
-    from diffusers import ZImagePipeline
+def control_image(req: dict):
+    """The request's control image (a ControlNet build's benchmark), or None."""
+    if req.get("control_image") is None:
+        return None
+    from PIL import Image
 
-    pipe = ZImagePipeline.from_pretrained(ckpt, dtype=dtype).to(device)
+    if req["control_image"] == "synthetic":
+        from .controlnet import line_drawing
+
+        return line_drawing(req["width"], req["height"], req["seed"])
+    return Image.open(req["control_image"]).convert("RGB")
+
+
+def diffusers_controlnet(manifest: dict, dtype: torch.dtype):
+    """diffusers' ZImageControlNetModel for the build's ControlNet (a folder as saved, a single file from its
+    recorded config and its own keys)."""
+    from diffusers import ZImageControlNetModel
+
+    from .controlnet import ControlNetSource
+
+    src = ControlNetSource.from_record(manifest["controlnet"])
+    if src.origin != "single file":
+        return ZImageControlNetModel.from_pretrained(src.path, dtype=dtype)
+    cfg = src.config
+    model = ZImageControlNetModel(
+        control_layers_places=list(cfg.control_layers_places),
+        control_refiner_layers_places=list(cfg.control_refiner_layers_places), control_in_dim=cfg.control_in_dim,
+        add_control_noise_refiner=cfg.add_control_noise_refiner, all_patch_size=(cfg.patch_size,), dim=cfg.dim,
+        n_refiner_layers=cfg.n_refiner_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads, norm_eps=cfg.norm_eps,
+        qk_norm=cfg.qk_norm)
+    model.load_state_dict(dict(src.raw_items()))
+    return model.to(dtype)
+
+
+def diffusers_runner(ckpt: Path, device: str, dtype: torch.dtype, compiled: bool, manifest: dict | None = None):
+    from diffusers import ZImageControlNetPipeline, ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(ckpt, dtype=dtype)
+    control = (manifest or {}).get("controlnet")
+    if control:
+        pipe = ZImageControlNetPipeline(**{k: v for k, v in pipe.components.items() if k != "controlnet"},
+                                        controlnet=diffusers_controlnet(manifest, dtype))
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if compiled:
         pipe.transformer.compile()
     timer = StageTimer(device)
     timer.wrap(pipe.text_encoder, "encode")
     timer.wrap(pipe.transformer, "denoise")
+    if control:
+        timer.wrap(pipe.controlnet, "controlnet")
     timer.wrap(pipe.vae, "decode", "decode")
 
     def run(req):
         timer.times = {}
         g = torch.Generator("cpu").manual_seed(req["seed"])
+        extra = dict(control_image=control_image(req), controlnet_conditioning_scale=req["controlnet_scale"]) \
+            if control else {}
         image = pipe(req["prompt"], height=req["height"], width=req["width"], num_inference_steps=req["steps"],
-                     guidance_scale=req["guidance_scale"], generator=g).images[0]
-        return image, dict(timer.times)
+                     guidance_scale=req["guidance_scale"], generator=g, **extra).images[0]
+        times = dict(timer.times)
+        if "controlnet" in times:  # the DiT's time in our runtime's terms: hints + transformer
+            times["denoise"] = times.get("denoise", 0.0) + times["controlnet"]
+        return image, times
 
     return run
 
@@ -158,8 +208,10 @@ def ours_runner(engine_dir: Path, backend: str, device: str):
 
     def run(req):
         timings: dict = {}
+        extra = dict(control_image=control_image(req), controlnet_scale=req["controlnet_scale"]) \
+            if req.get("control_image") else {}
         image = pipe(req["prompt"], req["height"], req["width"], req["steps"], req["seed"],
-                     guidance_scale=req["guidance_scale"], progress=False, timings=timings)[0]
+                     guidance_scale=req["guidance_scale"], progress=False, timings=timings, **extra)[0]
         sync(device)
         return image, timings
 
@@ -178,8 +230,8 @@ def bench_one(name: str, make, req: dict, repeats: int, device: str) -> dict:
             sync(device)
             times.append(time.perf_counter() - t0)
             stages.append(st)
-    stage_summary = {k: statistics.median(s[k] for s in stages if k in s) for k in ("encode", "denoise", "decode")
-                     if any(k in s for s in stages)}
+    stage_summary = {k: statistics.median(s[k] for s in stages if k in s)
+                     for k in ("encode", "denoise", "controlnet", "decode") if any(k in s for s in stages)}
     end = summarize(times)
     return {"name": name, "end_to_end": end, "images_per_s": 1.0 / end["median_s"], "stages_s": stage_summary,
             "memory": peak.result, "image": image}
@@ -203,8 +255,8 @@ def run_bench(engine_dir: Path, backends: list[str], req: dict, repeats: int, de
     peak = matmul_peak_tflops(device, dtype)
 
     makers = {
-        "diffusers": lambda: diffusers_runner(ckpt, device, dtype, False),
-        "diffusers-compile": lambda: diffusers_runner(ckpt, device, dtype, True),
+        "diffusers": lambda: diffusers_runner(ckpt, device, dtype, False, manifest),
+        "diffusers-compile": lambda: diffusers_runner(ckpt, device, dtype, True, manifest),
     }
     for b in ("torch", "torch-fast", "torch-fp8", "onnxruntime", "tensorrt"):
         makers[b] = (lambda b=b: ours_runner(engine_dir, b, device))
@@ -225,6 +277,8 @@ def run_bench(engine_dir: Path, backends: list[str], req: dict, repeats: int, de
             row["dit_per_step_s"] = per_step
             row["dit_tflops"] = flops / per_step / 1e12
             row["dit_fraction_of_matmul_peak"] = row["dit_tflops"] / peak
+        if "controlnet" in row["stages_s"]:  # the ControlNet's hints, once per step (part of the DiT's time)
+            row["controlnet_per_step_s"] = row["stages_s"]["controlnet"] / req["steps"]
         rows.append(row)
     return {
         "tool": f"zimage-deploy {__version__}",
@@ -283,12 +337,12 @@ def write_report(result: dict, out: Path) -> list[Path]:
         f"{result['matmul_peak_tflops']:.2f} TFLOP/s ({result['matmul_peak_dtype']}).",
         "",
         "| backend | end-to-end median s | p90 s | images/s | encode s | DiT all steps s | DiT per step s | "
-        "VAE decode s | DiT TFLOP/s | of peak | peak memory GiB | max diff vs diffusers |",
-        "|" + "---|" * 12,
+        "ControlNet per step s | VAE decode s | DiT TFLOP/s | of peak | peak memory GiB | max diff vs diffusers |",
+        "|" + "---|" * 13,
     ]
     for row in result["backends"]:
         if "skipped" in row:
-            lines.append(f"| {row['name']} | skipped: {row['skipped']} |" + " |" * 10)
+            lines.append(f"| {row['name']} | skipped: {row['skipped']} |" + " |" * 11)
             continue
         st, mem = row["stages_s"], row["memory"]
         memory = mem.get("gpu_allocator_peak_gib", mem.get("cpu_peak_rss_gib"))
@@ -296,7 +350,8 @@ def write_report(result: dict, out: Path) -> list[Path]:
         lines.append(
             f"| {row['name']} | {f(row['end_to_end']['median_s'])} | {f(row['end_to_end']['p90_s'])} | "
             f"{f(row['images_per_s'], 2)} | {f(st.get('encode'))} | {f(st.get('denoise'))} | "
-            f"{f(row.get('dit_per_step_s'), 4)} | {f(st.get('decode'))} | {f(row.get('dit_tflops'), 2)} | "
+            f"{f(row.get('dit_per_step_s'), 4)} | {f(row.get('controlnet_per_step_s'), 4)} | {f(st.get('decode'))} | "
+            f"{f(row.get('dit_tflops'), 2)} | "
             f"{f(row.get('dit_fraction_of_matmul_peak'), 2)} | {f(memory, 2)} | "
             f"{row['max_abs_diff_vs_diffusers']} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
@@ -342,6 +397,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--guidance-scale", type=float, default=None)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--control-image", default=None,
+                    help="ControlNet builds: the control image (default: a synthetic line drawing at the output size)")
+    ap.add_argument("--controlnet-scale", type=float, default=0.75)
     ap.add_argument("--device", default=None, help="default: cuda when available")
     args = ap.parse_args(argv)
     manifest = manifest_io.load(args.engine_dir)
@@ -361,6 +419,10 @@ def main(argv=None) -> int:
     req = {"prompt": args.prompt, "height": args.height or d["height"], "width": args.width or d["width"],
            "steps": args.steps or d["steps"], "seed": args.seed,
            "guidance_scale": d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale}
+    if "controlnet" in manifest:
+        req.update(control_image=args.control_image or "synthetic", controlnet_scale=args.controlnet_scale)
+    elif args.control_image:
+        raise UserError(f"{args.engine_dir} has no ControlNet: --control-image needs a build made with --controlnet")
     if args.repeats < 1:
         raise UserError("--repeats must be >= 1")
     result = run_bench(args.engine_dir, backends, req, args.repeats, device)

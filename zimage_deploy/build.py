@@ -423,7 +423,10 @@ def _load(name: str, ckpt: Path, compute: torch.dtype, loaded: dict,
 
 def _metrics(got: torch.Tensor, ref: torch.Tensor) -> dict:
     got, ref = got.float(), ref.float()
-    return {"max_abs": float((got - ref).abs().max()), "rel_l2": float((got - ref).norm() / ref.norm())}
+    diff, norm = float((got - ref).norm()), float(ref.norm())
+    # an all-zero reference (a default-initialised ControlNet's zero projections) is matched only by zeros
+    rel = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+    return {"max_abs": float((got - ref).abs().max()), "rel_l2": rel}
 
 
 @torch.no_grad()

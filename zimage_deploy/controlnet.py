@@ -360,3 +360,48 @@ def dit_stream(items, source: ControlNetSource, n_layers: int):
     yield from items
     yield from source.weights()
     yield from hint_buffers(source.config, n_layers)
+
+
+# -- calibration and the quality gate ------------------------------------------------------------------------
+def line_drawing(width: int, height: int, seed: int, color: bool = False):
+    """A deterministic control image like an edge map (white lines, boxes and ellipses on black; `color`: coloured
+    shapes on grey, a stand-in photo for inpainting)."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    image = Image.new("RGB", (width, height), (128, 128, 128) if color else (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    for _ in range(8):
+        box = sorted(rng.randrange(width) for _ in range(2)), sorted(rng.randrange(height) for _ in range(2))
+        xy = (box[0][0], box[1][0], box[0][1] + 1, box[1][1] + 1)
+        fill = tuple(rng.randrange(256) for _ in range(3)) if color else (255, 255, 255)
+        shape = rng.choice(("line", "rectangle", "ellipse"))
+        if shape == "line":
+            draw.line(xy, fill=fill, width=2)
+        elif color:
+            getattr(draw, shape)(xy, fill=fill)
+        else:
+            getattr(draw, shape)(xy, outline=fill, width=2)
+    return image
+
+
+def sample_request(facts: dict, i: int, side: int, held_out: bool = False) -> dict:
+    """ControlNet builds: the control inputs the calibration loop (and, `held_out`, the quality gate) gives prompt
+    i: a line drawing at the default scale; an inpainting ControlNet also gets an image and a mask every other
+    prompt. Other builds: {}."""
+    cn = facts.get("controlnet")
+    if not cn:
+        return {}
+    from PIL import Image
+
+    from .runtime.control import DEFAULT_SCALE
+
+    seed = i + (10_000 if held_out else 0)
+    kwargs = {"control_image": line_drawing(side, side, seed), "controlnet_scale": DEFAULT_SCALE}
+    if cn.get("inpaint") and i % 2:
+        mask = Image.new("L", (side, side), 0)
+        mask.paste(255, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
+        kwargs.update(image=line_drawing(side, side, seed + 1, color=True), mask=mask)
+    return kwargs

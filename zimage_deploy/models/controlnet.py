@@ -237,9 +237,10 @@ def control_hints(dit: ZImageDiT, latents, timestep, cap_states, cap_lens, contr
     if cn.add_control_noise_refiner is not None:
         blocks = branch.control_layers if cn.add_control_noise_refiner == "control_layers" \
             else branch.control_noise_refiner
-        for i, block in enumerate(blocks[: len(cn.control_refiner_layers_places)]):
+        for i, block in enumerate(blocks):  # every block refines the control stream; the first few give hints
             c, hint = block(c, x, x_cos, x_sin, None, adaln)
-            refiner_hints[cn.control_refiner_layers_places[i]] = hint * s
+            if i < len(cn.control_refiner_layers_places):
+                refiner_hints[cn.control_refiner_layers_places[i]] = hint * s
     for k, layer in enumerate(dit.noise_refiner):
         x = layer(x, x_cos, x_sin, None, adaln)
         if k in refiner_hints:

@@ -217,10 +217,12 @@ class CachedText(Backend):
         return self.inner.run(component, **inputs)
 
 
-def sampling_loop(pipe, prompts: list[str], side: int, steps: int | None = None):
+def sampling_loop(pipe, prompts: list[str], side: int, steps: int | None = None, extra=None):
     """Calibration loop of the DiT: the real sampling loop (text encoder, context refiner, every denoising step,
-    with guidance where the variant uses it) over each prompt, seed = its index."""
+    with guidance where the variant uses it) over each prompt, seed = its index; `extra(i)`: more request arguments
+    for prompt i (a ControlNet build's control images)."""
     def loop(_model):
         for i, p in enumerate(tqdm(prompts, desc="calibrating transformer", unit="prompt", leave=False)):
-            pipe(p, height=side, width=side, steps=steps, seed=i, output="latent", progress=False)
+            pipe(p, height=side, width=side, steps=steps, seed=i, output="latent", progress=False,
+                 **(extra(i) if extra else {}))
     return loop

@@ -67,10 +67,14 @@ def run_gate(out: Path, manifest: dict, n_prompts: int, side: int, min_psnr: flo
              "reference": Pipeline(out, make(out, unquantized_manifest(manifest)))}
     prompts = [GATE_PROMPTS[i % len(GATE_PROMPTS)] for i in range(n_prompts)]
     rows = []
+    from ..controlnet import sample_request  # a ControlNet build is gated with control images (held out)
+
     for i, prompt in enumerate(tqdm(prompts, desc="quality gate", unit="prompt", leave=False)):
         lat, img = {}, {}
+        extra = sample_request(manifest["model"]["facts"], i, side, held_out=True)
         for k, pipe in pipes.items():
-            lat[k] = pipe(prompt, height=side, width=side, seed=i, output="latent", progress=False).float().cpu()
+            lat[k] = pipe(prompt, height=side, width=side, seed=i, output="latent", progress=False,
+                          **extra).float().cpu()
             img[k] = np.asarray(pipe.decode(lat[k].to(pipe.backend.device), "pil")[0])
         rows.append({"prompt": prompt, "seed": i, "psnr_db": round(psnr(img["quantized"], img["reference"]), 2),
                      "latent_cosine": round(cosine(lat["quantized"], lat["reference"]), 5)})
