@@ -456,3 +456,52 @@ def test_loras_reach_the_controlnet_branch(ckpts, tiny_ckpt, tmp_path):
         check_close(rt.generate(PROMPT, loras=[(lora, 1.0)], **kw).images[0], expected)
         base = as_array(rt.generate(PROMPT, **kw).images[0])
         assert np.abs(base - as_array(expected)).max() > 10  # the LoRA matters here
+
+
+# -- the server --------------------------------------------------------------------------------------------------
+def test_server_fields(builds, tiny_fp32):
+    """`control_image` / `controlnet_scale` in /v1/generate (JSON base64 and multipart file), the OpenAI
+    generations (base64) and edits (file) endpoints: the runtime's own images; bad values are 4xx."""
+    import httpx
+
+    from serve_util import ServerThread, b64, decode, png_bytes
+    from zimage_deploy.serve.app import create_app
+
+    rt = ZImageRuntime(builds["union"])
+    control, image, mask = synthetic_image(80, 60, seed=1), synthetic_image(64, 64, seed=2), mask_image(64, 64)
+    kw = dict(seed=3, steps=2, height=64, width=64)
+    expected = as_array(rt.generate(PROMPT, control_image=control, controlnet_scale=0.6, **kw).images[0])
+    inpaint = as_array(rt.generate(PROMPT, control_image=control, images=[image], mask=mask, **kw).images[0])
+    cpng = png_bytes(control)
+    with ServerThread(create_app(rt)) as url, httpx.Client(base_url=url, timeout=120) as client:
+        body = {"prompt": PROMPT, **kw, "control_image": b64(cpng), "controlnet_scale": 0.6}
+        r = client.post("/v1/generate", json=body)
+        assert r.status_code == 200, r.text
+        assert np.array_equal(decode(r.json()["images"][0]), expected)
+        r = client.post("/v1/generate", data={"request": json.dumps({"prompt": PROMPT, **kw, "controlnet_scale": 0.6})},
+                        files={"control_image": ("c.png", cpng, "image/png")})
+        assert r.status_code == 200 and np.array_equal(decode(r.json()["images"][0]), expected), r.text
+        r = client.post("/v1/images/generations", json={"prompt": PROMPT, "size": "64x64", "seed": 3, "steps": 2,
+                                                         "control_image": b64(cpng), "controlnet_scale": 0.6})
+        assert r.status_code == 200 and np.array_equal(decode(r.json()["data"][0]["b64_json"]), expected), r.text
+        r = client.post("/v1/images/edits", data={"prompt": PROMPT, "size": "64x64", "seed": "3", "steps": "2"},
+                        files=[("image", ("i.png", png_bytes(image), "image/png")),
+                               ("mask", ("m.png", png_bytes(mask), "image/png")),
+                               ("control_image", ("c.png", cpng, "image/png"))])
+        assert r.status_code == 200 and np.array_equal(decode(r.json()["data"][0]["b64_json"]), inpaint), r.text
+        bad = [
+            ({**body, "controlnet_scale": -1}, 422, "must be in [0, 2]"),
+            ({**body, "controlnet_scale": "x"}, 422, "must be a number"),
+            ({**body, "control_image": "%%%"}, 400, "not valid base64"),
+            ({**body, "control_image": b64(b"GIF89a not really")}, 400, "is not an image"),
+            ({**body, "control_image": b64(png_bytes(Image.new("L", (4100, 4100))))}, 413, None),
+            ({"prompt": PROMPT, "controlnet_scale": 0.5}, 422, "needs a control image"),
+            ({**body, "control_image": b64(png_bytes(Image.new("RGB", (8, 8))))}, 422, "at least 16 px"),
+        ]
+        for payload, status, message in bad:
+            r = client.post("/v1/generate", json=payload)
+            assert r.status_code == status and (message is None or message in r.json()["error"]["message"]), \
+                (payload.get("controlnet_scale"), r.status_code, r.text[:300])
+    with ServerThread(create_app(ZImageRuntime(tiny_fp32))) as url, httpx.Client(base_url=url, timeout=120) as client:
+        r = client.post("/v1/generate", json={"prompt": PROMPT, "control_image": b64(cpng)})
+        assert r.status_code == 422 and "no ControlNet" in r.json()["error"]["message"]

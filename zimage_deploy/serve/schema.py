@@ -22,16 +22,18 @@ from .errors import ApiError
 from .multipart import Part, parse_multipart
 
 GENERATE_FIELDS = {"prompt", "negative_prompt", "seed", "steps", "height", "width", "guidance_scale",
-                   "cfg_normalization", "cfg_truncation", "strength", "images", "mask", "loras"}
-EXTENSIONS = {"seed", "steps", "negative_prompt", "guidance_scale", "cfg_normalization", "cfg_truncation", "loras"}
+                   "cfg_normalization", "cfg_truncation", "strength", "images", "mask", "loras", "control_image",
+                   "controlnet_scale"}
+EXTENSIONS = {"seed", "steps", "negative_prompt", "guidance_scale", "cfg_normalization", "cfg_truncation", "loras",
+              "controlnet_scale"}
 MAX_LORAS = 4  # LoRAs per request
 # OpenAI fields without a meaning here: accepted (bounded) and ignored
 IGNORED = {"model", "user", "safety_identifier", "quality", "style", "moderation", "input_fidelity",
            "output_compression", "complexity"}
 OPENAI_FIELDS = {"prompt", "n", "size", "response_format", "output_format", "stream", "background",
-                 "partial_images"} | EXTENSIONS | IGNORED
+                 "partial_images", "control_image"} | EXTENSIONS | IGNORED
 INT_FIELDS, FLOAT_FIELDS = {"n", "seed", "steps", "height", "width", "partial_images", "output_compression"}, {
-    "guidance_scale", "cfg_normalization", "cfg_truncation", "strength"}
+    "guidance_scale", "cfg_normalization", "cfg_truncation", "strength", "controlnet_scale"}
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 RANDOM_SEEDS = 2**31  # a request without a seed gets one drawn from 0 .. 2**31 - 1 (returned in the answer)
 
@@ -74,7 +76,8 @@ class ServeLimits:
         useful = limits.max_input_pixels if edit else (limits.max_side + limits.multiple) ** 2
         image_bytes = max_image_bytes or min(16 << 20, 8 * useful + (64 << 10))
         text = 12 * limits.max_prompt_chars + 4096  # JSON-escaped worst case (\uXXXX pairs)
-        body = max_body_bytes or (max_images + 1) * (4 * image_bytes // 3 + 4) + 2 * text + (1 << 20)
+        files = max_images + 1 + (1 if limits.controlnet else 0)  # images, mask, a ControlNet build's control image
+        body = max_body_bytes or files * (4 * image_bytes // 3 + 4) + 2 * text + (1 << 20)
         n = max(1, min(limits.max_batch, budget // max(1, limits.min_side ** 2)))
         return cls(request=replace(limits, max_request_pixels=budget), max_batch_pixels=budget,
                    max_image_bytes=image_bytes, max_body_bytes=body, max_json_bytes=min(body, 2 * text + 65536),
@@ -91,6 +94,7 @@ class Parsed:
     output_format: str = "PNG"
     loras: tuple[tuple[str, float], ...] = ()  # (name in the server's --lora-dir, scale), checked for shape only
     lora_set: object = None  # the runtime's prepared set (the server resolves the names)
+    control_image: Image.Image | None = None  # ControlNet builds
 
 
 def _lora_names(value) -> tuple[tuple[str, float], ...]:
@@ -186,7 +190,8 @@ def _from_text(name: str, text: str):
 
 # -- building the checked request ---------------------------------------------------------------------------
 def _check(limits: ServeLimits, fields: dict, images: list[bytes], mask: bytes | None, n: int = 1,
-           openai: bool = False, output_format: str = "PNG", alpha_mask: bool = False) -> Parsed:
+           openai: bool = False, output_format: str = "PNG", alpha_mask: bool = False,
+           control: bytes | None = None) -> Parsed:
     """Validate the fields and the images' headers, then decode the images."""
     if fields.get("prompt") is None:
         raise ApiError(422, "prompt is required", param="prompt")
@@ -198,6 +203,8 @@ def _check(limits: ServeLimits, fields: dict, images: list[bytes], mask: bytes |
     what = [f"image {i}" if len(images) > 1 else "the image" for i in range(len(images))]
     infos = [probe_image(_check_bytes(b, w, limits), w) for b, w in zip(images, what)]
     mask_info = probe_image(_check_bytes(mask, "the mask", limits), "the mask") if mask is not None else None
+    control_info = probe_image(_check_bytes(control, "the control image", limits), "the control image") \
+        if control is not None else None
     seed = fields.get("seed")
     seed = secrets.randbelow(RANDOM_SEEDS) if seed is None else check_seed(seed)
     if seed + n - 1 > SEED_MAX:
@@ -208,14 +215,17 @@ def _check(limits: ServeLimits, fields: dict, images: list[bytes], mask: bytes |
                         negative_prompt=fields.get("negative_prompt"), guidance_scale=fields.get("guidance_scale"),
                         cfg_normalization=fields.get("cfg_normalization"),
                         cfg_truncation=fields.get("cfg_truncation"), strength=fields.get("strength"),
-                        images=infos, mask=mask_info)
+                        images=infos, mask=mask_info, control_image=control_info,
+                        controlnet_scale=fields.get("controlnet_scale"))
     decoded = [decode_image(b, limits.request, w) for b, w in zip(images, what)]
     if limits.request.variant == "edit":  # queued at their prepared area, not their upload size (same result)
         decoded = [_condition_area(im, *req.sizes_given) for im in decoded]
     mask_image = decode_image(mask, limits.request, "the mask") if mask is not None else None
     if mask_image is not None and alpha_mask:
         mask_image = openai_mask(mask_image)
-    return Parsed(req, decoded, mask_image, openai, output_format, loras=_lora_names(fields.get("loras")))
+    control_image = decode_image(control, limits.request, "the control image") if control is not None else None
+    return Parsed(req, decoded, mask_image, openai, output_format, loras=_lora_names(fields.get("loras")),
+                  control_image=control_image)
 
 
 def _condition_area(image: Image.Image, height: int | None, width: int | None) -> Image.Image:
@@ -253,27 +263,41 @@ def parse_generate_json(body: bytes, limits: ServeLimits) -> Parsed:
     check_image_count(limits.request, len(images))
     blobs = [_b64(s, f"images[{i}]", limits) for i, s in enumerate(images)]
     mask = _b64(fields["mask"], "mask", limits) if fields.get("mask") is not None else None
-    return _check(limits, fields, blobs, mask)
+    return _check(limits, fields, blobs, mask, control=_control_b64(fields, limits))
+
+
+def _control_b64(fields: dict, limits: ServeLimits) -> bytes | None:
+    """The JSON `control_image` field (base64, ControlNet builds)."""
+    value = fields.get("control_image")
+    return None if value is None else _b64(value, "control_image", limits)
 
 
 def parse_generate_multipart(content_type: str, body: bytes, limits: ServeLimits) -> Parsed:
-    """A `request` text field with the JSON object, `image` files (repeatable), a `mask` file."""
+    """A `request` text field with the JSON object, `image` files (repeatable), a `mask` file, a `control_image`
+    file (ControlNet builds)."""
     parts = _parts(content_type, body, limits)
-    _unknown({p.name for p in parts}, {"request", "image", "mask"})
+    _unknown({p.name for p in parts}, {"request", "image", "mask", "control_image"})
     requests = [p for p in parts if p.name == "request"]
     if len(requests) != 1:
         raise ApiError(422, "multipart requests need exactly one `request` field (the JSON object)")
     fields = _json_object(requests[0].text().encode())
-    _unknown(fields, GENERATE_FIELDS - {"images", "mask"})
+    _unknown(fields, GENERATE_FIELDS - {"images", "mask", "control_image"})
     images = [_file(p) for p in parts if p.name == "image"]
     masks = [_file(p) for p in parts if p.name == "mask"]
     if len(masks) > 1:
         raise ApiError(422, "at most one `mask` file")
-    return _check(limits, fields, images, masks[0] if masks else None)
+    return _check(limits, fields, images, masks[0] if masks else None, control=_control_file(parts))
+
+
+def _control_file(parts: list[Part]) -> bytes | None:
+    controls = [_file(p) for p in parts if p.name == "control_image"]
+    if len(controls) > 1:
+        raise ApiError(422, "at most one `control_image` file", param="control_image")
+    return controls[0] if controls else None
 
 
 def _parts(content_type: str, body: bytes, limits: ServeLimits) -> list[Part]:
-    return parse_multipart(content_type, body, max_files=limits.max_images + 1, max_fields=len(OPENAI_FIELDS) + 8,
+    return parse_multipart(content_type, body, max_files=limits.max_images + 2, max_fields=len(OPENAI_FIELDS) + 8,
                            max_field_bytes=limits.max_text_bytes, max_file_bytes=limits.max_image_bytes)
 
 
@@ -321,13 +345,14 @@ def parse_openai_generations(body: bytes, limits: ServeLimits) -> Parsed:
     fields = _json_object(body)
     _unknown(fields, OPENAI_FIELDS)
     values, n, fmt = _openai_common(fields)
-    return _check(limits, values, [], None, n=n, openai=True, output_format=fmt)
+    return _check(limits, values, [], None, n=n, openai=True, output_format=fmt, control=_control_b64(fields, limits))
 
 
 def parse_openai_edits(content_type: str, body: bytes, limits: ServeLimits) -> Parsed:
-    """multipart: `image` / `image[]` files, optional `mask` file, text fields as in generations (+ strength)."""
+    """multipart: `image` / `image[]` files, optional `mask` file, text fields as in generations (+ strength);
+    ControlNet builds: a `control_image` file (with `image` and `mask` for an inpainting ControlNet, or alone)."""
     parts = _parts(content_type, body, limits)
-    files = {"image", "image[]", "mask"}
+    files = {"image", "image[]", "mask", "control_image"}
     _unknown({p.name for p in parts}, OPENAI_FIELDS | files | {"strength"})
     fields = {}
     for p in parts:
@@ -339,13 +364,14 @@ def parse_openai_edits(content_type: str, body: bytes, limits: ServeLimits) -> P
     values, n, fmt = _openai_common(fields)
     images = [_file(p) for p in parts if p.name in ("image", "image[]")]
     masks = [_file(p) for p in parts if p.name == "mask"]
-    if not images:
+    control = _control_file(parts)
+    if not images and control is None:
         raise ApiError(422, "an `image` file is required (img2img, inpainting with `mask`, Edit builds' condition "
-                            "images)", param="image")
+                            "images; or a `control_image` on ControlNet builds)", param="image")
     if len(masks) > 1:
         raise ApiError(422, "at most one `mask` file", param="mask")
     return _check(limits, values, images, masks[0] if masks else None, n=n, openai=True, output_format=fmt,
-                  alpha_mask=True)
+                  alpha_mask=True, control=control)
 
 
 def encode_image(image: Image.Image, fmt: str = "PNG") -> str:

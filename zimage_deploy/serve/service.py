@@ -76,9 +76,10 @@ class Job:
         return self.parsed.request.batch
 
     def batch_key(self):
-        """Requests with the same key can share one runtime call (text-to-image only, the same LoRAs)."""
+        """Requests with the same key can share one runtime call (text-to-image only, the same LoRAs; a control
+        image is the request's own)."""
         r = self.parsed.request
-        if r.images or r.mask:
+        if r.images or r.mask or r.control_image:
             return None
         loras = self.parsed.lora_set.key if self.parsed.lora_set is not None else None
         return (r.steps, r.height, r.width, r.guidance_scale, r.negative_prompt, r.cfg_normalization,
@@ -93,7 +94,8 @@ def run_batch(runtime, jobs: list[Job]) -> list[dict]:
                                                  seeds=sum((r.seeds for r in reqs), ()),
                                                  pixels=sum(r.pixels for r in reqs))
     first = jobs[0].parsed
-    result = runtime.run(req, images=first.images or None, mask=first.mask, loras=first.lora_set,
+    result = runtime.run(req, images=first.images or None, mask=first.mask, control_image=first.control_image,
+                         loras=first.lora_set,
                          cancel=lambda: all(j.cancel.is_set() for j in jobs))
     answers, k = [], 0
     for j in jobs:
