@@ -131,6 +131,31 @@ def test_inpainting_union_matches_diffusers(builds, ckpts, tiny_ckpt, backend, h
     assert np.abs(as_array(got) - as_array(without)).max() > 10  # the image and mask really condition it
 
 
+@pytest.fixture(scope="module")
+def base_build(ckpts, base_ckpt, tmp_path_factory):
+    return fp32_build(tmp_path_factory, base_ckpt, "--variant", "base", "--controlnet", str(ckpts["v1"]))
+
+
+@pytest.mark.parametrize("cfg_mode", ["batch", "sequential"])
+def test_base_with_guidance_matches_diffusers(ckpts, base_ckpt, base_build, cfg_mode):
+    """Base + ControlNet with classifier-free guidance and a negative prompt: the control latents go with both
+    halves of the guided batch, as diffusers repeats them."""
+    from diffusers import ZImageControlNetModel, ZImageControlNetPipeline, ZImagePipeline
+
+    control = synthetic_image(64, 96, seed=6)
+    base = ZImagePipeline.from_pretrained(base_ckpt, dtype=torch.float32)
+    ref = ZImageControlNetPipeline(**base.components, controlnet=ZImageControlNetModel.from_pretrained(
+        ckpts["v1_folder"], dtype=torch.float32))
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(PROMPT, negative_prompt="blurry", control_image=control, height=96, width=64,
+                   num_inference_steps=3, guidance_scale=3.0, controlnet_conditioning_scale=0.9,
+                   generator=torch.Generator("cpu").manual_seed(4)).images[0]
+    got = Pipeline(base_build, "onnxruntime", cfg_mode=cfg_mode)(
+        PROMPT, 96, 64, 3, seed=4, negative_prompt="blurry", guidance_scale=3.0, control_image=control,
+        controlnet_scale=0.9, progress=False)[0]
+    check_close(got, expected)
+
+
 def test_scale_zero_is_the_plain_turbo_image(builds, tiny_fp32):
     """Scale 0 (and no control image) give the plain build's image bit for bit (ONNX Runtime): the hints are zero
     and the hinted transformer adds exact zeros."""
