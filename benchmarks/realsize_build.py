@@ -33,9 +33,12 @@ BUILDS = {  # name -> (target, precision, extra build arguments)
     "int4": ("rtx4090", "int4", ["--int4-method", "rtn", "--no-quality-gate"]),
     "nvfp4": ("rtx5090", "nvfp4", ["--calib-size", "1", "--calib-side", "256", "--calib-steps", "2",
                                    "--no-quality-gate"]),
+    "bf16-drop": ("rtx4090", "bf16", ["--drop-intermediate"]),
+    "int4-drop": ("rtx4090", "int4", ["--int4-method", "rtn", "--no-quality-gate", "--drop-intermediate"]),
 }
 PLAN_TARGETS = ("rtx4090", "rtx5090", "l40s", "h100", "h200", "b200")
-STAGE = re.compile(r"^\[(checkpoint|export|quantize|engines|plan|parity|done)\]")
+# a stage starts with its first log line or progress bar ("export:", "engines (...)", "calibrating ...")
+STAGE = re.compile(r"^\[?(checkpoint|export|quantize|calibrat|engines|plan|parity|drop|done)")
 
 
 def tree_rss(proc: psutil.Process) -> tuple[int, int]:
@@ -94,7 +97,7 @@ def measure(cmd: list[str], out: Path, interval: float, log_path: Path, cgroup: 
                 for line in lines:
                     m = STAGE.match(line.decode(errors="replace").strip())
                     if m:
-                        state["stage"] = m.group(1)
+                        state["stage"] = {"calibrat": "quantize", "drop": state["stage"]}.get(m.group(1), m.group(1))
 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
