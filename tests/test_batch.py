@@ -439,6 +439,117 @@ def test_img2img_and_inpaint_rows(tmp_path, tiny_fp32, runtime):
     assert json.loads((out / "summary.json").read_text())["images"] == 4
 
 
+def test_lora_rows(tmp_path, tiny_ckpt, tiny_fp32, runtime):
+    """`loras` names files of --lora-dir (the server's rules): the images equal the runtime's with the same LoRAs,
+    rows with other LoRAs are never batched together, hostile names fail alone, and a changed LoRA file makes
+    its rows again."""
+    import shutil
+
+    from test_lora import ALL, make_peft_lora
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    shutil.copy(make_peft_lora(tiny_ckpt, tmp_path / "a", 1, ALL, r=4, lora_alpha=8), loras / "style.safetensors")
+    shutil.copy(make_peft_lora(tiny_ckpt, tmp_path / "b", 2, ("to_q", "to_v"), r=2, lora_alpha=2),
+                loras / "face.safetensors")
+    (tmp_path / "secret.safetensors").write_bytes((loras / "style.safetensors").read_bytes())
+    src = tmp_path / "in"
+    write_jsonl(src / "in.jsonl", [
+        {"id": "styled", "prompt": "a fox", "seed": 3, "steps": 2, **SIZE, "loras": [{"name": "style", "scale": 0.8}]},
+        {"id": "both", "prompt": "a fox", "seed": 3, "steps": 2, **SIZE, "loras": ["style:0.8", "face.safetensors:-1"]},
+        {"id": "plain", "prompt": "a fox", "seed": 3, "steps": 2, **SIZE},
+        {"id": "styled2", "prompt": "a cat", "seed": 4, "steps": 2, **SIZE, "loras": ["style:0.8"]},
+        {"id": "escape", "prompt": "a fox", **SIZE, "loras": ["../secret"]},
+        {"id": "unknown", "prompt": "a fox", **SIZE, "loras": ["nothere"]},
+        {"id": "scale", "prompt": "a fox", **SIZE, "loras": [{"name": "style", "scale": 1e9}]},
+        {"id": "many", "prompt": "a fox", **SIZE, "loras": ["style"] * 50},
+        {"id": "shape", "prompt": "a fox", **SIZE, "loras": {"style": 1}},
+    ])
+    out = tmp_path / "out"
+    assert batch("--engine-dir", tiny_fp32, "--input", src / "in.jsonl", "--out", out, "--lora-dir", loras) == 1
+    recs = {r["id"]: r for r in results(out)}
+    for rid, words in (("escape", "not a valid name"), ("unknown", "unknown LoRA"), ("scale", "scale"),
+                       ("many", "at most 4"), ("shape", "list")):
+        assert recs[rid]["status"] == "error" and words in recs[rid]["error"], (rid, recs[rid])
+    style, face = loras / "style.safetensors", loras / "face.safetensors"
+    for rid, prompt, seed, specs in (("styled", "a fox", 3, [(style, 0.8)]),
+                                     ("both", "a fox", 3, [(style, 0.8), (face, -1.0)]),
+                                     ("plain", "a fox", 3, None), ("styled2", "a cat", 4, [(style, 0.8)])):
+        want = reference(runtime, prompt, seed, loras=specs)
+        assert np.array_equal(pixels(out / recs[rid]["output"]), want), rid
+    assert np.abs(pixels(out / recs["styled"]["output"]) - pixels(out / recs["plain"]["output"])).max() > 10
+    assert recs["styled"]["request"]["loras"][0]["sha256"] == sha(style)
+    assert recs["styled"]["batch_size"] == recs["styled2"]["batch_size"] == 2  # the same LoRA set: one call
+    assert recs["both"]["batch_size"] == recs["plain"]["batch_size"] == 1
+    # the same job from CSV ("name:scale|name"), without --lora-dir: the LoRA rows fail, the others are made
+    with open(src / "in.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["id", "prompt", "seed", "steps", "height", "width", "loras"],
+                                 ["both", "a fox", 3, 2, 64, 64, "style:0.8|face:-1"],
+                                 ["plain", "a fox", 3, 2, 64, 64, ""]])
+    out2 = tmp_path / "out2"
+    assert batch("--engine-dir", tiny_fp32, "--input", src / "in.csv", "--out", out2) == 1
+    recs2 = {r["id"]: r for r in results(out2)}
+    assert "--lora-dir" in recs2["both"]["error"] and recs2["plain"]["status"] == "ok"
+    assert batch("--engine-dir", tiny_fp32, "--input", src / "in.csv", "--out", out2, "--lora-dir", loras) == 0
+    assert (out2 / recs["both"]["output"]).read_bytes() == (out / recs["both"]["output"]).read_bytes()
+    assert batch("--engine-dir", tiny_fp32, "--input", src / "in.csv", "--out", out2, "--lora-dir",
+                 tmp_path / "missing") == 2
+    # a LoRA file changed: the rows using it are made again, the others are kept
+    shutil.copy(loras / "style.safetensors", loras / "face.safetensors")
+    assert batch("--engine-dir", tiny_fp32, "--input", src / "in.csv", "--out", out2, "--lora-dir", loras) == 0
+    summary = json.loads((out2 / "summary.json").read_text())
+    assert summary["images"] == 1 and summary["skipped"] == 1
+
+
+def test_controlnet_rows(tmp_path, tmp_path_factory, tiny_ckpt, tiny_fp32):
+    """`control_image` (a file, like `image`) and `controlnet_scale` on a ControlNet build: the images equal the
+    runtime's, the command line's size fills control rows (the control image is resized to it), and bad values
+    fail alone."""
+    from zimage_deploy import ZImageRuntime, build
+    from zimage_deploy.tiny_controlnet import write_controlnet
+
+    cn = write_controlnet(tmp_path / "cn" / "union.safetensors", single_file=True, control_layers_places=(0, 1),
+                          control_in_dim=16, add_control_noise_refiner=None, seed=4)
+    engine = tmp_path_factory.mktemp("batch-cn")
+    assert build.main(["--model", str(tiny_ckpt), "--target", "cpu", "--precision", "fp32", "--out", str(engine),
+                       "--controlnet", str(cn)]) == 0
+    src = tmp_path / "in"
+    src.mkdir()
+    control = synthetic_image(96, 80, seed=6)
+    control.save(src / "edges.png")
+    Image.new("RGB", (8, 8)).save(src / "tiny.png")
+    write_jsonl(src / "in.jsonl", [
+        {"id": "cn", "prompt": "a fox", "seed": 1, "steps": 2, "control_image": "edges.png", "controlnet_scale": 0.5},
+        {"id": "cnd", "prompt": "a fox", "seed": 2, "steps": 2, "control_image": "edges.png"},  # default scale
+        {"id": "scaleonly", "prompt": "a fox", "controlnet_scale": 0.5},
+        {"id": "big", "prompt": "a fox", "control_image": "edges.png", "controlnet_scale": 1e9},
+        {"id": "small", "prompt": "a fox", "control_image": "tiny.png"},
+        {"id": "missing", "prompt": "a fox", "control_image": "nothere.png"},
+        {"id": "outside", "prompt": "a fox", "control_image": "../../etc/passwd"},
+    ])
+    out = tmp_path / "out"
+    assert batch("--engine-dir", engine, "--input", src / "in.jsonl", "--out", out, "--height", 64, "--width",
+                 96) == 1
+    recs = {r["id"]: r for r in results(out)}
+    for rid, words in (("scaleonly", "needs a control image"), ("big", "controlnet_scale"), ("small", "16"),
+                       ("missing", "no such file"), ("outside", "outside")):
+        assert recs[rid]["status"] == "error" and words in recs[rid]["error"], (rid, recs[rid])
+    rt = ZImageRuntime(engine)
+    for rid, seed, scale in (("cn", 1, 0.5), ("cnd", 2, None)):
+        kw = {} if scale is None else {"controlnet_scale": scale}
+        want = rt.generate("a fox", seed=seed, steps=2, height=64, width=96, control_image=control, **kw).images[0]
+        got = out / recs[rid]["output"]
+        assert Image.open(got).size == (96, 64) and np.array_equal(pixels(got), pixels(want)), rid
+    assert recs["cnd"]["request"]["controlnet_scale"] == 0.75
+    plain = rt.generate("a fox", seed=1, steps=2, height=64, width=96).images[0]
+    assert np.abs(pixels(out / recs["cn"]["output"]) - pixels(plain)).max() > 10  # the control image matters
+    # the plain tiny build takes no control image: the row fails with the validator's message
+    out2 = tmp_path / "out2"
+    write_jsonl(src / "one.jsonl", [{"prompt": "a fox", "control_image": "edges.png"}])
+    assert batch("--engine-dir", tiny_fp32, "--input", src / "one.jsonl", "--out", out2) == 1
+    assert "no ControlNet" in results(out2)[0]["error"]
+
+
 def test_edit_rows(tmp_path, edit_fp32):
     from zimage_deploy import ZImageRuntime
 

@@ -45,8 +45,11 @@ def _run(runtime, items: list[Item], worker: str) -> list[Outcome]:
     first = items[0]
     images = [load_image(path, sha, runtime.limits) for path, sha in first.files["images"]]
     mask = load_image(*first.files["mask"], runtime.limits) if first.files["mask"] else None
+    control = first.files.get("control_image")
+    control = load_image(*control, runtime.limits) if control else None
+    loras = load_loras(runtime, first.files.get("loras") or [])
     result = runtime.generate([i.request["prompt"] for i in items], seed=[i.seed for i in items],
-                              images=images or None, mask=mask, **first.call)
+                              images=images or None, mask=mask, control_image=control, loras=loras, **first.call)
     seconds = (time.perf_counter() - t0) / len(items)
     outcomes = []
     for item, image in zip(items, result.images):
@@ -72,6 +75,18 @@ def load_image(path: str, sha256: str, limits) -> Image.Image:
     if hashlib.sha256(data).hexdigest() != sha256:
         raise RowError(f"{name} changed while the job ran; run the job again")
     return decode_image(data, limits, name)
+
+
+def load_loras(runtime, loras: list):
+    """The LoRAs as planned ([[name, scale, path, sha256], ...]) prepared by the runtime; the files must be the
+    planned versions (else the row fails: a LoRA changed since the job started)."""
+    if not loras:
+        return None
+    lora_set = runtime.loras.prepare([(path, scale) for _, scale, path, _ in loras])
+    read = [sha for sha, _ in lora_set.key]
+    if read != [sha for _, _, _, sha in loras]:
+        raise RowError("a LoRA file changed while the job ran; run the job again")
+    return lora_set
 
 
 def encode_png(image: Image.Image) -> bytes:

@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="make every image again, even those already done")
     ap.add_argument("--allow-outside", action="store_true",
                     help="let rows name image files outside the input file's folder")
+    ap.add_argument("--lora-dir", type=Path, default=None,
+                    help="folder of LoRA .safetensors files that rows may name in a `loras` field (as the server's "
+                         "--lora-dir: names, never paths; a CSV cell: \"name:0.8|other\")")
     ap.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="run on Ray Data: alone, a local Ray (or RAY_ADDRESS); 'auto' or an address for a cluster")
     ap.add_argument("--actors", type=int, default=None,
@@ -85,6 +88,8 @@ def _check_args(args, limits) -> dict:
         raise UserError(f"--batch-size must be between 1 and 1024, got {args.batch_size}")
     if args.actors is not None and args.actors < 1:
         raise UserError(f"--actors must be >= 1, got {args.actors}")
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise UserError(f"--lora-dir {args.lora_dir}: not a folder")
     defaults = {k: getattr(args, k) for k in ("steps", "height", "width", "guidance_scale", "negative_prompt",
                                                "strength")}
     if defaults["strength"] is not None and not 0.0 < defaults["strength"] <= 1.0:
@@ -151,7 +156,7 @@ def main(argv=None) -> int:
     if fmt == "text" and template and set(template.fields) - {"prompt"}:
         raise UserError(f"--template: a text file gives each line as {{prompt}} only, not {template.fields}")
     opts = Options(args.input.parent, manifest, limits, template, args.seed, args.seeds, defaults,
-                   args.allow_outside, {"backend": backend, "cfg_mode": args.cfg_mode})
+                   args.allow_outside, {"backend": backend, "cfg_mode": args.cfg_mode}, args.lora_dir)
     plan = make_plan(rows, opts)
     with _locked(args.out):
         return _run(args, manifest, limits, plan, len(rows), t_start)

@@ -13,7 +13,8 @@ from pathlib import Path
 from ..errors import RequestError, UserError
 from ..runtime.validate import SEED_MAX, Limits
 from .inputs import Row, Template
-from .requests import BATCH_FIELDS, PATH_FIELDS, REQUEST_FIELDS, RowError, check, check_fields, read_file, typed
+from .requests import (BATCH_FIELDS, PATH_FIELDS, REQUEST_FIELDS, RowError, check, check_fields, read_file,
+                       resolve_loras, typed)
 
 MAX_SEEDS = 10_000  # images per request (--seeds)
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -32,6 +33,7 @@ class Options:
     defaults: dict = field(default_factory=dict)  # row fields the command line gives (steps, height, ...)
     allow_outside: bool = False
     runtime: dict = field(default_factory=dict)  # backend, cfg_mode: part of the fingerprint
+    lora_dir: Path | None = None  # where rows' `loras` names are looked up (--lora-dir)
 
     @property
     def variant(self) -> str:
@@ -48,14 +50,17 @@ class Item:
     output: str  # file name in the output folder
     request: dict  # the request as it runs (defaults filled in, image files named and hashed): results.jsonl
     call: dict  # keyword arguments of ZImageRuntime.generate besides prompt, seed, images and mask
-    files: dict  # {"images": [[absolute path, sha256], ...], "mask": [absolute path, sha256] | None}
+    # {"images": [[absolute path, sha256], ...], "mask": [absolute path, sha256] | None, "control_image": the
+    # same | None, "loras": [[name, scale, absolute path, sha256], ...]}
+    files: dict
     fingerprint: str
 
     def group_key(self):
-        """Items with equal keys can share one runtime call (text-to-image only)."""
-        if self.files["images"] or self.files["mask"]:
+        """Items with equal keys can share one runtime call (text-to-image only, the same LoRAs)."""
+        if self.files["images"] or self.files["mask"] or self.files.get("control_image"):
             return None
-        return json.dumps(self.call, sort_keys=True)
+        loras = [(sha, scale) for _, scale, _, sha in self.files.get("loras", [])]
+        return json.dumps([self.call, loras], sort_keys=True)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -145,13 +150,17 @@ def _row_items(row: Row, opts: Options, bkey: str) -> list[Item]:
     image_paths = _path_list(paths)
     images = [read_file(p, "image", opts.input_dir, opts.allow_outside) for p in image_paths]
     mask = read_file(paths["mask"], "mask", opts.input_dir, opts.allow_outside) if "mask" in paths else None
-    conditioned = bool(images) or mask is not None
+    control = read_file(paths["control_image"], "control_image", opts.input_dir, opts.allow_outside) \
+        if "control_image" in paths else None
+    loras = resolve_loras(fields.pop("loras", None), opts.lora_dir, row.text)
+    # the size comes from the input image, unless a control image is given (then the images are resized to it)
+    conditioned = (bool(images) or mask is not None) and control is None
     for k, v in opts.defaults.items():  # the command line fills what the row leaves out
         if v is None or k in fields or (conditioned and k in ("height", "width")):
             continue
-        if k != "strength" or (images and opts.variant != "edit"):
+        if k != "strength" or (images and opts.variant != "edit" and control is None):
             fields[k] = v
-    req = check(opts.limits, fields, images, mask)
+    req = check(opts.limits, fields, images, mask, control)
     base = fields.get("seed")
     base = opts.seed if base is None else base
     if base + opts.seeds - 1 > SEED_MAX:
@@ -165,9 +174,15 @@ def _row_items(row: Row, opts: Options, bkey: str) -> list[Item]:
         request.update(images=[f.given for f in images], images_sha256=[f.sha256 for f in images])
     if mask:
         request.update(mask=mask.given, mask_sha256=mask.sha256)
+    if control:
+        request.update(control_image=control.given, control_image_sha256=control.sha256,
+                       controlnet_scale=req.controlnet_scale)
+    if loras:
+        request["loras"] = [{"name": name, "scale": scale, "sha256": sha} for name, scale, _, sha in loras]
     call = req.pipeline_kwargs(opts.variant)
     stem = rid or f"line{row.line:06d}"
-    files = {"images": [[f.path, f.sha256] for f in images], "mask": [mask.path, mask.sha256] if mask else None}
+    files = {"images": [[f.path, f.sha256] for f in images], "mask": [mask.path, mask.sha256] if mask else None,
+             "control_image": [control.path, control.sha256] if control else None, "loras": loras}
     return [Item(row.line, rid, s, f"{stem}-seed{s}.png", request, call, files,
                  _sha({"request": request, "seed": s, "build": bkey, "runtime": opts.runtime}))
             for s in range(base, base + opts.seeds)]

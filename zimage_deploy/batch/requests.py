@@ -9,16 +9,19 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import RequestError
+from ..errors import RequestError, UserError
 from ..runtime.validate import ImageInfo, Limits, Request, check_request, probe_image
+from .inputs import LIST_SEPARATOR
 
-# the server's POST /v1/generate fields (serve/schema.py GENERATE_FIELDS); `images` / `mask` name files here
+# the server's POST /v1/generate fields (serve/schema.py GENERATE_FIELDS); `images` / `mask` / `control_image`
+# name files here, `loras` names files in --lora-dir
 REQUEST_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "height", "width", "guidance_scale",
-                  "cfg_normalization", "cfg_truncation", "strength", "images", "mask")
-PATH_FIELDS = ("image", "images", "mask")  # `image`: one file, for img2img / inpainting rows
+                  "cfg_normalization", "cfg_truncation", "strength", "images", "mask", "loras", "control_image",
+                  "controlnet_scale")
+PATH_FIELDS = ("image", "images", "mask", "control_image")  # `image`: one file, for img2img / inpainting rows
 BATCH_FIELDS = ("id", "image")
 INT_FIELDS = ("seed", "steps", "height", "width")
-FLOAT_FIELDS = ("guidance_scale", "cfg_normalization", "cfg_truncation", "strength")
+FLOAT_FIELDS = ("guidance_scale", "cfg_normalization", "cfg_truncation", "strength", "controlnet_scale")
 MAX_FILE_BYTES = 64 << 20  # one input image file
 
 
@@ -78,7 +81,8 @@ def read_file(value, what: str, base: Path, allow_outside: bool) -> InputFile:
     return InputFile(value, str(path), hashlib.sha256(data).hexdigest(), probe_image(data, f"{what} {shown}"))
 
 
-def check(limits: Limits, fields: dict, images: list[InputFile], mask: InputFile | None) -> Request:
+def check(limits: Limits, fields: dict, images: list[InputFile], mask: InputFile | None,
+          control: InputFile | None = None) -> Request:
     """The row's request through the validator (images checked from their headers) -> Request."""
     try:
         prompt = fields.get("prompt")
@@ -92,6 +96,30 @@ def check(limits: Limits, fields: dict, images: list[InputFile], mask: InputFile
                              guidance_scale=fields.get("guidance_scale"),
                              cfg_normalization=fields.get("cfg_normalization", 0.0),
                              cfg_truncation=fields.get("cfg_truncation", 1.0), strength=fields.get("strength"),
-                             images=[f.info for f in images], mask=mask.info if mask else None)
+                             images=[f.info for f in images], mask=mask.info if mask else None,
+                             control_image=control.info if control else None,
+                             controlnet_scale=fields.get("controlnet_scale"))
     except RequestError as e:
         raise RowError(str(e)) from None
+
+
+def resolve_loras(value, lora_dir: Path | None, text: bool) -> list[list]:
+    """A row's `loras` (the server's rules: names in `--lora-dir`, never paths; a CSV cell: "a:0.8|b") ->
+    [[name, scale, absolute path, sha256], ...]."""
+    from ..lora.spec import check_scale, file_sha256, parse_lora_list, resolve_lora_name
+
+    try:
+        names = parse_lora_list(value, separator=LIST_SEPARATOR if text else None)
+        if names and lora_dir is None:
+            raise RowError("this row names LoRAs: give the folder that holds them with --lora-dir")
+        out = []
+        for name, scale in names:
+            path = resolve_lora_name(lora_dir, name)
+            out.append([name, check_scale(scale), str(path), file_sha256(path)])
+    except RowError:
+        raise
+    except RequestError as e:
+        raise RowError(str(e)) from None
+    except (OSError, UserError) as e:
+        raise RowError(f"LoRA cannot be read: {e}") from None
+    return out

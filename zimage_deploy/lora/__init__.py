@@ -9,6 +9,7 @@
 """
 
 from .runtime import EMPTY, LoraManager, LoraSet
-from .spec import LoraSpec, list_lora_names, parse_lora_arg, resolve_lora_name
+from .spec import LoraSpec, list_lora_names, parse_lora_arg, parse_lora_list, resolve_lora_name
 
-__all__ = ["EMPTY", "LoraManager", "LoraSet", "LoraSpec", "list_lora_names", "parse_lora_arg", "resolve_lora_name"]
+__all__ = ["EMPTY", "LoraManager", "LoraSet", "LoraSpec", "list_lora_names", "parse_lora_arg", "parse_lora_list",
+           "resolve_lora_name"]

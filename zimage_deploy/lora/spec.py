@@ -4,6 +4,7 @@ folder (the server's `--lora-dir`: never a path taken from a request), and file 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -97,6 +98,42 @@ def resolve_lora_name(folder: Path, name: str) -> Path:
     if root not in real.parents or not real.is_file():
         raise RequestError(f"unknown LoRA {name!r}")
     return real
+
+
+MAX_PER_REQUEST = 4  # LoRAs one request (server) or batch row may name
+
+
+def parse_lora_list(value, separator: str | None = None) -> tuple[tuple[str, float], ...]:
+    """A request's `loras` field: a list of {"name": NAME, "scale": S} (scale default 1) or "NAME" / "NAME:S"
+    strings; a string is the JSON list (a multipart text field), or with `separator` (a batch CSV cell) names
+    separated by it. Names are checked for shape only; `resolve_lora_name` finds them in a folder. RequestError."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        if separator is not None and not value.lstrip().startswith("["):
+            value = [v.strip() for v in value.split(separator) if v.strip()]
+        else:
+            try:
+                value = json.loads(value)
+            except (ValueError, RecursionError):
+                raise RequestError("loras must be a JSON list") from None
+    if not isinstance(value, list) or len(value) > MAX_PER_REQUEST:
+        raise RequestError(f"loras must be a list of at most {MAX_PER_REQUEST} entries")
+    out = []
+    for item in value:
+        if isinstance(item, str):  # "NAME" or "NAME:SCALE"
+            name, _, scale = item.rpartition(":") if ":" in item else (item, "", "1")
+            try:
+                item = {"name": name, "scale": float(scale)}
+            except ValueError:
+                raise RequestError(f"LoRA scale must be a number, got {scale[:40]!r}") from None
+        if not isinstance(item, dict) or set(item) - {"name", "scale"} or not isinstance(item.get("name"), str):
+            raise RequestError('each LoRA is {"name": NAME, "scale": S} or "NAME:S"')
+        scale = item.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise RequestError(f"LoRA scale must be a number, got {str(scale)[:40]!r}")
+        out.append((item["name"][:200], float(scale)))
+    return tuple(out)
 
 
 def list_lora_names(folder: Path) -> list[str]:

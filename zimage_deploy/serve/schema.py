@@ -26,7 +26,7 @@ GENERATE_FIELDS = {"prompt", "negative_prompt", "seed", "steps", "height", "widt
                    "controlnet_scale"}
 EXTENSIONS = {"seed", "steps", "negative_prompt", "guidance_scale", "cfg_normalization", "cfg_truncation", "loras",
               "controlnet_scale"}
-MAX_LORAS = 4  # LoRAs per request
+
 # OpenAI fields without a meaning here: accepted (bounded) and ignored
 IGNORED = {"model", "user", "safety_identifier", "quality", "style", "moderation", "input_fidelity",
            "output_compression", "complexity"}
@@ -98,32 +98,13 @@ class Parsed:
 
 
 def _lora_names(value) -> tuple[tuple[str, float], ...]:
-    """`loras`: a list of {"name": NAME, "scale": S} (scale default 1) or "NAME" / "NAME:S" strings. Names are
-    looked up in the server's --lora-dir only, never taken as paths."""
-    if value is None:
-        return ()
-    if isinstance(value, str):  # a multipart text field: the JSON list
-        try:
-            value = json.loads(value)
-        except (ValueError, RecursionError):
-            raise ApiError(422, "loras must be a JSON list", param="loras") from None
-    if not isinstance(value, list) or len(value) > MAX_LORAS:
-        raise ApiError(422, f"loras must be a list of at most {MAX_LORAS} entries", param="loras")
-    out = []
-    for item in value:
-        if isinstance(item, str):  # "NAME" or "NAME:SCALE"
-            name, colon, scale = item.rpartition(":") if ":" in item else (item, "", "1")
-            try:
-                item = {"name": name, "scale": float(scale)}
-            except ValueError:
-                raise ApiError(422, f"LoRA scale must be a number, got {scale[:40]!r}", param="loras") from None
-        if not isinstance(item, dict) or set(item) - {"name", "scale"} or not isinstance(item.get("name"), str):
-            raise ApiError(422, 'each LoRA is {"name": NAME, "scale": S} or "NAME:S"', param="loras")
-        scale = item.get("scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise ApiError(422, f"LoRA scale must be a number, got {str(scale)[:40]!r}", param="loras")
-        out.append((item["name"][:200], float(scale)))
-    return tuple(out)
+    """`loras` (lora/spec.py's rules): names looked up in the server's --lora-dir only, never taken as paths."""
+    from ..lora.spec import parse_lora_list
+
+    try:
+        return parse_lora_list(value)
+    except RequestError as e:
+        raise ApiError(422, str(e), param="loras") from None
 
 
 # -- values -------------------------------------------------------------------------------------------------
