@@ -260,7 +260,7 @@ def test_failing_request_in_a_group_fails_alone():
 
 # -- identical images ---------------------------------------------------------------------------------------
 def test_images_identical_to_generate_whatever_the_grouping(tmp_path, tiny_fp32, runtime):
-    from zimage_deploy import generate
+    from zimage_deploy import ZImageRuntime, generate
 
     rows = [{"prompt": p, "seed": 10 + i, "steps": 2, **SIZE} for i, p in enumerate(PROMPTS)]
     rows.insert(2, {"prompt": "a tall one", "seed": 3, "steps": 2, "height": 96, "width": 64})  # another group
@@ -288,16 +288,26 @@ def test_images_identical_to_generate_whatever_the_grouping(tmp_path, tiny_fp32,
                               "--output", str(cli_out)]) == 0
         assert np.array_equal(outs[3][f"line{number:06d}-seed{row['seed']}.png"], pixels(cli_out))
     assert not np.array_equal(outs[1]["line000001-seed10.png"], outs[1]["line000002-seed11.png"])
-    # the Torch backend's batched kernels round differently from its batch-1 ones: within 1/255
+    # the Torch backend's batched kernels round differently from its batch-1 ones (within 1/255): its default
+    # batch size is 1, which makes `generate`'s images bit for bit; --batch-size 4 is the user's choice
     torch_outs = {}
-    for bs in (1, 4):
+    for bs in (None, 4):
         out = tmp_path / f"torch{bs}"
-        assert batch("--engine-dir", tiny_fp32, "--input", tmp_path / "in.jsonl", "--out", out, "--batch-size", bs,
+        extra = () if bs is None else ("--batch-size", bs)
+        assert batch("--engine-dir", tiny_fp32, "--input", tmp_path / "in.jsonl", "--out", out, *extra,
                      "--backend", "torch") == 0
+        assert max(r["batch_size"] for r in results(out)) == (bs or 1)
         torch_outs[bs] = {r["output"]: pixels(out / r["output"]) for r in results(out)}
-    for name, image in torch_outs[1].items():
-        assert np.abs(image - torch_outs[4][name]).max() <= 1, name
-        assert np.abs(image - outs[1][name]).max() <= 2, name  # and close to ONNX Runtime's
+    default = tmp_path / "default"  # and ONNX Runtime's default groups
+    assert batch("--engine-dir", tiny_fp32, "--input", tmp_path / "in.jsonl", "--out", default) == 0
+    assert max(r["batch_size"] for r in results(default)) == 4
+    torch_rt = ZImageRuntime(tiny_fp32, backend="torch")
+    for number, row in enumerate(rows, 1):
+        name = f"line{number:06d}-seed{row['seed']}.png"
+        ref = torch_rt.generate(row["prompt"], seed=row["seed"], steps=2, height=row["height"], width=row["width"])
+        assert np.array_equal(torch_outs[None][name], pixels(ref.images[0])), name
+        assert np.abs(torch_outs[None][name] - torch_outs[4][name]).max() <= 1, name
+        assert np.abs(torch_outs[None][name] - outs[1][name]).max() <= 2, name  # and close to ONNX Runtime's
 
 
 # -- resumption ---------------------------------------------------------------------------------------------
