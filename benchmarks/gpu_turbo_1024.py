@@ -162,7 +162,7 @@ def build_ours(pipe, cfg: dict, device, dtype, out: Path) -> dict:
     """Our export-friendly modules with diffusers' weights (allocated in their compute dtype, filled one tensor at
     a time), and a build folder (manifest, tokenizer, scheduler) for the runtime: no ONNX, Torch runs the modules."""
     from zimage_deploy import manifest as manifest_io
-    from zimage_deploy.build import model_facts
+    from zimage_deploy.facts import model_facts
     from zimage_deploy.export.specs import describe_io, specs_for
     from zimage_deploy.models.dit import DiTConfig, TimestepEmbedder, ZImageDiT, iter_fused
     from zimage_deploy.models.fast import share_copy

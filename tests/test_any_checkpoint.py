@@ -19,7 +19,7 @@ import torch
 
 from conftest import synthetic_image
 from zimage_deploy import build
-from zimage_deploy.runtime.pipeline import open_pipeline
+from zimage_deploy.runtime.open import open_pipeline
 from zimage_deploy.tiny import write_checkpoint
 
 DRAWS = int(os.environ.get("ZIMAGE_PROPERTY_DRAWS", "3"))

@@ -14,7 +14,7 @@ from zimage_deploy.cli import run_cli
 from zimage_deploy.errors import UserError
 from zimage_deploy.export import onnx_export
 from zimage_deploy.fsutil import folder_lock
-from zimage_deploy.runtime.pipeline import open_pipeline
+from zimage_deploy.runtime.open import open_pipeline
 
 
 def _run(argv, capsys):

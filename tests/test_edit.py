@@ -14,8 +14,8 @@ from conftest import synthetic_image
 from zimage_deploy import generate
 from zimage_deploy.cli import run_cli
 from zimage_deploy.models.load import load_dit
-from zimage_deploy.runtime.omni import batch_layouts, build_layout
-from zimage_deploy.runtime.pipeline import open_pipeline
+from zimage_deploy.models.omni import batch_layouts, build_layout
+from zimage_deploy.runtime.open import open_pipeline
 
 
 @pytest.mark.parametrize("seg_lens,cond_sizes,target", [

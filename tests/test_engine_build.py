@@ -108,7 +108,7 @@ def test_drop_intermediate(tmp_path, tiny_ckpt):
     written; the plans and the manifest's hashes stay; the graph backends refuse the build; a rebuild without
     the flag exports again and keeps the engines (same keys)."""
     from zimage_deploy.errors import UserError
-    from zimage_deploy.runtime.pipeline import open_pipeline
+    from zimage_deploy.runtime.open import open_pipeline
 
     out = tmp_path / "b"
     argv = ["--model", str(tiny_ckpt), "--target", "rtx4090", "--precision", "int4", "--int4-method", "rtn",

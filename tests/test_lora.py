@@ -24,7 +24,7 @@ from zimage_deploy.cli import run_cli
 from zimage_deploy.errors import RequestError, UserError
 from zimage_deploy.lora import LoraManager, parse_lora_arg, resolve_lora_name
 from zimage_deploy.lora.formats import read_lora
-from zimage_deploy.lora.fuse import factors
+from zimage_deploy.models.stream import factors
 from zimage_deploy.lora.runtime import BoundedCache
 from zimage_deploy.lora.targets import from_checkpoint, from_graphs
 from zimage_deploy.models.dit import fuse_state_dict

@@ -34,8 +34,8 @@ from zimage_deploy import build
 from zimage_deploy.errors import UserError
 from zimage_deploy.numerics import e2m1_codes, fake_nvfp4, nvfp4_blocks, nvfp4_global_scale, to_e2m1
 from zimage_deploy.export.specs import CHECK_DIMS, specs_for
-from zimage_deploy.quantize.calibrate import layers_of, load_scales
-from zimage_deploy.quantize.emulate import _weight
+from zimage_deploy.scales import layers_of, load_scales
+from zimage_deploy.models.emulate import _weight
 from zimage_deploy.quantize.gate import psnr, unquantized_manifest
 from zimage_deploy.runtime.backends import TorchBackend
 from zimage_deploy.runtime.pipeline import Pipeline

@@ -32,8 +32,8 @@ from graph_ref import initializer, linear_io, with_outputs
 from zimage_deploy import build
 from zimage_deploy.errors import UserError
 from zimage_deploy.export.specs import CHECK_DIMS, specs_for
-from zimage_deploy.models.load import LOADER_OF
-from zimage_deploy.quantize.calibrate import layers_of, load_scales
+from zimage_deploy.components import LOADER_OF
+from zimage_deploy.scales import layers_of, load_scales
 from zimage_deploy.quantize.gate import GATE_PROMPTS, psnr, unquantized_manifest
 from zimage_deploy.quantize.options import DEFAULT_EXCLUDE, SHIPPED_PROMPTS, load_prompts
 from zimage_deploy.runtime.backends import OnnxRuntimeBackend, TorchBackend

@@ -96,9 +96,9 @@ def test_same_message_cli_api_server(runtime, server, tiny_fp32, tmp_path, capsy
 
 def test_cli_checks_before_loading_any_model(tiny_fp32, tmp_path, capsys, monkeypatch):
     """A bad request never reaches open_pipeline (no model loads)."""
-    import zimage_deploy.runtime.pipeline as pipeline
+    import zimage_deploy.runtime.open as opening
 
-    monkeypatch.setattr(pipeline, "open_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(opening, "open_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     assert _cli_error(tiny_fp32, dict(steps=0), tmp_path, capsys).startswith("steps must be")
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -15,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import UserError
+from .hashing import load_stamps, remembered_sha256, stamp_key
 
 # What each component folder must hold (besides weights, checked separately).
 REQUIRED_FILES = {
@@ -28,10 +28,6 @@ WEIGHT_FOLDERS = ("transformer", "text_encoder", "vae")
 EDIT_FILES = {"siglip": ["config.json"], "siglip_processor": ["preprocessor_config.json"]}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.safetensors", "tokenizer/*", "*/*.jinja", "*/*.txt"]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ZIMAGE_DEPLOY_CACHE", Path.home() / ".cache" / "zimage_deploy"))
 
 
 def missing_files(path: Path, variant: str = "turbo") -> list[str]:
@@ -171,50 +167,14 @@ def content_hash(path: Path) -> str:
     from tqdm import tqdm
 
     files = sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts)
-    stamps = _load_stamps()
-    todo = [p for p in files if _stamp_key(p) not in stamps]
-    total = sum(p.stat().st_size for p in todo)
+    stamps = load_stamps()
+    total = sum(p.stat().st_size for p in files if stamp_key(p) not in stamps)
     with tqdm(total=total, unit="B", unit_scale=True, desc="hashing checkpoint", disable=total < 1 << 30) as bar:
-        for p in todo:
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    h.update(chunk)
-                    bar.update(len(chunk))
-            stamps[_stamp_key(p)] = h.hexdigest()
-    if todo:
-        _save_stamps(stamps)
+        sums = remembered_sha256(files, bar.update)
     h = hashlib.sha256()
     for p in files:
-        h.update(str(p.relative_to(path)).encode() + b"\0" + stamps[_stamp_key(p)].encode())
+        h.update(str(p.relative_to(path)).encode() + b"\0" + sums[p].encode())
     return h.hexdigest()
-
-
-def _stamp_key(p: Path) -> str:
-    st = p.stat()
-    return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-
-
-def _stamps_path() -> Path:
-    return cache_dir() / "file-hashes.json"
-
-
-def _load_stamps() -> dict:
-    try:
-        stamps = json.loads(_stamps_path().read_text())
-        return stamps if isinstance(stamps, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _save_stamps(stamps: dict) -> None:
-    from .fsutil import atomic_file
-
-    try:
-        with atomic_file(_stamps_path()) as tmp:
-            tmp.write_text(json.dumps(stamps))
-    except OSError:  # a read-only cache only costs the next build a re-read
-        pass
 
 
 def model_key(model: str, variant: str) -> str:

@@ -28,9 +28,11 @@ from safetensors import safe_open
 
 from .checkpoint import read_config
 from .errors import UserError
-from .models.controlnet import ControlBranch, ControlNetConfig, hint_buffers
+from .hashing import remembered_sha256
+from .models.controlnet import ControlBranch, ControlNetConfig
 from .models.dit import DiTConfig, convert_diffusers_key, iter_fused
 
+DEFAULT_SCALE = 0.75  # diffusers' controlnet_conditioning_scale default
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "controlnet.")  # wrappers some exporters add
 # Saved by diffusers beside the ControlNet's own weights when it was attached to a transformer (from_transformer):
@@ -81,7 +83,7 @@ class ControlNetSource:
         if self._sha is None:
             h = hashlib.sha256()
             for f in self.files:
-                h.update(f.name.encode() + b"\0" + _file_sha256(f).encode())
+                h.update(f.name.encode() + b"\0" + remembered_sha256([f])[f].encode())
             h.update(json.dumps(self.config.as_dict(), sort_keys=True).encode())  # an inferred config is part of it
             self._sha = h.hexdigest()
         return self._sha
@@ -108,22 +110,6 @@ class ControlNetSource:
         if src.sha256 != rec["sha256"]:
             raise UserError(f"the build's ControlNet ({rec['path']}) changed since the build (sha256 differs): rebuild")
         return src
-
-
-def _file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered in the checkpoint hash cache by (path, size, mtime) like checkpoint files."""
-    from .checkpoint import _load_stamps, _save_stamps, _stamp_key
-
-    stamps = _load_stamps()
-    key = _stamp_key(path)
-    if key not in stamps:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-        stamps[key] = h.hexdigest()
-        _save_stamps(stamps)
-    return stamps[key]
 
 
 # -- finding and checking --------------------------------------------------------------------------------------
@@ -355,13 +341,6 @@ def loader_kwargs(manifest: dict, loader: str) -> dict:
     return {"controlnet": ControlNetSource.from_record(rec)}
 
 
-def dit_stream(items, source: ControlNetSource, n_layers: int):
-    """The DiT's weight stream with the ControlNet's weights and the hint slots appended."""
-    yield from items
-    yield from source.weights()
-    yield from hint_buffers(source.config, n_layers)
-
-
 # -- calibration and the quality gate ------------------------------------------------------------------------
 def line_drawing(width: int, height: int, seed: int, color: bool = False):
     """A deterministic control image like an edge map (white lines, boxes and ellipses on black; `color`: coloured
@@ -395,8 +374,6 @@ def sample_request(facts: dict, i: int, side: int, held_out: bool = False) -> di
     if not cn:
         return {}
     from PIL import Image
-
-    from .runtime.control import DEFAULT_SCALE
 
     seed = i + (10_000 if held_out else 0)
     kwargs = {"control_image": line_drawing(side, side, seed), "controlnet_scale": DEFAULT_SCALE}

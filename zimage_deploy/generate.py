@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     from . import manifest as manifest_io
     from .lora import LoraManager, parse_lora_arg
     from .runtime.backends import resolve_backend
-    from .runtime.pipeline import open_pipeline
+    from .runtime.open import open_pipeline
     from .runtime.validate import (MASK_NEEDS_IMAGE, SCALE_NEEDS_CONTROL, STRENGTH_NEEDS_IMAGE, Limits,
                                    check_request, decode_image, probe_image)
 

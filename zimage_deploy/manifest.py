@@ -65,3 +65,10 @@ def save(engine_dir: Path, manifest: dict) -> None:
 
 def complete_components(manifest: dict) -> list[str]:
     return [n for n, c in manifest.get("components", {}).items() if c.get("status") == "complete"]
+
+
+def planned_low_vram(manifest: dict, low_vram: bool | None) -> bool:
+    """`low_vram` as asked, or (None) the mode the build's VRAM plan picked for its target (`runtime.mode`)."""
+    if low_vram is None:
+        return (manifest.get("runtime") or {}).get("mode") == "low-vram"
+    return bool(low_vram)

@@ -1,5 +1,5 @@
 """FP8 (E4M3), INT4 and NVFP4 quantization arithmetic, written once: the Q/DQ graph writer (quantize/qdq.py), the Torch
-emulation of those graphs (quantize/emulate.py) and the Torch FP8 path (models/fast.py) all quantize through
+emulation of those graphs (models/emulate.py) and the Torch FP8 path (models/fast.py) all quantize through
 these functions, so they agree by construction.
 
 Symmetric, scale = amax / max-code; values beyond amax saturate, as `QuantizeLinear` does.

@@ -30,6 +30,7 @@ import torch
 
 from .cli import run_cli
 from .errors import UserError
+from .facts import SMALL_SIDES, small_model
 from .targets import PRECISIONS, QUANTIZED, TARGETS, get_target, precision_plan
 from .variants import VARIANTS, get_variant
 
@@ -271,7 +272,7 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
     plan_of = precision_plan(precision, t.base)
     scale = 2 ** (len(cfgs["vae"]["block_out_channels"]) - 1)
     patch = dit.cfg.patch_size
-    side_max = max_side or max(height, width, v.max_side if dit.cfg.dim >= 1024 else 512)
+    side_max = max_side or max(height, width, SMALL_SIDES[1] if small_model(dit.cfg.dim) else v.max_side)
 
     def tokens(h, w):
         return (h // scale // patch) * (w // scale // patch)

@@ -49,10 +49,11 @@ def refit(engine_dir: Path, loras=(), log=print) -> dict:
     """Refit the DiT engines of `engine_dir` to base + `loras` ((path, scale) pairs or 'PATH[:SCALE]')."""
     import torch
 
-    from .engines.builder import device_capability, sha256_file
+    from .engines.builder import device_capability
+    from .hashing import file_sha256
     from .engines.flavour import import_trt, version
     from .lora.formats import read_lora
-    from .lora.fuse import factors
+    from .models.stream import factors
     from .lora.spec import as_spec
     from .lora.targets import from_graphs, graph_initializers, graph_path
     from .lora.tensorrt import refit_engine
@@ -86,7 +87,7 @@ def refit(engine_dir: Path, loras=(), log=print) -> dict:
             with atomic_file(plan, suffix=".plan") as tmp:
                 tmp.write_bytes(memoryview(serialized))
             del serialized, engine
-            comp["engine"].update(plan_sha256=sha256_file(plan), bytes=plan.stat().st_size, loras=record)
+            comp["engine"].update(plan_sha256=file_sha256(plan), bytes=plan.stat().st_size, loras=record)
             manifest_io.save(engine_dir, manifest)
             changed = sum(1 for n in adaptable if n in table)
             log(f"[refit] {name}: {changed} of {len(adaptable)} adaptable weights with LoRA deltas, the rest base "

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import cache_dir
 from .fsutil import atomic_dir
+from .paths import cache_dir
 
 TINY_VERSION = 1  # bump when the tiny checkpoint's content changes
 

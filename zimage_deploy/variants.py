@@ -18,13 +18,15 @@ class Variant:
     max_side: int
     components: tuple[str, ...]
     uses_cfg: bool
+    layout: str = "basic"  # the DiT's sequence layout: "basic" (text -> image) or "omni" (condition images too)
+    quantizable: bool = True  # the quantize stage can calibrate it (the omni layout's needs condition images)
 
 
 # Components, in pipeline order. "context_refiner" is the prompt-only part of the DiT
 # (caption embedder + context refiner): it runs once per prompt, "transformer" once per step.
 # "vae_encoder" serves img2img and inpainting.
 TURBO_COMPONENTS = ("text_encoder", "context_refiner", "transformer", "vae_decoder", "vae_encoder")
-# Edit / Omni: the context refiner and transformer take an explicit sequence layout (runtime/omni.py); the
+# Edit / Omni: the context refiner and transformer take an explicit sequence layout (models/omni.py); the
 # SigLIP2 vision tower and the DiT's SigLIP refiner encode the condition images once per request.
 EDIT_COMPONENTS = ("text_encoder", "context_refiner", "siglip_refiner", "transformer", "vae_decoder",
                    "vae_encoder", "vision_encoder")
@@ -62,6 +64,8 @@ VARIANTS: dict[str, Variant] = {
         max_side=2048,
         components=EDIT_COMPONENTS,
         uses_cfg=True,
+        layout="omni",
+        quantizable=False,
     ),
 }
 

@@ -13,9 +13,10 @@ import json
 import time
 from pathlib import Path
 
-from ..checkpoint import cache_dir
 from ..errors import UserError
 from ..fsutil import atomic_file
+from ..hashing import file_sha256
+from ..paths import cache_dir
 from .flavour import import_trt, version
 from .profiles import EngineOptions
 
@@ -23,14 +24,6 @@ from .profiles import EngineOptions
 def engine_key(onnx_sha: str, flavour: str, trt_version: str, sm: str, profile: dict, opts: EngineOptions) -> str:
     payload = json.dumps([onnx_sha, flavour, trt_version, sm, profile, opts.as_dict()], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _has_cuda() -> bool:
@@ -139,7 +132,7 @@ class EngineBuilder:
         if cache is not None:
             _write_atomic(self.cache_path, memoryview(cache.serialize()))
         return {
-            "plan_sha256": sha256_file(plan_path),
+            "plan_sha256": file_sha256(plan_path),
             "bytes": plan_path.stat().st_size,
             "flavour": self.target.flavour,
             "version": self.version,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import UserError
+from ..facts import FULL_SIDE, SMALL_SIDE, SMALL_SIDES, small_model
 from ..models.dit import SEQ_MULTIPLE
 
 MAX_TEXT = 512
@@ -46,8 +47,8 @@ class EngineOptions:
 
 
 def side_range(variant, facts: dict, opts: EngineOptions) -> tuple[int, int, int]:
-    small = facts["dim"] < 1024
-    lo, hi, opt = (64, 512, 256) if small else (variant.min_side, variant.max_side, 1024)
+    lo, hi, opt = (*SMALL_SIDES, SMALL_SIDE) if small_model(facts["dim"]) else \
+        (variant.min_side, variant.max_side, FULL_SIDE)
     lo, hi = opts.min_side or lo, opts.max_side or hi
     opt = opts.opt_side or min(max(opt, lo), hi)
     multiple = facts["vae_scale_factor"] * facts["patch_size"]

@@ -4,7 +4,6 @@ the manifest. Written into a temp folder and renamed when complete."""
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import onnx
 import torch
 
 from ..fsutil import atomic_dir
+from ..hashing import folder_sha256
 from .specs import STATIC_DIMS, TRACE_DIMS, describe_io, specs_for
 from .stamp import stamp_layers
 from .weights import attach_weights, module_weights
@@ -20,16 +20,6 @@ EXPORT_FORMAT = 3  # bump when the exported graphs change for the same inputs (k
 OPSET = 19  # FP8 Q/DQ (the quantization stage) needs >= 19; TorchScript exporter max is 20
 ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.BFLOAT16: "bfloat16",
                onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.FLOAT16: "float16"}
-
-
-def file_hash(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.iterdir()):
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def export_component(name: str, model: torch.nn.Module, facts: dict, compute: torch.dtype, out_dir: Path,
@@ -81,7 +71,7 @@ def export_component(name: str, model: torch.nn.Module, facts: dict, compute: to
             "initializers": summary["initializers"],
             "weight_bytes": summary["weight_bytes"],
             "bytes": sum(p.stat().st_size for p in tmp.iterdir()),
-            "onnx_sha256": file_hash(tmp),
+            "onnx_sha256": folder_sha256(tmp),
         }
     return entry
 

@@ -169,7 +169,7 @@ class _VisionEncoder(nn.Module):
 
 def _omni_sample(facts, d, dtype):
     """A real Omni layout (two prompts of different lengths, one condition image) from the host builder."""
-    from ..runtime.omni import batch_layouts, build_layout
+    from ..models.omni import batch_layouts, build_layout
 
     g = torch.Generator().manual_seed(5)
     cap, sig, c = facts["cap_feat_dim"], facts["siglip_feat_dim"], facts["latent_channels"]

@@ -14,7 +14,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .fuse import Factor
+from ..models.stream import Factor
 
 
 class TorchAdapters:

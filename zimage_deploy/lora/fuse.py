@@ -1,10 +1,9 @@
 """LoRAs fused into the DiT weights at build time.
 
-The fusion happens in one place, the DiT's weight stream (`models/load.py`: checkpoint tensors -> our fused
-naming -> here): the loaded module (ordinary export, parity, Torch backend, quantization calibration) and the
-memory-lean export (weights streamed into the graphs) read the same fused weights. A fused weight is
-`W + sum(scale * up @ down)` in float32 (diffusers' `fuse_lora` arithmetic), handed on in float32 and cast by its
-consumer to the build's dtype.
+The fusion happens in one place, the DiT's weight stream (models/stream.py: checkpoint tensors -> our fused
+naming -> LoRA deltas): the loaded module (ordinary export, parity, Torch backend, quantization calibration) and the
+memory-lean export (weights streamed into the graphs) read the same fused weights. This module says which LoRAs a
+build fuses: read and checked at build time (`BuildLoras`), reread from the build's copies afterwards.
 
 A build records each fused LoRA in the manifest (sha256, scale, format) and keeps a copy in `DIR/loras/`, so that
 whatever reloads the DiT later (the Torch backend, the quantize stage) fuses exactly the same file.
@@ -16,50 +15,13 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
-import torch
-
-from ..errors import InternalError, UserError
+from ..components import DIT, loader_of
+from ..errors import UserError
 from .formats import Lora, read_lora
 from .spec import as_spec, file_sha256
-from .targets import DIT_LOADER, from_checkpoint
-
-Factor = tuple[tuple[int, int], torch.Tensor, torch.Tensor, float]  # rows, down, up, total scale
-
-
-def factors(loras: Sequence[tuple[Lora, float]]) -> dict[str, list[Factor]]:
-    """target weight -> its low-rank factors, in the order given, each with scale = user scale x file scale."""
-    table: dict[str, list[Factor]] = {}
-    for lora, scale in loras:
-        for layer in lora.layers:
-            table.setdefault(layer.target, []).append((layer.rows, layer.down, layer.up, scale * layer.scale))
-    return table
-
-
-def fused_weight(weight: torch.Tensor, parts: list[Factor]) -> torch.Tensor:
-    """`weight` + its LoRA deltas, in float32."""
-    w = weight.float().clone()
-    for (a, b), down, up, scale in parts:
-        w[a:b] += (up @ down) * scale
-    return w
-
-
-def fuse_stream(items: Iterable[tuple[str, torch.Tensor]], loras: Sequence[tuple[Lora, float]]) \
-        -> Iterator[tuple[str, torch.Tensor]]:
-    """(our name, tensor) pairs with the LoRA deltas added to the weights they adapt."""
-    table = factors(loras)
-    seen = set()
-    for name, tensor in items:
-        parts = table.get(name)
-        if parts:
-            if tensor.dim() != 2 or tensor.shape[1] != parts[0][1].shape[1]:
-                raise InternalError(f"LoRA target {name} has shape {tuple(tensor.shape)}")
-            tensor = fused_weight(tensor, parts)
-            seen.add(name)
-        yield name, tensor
-    if set(table) - seen:
-        raise InternalError(f"LoRA targets missing from the weight stream: {sorted(set(table) - seen)[:5]}")
+from .targets import from_checkpoint
 
 
 def lora_key(loras: Sequence[tuple[Lora, float]]) -> str:
@@ -95,13 +57,11 @@ class BuildLoras:
 
     def key_for(self, component: str) -> str:
         """The part of a component's up-to-date key that the LoRAs make: '' for components without DiT weights."""
-        from ..models.load import LOADER_OF
-
-        return self.key if LOADER_OF.get(component, component) == DIT_LOADER else ""
+        return self.key if loader_of(component) == DIT else ""
 
     def kwargs(self, loader: str) -> dict:
         """Keyword arguments of a loader (models/load.py) for these LoRAs."""
-        return {"loras": self.loras} if self.loras and loader == DIT_LOADER else {}
+        return {"loras": self.loras} if self.loras and loader == DIT else {}
 
     def save(self, out: Path) -> list[dict]:
         """Copy the files into `out/loras/` (atomically; kept when already there) -> the manifest's `loras`."""
@@ -136,6 +96,6 @@ def build_loras(engine_dir: Path, manifest: dict) -> list[tuple[Lora, float]]:
 
 def loader_kwargs(engine_dir: Path, manifest: dict, loader: str) -> dict:
     """Keyword arguments that make `loader` (models/load.py) load the DiT as the build fused it."""
-    if loader != DIT_LOADER or not manifest.get("loras"):
+    if loader != DIT or not manifest.get("loras"):
         return {}
     return {"loras": build_loras(engine_dir, manifest)}

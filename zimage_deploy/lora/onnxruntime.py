@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fuse import Factor, fused_weight
+from ..models.stream import Factor, fused_weight
 from .targets import dit_components, graph_path
 
 DISABLED = ["ConstantFolding"]

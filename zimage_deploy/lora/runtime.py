@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InternalError, RequestError, UserError
+from ..manifest import planned_low_vram
+from ..models.stream import factors
 from ..targets import QUANTIZED
 from .formats import Lora, read_lora
-from .fuse import factors
 from .spec import as_spec, file_sha256
 from .targets import dit_components, from_graphs, graph_path
 
@@ -156,8 +157,6 @@ class LoraManager:
                  max_file_bytes: int = 2 << 30):
         """`backend`: the backend's name (resolved, not auto); `low_vram`: the TensorRT backend's mode."""
         self.pipeline = None
-        from ..runtime.backends import planned_low_vram
-
         low_vram = planned_low_vram(manifest, low_vram)  # as make_backend decides it
         self.engine_dir, self.manifest, self.backend_name, self.low_vram = Path(engine_dir), manifest, backend, low_vram
         self.files = BoundedCache(64, max_file_bytes, lambda lora: lora.nbytes)

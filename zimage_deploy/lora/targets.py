@@ -20,10 +20,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InternalError, UserError
+from ..components import DIT, loader_of
+from ..errors import InternalError
 from ..models.dit import convert_diffusers_key
-
-DIT_LOADER = "transformer"
 
 
 @dataclass(frozen=True)
@@ -131,9 +130,7 @@ def from_checkpoint(ckpt: Path) -> Targets:
 
 def dit_components(manifest: dict) -> list[str]:
     """The build's components that run DiT weights (context refiner, transformer, SigLIP refiner)."""
-    from ..models.load import LOADER_OF
-
-    return [n for n in manifest["components"] if LOADER_OF.get(n, n) == DIT_LOADER]
+    return [n for n in manifest["components"] if loader_of(n) == DIT]
 
 
 def graph_path(engine_dir: Path, comp: dict) -> Path:

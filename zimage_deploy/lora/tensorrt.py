@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .fuse import Factor
+from ..models.stream import Factor
 from .onnxruntime import adapted_weights
 from .targets import graph_initializers
 

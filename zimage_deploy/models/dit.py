@@ -192,7 +192,7 @@ class FinalLayer(nn.Module):
 
 
 class OmniMixin:
-    """Omni (Edit) mode with the sequence layout given explicitly (built on the host by runtime/omni.py):
+    """Omni (Edit) mode with the sequence layout given explicitly (built on the host by models/omni.py):
     positions, pad-token masks, validity (batch padding) and noisy/clean masks are inputs, so one graph serves
     any number and size of condition images. Order of the joint sequence: [caption, image, siglip]."""
 

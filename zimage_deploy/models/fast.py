@@ -74,7 +74,7 @@ def fp8_blocks(model: ZImageDiT, scales: dict[str, torch.Tensor] | None = None, 
     attention and feed-forward projections of every transformer block, dynamic activation scales; adaLN,
     embedders and the final layer are left alone."""
     if scales is not None:
-        from ..quantize.calibrate import layers_of
+        from ..scales import layers_of
 
         chosen = set(layers_of(scales))
     else:

@@ -9,8 +9,9 @@ from torch import nn
 
 from ..checkpoint import iter_tensors, read_config
 from ..errors import UserError
-from .dit import DiTConfig, TimestepEmbedder, ZImageDiT, iter_fused
+from .dit import DiTConfig, TimestepEmbedder, ZImageDiT
 from .layers import FP32LayerNorm, RMSNorm, swap_norms, to_compute_dtype
+from .stream import dit_weights
 from .text_encoder import TextEncoder, TextEncoderConfig, iter_converted
 from .vae import VAEDecoder, VAEEncoder
 
@@ -58,23 +59,8 @@ def load_dit(ckpt: Path, dtype: torch.dtype = torch.float32, loras=(), controlne
             attach(model, controlnet.config)
     model = _empty(model, dtype, keep_fp32=(TimestepEmbedder,))
     _restore_buffers(model, cfg)  # non-persistent buffers were left empty by to_empty
-    _load(model, _dit_weights(ckpt, loras, controlnet), ckpt / "transformer")
+    _load(model, dit_weights(ckpt, loras, controlnet), ckpt / "transformer")
     return model.eval().requires_grad_(False)
-
-
-def _dit_weights(ckpt: Path, loras=(), controlnet=None):
-    """The DiT's weights in our naming, with the LoRAs fused (and the ControlNet's after them): the one stream every
-    DiT consumer reads."""
-    items = iter_fused(iter_tensors(ckpt / "transformer"))
-    if loras:
-        from ..lora.fuse import fuse_stream
-
-        items = fuse_stream(items, loras)
-    if controlnet is not None:
-        from ..controlnet import dit_stream
-
-        items = dit_stream(items, controlnet, DiTConfig.from_diffusers(read_config(ckpt, "transformer")).n_layers)
-    return items
 
 
 def _restore_buffers(model: ZImageDiT, cfg: DiTConfig) -> None:
@@ -149,9 +135,6 @@ LOADERS = {
     "vae_decoder": load_vae_decoder,
     "vae_encoder": load_vae_encoder,
 }
-# graphs cut from one loaded model: the DiT serves the context refiner, the SigLIP refiner and the transformer (and,
-# with a ControlNet attached, the `controlnet` hints graph, which shares its embedders and noise refiner)
-LOADER_OF = {"context_refiner": "transformer", "siglip_refiner": "transformer", "controlnet": "transformer"}
 
 
 # -- the memory-lean export path: two-layer templates (real width) and weights streamed from the checkpoint --
@@ -206,7 +189,7 @@ def text_encoder_template(ckpt: Path, dtype: torch.dtype = torch.float32) -> tup
 def stream_weights(ckpt: Path, loader: str, loras=(), controlnet=None):
     """(name, tensor) pairs of a component's weights in our naming, read one at a time from safetensors."""
     if loader == "transformer":
-        return _dit_weights(ckpt, loras, controlnet)
+        return dit_weights(ckpt, loras, controlnet)
     cfg = TextEncoderConfig.from_transformers(read_config(ckpt, "text_encoder"))
     return iter_converted(iter_tensors(ckpt / "text_encoder"), cfg.used_layers)
 

@@ -6,11 +6,7 @@ saved to a small safetensors file per component. The graph rewrite (qdq.py) read
 ONNX graph, and the graph rewrite never needs the Torch model (so a real-size graph is quantized one tensor at a
 time).
 
-Scale file keys, per quantized linear module NAME (the ONNX initializer of its weight is NAME.weight):
-  NAME.weight_amax      per tensor (FP8, NVFP4's global scale) or per block, (out, in / block) (INT4)
-  NAME.input_amax       FP8 activations, per tensor; NVFP4: the range behind the activations' global scale
-  NAME.pre_quant_scale  INT4 AWQ: the activation is multiplied by it and the weight divided by it, per input channel
-and per attention module ATTN of the DiT with FP8 attention: ATTN.q_bmm_amax, ATTN.k_bmm_amax, ATTN.v_bmm_amax.
+The scale files and their keys: zimage_deploy/scales.py.
 """
 
 from __future__ import annotations
@@ -20,18 +16,15 @@ import importlib
 import io
 import threading
 import warnings
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, safe_open, save_file
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..fsutil import atomic_file
 from ..models.dit import Attention
 from ..models.layers import Linear
 from ..numerics import NVFP4_BLOCK
-from ..runtime.backends import Backend
+from ..runtime.backend import Backend
+
 
 def modelopt():
     """modelopt's quantization package, with our Linear registered as a quantizable linear layer."""
@@ -158,25 +151,6 @@ def collect_scales(model, layers, scheme: str, block: int, attention=()) -> dict
         if pqs is not None:
             scales[f"{name}.pre_quant_scale"] = pqs.detach().float().cpu().flatten()
     return {k: v.contiguous().clamp(min=1e-12) for k, v in scales.items()}
-
-
-def save_scales(path: Path, scales: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    with atomic_file(path, suffix=".safetensors") as tmp:
-        save_file(scales, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-
-
-def load_scales(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return load_file(str(path)), meta
-
-
-def layers_of(scales: dict) -> list[str]:
-    return sorted({k.rsplit(".", 1)[0] for k in scales if k.endswith(".weight_amax")})
-
-
-def attention_layers_of(scales: dict) -> list[str]:
-    return sorted({k.rsplit(".", 1)[0] for k in scales if k.endswith(".q_bmm_amax")})
 
 
 # -- the forward loops --------------------------------------------------------------------------------------

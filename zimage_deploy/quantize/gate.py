@@ -3,7 +3,7 @@
 Same prompts, seeds and size through the sampling loop twice: once with the quantized components, once with
 their unquantized graphs. Image PSNR (8-bit) and the cosine of the final latents per prompt; the build fails
 below the thresholds. Backend: ONNX Runtime when the graphs are float32 (the cpu target); otherwise the Torch
-backend with the graphs' quantization applied from the same scale files (emulate.py) — ONNX Runtime has no BF16
+backend with the graphs' quantization applied from the same scale files (models/emulate.py) — ONNX Runtime has no BF16
 kernels on the CPU and no FP4 ones at all, and TensorRT engines need their GPU.
 """
 

@@ -38,13 +38,12 @@ from ..export.weights import DATA_FILE, EXTERNAL_THRESHOLD, TORCH_OF, ExternalWr
 from ..fsutil import atomic_dir
 from ..numerics import (E4M3_MAX, INT4_MAX, NVFP4_BLOCK, e2m1_codes, fp8_scale, int4_blocks, nvfp4_blocks,
                         nvfp4_global_scale, to_fp8, weight_amax)
-from .calibrate import attention_layers_of, layers_of, load_scales
+from ..scales import PROBS_AMAX, attention_layers_of, layers_of, load_scales
 from .options import DEFAULT_EXCLUDE
 
 SCHEMES = ("int4", "fp8", "nvfp4")
 QDQ_OPSET = {"int4": 21, "fp8": 21, "nvfp4": 23}  # 21: INT4 blocked DequantizeLinear; 23: FLOAT4E2M1
 TRT_DOMAIN = "trt"  # TensorRT's ONNX operators (TRT_FP4DynamicQuantize)
-PROBS_AMAX = 1.0  # FP8 attention: the softmax output's range, a fixed scale
 # names that are never matmul weights worth quantizing, whatever the exclusions say
 ALWAYS_KEEP = ("norm", "embed_tokens", "pad_token")
 

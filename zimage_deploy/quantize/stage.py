@@ -17,14 +17,15 @@ import torch
 
 from .. import __version__
 from .. import manifest as manifest_io
+from ..buildfolder import drop_graph
 from ..errors import UserError
-from ..engines.builder import sha256_file
-from ..export.onnx_export import file_hash
+from ..facts import small_model
+from ..hashing import file_sha256, folder_sha256
 from ..lora.fuse import loader_kwargs, recorded_key
 from ..numerics import weight_amax
+from ..scales import save_scales
 from ..targets import QUANTIZED
-from .calibrate import (CachedText, attention_modules, calibrate, plan_layers, sampling_loop, save_scales,
-                        text_encoder_loop)
+from .calibrate import CachedText, attention_modules, calibrate, plan_layers, sampling_loop, text_encoder_loop
 from .options import QuantOptions, prompts_sha256
 
 CALIBRATED = ("transformer", "text_encoder")  # the components a precision may quantize
@@ -41,18 +42,19 @@ class GateFailed(UserError):
 
 def int4_block(opts: QuantOptions, facts: dict) -> int:
     """128 (the deployment block); 32 for the small test checkpoints, whose widths are under 128."""
-    return opts.int4_block or (128 if facts["dim"] >= 1024 else 32)
+    return opts.int4_block or (32 if small_model(facts["dim"]) else 128)
 
 
 def needs_data(scheme: str, opts: QuantOptions) -> bool:
     return scheme in ("fp8", "nvfp4") or (scheme == "int4" and opts.int4_method == "awq")
 
 
-def check_supported(plan: dict, variant: str, components) -> None:
-    schemes = {plan[c] for c in components if plan[c] in QUANTIZED}
-    if schemes and variant == "edit":
-        raise UserError("quantizing the edit variant is not supported yet (its calibration needs condition "
-                        "images); build it in bf16 / fp32")
+def check_supported(plan: dict, variant) -> None:
+    """`variant`: a variants.Variant (its components, and whether its calibration is supported)."""
+    schemes = {plan[c] for c in variant.components if plan[c] in QUANTIZED}
+    if schemes and not variant.quantizable:
+        raise UserError(f"quantizing the {variant.name} variant is not supported yet (its calibration needs "
+                        "condition images); build it in bf16 / fp32")
 
 
 def _key(entry: dict, scheme: str, opts: QuantOptions, block: int, calib_sha: str | None, loras: str = "") -> str:
@@ -62,11 +64,26 @@ def _key(entry: dict, scheme: str, opts: QuantOptions, block: int, calib_sha: st
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-def quantize_stage(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions, prompts: list[str],
-                   ckpt: Path, log) -> dict:
-    """Run the stage; returns its manifest record. `prompts`: the calibration prompts (empty when no scheme of the
-    plan needs data; the build has checked the plan with `check_supported`). Raises GateFailed (after recording
-    why) below the thresholds."""
+def quantize_stage(job, manifest: dict) -> dict:
+    """Run the stage; returns its manifest record. `job.prompts`: the calibration prompts (empty when no scheme of
+    the plan needs data; the build has checked the plan with `check_supported`). Raises GateFailed (after recording
+    why) below the thresholds. `job.drop_intermediate`: the unquantized graphs are deleted afterwards (they only
+    serve the quality gate and rebuilds)."""
+    if any(p in QUANTIZED for p in job.plan.values()):
+        manifest["quantize_options"] = job.quant.as_dict()
+    record = _quantize(job.out, manifest, job.v, job.plan, job.quant, job.prompts, job.ckpt, job.log)
+    if record["status"] == "skipped":
+        job.log(f"[quantize] skipped: {record['reason']}")
+    elif job.drop_intermediate:
+        for name, entry in manifest["components"].items():
+            unq = entry.get("unquantized")
+            if unq and unq["onnx"] != entry["onnx"] and not unq.get("dropped"):
+                drop_graph(job.out, unq, job.log, f"{name} (unquantized)")
+    return record
+
+
+def _quantize(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions, prompts: list[str],
+              ckpt: Path, log) -> dict:
     from .qdq import quantize_graph
 
     t0 = time.perf_counter()
@@ -112,7 +129,7 @@ def quantize_stage(out: Path, manifest: dict, variant, plan: dict, opts: QuantOp
         save_scales(scale_file, used, {"scheme": scheme, "block": summary["block"], "component": name,
                                        "method": method})
         entry.update(
-            onnx=f"onnx/{name}.{scheme}/model.onnx", onnx_sha256=file_hash(dst), precision=scheme,
+            onnx=f"onnx/{name}.{scheme}/model.onnx", onnx_sha256=folder_sha256(dst), precision=scheme,
             status="complete",  # a previous engine stays a candidate: its key holds this graph's hash
             bytes=sum(p.stat().st_size for p in dst.iterdir()), weight_bytes=summary["bytes_after"],
             quantization={
@@ -122,7 +139,7 @@ def quantize_stage(out: Path, manifest: dict, variant, plan: dict, opts: QuantOp
                 "attention_qdq": summary["attention_qdq"],
                 "kept": summary["kept"], "exclude": list(opts.exclude),
                 "weight_bytes": {"before": summary["bytes_before"], "after": summary["bytes_after"]},
-                "scales": str(scale_file.relative_to(out)), "scales_sha256": sha256_file(scale_file),
+                "scales": str(scale_file.relative_to(out)), "scales_sha256": file_sha256(scale_file),
                 "calibration": ({"prompts": str(opts.calib_prompts or "shipped"), "count": len(prompts),
                                  "sha256": calib_sha, "size": [side, side],
                                  "steps": opts.calib_steps or manifest["defaults"]["steps"], "seconds": calib_seconds}
@@ -172,8 +189,8 @@ def _up_to_date(out: Path, entry: dict, key: str) -> bool:
     scales = out / q.get("scales", "-")
     # a rejected graph is reused too: a rebuild with other gate thresholds only re-runs the gate
     return (q.get("key") == key and entry.get("status") in ("complete", "rejected") and folder.is_dir()
-            and file_hash(folder) == entry["onnx_sha256"] and scales.is_file()
-            and sha256_file(scales) == q.get("scales_sha256"))
+            and folder_sha256(folder) == entry["onnx_sha256"] and scales.is_file()
+            and file_sha256(scales) == q.get("scales_sha256"))
 
 
 @torch.no_grad()
@@ -185,7 +202,7 @@ def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log) -> di
     from ..runtime.backends import TorchBackend
     from ..runtime.pipeline import Pipeline
     from ..runtime.prompt import PromptTokenizer
-    from .emulate import apply_scales
+    from ..models.emulate import apply_scales
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[manifest["components"]["transformer"]["compute_dtype"]]

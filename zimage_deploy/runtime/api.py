@@ -32,7 +32,9 @@ from PIL import Image
 
 from ..errors import InternalError, RequestError, UserError
 from ..lora.runtime import LoraManager
-from .pipeline import GenerationCancelled, initial_latents, open_pipeline, timed
+from .open import open_pipeline
+from .pipeline import GenerationCancelled, initial_latents
+from .timing import timed
 from .validate import Limits, Request, check_request
 
 __all__ = ["GenerationCancelled", "GenerationResult", "ZImageRuntime"]

@@ -15,30 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..components import loader_of
 from ..errors import UserError
 from ..export.specs import DTYPES
+from ..manifest import planned_low_vram
+from .backend import Backend
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
-
-
-class Backend:
-    name = "base"
-    device = torch.device("cpu")
-
-    def __init__(self, engine_dir: Path, manifest: dict):
-        self.engine_dir = Path(engine_dir)
-        self.manifest = manifest
-        self.components = manifest["components"]
-
-    def run(self, component: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def _cast_inputs(self, component: str, inputs: dict) -> dict[str, torch.Tensor]:
-        spec = self.components[component]
-        names = [i["name"] for i in spec["inputs"]]
-        if sorted(inputs) != sorted(names):
-            raise ValueError(f"{component} takes {names}, got {sorted(inputs)}")
-        return {i["name"]: inputs[i["name"]].to(DTYPES[i["dtype"]]) for i in spec["inputs"]}
 
 
 class OnnxRuntimeBackend(Backend):
@@ -119,7 +102,7 @@ class TorchBackend(Backend):
         return model
 
     def _scales(self, component: str, scheme: str) -> dict | None:
-        from ..quantize.calibrate import load_scales
+        from ..scales import load_scales
 
         q = self.components.get(component, {}).get("quantization")
         return load_scales(self.engine_dir / q["scales"])[0] if q and q["scheme"] == scheme else None
@@ -127,21 +110,20 @@ class TorchBackend(Backend):
     def _quantized(self, key: str, model: torch.nn.Module) -> torch.nn.Module:
         """Apply the quantization of the build's quantized components served by this module (same scale files,
         same arithmetic as their Q/DQ graphs)."""
-        from ..models.load import LOADER_OF
-        from ..quantize.emulate import apply_scales
+        from ..models.emulate import apply_scales
 
         for name, comp in self.components.items():
             q = comp.get("quantization")
-            if q and LOADER_OF.get(name, name) == key:
+            if q and loader_of(name) == key:
                 apply_scales(model, self._scales(name, q["scheme"]), q["scheme"], q["block"] or 0)
         return model
 
     def model(self, component: str) -> torch.nn.Module:
         """The component's module, called with the graph's inputs in order (the same wrapper the export traced)."""
         from ..export.specs import specs_for
-        from ..models.load import LOADER_OF, LOADERS
+        from ..models.load import LOADERS
 
-        key = LOADER_OF.get(component, component)
+        key = loader_of(component)
         with self._lock:
             if key not in self.models:
                 if self.ckpt is None:
@@ -181,13 +163,6 @@ def resolve_backend(name: str, manifest: dict) -> str:
         bf16 = any(c.get("compute_dtype") == "bfloat16" for c in manifest["components"].values())
         return "torch" if bf16 else "onnxruntime"
     return name
-
-
-def planned_low_vram(manifest: dict, low_vram: bool | None) -> bool:
-    """`low_vram` as asked, or (None) the mode the build's VRAM plan picked for its target."""
-    if low_vram is None:
-        return (manifest.get("runtime") or {}).get("mode") == "low-vram"
-    return bool(low_vram)
 
 
 def make_backend(name: str, engine_dir: Path, manifest: dict, low_vram: bool | None = None) -> Backend:

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import UserError
-
-DEFAULT_SCALE = 0.75  # diffusers' controlnet_conditioning_scale default
+from .timing import timed
 
 
 @dataclass
@@ -108,8 +107,6 @@ def step_hints(pipe, latents: torch.Tensor, t: torch.Tensor, states: torch.Tenso
     b = latents.shape[0]
     if control is None or control.scale == 0:
         return _zero_hints(pipe, b, latents.shape[-2:], states.shape[1])
-    from .pipeline import timed
-
     with timed(control.timings, "controlnet"):
         return pipe.backend.run("controlnet", latents=latents, timestep=t, cap_states=states, cap_lens=lens,
                                 control=control.latents.expand(b, -1, -1, -1).to(latents.device),

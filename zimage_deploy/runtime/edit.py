@@ -15,13 +15,15 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from .omni import batch_layouts, build_layout, prepare_condition, prompt_segments
-from .pipeline import Pipeline, timed
+from ..models.omni import batch_layouts, build_layout
+from .omni import prepare_condition, prompt_segments
+from .pipeline import Pipeline
 from .scheduler import FlowMatchEuler
+from .timing import timed
 
 
 class EditPipeline(Pipeline):
-    variants = ("edit",)
+    layout = "omni"
     required = ("text_encoder", "context_refiner", "siglip_refiner", "transformer", "vae_decoder", "vae_encoder",
                 "vision_encoder")
 

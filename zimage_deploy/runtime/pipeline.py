@@ -13,8 +13,6 @@ same seed gives the same image.
 from __future__ import annotations
 
 import json
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +23,12 @@ from tqdm import tqdm
 
 from .. import manifest as manifest_io
 from ..errors import UserError
+from ..variants import get_variant
 from .backends import Backend, make_backend, resolve_backend
 from .images import preprocess_image, preprocess_mask, to_pil
 from .prompt import PromptTokenizer, pad_captions
 from .scheduler import FlowMatchEuler, SchedulerConfig
+from .timing import timed
 
 CFG_MODES = ("batch", "sequential")
 REQUIRED = ("text_encoder", "context_refiner", "transformer", "vae_decoder")
@@ -64,34 +64,17 @@ def _cat_prompts(a: Prompt, b: Prompt) -> Prompt:
     return Prompt(torch.cat([pad(a.states), pad(b.states)]), torch.cat([a.lens, b.lens]), a.control)
 
 
-@contextmanager
-def timed(timings: dict | None, stage: str):
-    """Add the block's wall time (seconds) to `timings[stage]` when a dict is given; with CUDA in use, the GPU's
-    queued work is waited for at both ends, so each stage's kernels count in their own stage."""
-    sync = timings is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
-    if sync:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        if timings is not None:
-            if sync:
-                torch.cuda.synchronize()
-            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
-
-
 class Pipeline:
-    variants = ("turbo", "base")
+    layout = "basic"  # the variants (Variant.layout) this sampling loop runs
     required = REQUIRED
 
     def __init__(self, engine_dir: str | Path, backend: str | Backend = "auto", cfg_mode: str = "batch",
                  low_vram: bool | None = None):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest_io.load(self.engine_dir)
-        if self.manifest["variant"] not in self.variants:
-            raise UserError(f"{engine_dir} holds variant {self.manifest['variant']!r}; "
-                            f"{type(self).__name__} runs {', '.join(self.variants)} (use open_pipeline)")
+        if get_variant(self.manifest["variant"]).layout != self.layout:
+            raise UserError(f"{engine_dir} holds variant {self.manifest['variant']!r}; {type(self).__name__} runs "
+                            f"the {self.layout} sequence layout's variants (use open_pipeline)")
         comps = self.manifest["components"]
         rejected = [c for c in self.required if comps.get(c, {}).get("status") == "rejected"]
         if rejected:
@@ -174,7 +157,8 @@ class Pipeline:
         with `image` and `mask`, an inpainting ControlNet's inputs instead of img2img / inpainting."""
         control_inputs = None
         if control_image is not None or controlnet_scale is not None:
-            from .control import DEFAULT_SCALE, check_control
+            from ..controlnet import DEFAULT_SCALE
+            from .control import check_control
 
             check_control(self.facts, control_image, image, mask)
             cn_scale = DEFAULT_SCALE if controlnet_scale is None else float(controlnet_scale)
@@ -295,13 +279,3 @@ class Pipeline:
             return latents
         images = self.backend.run("vae_decoder", latents=latents)["image"].cpu()
         return images if output == "pt" else to_pil(images)
-
-
-def open_pipeline(engine_dir: str | Path, backend: str | Backend = "auto", cfg_mode: str = "batch",
-                  low_vram: bool | None = None) -> Pipeline:
-    """The pipeline for the variant the build in `engine_dir` holds."""
-    if manifest_io.load(Path(engine_dir))["variant"] == "edit":
-        from .edit import EditPipeline
-
-        return EditPipeline(engine_dir, backend, cfg_mode, low_vram)
-    return Pipeline(engine_dir, backend, cfg_mode, low_vram)

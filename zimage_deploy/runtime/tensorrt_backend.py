@@ -19,7 +19,7 @@ from ..engines.builder import device_capability
 from ..engines.flavour import import_trt, version
 from ..errors import UserError
 from ..export.specs import DTYPES
-from .backends import Backend
+from .backend import Backend
 from .verify import plan_verified
 
 

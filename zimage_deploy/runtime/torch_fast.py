@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import UserError
 from ..export.specs import DTYPES
 from ..models.dit import SEQ_MULTIPLE, Attention
-from ..models.load import LOADER_OF
+from ..components import loader_of
 from .backends import TorchBackend
 
 MODES = ("eager", "blocks", "step")
@@ -181,7 +181,7 @@ class FastTorchBackend(TorchBackend):
             if self.mode == "blocks" and self.cuda:  # each DiT call is a new step for the per-block graphs
                 torch.compiler.cudagraph_mark_step_begin()
         args = [v.to(self.device, non_blocking=True) for v in x.values()]
-        key = LOADER_OF.get(component, component)
+        key = loader_of(component)
         if key in self._first_call:
             out = self._first(key, component, model, args)
         else:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import RequestError
+from ..facts import SMALL_SIDES, small_model
 from .backends import resolve_backend
 
 SEED_MAX = 2**63 - 1
@@ -109,8 +110,7 @@ class Limits:
         opts = (manifest.get("tensorrt") or {}).get("options") or {}
         comps = manifest["components"]
         engines = bool(comps) and all((c.get("engine") or {}).get("status") == "complete" for c in comps.values())
-        small = facts.get("dim", 0) < 1024
-        lo, hi = (64, 512) if small else _variant_range(manifest["variant"])
+        lo, hi = SMALL_SIDES if small_model(facts.get("dim", 0)) else _variant_range(manifest["variant"])
         static, max_batch = None, MAX_BATCH
         if engines:
             lo, hi = opts.get("min_side") or lo, opts.get("max_side") or hi
@@ -376,7 +376,7 @@ def _check_control(limits: Limits, control_image, controlnet_scale, infos, mask_
         if strength is not None:
             raise RequestError("strength is not used with a control image: the inpainting ControlNet samples from "
                                "noise")
-    from .control import DEFAULT_SCALE
+    from ..controlnet import DEFAULT_SCALE
 
     return DEFAULT_SCALE if controlnet_scale is None else _float("controlnet_scale", controlnet_scale, 0.0,
                                                           CONTROLNET_SCALE_MAX)

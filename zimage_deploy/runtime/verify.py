@@ -16,21 +16,9 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..fsutil import atomic_file
+from ..hashing import file_sha256, folder_sha256
 
 STAMP = ".verified.json"
-
-
-def folder_sha256(folder: Path) -> str:
-    """The hash the build records for a graph folder (names and contents of its files, in name order)."""
-    from ..export.onnx_export import file_hash
-
-    return file_hash(Path(folder))
-
-
-def file_sha256(path: Path) -> str:
-    from ..engines.builder import sha256_file
-
-    return sha256_file(Path(path))
 
 
 class _Stamp:

@@ -16,8 +16,7 @@ import functools
 import torch
 
 from ..numerics import fake_fp8, fake_nvfp4, fp8_scale, int4_blocks, nvfp4_blocks, nvfp4_global_scale, to_fp8
-from .calibrate import attention_layers_of, layers_of
-from .qdq import PROBS_AMAX
+from ..scales import PROBS_AMAX, attention_layers_of, layers_of
 
 
 def fp8_attention(q, k, v, key_bias, scales):

@@ -1,0 +1,53 @@
+"""The engines stage: one TensorRT engine per component, kept where its key (ONNX hash, flavour, version, SM,
+profile, options) is unchanged and its plan file is intact."""
+
+from __future__ import annotations
+
+import time
+
+from tqdm import tqdm
+
+from .. import manifest as manifest_io
+from ..buildfolder import drop_graph
+from ..hashing import file_sha256
+
+
+def engines_stage(job, manifest: dict) -> dict:
+    """Build what is not up to date; returns the stage's manifest record. `job.drop_intermediate`: each graph whose
+    plan holds its weights is deleted once the plan is written (the TensorRT runtime reads plans only; a rebuild
+    exports again)."""
+    builder, out, log = job.engine_builder, job.out, job.log
+    if builder is None:
+        reason = ("target cpu runs the ONNX graphs with ONNX Runtime (or the Torch backend)"
+                  if job.t.flavour == "none"
+                  else "--skip-engines: run the build again without it where the target's TensorRT is installed")
+        log(f"[engines] skipped: {reason}")
+        return {"status": "skipped", "reason": reason}
+    t0 = time.perf_counter()
+    bar = tqdm(job.v.components, desc=f"engines ({builder.target.flavour} {builder.target.sm})", unit="engine",
+               leave=False)
+    for name in bar:
+        bar.set_postfix_str(name)
+        comp = manifest["components"][name]
+        key = builder.key(comp["onnx_sha256"], job.engine_shapes[name])
+        old = comp.get("engine") or {}
+        plan = out / "engines" / f"{name}.plan"
+        if old.get("key") == key and old.get("status") == "complete" and plan.is_file() \
+                and file_sha256(plan) == old.get("plan_sha256"):
+            log(f"[engines] {name}: up to date, skipped")
+            if job.drop_intermediate and not old.get("stripped") and not comp.get("dropped"):
+                drop_graph(out, comp, log, name)
+                manifest_io.save(out, manifest)
+            continue
+        comp["engine"] = None
+        entry = builder.build(out / comp["onnx"], job.engine_shapes[name], plan,
+                              strip=builder.strips(bool(comp.get("external_data"))))
+        entry.update(plan=f"engines/{name}.plan", key=key, status="complete")
+        comp["engine"] = entry
+        manifest_io.save(out, manifest)
+        if job.drop_intermediate and not entry["stripped"]:
+            drop_graph(out, comp, log, name)
+            manifest_io.save(out, manifest)
+        log(f"[engines] {name}: {entry['plan']} ({entry['bytes'] / 1e6:.1f} MB, {entry['build_seconds']:.1f} s, "
+            f"{entry['flavour']} {entry['version']} {builder.target.sm})")
+    return {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}

@@ -1,0 +1,96 @@
+"""The export stage: one ONNX graph per component of the variant, skipped where the previous build's graph was made
+from the same inputs (checkpoint hash, precision, exporter versions, fused LoRAs, ControlNet) and is intact."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import __version__
+from .. import manifest as manifest_io
+from ..hashing import folder_sha256
+from ..targets import QUANTIZED, base_precision
+from .onnx_export import EXPORT_FORMAT, OPSET, export_component
+
+COMPUTE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LEAN_AUTO_BYTES = 4 << 30
+
+
+def use_lean(lean: str, ckpt: Path) -> bool:
+    """`auto`: lean when the DiT and text-encoder weights together exceed 4 GiB."""
+    if lean in ("on", "off"):
+        return lean == "on"
+    size = sum(p.stat().st_size for f in ("transformer", "text_encoder") for p in (ckpt / f).glob("*.safetensors"))
+    return size > LEAN_AUTO_BYTES
+
+
+def component_key(model_sha: str, name: str, precision: str, dit: str = "") -> str:
+    """What a component's exported graph is made from; `dit`: what fused LoRAs and a ControlNet add (dit_key)."""
+    fused = f"|lora:{dit}" if dit else ""
+    payload = f"{model_sha}|{name}|{precision}|{OPSET}|{EXPORT_FORMAT}|{__version__}{fused}"
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def dit_key(job, name: str) -> str:
+    """What the build's fused LoRAs and ControlNet add to a component's up-to-date key."""
+    return job.loras.key_for(name) + (job.controlnet.key_for(name) if job.controlnet else "")
+
+
+def _key(job, sha: str, name: str) -> str:
+    return component_key(sha, name, base_precision(job.plan[name], job.t.base), dit_key(job, name))
+
+
+def kept_components(job, sha: str) -> dict:
+    """Components of the previous build in the folder whose exported graph was made from the same inputs and is
+    intact (a quantized component keeps its quantized graph only if the quantize stage finds it up to date too)."""
+    kept = {}
+    for name in job.v.components:
+        old = job.previous.get("components", {}).get(name, {})
+        exported = old.get("unquantized", old)
+        folder = job.out / "onnx" / name
+        if old.get("key") == _key(job, sha, name) \
+                and old.get("status") in ("complete", "rejected") and old.get("rejected_by") != "parity" \
+                and folder.is_dir() and folder_sha256(folder) == exported.get("onnx_sha256"):
+            if job.plan[name] in QUANTIZED:
+                kept[name] = old
+            else:  # no longer quantized: back to the exported graph
+                back = {k: v for k, v in {**old, **exported}.items() if k not in ("unquantized", "quantization")}
+                kept[name] = {**back, "status": "complete"}
+    return kept
+
+
+def export_stage(job, manifest: dict) -> dict:
+    """Export what is not up to date; returns the stage's manifest record (`manifest["export"]` says whether the
+    export was lean)."""
+    t0 = time.perf_counter()
+    out, comps, lean = job.out, job.v.components, use_lean(job.lean, job.ckpt)
+    manifest["export"] = {"lean": lean}
+    bar = tqdm(comps, desc="export", unit="graph", leave=False)
+    for name in bar:
+        bar.set_postfix_str(name)
+        exported = base_precision(job.plan[name], job.t.base)
+        key = _key(job, manifest["model"]["sha256"], name)
+        if name in manifest["components"]:
+            job.log(f"[export] {name}: up to date, skipped")
+            continue
+        compute = COMPUTE[exported]
+        if lean and job.modules.has_template(name):
+            template, depth = job.modules.template(name, compute)
+            entry = export_component(name, template, job.facts, compute, out / "onnx", job.v.name,
+                                     weights=job.modules.weights(name), depth=depth)
+        else:
+            entry = export_component(name, job.modules.module(name, compute), job.facts, compute, out / "onnx",
+                                     job.v.name)
+        if lean:
+            job.modules.keep_only(comps[comps.index(name) + 1:])
+        # an engine of the previous build stays a candidate: its key (graph hash included) decides if it is current
+        entry.update(key=key, precision=exported, status="complete",
+                     engine=job.previous.get("components", {}).get(name, {}).get("engine"))
+        manifest["components"][name] = entry
+        manifest_io.save(out, manifest)
+        job.log(f"[export] {name}: {entry['onnx']} ({entry['bytes'] / 1e6:.1f} MB, opset {OPSET})")
+    return {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}

@@ -1,0 +1,43 @@
+"""One build's checked inputs, handed to every stage (export, parity, quantize, engines)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .controlnet import BuildControlNet
+from .engines.builder import EngineBuilder
+from .engines.profiles import EngineOptions
+from .export.modules import Modules
+from .lora.fuse import BuildLoras
+from .quantize.options import QuantOptions
+from .targets import Target
+from .variants import Variant
+
+
+@dataclass
+class BuildJob:
+    ckpt: Path
+    model: str  # as given (--model)
+    v: Variant  # with `controlnet` among its components when the build has one
+    t: Target
+    precision: str
+    plan: dict  # component -> precision (targets.precision_plan)
+    out: Path  # the build folder
+    parity: bool
+    engine_opts: EngineOptions
+    engine_builder: EngineBuilder | None  # None: no engines (cpu target, --skip-engines)
+    engine_shapes: dict | None  # component -> profile
+    facts: dict  # facts.model_facts
+    log: object
+    lean: str  # "auto" / "on" / "off" as asked; the export stage decides
+    quant: QuantOptions
+    prompts: list  # calibration prompts (empty when no scheme needs data)
+    loras: BuildLoras
+    drop_intermediate: bool = False
+    controlnet: BuildControlNet | None = None
+    previous: dict = field(default_factory=dict)  # the folder's manifest before this build (once it is locked)
+    modules: Modules = field(init=False)
+
+    def __post_init__(self):
+        self.modules = Modules(self.ckpt, self.loras, self.controlnet)
