@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 from . import __version__
 from . import manifest as manifest_io
-from .cli import run_cli
+from .cli import add_build_dir, run_cli
 from .errors import UserError
+from .variants import is_omni
 
 BACKENDS = ("diffusers", "diffusers-compile", "torch", "torch-fast", "torch-fp8", "onnxruntime", "tensorrt")
 
@@ -386,7 +387,7 @@ def chart(result: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zimage_deploy.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--engine-dir", type=Path, required=True)
+    add_build_dir(ap)
     ap.add_argument("--report", type=Path, required=True, help="folder for report.json, report.md, report.png")
     ap.add_argument("--backends", default=None,
                     help=f"comma-separated, from {', '.join(BACKENDS)} (default: what fits the device)")
@@ -402,8 +403,8 @@ def main(argv=None) -> int:
     ap.add_argument("--controlnet-scale", type=float, default=0.75)
     ap.add_argument("--device", default=None, help="default: cuda when available")
     args = ap.parse_args(argv)
-    manifest = manifest_io.load(args.engine_dir)
-    if manifest["variant"] == "edit":
+    manifest = manifest_io.load(args.build_dir)
+    if is_omni(manifest["variant"]):
         raise UserError("the benchmark runs text-to-image builds (turbo, base)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.backends:
@@ -422,10 +423,10 @@ def main(argv=None) -> int:
     if "controlnet" in manifest:
         req.update(control_image=args.control_image or "synthetic", controlnet_scale=args.controlnet_scale)
     elif args.control_image:
-        raise UserError(f"{args.engine_dir} has no ControlNet: --control-image needs a build made with --controlnet")
+        raise UserError(f"{args.build_dir} has no ControlNet: --control-image needs a build made with --controlnet")
     if args.repeats < 1:
         raise UserError("--repeats must be >= 1")
-    result = run_bench(args.engine_dir, backends, req, args.repeats, device)
+    result = run_bench(args.build_dir, backends, req, args.repeats, device)
     for path in write_report(result, args.report):
         print(f"wrote {path}")
     print((args.report / "report.md").read_text())

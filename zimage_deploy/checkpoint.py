@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from .errors import UserError
 from .hashing import load_stamps, remembered_sha256, stamp_key
+from .variants import is_omni
 
 # What each component folder must hold (besides weights, checked separately).
 REQUIRED_FILES = {
@@ -35,12 +36,12 @@ def missing_files(path: Path, variant: str = "turbo") -> list[str]:
     missing = []
     if not (path / "model_index.json").is_file():
         missing.append("model_index.json")
-    required = {**REQUIRED_FILES, **(EDIT_FILES if variant == "edit" else {})}
+    required = {**REQUIRED_FILES, **(EDIT_FILES if is_omni(variant) else {})}
     for folder, files in required.items():
         for f in files:
             if not (path / folder / f).is_file():
                 missing.append(f"{folder}/{f}")
-    for folder in WEIGHT_FOLDERS + (("siglip",) if variant == "edit" else ()):
+    for folder in WEIGHT_FOLDERS + (("siglip",) if is_omni(variant) else ()):
         d = path / folder
         if d.is_dir() and not any(d.glob("*.safetensors")):
             pickles = [p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES]

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from .errors import UserError
+
+
+BUILT = "a folder written by zimage_deploy.build"
+
+
+def add_build_dir(ap: argparse.ArgumentParser, help: str = BUILT, required: bool = True) -> None:
+    """`--build-dir DIR` (`--engine-dir DIR`, its older name, works the same) -> `args.build_dir`."""
+    ap.add_argument("--build-dir", "--engine-dir", dest="build_dir", type=Path, required=required, default=None,
+                    metavar="DIR", help=f"{help} (--engine-dir: the same)")
 
 
 def run_cli(main) -> int:

@@ -11,6 +11,9 @@ ALL_COMPONENTS = ("text_encoder", "context_refiner", "siglip_refiner", "transfor
                   "vision_encoder")
 DIT = "transformer"  # the loader (models/load.py LOADERS key) of the DiT's graphs
 LOADER_OF = {"context_refiner": DIT, "siglip_refiner": DIT, "controlnet": DIT}
+# the repeated main blocks of a component's graph: a memory-lean export traces two of them (models/load.py
+# TEMPLATES) and stamps the graph to the real depth
+REPEATED_BLOCKS = {"transformer": "layers", "text_encoder": "layers"}
 
 
 def loader_of(component: str) -> str:

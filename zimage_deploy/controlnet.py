@@ -31,6 +31,7 @@ from .errors import UserError
 from .hashing import remembered_sha256
 from .models.controlnet import ControlBranch, ControlNetConfig
 from .models.dit import DiTConfig, convert_diffusers_key, iter_fused
+from .variants import is_omni
 
 DEFAULT_SCALE = 0.75  # diffusers' controlnet_conditioning_scale default
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -298,7 +299,7 @@ class BuildControlNet:
 
     def __init__(self, arg, ckpt: Path, variant: str):
         self.source = open_controlnet(arg, ckpt)
-        if self.source is not None and variant == "edit":
+        if self.source is not None and is_omni(variant):
             raise UserError("a ControlNet runs with the Turbo / Base transformer; the Edit variant does not take one")
 
     def __bool__(self) -> bool:

@@ -10,10 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import run_cli
+from .cli import add_build_dir, run_cli
 from .fsutil import atomic_file
 from .errors import RequestError, UserError
 from .runtime.backends import BACKENDS
+from .variants import is_omni
 
 
 def check_output(output: Path) -> None:
@@ -32,7 +33,7 @@ def write_image(image, output: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zimage_deploy.generate", description=__doc__.split("\n")[0])
-    ap.add_argument("--engine-dir", type=Path, required=True, help="a folder written by zimage_deploy.build")
+    add_build_dir(ap)
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--negative-prompt", default=None)
     ap.add_argument("--seed", type=int, default=0, help="0 .. 2**63 - 1 (default: 0)")
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
 
     # everything is checked before any model loads: the request against the build's limits (same rules and
     # messages as the runtime API and the server), input images from their headers only
-    manifest = manifest_io.load(args.engine_dir)
+    manifest = manifest_io.load(args.build_dir)
     limits = Limits.for_build(manifest, resolve_backend(args.backend, manifest), args.cfg_mode)
     paths = list(args.image or [])
     infos = [probe_image(p, f"image {p}") for p in paths]
@@ -101,14 +102,14 @@ def main(argv=None) -> int:
     images = [decode_image(p, limits, f"image {p}") for p in paths]
     mask = decode_image(args.mask, limits, f"mask {args.mask}") if args.mask else None
     control = decode_image(args.control_image, limits, what) if args.control_image else None
-    loras = LoraManager(args.engine_dir, manifest, resolve_backend(args.backend, manifest), args.low_vram)
+    loras = LoraManager(args.build_dir, manifest, resolve_backend(args.backend, manifest), args.low_vram)
     lora_set = loras.prepare(lora_specs)
     t0 = time.perf_counter()
-    pipe = open_pipeline(args.engine_dir, backend=args.backend, cfg_mode=args.cfg_mode, low_vram=args.low_vram)
+    pipe = open_pipeline(args.build_dir, backend=args.backend, cfg_mode=args.cfg_mode, low_vram=args.low_vram)
     t1 = time.perf_counter()
     common = dict(req.pipeline_kwargs(manifest["variant"]), seed=req.seeds[0])
     with loras.bind(pipe).use(lora_set):
-        if manifest["variant"] == "edit":
+        if is_omni(manifest["variant"]):
             (result,) = pipe(req.prompts[0], images=images, **common)
         else:
             (result,) = pipe(req.prompts[0], image=images[0] if images else None, mask=mask, control_image=control,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import run_cli
+from .cli import add_build_dir, run_cli
 from .errors import UserError
 from .facts import SMALL_SIDES, small_model
 from .targets import PRECISIONS, QUANTIZED, TARGETS, get_target, precision_plan
@@ -260,7 +260,7 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
         raise UserError("the cpu target runs in host memory: plan a GPU target")
     t.check_precision(precision)
     v = get_variant(variant)
-    if v.name == "edit":
+    if v.layout != "basic":
         raise UserError("the planner covers Turbo and Base; Edit adds the SigLIP tower and condition images")
     for side, name in ((height, "height"), (width, "width")):
         if side <= 0 or side % 16:
@@ -369,13 +369,12 @@ def main(argv=None) -> int:
                     help="GPU target (default: the build's with --engine-dir, else rtx4090)")
     ap.add_argument("--precision", choices=PRECISIONS, default=None,
                     help="default: the build's with --engine-dir, else the target's default (bf16)")
-    ap.add_argument("--variant", choices=[v for v in VARIANTS if v != "edit"], default="turbo",
+    ap.add_argument("--variant", choices=[n for n, v in VARIANTS.items() if v.layout == "basic"], default="turbo",
                     help="default: %(default)s (the build's with --engine-dir)")
     ap.add_argument("--height", type=int, default=1024, help="image height in pixels (default: %(default)s)")
     ap.add_argument("--width", type=int, default=1024, help="image width in pixels (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the variant's)")
-    ap.add_argument("--engine-dir", type=Path, default=None,
-                    help="a build folder: its engines' (or graphs') sizes replace the computed weights")
+    add_build_dir(ap, "a build folder: its engines' (or graphs') sizes replace the computed weights", required=False)
     ap.add_argument("--model", default=None,
                     help="a checkpoint whose configs to plan (default: the real Z-Image configs)")
     ap.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
@@ -384,7 +383,7 @@ def main(argv=None) -> int:
     precision = args.precision or TARGETS[target].default_precision
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be >= 1")
-    plan = make_plan(target, precision, args.height, args.width, args.variant, args.steps, args.engine_dir,
+    plan = make_plan(target, precision, args.height, args.width, args.variant, args.steps, args.build_dir,
                      args.model)
     print(format_plan(plan))
     if args.json:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from . import manifest as manifest_io
-from .cli import run_cli
+from .cli import add_build_dir, run_cli
 from .errors import UserError
 from .fsutil import atomic_file, folder_lock
 
@@ -97,14 +97,14 @@ def refit(engine_dir: Path, loras=(), log=print) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zimage_deploy.refit", description=__doc__.split("\n")[0])
-    ap.add_argument("--engine-dir", type=Path, required=True, help="a build with --refittable engines")
+    add_build_dir(ap, "a build with --refittable engines")
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="LoRA to refit in (repeatable; scale default 1); none: back to the base weights")
     args = ap.parse_args(argv)
     from .lora.spec import parse_lora_arg
 
     specs = [parse_lora_arg(a) for a in args.lora]  # malformed arguments fail before anything loads
-    refit(args.engine_dir, specs)
+    refit(args.build_dir, specs)
     return 0
 
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .components import ALL_COMPONENTS
 from .errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp8", "int4", "nvfp4")
 QUANTIZED = ("fp8", "int4", "nvfp4")  # precisions made by the quantize stage
 TEXT_ENCODER_PRECISIONS = ("bf16", "fp8", "int4")
-
-ALL_COMPONENTS = ("text_encoder", "context_refiner", "siglip_refiner", "transformer", "vae_decoder", "vae_encoder",
-                  "vision_encoder")
 
 # What each requested precision quantizes. The rest of the model stays in the target's base dtype (BF16 on GPUs,
 # float32 on the CPU, whose ONNX Runtime has no BF16 kernels); the VAE is never quantized.

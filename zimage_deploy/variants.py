@@ -70,6 +70,13 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+def is_omni(name: str) -> bool:
+    """Whether the variant called `name` runs the omni sequence layout: condition images instead of img2img,
+    inpainting and ControlNet."""
+    v = VARIANTS.get(name)
+    return v is not None and v.layout == "omni"
+
+
 def get_variant(name: str) -> Variant:
     try:
         return VARIANTS[name]

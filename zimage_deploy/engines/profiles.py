@@ -1,4 +1,6 @@
-"""TensorRT optimization profiles, derived from variant x target x options: min/opt/max shape of every input.
+"""TensorRT optimization profiles, derived from variant x target x options: min/opt/max shape of every input,
+from one range per dim name (batch, text_len, cap_len, latent_h/w, height/width, ...) applied to the inputs'
+named dims that export/specs.py declares.
 
 Real models: batch 1..4 (opt 1; 2 for CFG variants), sides 512..2048 px in 16-px steps at any aspect ratio,
 text 1..512 tokens. Small test checkpoints (DiT dim < 1024, such as the embedded tiny one) use sides
@@ -11,14 +13,12 @@ from dataclasses import asdict, dataclass
 
 from ..errors import UserError
 from ..facts import FULL_SIDE, SMALL_SIDE, SMALL_SIDES, small_model
+from ..export.specs import specs_for
 from ..models.dit import SEQ_MULTIPLE
+from ..models.omni import pad32
 
 MAX_TEXT = 512
 MAX_CONDITION_IMAGES = 2  # Edit engines: condition images per request
-
-
-def pad32(n: int) -> int:
-    return -(-n // SEQ_MULTIPLE) * SEQ_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,9 @@ def side_range(variant, facts: dict, opts: EngineOptions) -> tuple[int, int, int
     return lo, opt, hi
 
 
-def profiles(variant, facts: dict, opts: EngineOptions) -> dict[str, dict[str, list[list[int]]]]:
-    """component -> input name -> [min, opt, max] shapes."""
+def dim_ranges(variant, facts: dict, opts: EngineOptions) -> dict[str, tuple[int, int, int]]:
+    """Each dynamic dim name of the graphs' I/O (export/specs.py) -> its (min, opt, max) size."""
     scale = facts["vae_scale_factor"]
-    c, dim, cap = facts["latent_channels"], facts["dim"], facts["cap_feat_dim"]
     if opts.static:
         h, w = opts.static
         multiple = scale * facts["patch_size"]
@@ -78,56 +77,37 @@ def profiles(variant, facts: dict, opts: EngineOptions) -> dict[str, dict[str, l
         b = (1, opt_b, opts.max_batch)
         lo, opt, hi = side_range(variant, facts, opts)
         lh = lw = (lo // scale, opt // scale, hi // scale)
-    text = (1, 128, MAX_TEXT)
-    capl = (SEQ_MULTIPLE, 128, MAX_TEXT)
-
-    def shapes(*dims):  # each dim a (min, opt, max) triple or an int
-        triples = [d if isinstance(d, tuple) else (d, d, d) for d in dims]
-        return [[t[i] for t in triples] for i in range(3)]
-
-    shared = {
-        "text_encoder": {"input_ids": shapes(b, text), "attention_mask": shapes(b, text)},
-        "vae_decoder": {"latents": shapes(b, c, lh, lw)},
-        "vae_encoder": {"image": shapes(b, 3, tuple(x * scale for x in lh), tuple(x * scale for x in lw))},
-    }
-    if variant.name == "edit":
-        return {**shared, **_omni_profiles(facts, b, c, lh, lw, shapes)}
-    step = {"latents": shapes(b, c, lh, lw), "timestep": shapes(b), "cap_states": shapes(b, capl, dim),
-            "cap_lens": shapes(b)}
-    out = {**shared, "context_refiner": {"cap_feats": shapes(b, capl, cap), "cap_lens": shapes(b)},
-           "transformer": dict(step)}
-    if facts.get("n_hints"):  # a ControlNet: its hints graph, and the transformer taking the hints
-        joint = tuple(pad32(h // 2 * (w // 2)) + n for h, w, n in zip(lh, lw, capl))
-        hints = shapes(facts["n_hints"], b, joint, dim)
-        out["controlnet"] = {**step, "control": shapes(b, facts["control_in_dim"], lh, lw), "scale": shapes(b)}
-        out["transformer"]["hints"] = hints
-    return out
+    tokens = tuple(pad32(h // 2 * (w // 2)) for h, w in zip(lh, lw))  # one image's patch tokens, padded to 32
+    ranges = {"batch": b, "latent_h": lh, "latent_w": lw, "height": tuple(x * scale for x in lh),
+              "width": tuple(x * scale for x in lw), "text_len": (1, 128, MAX_TEXT)}
+    if variant.layout == "omni":
+        return {**ranges, **_omni_ranges(facts, tokens)}
+    cap = (SEQ_MULTIPLE, 128, MAX_TEXT)  # captions padded to 32
+    # a ControlNet's hints cover the joint sequence: image tokens padded to 32, then the caption slots
+    return {**ranges, "cap_len": cap, "joint_len": tuple(t + n for t, n in zip(tokens, cap))}
 
 
-def _omni_profiles(facts, b, c, lh, lw, shapes):
-    """Edit: up to MAX_CONDITION_IMAGES condition images, each at most the largest output size; captions of
-    up to 512 tokens plus one 32-token segment per image boundary."""
+def _omni_ranges(facts: dict, tokens: tuple) -> dict[str, tuple[int, int, int]]:
+    """Edit: up to MAX_CONDITION_IMAGES condition images, each at most the largest output size; captions of up to
+    512 tokens plus one 32-token segment per image boundary."""
     k = MAX_CONDITION_IMAGES
-    tokens = tuple(pad32(h // 2 * (w // 2)) for h, w in zip(lh, lw))  # one image's patch tokens (min/opt/max)
     cond = (tokens[0], tokens[1], k * tokens[2])
-    x = tuple(a + t for a, t in zip(cond, tokens))
-    cap = (3 * SEQ_MULTIPLE, 4 * SEQ_MULTIPLE, MAX_TEXT + (k + 2) * SEQ_MULTIPLE)
     sig_one = pad32(facts["vision_max_patches"])
-    sig = (2 * SEQ_MULTIPLE, sig_one + SEQ_MULTIPLE, k * sig_one + SEQ_MULTIPLE)
-    dim, cap_dim, sig_dim = facts["dim"], facts["cap_feat_dim"], facts["siglip_feat_dim"]
-    return {
-        "context_refiner": {"cap_feats": shapes(b, cap, cap_dim), "cap_pad": shapes(b, cap),
-                            "cap_pos": shapes(b, cap, 3), "cap_valid": shapes(b, cap)},
-        "siglip_refiner": {"sig_feats": shapes(b, sig, sig_dim), "sig_pad": shapes(b, sig),
-                           "sig_pos": shapes(b, sig, 3), "sig_valid": shapes(b, sig)},
-        "transformer": {
-            "latents": shapes(b, c, lh, lw), "timestep": shapes(b), "cond_patches": shapes(b, cond, facts["patch_dim"]),
-            "x_pad": shapes(b, x), "x_pos": shapes(b, x, 3), "x_noise": shapes(b, x),
-            "cap_states": shapes(b, cap, dim), "cap_pos": shapes(b, cap, 3), "cap_valid": shapes(b, cap),
-            "cap_noise": shapes(b, cap), "sig_states": shapes(b, sig, dim), "sig_pos": shapes(b, sig, 3),
-            "sig_valid": shapes(b, sig), "sig_noise": shapes(b, sig),
-        },
-        "vision_encoder": {"pixel_values": shapes(b, facts["vision_max_patches"], facts["vision_patch_dim"]),
-                           "pixel_attention_mask": shapes(b, facts["vision_max_patches"]),
-                           "spatial_shapes": shapes(b, 2)},
-    }
+    return {"cond_len": cond, "x_len": tuple(a + t for a, t in zip(cond, tokens)),
+            "cap_len": (3 * SEQ_MULTIPLE, 4 * SEQ_MULTIPLE, MAX_TEXT + (k + 2) * SEQ_MULTIPLE),
+            "sig_len": (2 * SEQ_MULTIPLE, sig_one + SEQ_MULTIPLE, k * sig_one + SEQ_MULTIPLE),
+            "vision_len": (facts["vision_max_patches"],) * 3}
+
+
+def profiles(variant, facts: dict, opts: EngineOptions) -> dict[str, dict[str, list[list[int]]]]:
+    """component -> input name -> [min, opt, max] shapes: each input's dims (export/specs.py) resolved through
+    `dim_ranges` (dynamic), the model facts (static names) or as written (ints)."""
+    ranges = dim_ranges(variant, facts, opts)
+
+    def triple(d) -> tuple[int, int, int]:
+        if isinstance(d, int):
+            return (d,) * 3
+        return ranges[d] if d in ranges else (facts[d],) * 3
+
+    return {name: {io.name: [[triple(d)[i] for d in io.dims] for i in range(3)] for io in spec.inputs}
+            for name, spec in specs_for(variant.name, facts).items()}

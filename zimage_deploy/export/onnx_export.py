@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from ..components import REPEATED_BLOCKS
 from ..fsutil import atomic_dir
 from ..hashing import folder_sha256
 from .specs import STATIC_DIMS, TRACE_DIMS, describe_io, specs_for
@@ -52,8 +53,8 @@ def export_component(name: str, model: torch.nn.Module, facts: dict, compute: to
                 output_names=[o.name for o in spec.outputs], dynamic_axes=dynamic_axes,
             )
         graph = onnx.load(str(path))
-        if depth is not None and depth > 2 and name in ("transformer", "text_encoder"):
-            stamp_layers(graph, depth, prefix=prefix + "layers")
+        if depth is not None and depth > 2 and name in REPEATED_BLOCKS:
+            stamp_layers(graph, depth, prefix=prefix + REPEATED_BLOCKS[name])
         source = ((prefix + k, v) for k, v in (weights if weights is not None else module_weights(model)))
         io_names = {io.name for io in spec.inputs + spec.outputs}
         summary = attach_weights(graph, io_names, source, tmp, strip_prefix=prefix)

@@ -76,8 +76,8 @@ def _parity(job, name: str, entry: dict) -> dict:
     else:
         got = _flat(spec.wrap(job.modules.module(name, compute))(*sample))
         how = "torch bf16 module vs torch float32 module (onnxruntime has no BF16 CPU kernels)"
-    if name == "text_encoder":  # only real tokens are used downstream
-        keep = sample[1].bool()
+    if spec.used_where:
+        keep = sample[[io.name for io in spec.inputs].index(spec.used_where)].bool()
         got, ref = got[keep], ref[keep]
     metrics = _metrics(got, ref)
     tolerance = spec.parity_rel_l2[entry["compute_dtype"]]

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..variants import is_omni
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32}
 
 
@@ -36,6 +38,7 @@ class ComponentSpec:
     wrap: Callable[[nn.Module], nn.Module]  # loaded model -> module whose forward takes `inputs` in order
     sample: Callable[[dict, dict[str, int]], tuple]  # (model facts, dim sizes) -> input tensors
     parity_rel_l2: dict = field(default_factory=lambda: dict(PARITY_REL_L2))  # compute dtype -> tolerance
+    used_where: str | None = None  # an input whose zeros mark outputs nobody reads (parity compares the rest)
 
 
 class _DiTMethod(nn.Module):
@@ -120,6 +123,7 @@ SPECS: dict[str, ComponentSpec] = {
         outputs=(IO("hidden_states", "compute", ("batch", "text_len", "text_hidden")),),
         wrap=lambda m: m,
         sample=lambda facts, d, dtype: _sample_text(facts, d),
+        used_where="attention_mask",  # only real tokens are used downstream
     ),
     "context_refiner": ComponentSpec(
         "context_refiner",
@@ -258,7 +262,7 @@ OMNI_SPECS: dict[str, ComponentSpec] = {
 def specs_for(variant: str, facts: dict | None = None) -> dict[str, ComponentSpec]:
     """The component specs of a variant: Edit swaps in the Omni context refiner and transformer; a build with a
     ControlNet (its `facts` give `n_hints`) adds the `controlnet` graph and a transformer that takes its hints."""
-    if variant == "edit":
+    if is_omni(variant):
         return {**SPECS, **OMNI_SPECS}
     return {**SPECS, **CONTROL_SPECS} if facts and facts.get("n_hints") else SPECS
 

@@ -32,6 +32,7 @@ from PIL import Image
 
 from ..errors import InternalError, RequestError, UserError
 from ..lora.runtime import LoraManager
+from ..variants import is_omni
 from .open import open_pipeline
 from .pipeline import GenerationCancelled, initial_latents
 from .timing import timed
@@ -117,7 +118,7 @@ class ZImageRuntime:
         should_stop = cancel.is_set if isinstance(cancel, threading.Event) else cancel
         prompts, seeds = list(req.prompts), list(req.seeds)
         kwargs = dict(req.pipeline_kwargs(self.variant), progress=False, should_stop=should_stop)
-        if self.variant == "edit":
+        if is_omni(self.variant):
             kwargs["images"] = list(images)
         else:
             kwargs.update(image=images[0] if images else None, mask=mask)
@@ -129,7 +130,7 @@ class ZImageRuntime:
                 lora_scope.enter_context(self.loras.use(lora_set))
                 if should_stop is not None and should_stop():
                     raise GenerationCancelled("cancelled before it started")
-                if self.variant != "edit" and not images and len(prompts) > 1:
+                if not is_omni(self.variant) and not images and len(prompts) > 1:
                     kwargs["latents"] = self._batch_latents(seeds, req.height, req.width)
                 if len(prompts) == 1 or "latents" in kwargs:
                     latents = self.pipeline(prompts, seed=seeds[0], output="latent", timings=timings, **kwargs)

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from ..errors import RequestError
 from ..facts import SMALL_SIDES, small_model
+from ..variants import is_omni
 from .backends import resolve_backend
 
 SEED_MAX = 2**63 - 1
@@ -178,7 +179,7 @@ class Request:
 
     def pipeline_kwargs(self, variant: str) -> dict:
         """Keyword arguments for the pipelines (Edit keeps the size as given: its resize rule depends on it)."""
-        h, w = self.sizes_given if variant == "edit" else (self.height, self.width)
+        h, w = self.sizes_given if is_omni(variant) else (self.height, self.width)
         kwargs = dict(height=h, width=w, steps=self.steps, negative_prompt=self.negative_prompt,
                       guidance_scale=self.guidance_scale, cfg_normalization=self.cfg_normalization,
                       cfg_truncation=self.cfg_truncation)
@@ -342,9 +343,9 @@ def _check_condition(limits: Limits, info: ImageInfo, what: str, height, width) 
 
 def check_image_count(limits: Limits, n: int) -> None:
     """How many input images the build takes (checked before anything is read)."""
-    if limits.variant == "edit" and n > limits.max_conditions:
+    if is_omni(limits.variant) and n > limits.max_conditions:
         raise RequestError(f"{n} condition images; this build takes at most {limits.max_conditions}")
-    if limits.variant != "edit" and n > 1:
+    if not is_omni(limits.variant) and n > 1:
         raise RequestError("several input images (condition images) need an Edit build (--variant edit); "
                            "img2img and inpainting take one image")
 
@@ -426,7 +427,7 @@ def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, wi
     if control_scale is not None:  # the images only condition the ControlNet: sampled at the output size
         height = limits.default_height if h_given is None else h_given
         width = limits.default_width if w_given is None else w_given
-    elif limits.variant == "edit":
+    elif is_omni(limits.variant):
         if mask_info is not None or strength is not None:
             raise RequestError("the Edit variant takes condition images only: no --mask or --strength")
         if not infos:
@@ -464,7 +465,7 @@ def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, wi
             raise RequestError(STRENGTH_NEEDS_IMAGE)
         height = limits.default_height if h_given is None else h_given
         width = limits.default_width if w_given is None else w_given
-    if infos and limits.variant != "edit" and control_scale is None:
+    if infos and not is_omni(limits.variant) and control_scale is None:
         check_size(limits, height, width, "the output (the input image's size)", too_large=TooLarge)
     else:
         check_size(limits, height, width)
@@ -484,6 +485,6 @@ def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, wi
                        f"{limits.max_request_pixels} pixels")
     return Request(prompts=prompts, seeds=seeds, steps=steps, height=height, width=width, guidance_scale=guidance,
                    cfg_normalization=norm, cfg_truncation=trunc, negative_prompt=negative_prompt,
-                   strength=strength if infos and limits.variant != "edit" and control_scale is None else None,
+                   strength=strength if infos and not is_omni(limits.variant) and control_scale is None else None,
                    images=len(infos), mask=mask_info is not None, control_image=control_scale is not None,
                    controlnet_scale=control_scale, pixels=pixels, sizes_given=(h_given, w_given))

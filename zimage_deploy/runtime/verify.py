@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..fsutil import atomic_file
 from ..hashing import file_sha256, folder_sha256
+from ..variants import is_omni
 
 STAMP = ".verified.json"
 
@@ -60,7 +61,7 @@ def check_support_files(engine_dir: Path, manifest: dict) -> None:
     """The folders the pipelines read besides the graphs."""
     engine_dir = Path(engine_dir)
     needed = [("tokenizer", "tokenizer.json"), ("scheduler", "scheduler_config.json")]
-    if manifest["variant"] == "edit":
+    if is_omni(manifest["variant"]):
         needed.append(("siglip_processor", None))
     for folder, file in needed:
         path = engine_dir / folder

@@ -11,9 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import run_cli
+from ..cli import add_build_dir, run_cli
 from ..errors import UserError
 from ..runtime.backends import BACKENDS
+from ..variants import is_omni
 
 API_KEY_ENV = "ZIMAGE_API_KEY"
 # The event loop shares the GIL with the runtime and parsing threads: a shorter switch interval than Python's
@@ -79,7 +80,7 @@ def load_runtime(engine_dir: Path, backend: str):
     lim = runtime.limits
     h, w = lim.static or (lim.min_side, lim.min_side)
     try:
-        if runtime.variant == "edit":
+        if is_omni(runtime.variant):
             from PIL import Image
 
             side = max(64, lim.min_side)
@@ -95,7 +96,7 @@ def load_runtime(engine_dir: Path, backend: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zimage_deploy.serve", description=__doc__.split("\n")[0])
-    ap.add_argument("--engine-dir", type=Path, required=True, help="a folder written by zimage_deploy.build")
+    add_build_dir(ap)
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     ap.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS, help="default: auto")
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    runtime = load_runtime(args.engine_dir, args.backend)
+    runtime = load_runtime(args.build_dir, args.backend)
     limits = serve_limits(runtime, args)
     service = Service(runtime, limits, max_queue=args.max_queue, max_batch=args.max_batch,
                       batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout,
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.shutdown_timeout + 5)
-    print(f"serving {args.engine_dir} ({runtime.variant}, backend {runtime.backend}) on "
+    print(f"serving {args.build_dir} ({runtime.variant}, backend {runtime.backend}) on "
           f"http://{args.host}:{args.port}  {limits.request.sizes_text()}, batch budget "
           f"{limits.max_batch_pixels} px{', API key required' if service.api_key else ''}", flush=True)
     Server(config).run()

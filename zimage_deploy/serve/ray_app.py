@@ -19,7 +19,7 @@ from pathlib import Path
 from ray import serve
 from starlette.requests import Request
 
-from ..cli import run_cli
+from ..cli import add_build_dir, run_cli
 from ..errors import UserError
 from .__main__ import API_KEY_ENV, SWITCH_INTERVAL_S, add_limit_options, load_runtime, serve_limits
 from .service import Service
@@ -78,7 +78,7 @@ def deployment(engine_dir: str, replicas: int = 1, autoscale: tuple[int, int] | 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zimage_deploy.serve.ray_app", description=__doc__.split("\n")[0])
-    ap.add_argument("--engine-dir", type=Path, required=True, help="a folder written by zimage_deploy.build")
+    add_build_dir(ap)
     ap.add_argument("--replicas", type=int, default=1, help="default: 1")
     ap.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="autoscaling replica range instead")
     ap.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 for engine builds, else 0")
@@ -105,9 +105,9 @@ def main(argv=None) -> int:
     limits["lora_dir"] = service["lora_dir"]
     ray.init(address=args.address, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(deployment(str(args.engine_dir), args.replicas, autoscale, args.gpus_per_replica, args.backend,
+    serve.run(deployment(str(args.build_dir), args.replicas, autoscale, args.gpus_per_replica, args.backend,
                          args.max_ongoing, args.max_queued, service, limits), route_prefix="/")
-    print(f"Ray Serve: {args.engine_dir} on http://{args.host}:{args.port}/v1/generate (Ctrl-C stops)")
+    print(f"Ray Serve: {args.build_dir} on http://{args.host}:{args.port}/v1/generate (Ctrl-C stops)")
     try:
         while True:
             time.sleep(3600)

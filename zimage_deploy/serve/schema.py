@@ -18,6 +18,7 @@ from PIL import Image
 from ..errors import RequestError, UserError
 from ..runtime.validate import (CONDITION_AREA, SEED_MAX, Limits, Request, check_image_count, check_request,
                                 check_seed, decode_image, probe_image)
+from ..variants import is_omni
 from .errors import ApiError
 from .multipart import Part, parse_multipart
 
@@ -66,7 +67,7 @@ class ServeLimits:
             limits = replace(limits, max_side=min(max_side, limits.max_side))
         limits = replace(limits, max_steps=min(max_steps or limits.max_steps, limits.max_steps),
                          max_prompt_chars=min(max_prompt_chars or limits.max_prompt_chars, limits.max_prompt_chars))
-        edit = limits.variant == "edit"
+        edit = is_omni(limits.variant)
         max_images = limits.max_conditions if edit else 1
         side2 = limits.max_side ** 2
         budget = max_batch_pixels or side2 * (1 + (max_images if edit else 0))
@@ -199,7 +200,7 @@ def _check(limits: ServeLimits, fields: dict, images: list[bytes], mask: bytes |
                         images=infos, mask=mask_info, control_image=control_info,
                         controlnet_scale=fields.get("controlnet_scale"))
     decoded = [decode_image(b, limits.request, w) for b, w in zip(images, what)]
-    if limits.request.variant == "edit":  # queued at their prepared area, not their upload size (same result)
+    if is_omni(limits.request.variant):  # queued at their prepared area, not their upload size (same result)
         decoded = [_condition_area(im, *req.sizes_given) for im in decoded]
     mask_image = decode_image(mask, limits.request, "the mask") if mask is not None else None
     if mask_image is not None and alpha_mask:

@@ -1,0 +1,33 @@
+"""`--build-dir DIR` in every command that reads a build, and `--engine-dir DIR` (its older name) doing the same."""
+
+import pytest
+
+from zimage_deploy import bench, generate, plan, refit
+from zimage_deploy.cli import run_cli
+from zimage_deploy.serve import __main__ as serve
+
+COMMANDS = {
+    "generate": (generate.main, ["--prompt", "a cat", "--output", "x.png"]),
+    "bench": (bench.main, ["--report", "r"]),
+    "plan": (plan.main, ["--target", "rtx4090", "--precision", "bf16"]),
+    "refit": (refit.main, []),
+    "serve": (serve.main, []),
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_both_flags_name_the_build(command, tmp_path, capsys):
+    main, rest = COMMANDS[command]
+    errors = []
+    for flag in ("--build-dir", "--engine-dir"):
+        assert run_cli(lambda: main([flag, str(tmp_path / "nowhere"), *rest])) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] and "nowhere has no manifest.json" in errors[0]
+
+
+@pytest.mark.parametrize("command", sorted(c for c in COMMANDS if c != "plan"))
+def test_the_build_is_required(command, capsys):
+    main, rest = COMMANDS[command]
+    with pytest.raises(SystemExit):
+        main(rest)
+    assert "--build-dir" in capsys.readouterr().err
