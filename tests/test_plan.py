@@ -4,6 +4,7 @@ build, and the real-size figures and runtime modes agree with independently meas
 from __future__ import annotations
 
 import pytest
+import torch
 
 from zimage_deploy import build, plan
 from zimage_deploy.checkpoint import read_config
@@ -102,3 +103,120 @@ def test_runtime_mode_follows_the_build_plan():
     assert planned_low_vram({}, None) is False
     assert planned_low_vram({"runtime": {"mode": "low-vram"}}, False) is False  # asked for explicitly
     assert planned_low_vram({"runtime": {"mode": "all-resident"}}, True) is True
+
+
+# -- ControlNet builds --------------------------------------------------------------------------------------
+V1 = dict(control_layers_places=(0, 1), control_in_dim=16, add_control_noise_refiner=None, seed=4)
+UNION = dict(control_layers_places=(0, 1), control_refiner_layers_places=(0,), control_in_dim=33,
+             add_control_noise_refiner="control_noise_refiner", seed=3)
+
+
+@pytest.mark.parametrize("precision,kind", [("fp32", "v1"), ("bf16", "union")])
+def test_controlnet_weights_equal_the_built_graph(tmp_path, tiny_ckpt, precision, kind):
+    """A ControlNet build's `controlnet` graph (its branch plus the DiT embedders and noise refiner it shares)
+    holds exactly the bytes the planner computes from the configs, with --controlnet before building and from
+    the build's record after; the transformer differs from the plain one only by its per-layer hint slots."""
+    from zimage_deploy import manifest as manifest_io
+    from zimage_deploy.tiny_controlnet import write_controlnet
+
+    cn = write_controlnet(tmp_path / "cn" / "union.safetensors", single_file=True, **(V1 if kind == "v1" else UNION))
+    out = tmp_path / "build"
+    assert build.main(["--model", str(tiny_ckpt), "--target", "cpu", "--precision", precision, "--out", str(out),
+                       "--controlnet", str(cn), "--skip-parity"]) == 0
+    comps = manifest_io.load(out)["components"]
+    before = make_plan("rtx4090", precision if precision != "fp32" else "bf16", 256, 256, model=str(tiny_ckpt),
+                       controlnet=str(cn))
+    names = [p.name for p in before.parts]
+    assert names.index("controlnet") == names.index("transformer") - 1
+    from zimage_deploy.models.controlnet import ControlBranch
+    from zimage_deploy.controlnet import open_controlnet
+
+    dit, text, vae = plan._meta_modules(_cfgs(tiny_ckpt))
+    with torch.device("meta"):
+        branch = ControlBranch(open_controlnet(str(cn), tiny_ckpt).config, dit.cfg)
+    computed = config_weights((dit, text, vae), {c: precision for c in COMPONENTS + ("controlnet",)}, branch)
+    assert computed["controlnet"] == comps["controlnet"]["weight_bytes"]
+    slots = dit.cfg.n_layers * (8 + 4)  # an int64 slot and a float32 on/off switch per main layer
+    assert computed["transformer"] + slots == comps["transformer"]["weight_bytes"]
+    n_branch = sum(p.numel() for p in branch.parameters())
+    assert comps["controlnet"]["weight_bytes"] > n_branch * (4 if precision == "fp32" else 2)  # shared parts too
+
+
+def test_controlnet_plan_modes(tmp_path, tiny_ckpt):
+    """The branch runs every step beside the transformer: low-vram mode holds both, and its hints are counted in
+    both components' activations."""
+    from zimage_deploy.tiny_controlnet import write_controlnet
+
+    cn = write_controlnet(tmp_path / "cn" / "u.safetensors", single_file=True, **UNION)
+    plain = make_plan("rtx4090", "bf16", 256, 256, model=str(tiny_ckpt))
+    with_cn = make_plan("rtx4090", "bf16", 256, 256, model=str(tiny_ckpt), controlnet=str(cn))
+    per = {p.name: p for p in with_cn.parts}
+    plain_per = {p.name: p for p in plain.parts}
+    cfg = plan._meta_modules(_cfgs(tiny_ckpt))[0].cfg
+    hints = 2 * 1 * ((256 // 8 // 2) ** 2 + 128) * cfg.dim * 2  # n_hints x batch x joint_len x dim, BF16
+    assert per["transformer"].act_opt == plain_per["transformer"].act_opt + hints
+    assert per["controlnet"].calls == with_cn.steps and per["controlnet"].flops > 0
+    biggest = lambda p: max(x.act_opt for x in p.parts)  # noqa: E731 (the tiny model's is the VAE's)
+    assert with_cn.modes["all-resident"] - plain.modes["all-resident"] == \
+        per["controlnet"].weights + biggest(with_cn) - biggest(plain)
+    others = [p.weights + p.act_opt for p in with_cn.parts if p.name not in ("transformer", "controlnet")]
+    denoise = per["transformer"].weights + per["controlnet"].weights + max(per["transformer"].act_opt,
+                                                                           per["controlnet"].act_opt)
+    assert with_cn.modes["low-vram"] == max(others + [denoise]) + plan.CUDA_OVERHEAD
+    assert with_cn.floor_seconds["controlnet"] > 0
+
+
+def test_real_size_union_controlnet(tmp_path):
+    """A Union-2.1-shaped ControlNet at the real width (15 control blocks, 2 control refiner blocks, 33 channels),
+    written as a sparse safetensors file (headers only are read): the branch's BF16 bytes equal 2 bytes per
+    parameter of diffusers' own ZImageControlNetModel (norms in float32 aside), and BF16 no longer fits a 24 GB
+    card with everything resident at 1024² while FP8 does."""
+    import json
+    import os
+
+    from diffusers import ZImageControlNetModel
+
+    cfg = dict(control_layers_places=list(range(0, 30, 2)), control_refiner_layers_places=[0, 1],
+               control_in_dim=33, add_control_noise_refiner="control_noise_refiner", dim=3840, n_refiner_layers=2,
+               n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, all_patch_size=[2], all_f_patch_size=[1])
+    with torch.device("meta"):
+        model = ZImageControlNetModel(**cfg)
+    header, offset = {}, 0
+    own = 0
+    for name, t in model.state_dict().items():
+        if not name.startswith("control_"):
+            continue  # diffusers' copies of the transformer's modules: not in the released files
+        n = t.numel() * 2
+        header[name] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+        own += t.numel()
+    folder = tmp_path / "union-2.1"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "ZImageControlNetModel", **cfg}))
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = folder / "diffusion_pytorch_model.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+    os.truncate(path, 8 + len(raw) + offset)  # sparse: no data written
+    bf16 = make_plan("rtx4090", "bf16", controlnet=str(folder))
+    part = {p.name: p for p in bf16.parts}["controlnet"]
+    plain = {p.name: p for p in make_plan("rtx4090", "bf16").parts}
+    shared = plain["transformer"].weights  # upper bound for the shared embedders + noise refiner
+    assert 3.0e9 < own < 3.6e9  # the README's "~3.3 B parameters"
+    assert 2 * own <= part.weights <= 2 * own + 0.1 * shared
+    assert bf16.mode != "all-resident" and make_plan("rtx4090", "fp8", controlnet=str(folder)).mode == \
+        "all-resident"
+
+
+def test_controlnet_plan_errors(tmp_path, capsys, tiny_fp32):
+    for argv, message in ((["--controlnet", str(tmp_path / "missing.safetensors")], "no such file"),
+                          (["--engine-dir", str(tiny_fp32), "--controlnet", str(tmp_path)], "--build-dir")):
+        assert run_cli(lambda: plan.main(argv)) == 2
+        assert message in capsys.readouterr().err
+    bad = tmp_path / "lora.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"transformer.layers.0.attention.to_q.lora_A.weight": torch.zeros(4, 8)}, str(bad))
+    assert run_cli(lambda: plan.main(["--controlnet", str(bad)])) == 2
+    assert "error:" in capsys.readouterr().err

@@ -136,8 +136,10 @@ def open_controlnet(arg, ckpt: Path) -> ControlNetSource | None:
     return _open_file(path, ckpt)
 
 
-def _dit_config(ckpt: Path) -> DiTConfig:
-    return DiTConfig.from_diffusers(read_config(ckpt, "transformer"))
+def _dit_config(ckpt) -> DiTConfig:
+    """The transformer config a ControlNet is checked against: a checkpoint's (a path), or one given (the planner
+    checks against the real Z-Image config without the checkpoint)."""
+    return ckpt if isinstance(ckpt, DiTConfig) else DiTConfig.from_diffusers(read_config(ckpt, "transformer"))
 
 
 def _read_json(path: Path) -> dict:

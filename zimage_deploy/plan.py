@@ -16,6 +16,10 @@ fused attention); then whether text encoder, DiT and VAE sit together on the tar
 The floor latency is the larger of compute (FLOPs / the target's datasheet dense tensor peak for the precision)
 and memory traffic (weights read once per call / datasheet bandwidth), per stage: text encoder once, DiT per step
 (CFG doubles the batch), VAE decoder once. Real pipelines reach a fraction of it; it says what cannot be beaten.
+
+A ControlNet build (or `--controlnet PATH` before building) adds the `controlnet` graph: its own branch plus the DiT
+embedders and noise refiner it shares, run every step beside the transformer — so the two count as one stage in
+`low-vram` mode (swapping them every step would cost more than it saves), and the hints it hands over count in both.
 """
 
 from __future__ import annotations
@@ -108,6 +112,28 @@ def _configs(model: str | None, manifest: dict | None) -> dict:
     return {"transformer": REAL_DIT, "text_encoder": REAL_TEXT, "vae": REAL_VAE}
 
 
+def _controlnet_config(arg, model: str | None, manifest: dict | None, dit_cfg):
+    """The ControlNet's config: the build's record, or `--controlnet PATH` checked against the DiT config."""
+    if manifest is not None:
+        rec = manifest.get("controlnet")
+        if not rec:
+            return None
+        from .models.controlnet import ControlNetConfig
+
+        cfg = rec["config"]
+        return ControlNetConfig(**{**cfg, **{k: tuple(cfg[k]) for k in ("control_layers_places",
+                                                                         "control_refiner_layers_places")}})
+    if arg is None:
+        return None
+    from .controlnet import open_controlnet
+
+    if model is not None:
+        from .checkpoint import resolve
+
+        return open_controlnet(arg, resolve(model)[0]).config
+    return open_controlnet(arg, dit_cfg).config  # the real Z-Image transformer's config
+
+
 def _meta_modules(cfgs: dict):
     from diffusers import AutoencoderKL
 
@@ -170,11 +196,26 @@ def _text_quantizable(name: str) -> bool:
     return name.startswith("layers.")
 
 
-def config_weights(modules, plan_of: dict[str, str]) -> dict[str, int]:
-    """Bytes of each component's graph weights, from the (meta-device) modules and the per-component precision."""
+SHARED_WITH_CONTROLNET = ("x_embedder.", "x_pad_token", "t_embedder.", "noise_refiner.")
+
+
+def controlnet_params(dit, branch) -> list[tuple[str, torch.Tensor]]:
+    """The controlnet graph's weights: the branch's, and the DiT embedders and noise refiner it runs too."""
+    shared = [(n, p) for n, p in dit.named_parameters() if n.startswith(SHARED_WITH_CONTROLNET)]
+    return shared + [("control." + n, p) for n, p in branch.named_parameters()]
+
+
+def _controlnet_quantizable(name: str) -> bool:
+    return name.startswith(("control.control_layers.", "control.control_noise_refiner.", "noise_refiner.")) and \
+        not any(e in name for e in DIT_QUANT_EXCLUDE)
+
+
+def config_weights(modules, plan_of: dict[str, str], branch=None) -> dict[str, int]:
+    """Bytes of each component's graph weights, from the (meta-device) modules and the per-component precision
+    (`branch`: a ControlNet's meta-device ControlBranch)."""
     dit, text, vae = modules
     split = _dit_split(dit)
-    keep32 = fp32_params(dit, text, vae)
+    keep32 = fp32_params(dit, text, vae, *(() if branch is None else (branch,)))
     vae_params = list(vae.named_parameters())
     params = {
         "text_encoder": (list(text.named_parameters()), _text_quantizable),
@@ -183,6 +224,8 @@ def config_weights(modules, plan_of: dict[str, str]) -> dict[str, int]:
         "vae_decoder": ([(n, p) for n, p in vae_params if n.startswith(("decoder", "post_quant"))], lambda n: False),
         "vae_encoder": ([(n, p) for n, p in vae_params if n.startswith(("encoder", "quant_conv"))], lambda n: False),
     }
+    if branch is not None:
+        params["controlnet"] = (controlnet_params(dit, branch), _controlnet_quantizable)
     return {name: weight_bytes(named, plan_of[name], quantizable, keep32)
             for name, (named, quantizable) in params.items() if name in plan_of}
 
@@ -235,6 +278,23 @@ def text_flops(cfg, tokens: int, batch: int) -> float:
     return float(batch * cfg.used_layers * (tokens * per_token + 4 * tokens * tokens * q))
 
 
+def controlnet_step_flops(cfg, cn, image_tokens: int, caption_tokens: int, batch: int) -> float:
+    """One per-step controlnet call: the shared noise refiner and the control refiner blocks on the image tokens,
+    the control blocks on image + caption tokens (plus their before/after projections), the embedders."""
+    d, f = cfg.dim, cfg.ffn_dim
+    per_token = 2 * (d * 3 * d + d * d + d * 2 * f + f * d)
+    x, s = _pad32(image_tokens), _pad32(image_tokens) + _pad32(caption_tokens)
+    block = lambda n: n * per_token + 4 * n * n * d  # noqa: E731
+    refiners = {None: cn.n_refiner_layers, "control_noise_refiner": cn.n_refiner_layers, "control_layers": 0}
+    control_refiner_on_image = refiners[cn.add_control_noise_refiner]
+    total = cfg.n_refiner_layers * block(x) + control_refiner_on_image * block(x) + cn.n_hints * block(s)
+    if cn.add_control_noise_refiner == "control_layers":  # the control blocks refine the image tokens first
+        total += cn.n_hints * block(x)
+    total += 2 * s * d * d * (cn.n_hints + 1)  # after_proj per block, before_proj once
+    total += 2 * image_tokens * d * cfg.patch_size ** 2 * (cfg.in_channels + cn.control_in_dim)  # embedders
+    return float(batch * total)
+
+
 def vae_decoder_flops(vae, latent_h: int, latent_w: int, batch: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -248,7 +308,8 @@ def vae_decoder_flops(vae, latent_h: int, latent_w: int, batch: int) -> float:
 
 def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024, variant: str = "turbo",
               steps: int | None = None, engine_dir: Path | None = None, model: str | None = None,
-              caption_tokens: int = 128, max_caption_tokens: int = 512, max_side: int | None = None) -> Plan:
+              caption_tokens: int = 128, max_caption_tokens: int = 512, max_side: int | None = None,
+              controlnet=None) -> Plan:
     manifest = None
     if engine_dir is not None:
         from . import manifest as manifest_io
@@ -269,6 +330,13 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
     batch = 2 if v.uses_cfg else 1
     cfgs = _configs(model, manifest)
     dit, text, vae = _meta_modules(cfgs)
+    cn = _controlnet_config(controlnet, model, manifest, dit.cfg)
+    branch = None
+    if cn is not None:
+        from .models.controlnet import ControlBranch
+
+        with torch.device("meta"):
+            branch = ControlBranch(cn, dit.cfg)
     plan_of = precision_plan(precision, t.base)
     scale = 2 ** (len(cfgs["vae"]["block_out_channels"]) - 1)
     patch = dit.cfg.patch_size
@@ -292,6 +360,14 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
         "vae_encoder": (vae_activations(cfgs["vae"], height, width, 1, elem),
                         vae_activations(cfgs["vae"], side_max, side_max, 4, elem)),
     }
+    if cn is not None:  # the branch's blocks are DiT blocks; its hints go to the transformer
+        hints = lambda img, cap, b: int(cn.n_hints * b * (_pad32(img) + _pad32(cap)) * dit.cfg.dim * elem)  # noqa
+        acts["controlnet"] = tuple(dit_activations(dit.cfg, img, cap, b, elem) + hints(img, cap, b)
+                                   for img, cap, b in ((img_opt, caption_tokens, batch),
+                                                       (img_max, max_caption_tokens, 4)))
+        acts["transformer"] = tuple(a + hints(img, cap, b) for a, (img, cap, b) in
+                                    zip(acts["transformer"], ((img_opt, caption_tokens, batch),
+                                                              (img_max, max_caption_tokens, 4))))
     flops = {
         "text_encoder": (text_flops(tcfg, caption_tokens, batch), 1),
         "context_refiner": (context_flops(dit.cfg, caption_tokens, batch), 1),
@@ -299,9 +375,15 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
         "vae_decoder": (vae_decoder_flops(vae, height // scale, width // scale, 1), 1),
         "vae_encoder": (0.0, 0),  # img2img / inpainting only
     }
+    if cn is not None:
+        flops["controlnet"] = (controlnet_step_flops(dit.cfg, cn, img_opt, caption_tokens, batch), steps)
     plan = Plan(target, precision, v.name, height, width, steps, batch, int(t.memory_gib * GIB))
-    computed = config_weights((dit, text, vae), plan_of)
-    for name in v.components:
+    components = list(v.components)
+    if cn is not None:
+        plan_of = {**plan_of, "controlnet": plan_of["transformer"]}  # quantized like the DiT
+        components.insert(components.index("transformer"), "controlnet")
+    computed = config_weights((dit, text, vae), plan_of, branch)
+    for name in components:
         comp_precision = plan_of[name]
         weights, source = computed[name], "config"
         if manifest is not None:
@@ -321,10 +403,18 @@ def _choose_mode(plan: Plan) -> None:
     usable = int(plan.memory * USABLE)
     per = {p.name: p for p in plan.parts}
     biggest_act = max(p.act_opt for p in plan.parts)
+    # the stages of low-vram mode: each component alone, but a ControlNet's branch beside the transformer
+    cn = per.get("controlnet")
+    stages = [p.weights + p.act_opt for p in plan.parts if p.name not in ("transformer", "controlnet")]
+    stages.append(per["transformer"].weights + (cn.weights if cn else 0) +
+                  max(per["transformer"].act_opt, cn.act_opt if cn else 0))
+    streamed = per["transformer"].act_opt + min(per["transformer"].weights, 2 * GIB)
+    if cn:  # the branch streams too
+        streamed = max(streamed, cn.act_opt) + min(cn.weights, 2 * GIB)
     plan.modes = {
         "all-resident": sum(p.weights for p in plan.parts) + biggest_act + CUDA_OVERHEAD,
-        "low-vram": max(p.weights + p.act_opt for p in plan.parts) + CUDA_OVERHEAD,
-        "weight-streaming": per["transformer"].act_opt + CUDA_OVERHEAD + min(per["transformer"].weights, 2 * GIB),
+        "low-vram": max(stages) + CUDA_OVERHEAD,
+        "weight-streaming": streamed + CUDA_OVERHEAD,
     }
     plan.mode = next((m for m, need in plan.modes.items() if need <= usable), "does-not-fit")
 
@@ -377,14 +467,21 @@ def main(argv=None) -> int:
     add_build_dir(ap, "a build folder: its engines' (or graphs') sizes replace the computed weights", required=False)
     ap.add_argument("--model", default=None,
                     help="a checkpoint whose configs to plan (default: the real Z-Image configs)")
+    ap.add_argument("--controlnet", default=None, metavar="PATH",
+                    help="plan a ControlNet build (as build --controlnet: a ZImageControlNetModel folder or a "
+                         "released .safetensors; only its config and header are read). A build's own is counted "
+                         "with --build-dir")
     ap.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
     args = ap.parse_args(argv)
+    if args.controlnet is not None and args.build_dir is not None:
+        raise UserError("--controlnet plans a build before it exists; with --build-dir the build's own ControlNet "
+                        "(if any) is counted")
     target = args.target or "rtx4090"
     precision = args.precision or TARGETS[target].default_precision
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be >= 1")
     plan = make_plan(target, precision, args.height, args.width, args.variant, args.steps, args.build_dir,
-                     args.model)
+                     args.model, controlnet=args.controlnet)
     print(format_plan(plan))
     if args.json:
         from .fsutil import atomic_file
