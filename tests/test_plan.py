@@ -220,3 +220,16 @@ def test_controlnet_plan_errors(tmp_path, capsys, tiny_fp32):
     save_file({"transformer.layers.0.attention.to_q.lora_A.weight": torch.zeros(4, 8)}, str(bad))
     assert run_cli(lambda: plan.main(["--controlnet", str(bad)])) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_low_vram_runtime_keeps_the_denoise_stage_together():
+    """What the plan assumes of low-VRAM mode, the TensorRT runtime does: the ControlNet's engine and the
+    transformer's stay resident together through the loop; other stages replace each other."""
+    from zimage_deploy.runtime.tensorrt_backend import low_vram_evictions
+
+    assert low_vram_evictions("transformer", ["controlnet"]) == []
+    assert low_vram_evictions("controlnet", ["transformer"]) == []
+    assert low_vram_evictions("transformer", ["text_encoder", "context_refiner"]) == ["text_encoder",
+                                                                                      "context_refiner"]
+    assert low_vram_evictions("vae_decoder", ["controlnet", "transformer"]) == ["controlnet", "transformer"]
+    assert low_vram_evictions("text_encoder", []) == []

@@ -55,6 +55,17 @@ def check_compat(manifest: dict, installed_version: str, device_cc: tuple[int, i
                             "build for this GPU's target")
 
 
+# Engines that run in turn inside one stage: low-VRAM mode keeps them resident together (swapping a ControlNet's
+# branch and the transformer every step would read both plans from disk each step); plan.py counts them so.
+STAGE_OF = {"controlnet": "denoise", "transformer": "denoise"}
+
+
+def low_vram_evictions(name: str, loaded) -> list[str]:
+    """The resident engines to drop before `name` loads in low-VRAM mode: those of other stages."""
+    stage = STAGE_OF.get(name, name)
+    return [n for n in loaded if STAGE_OF.get(n, n) != stage]
+
+
 class _Engine:
     def __init__(self, trt, runtime, plan: bytes, refit_from: Path | None = None, logger=None):
         self.engine = runtime.deserialize_cuda_engine(plan)
@@ -105,8 +116,10 @@ class TensorRTBackend(Backend):
 
     def _engine(self, name: str) -> _Engine:
         if name not in self.engines:
-            if self.low_vram:
-                self.engines.clear()
+            evict = low_vram_evictions(name, self.engines) if self.low_vram else []
+            for other in evict:
+                del self.engines[other]
+            if evict:
                 torch.cuda.empty_cache()
             comp = self.components[name]
             plan = (self.engine_dir / comp["engine"]["plan"]).read_bytes()
