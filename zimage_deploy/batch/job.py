@@ -1,6 +1,6 @@
 """`python -m zimage_deploy.batch`: images in bulk from a JSONL / CSV / text file of requests, resumable.
 
-    python -m zimage_deploy.batch --engine-dir DIR --input prompts.csv --out out/ \\
+    python -m zimage_deploy.batch --build-dir DIR --input prompts.csv --out out/ \\
         --template "a poster of {product}, {style}" --seeds 4 --batch-size 4 [--ray [ADDRESS]]
 
 Exit code: 0 when every line made its images, 1 when any line failed (see results.jsonl), 2 for a bad command
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..cli import run_cli
+from ..cli import add_build_dir, run_cli
 from ..errors import UserError
 from ..runtime.backends import resolve_backend
 from ..runtime.validate import Limits
@@ -44,7 +44,7 @@ EXACT_BATCH = {"onnxruntime": 4}
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m zimage_deploy.batch", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--engine-dir", type=Path, required=True, help="a folder written by zimage_deploy.build")
+    add_build_dir(ap)
     ap.add_argument("--input", type=Path, required=True,
                     help="requests: .jsonl (one /v1/generate object per line), .csv (header row naming the fields) "
                          "or .txt (one prompt per line); image/mask paths relative to this file's folder")
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     from .. import manifest as manifest_io
 
-    manifest = manifest_io.load(args.engine_dir)
+    manifest = manifest_io.load(args.build_dir)
     backend = args.backend
     if args.ray is not None and backend == "auto" and uses_gpu(manifest):
         backend = "tensorrt"  # what the GPU actors will run, whatever this driver has
@@ -193,10 +193,10 @@ def _run(args, manifest, limits, plan, n_rows: int, t_start: float) -> int:
     if args.ray is not None:
         from .ray_data import run_ray
 
-        outcomes = run_ray(groups, args.ray or None, args.actors, args.engine_dir, args.backend, args.cfg_mode,
+        outcomes = run_ray(groups, args.ray or None, args.actors, args.build_dir, args.backend, args.cfg_mode,
                            manifest)
     else:
-        outcomes = run_local(groups, args.engine_dir, args.backend, args.cfg_mode)
+        outcomes = run_local(groups, args.build_dir, args.backend, args.cfg_mode)
     written = failed = 0
     interrupted = False
     bar = tqdm(total=len(todo), unit="img", desc="batch", disable=args.no_progress or not todo, file=sys.stderr)

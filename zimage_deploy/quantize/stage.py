@@ -28,8 +28,6 @@ from ..targets import QUANTIZED
 from .calibrate import CachedText, attention_modules, calibrate, plan_layers, sampling_loop, text_encoder_loop
 from .options import QuantOptions, prompts_sha256
 
-CALIBRATED = ("transformer", "text_encoder")  # the components a precision may quantize
-
 
 # the options that change a quantized graph (the gate's do not)
 MAKING = ("calib_prompts", "calib_size", "calib_side", "calib_steps", "int4_method", "int4_block", "exclude",
