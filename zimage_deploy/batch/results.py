@@ -10,13 +10,13 @@ the recorded sha256; the record of an image to be made again is kept until it is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import statistics
 from pathlib import Path
 
 from ..fsutil import atomic_file
+from ..hashing import file_sha256
 
 RESULTS = "results.jsonl"
 SUMMARY = "summary.json"
@@ -54,14 +54,6 @@ def describes_file(record: dict | None, out_dir: Path) -> bool:
         return path.is_file() and file_sha256(path) == record.get("sha256")
     except (OSError, TypeError, ValueError):
         return False
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def remove_stale_temps(out_dir: Path, names: set[str]) -> int:

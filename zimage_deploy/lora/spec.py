@@ -3,7 +3,6 @@ folder (the server's `--lora-dir`: never a path taken from a request), and file 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RequestError, UserError
+from ..hashing import file_sha256 as plain_sha256
 
 MAX_SCALE = 100.0  # |scale| above this is a typo, not a strength (weights would overflow long before)
 SUFFIX = ".safetensors"
@@ -162,12 +162,9 @@ def file_sha256(path: Path) -> str:
     with _HASH_LOCK:
         if key in _HASHES:
             return _HASHES[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
+    sha = plain_sha256(path)
     with _HASH_LOCK:
         if len(_HASHES) > 1024:
             _HASHES.clear()
-        _HASHES[key] = h.hexdigest()
+        _HASHES[key] = sha
     return _HASHES[key]
