@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zimage_deploy"
 LEAVES = ("errors", "paths", "numerics", "components", "variants", "fsutil")
 # ARCHITECTURE.md's layers, lowest first: a module imports only from its own layer or lower ones
 LAYERS = [
-    ("errors", "paths", "numerics", "components", "variants", "targets", "fsutil", "cli", "quantize.options"),
+    ("errors", "paths", "numerics", "schemes", "components", "variants", "targets", "fsutil", "cli",
+     "quantize.options"),
     ("hashing", "manifest", "buildfolder", "scales", "checkpoint", "facts", "tiny", "tiny_controlnet", "realsize"),
     ("models",),
     ("export", "engines"),

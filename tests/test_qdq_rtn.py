@@ -15,6 +15,7 @@ from onnx import numpy_helper
 import quant_ref as qr
 from graph_ref import initializer
 from zimage_deploy.export.specs import CHECK_DIMS, SPECS
+from zimage_deploy import schemes
 from zimage_deploy.quantize import qdq
 from zimage_deploy.quantize.options import DEFAULT_EXCLUDE as EXCLUDE
 
@@ -116,7 +117,7 @@ def test_weight_only(tiny_fp32, tmp_path, scheme, name):
 def test_truncating_writer_is_caught(tiny_fp32, tmp_path, monkeypatch):
     """The broken INT4 writer (truncation instead of rounding to nearest): every layer's codes differ from the
     independent ones, and the output misses the independent reference by far more than its bound."""
-    monkeypatch.setattr(qdq, "int4_blocks", _truncating_int4_blocks)
+    monkeypatch.setattr(schemes, "int4_blocks", _truncating_int4_blocks)  # INT4's Q/DQ writer
     src_dir = tiny_fp32 / "onnx" / "transformer"
     summary = qdq.quantize_graph(src_dir, tmp_path / "q", "int4", block=BLOCK, progress=False)
     src = onnx.load(str(src_dir / "model.onnx"))

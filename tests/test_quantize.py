@@ -262,6 +262,7 @@ def _truncating_int4_blocks(w, block, amax=None):
 def test_the_reference_checks_catch_broken_writers(broken, quantized_build, layer_runs, tmp_path, monkeypatch):
     """The broken writers, run on the same scales: the codes and the layer outputs miss the independent reference
     by far more than its bound."""
+    from zimage_deploy import schemes
     from zimage_deploy.quantize import qdq
 
     kind = "int4-rtn" if broken.startswith("int4") else "fp8"
@@ -270,7 +271,7 @@ def test_the_reference_checks_catch_broken_writers(broken, quantized_build, laye
     _, _, scales, weights = layer_runs(kind, "transformer")
     torch_scales = {k: torch.from_numpy(v) for k, v in scales.items()}
     if broken == "int4 truncating":
-        monkeypatch.setattr(qdq, "int4_blocks", _truncating_int4_blocks)
+        monkeypatch.setattr(schemes, "int4_blocks", _truncating_int4_blocks)  # INT4's Q/DQ writer
     else:
         torch_scales = {k: v for k, v in torch_scales.items() if not k.endswith(".input_amax")}
     qdq.quantize_graph(out / "onnx" / "transformer", tmp_path / "q", scheme, 32, torch_scales, progress=False)

@@ -24,10 +24,15 @@ FP4_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # E2M1 magnitudes, in code 
 MIN_SCALE = 1e-12
 
 
-def weight_amax(w: torch.Tensor, scheme: str, block: int = 0) -> torch.Tensor:
-    """Round-to-nearest range of a (out, in) weight: per tensor (fp8) or per block of `block` inputs (int4)."""
+def tensor_amax(w: torch.Tensor) -> torch.Tensor:
+    """Range of a whole tensor (a per-tensor scale's)."""
+    return w.float().abs().amax()
+
+
+def block_amax(w: torch.Tensor, block: int) -> torch.Tensor:
+    """Range of each block of `block` inputs of a (out, in) weight: (out, in / block)."""
     w = w.float()
-    return w.abs().amax() if scheme == "fp8" else w.reshape(w.shape[0], -1, block).abs().amax(-1)
+    return w.reshape(w.shape[0], -1, block).abs().amax(-1)
 
 
 def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -50,7 +55,7 @@ def int4_blocks(w: torch.Tensor, block: int, amax: torch.Tensor | None = None) -
     scales (out, in / block); `amax` (out, in / block) or the blocks' own range."""
     out_f, in_f = w.shape
     blocks = w.float().reshape(out_f, in_f // block, block)
-    amax = weight_amax(w, "int4", block) if amax is None else amax.float().reshape(out_f, in_f // block)
+    amax = block_amax(w, block) if amax is None else amax.float().reshape(out_f, in_f // block)
     scale = (amax / INT4_MAX).clamp(min=MIN_SCALE)
     return torch.round(blocks / scale[..., None]).clamp(-8, 7).reshape(out_f, in_f), scale
 

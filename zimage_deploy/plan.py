@@ -35,6 +35,7 @@ import torch
 from .cli import add_build_dir, run_cli
 from .errors import UserError
 from .facts import SMALL_SIDES, small_model
+from .schemes import SCHEMES
 from .targets import PRECISIONS, QUANTIZED, TARGETS, get_target, precision_plan
 from .variants import VARIANTS, get_variant
 
@@ -54,7 +55,7 @@ PEAKS = {
     "rtx5090": dict(bf16=209.5, fp8=838.4, nvfp4=1676.0, bandwidth=1792),
     "b200": dict(bf16=2250.0, fp8=4500.0, nvfp4=9000.0, bandwidth=8000),
 }
-BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int4": 0.5 + 2 / 128, "nvfp4": 0.5 + 1 / 16}  # + block scales
+BYTES = {"fp32": 4.0, "bf16": 2.0, **{n: s.weight_bytes for n, s in SCHEMES.items()}}  # + block scales
 DIT_QUANT_EXCLUDE = ("t_embedder", "adaLN_modulation", "x_embedder", "cap_linear", "siglip_linear", "final_layer")
 
 
@@ -425,7 +426,7 @@ def _floors(plan: Plan, target: str) -> None:
     for p in plan.parts:
         if not p.calls:
             continue
-        math = "bf16" if p.precision in ("bf16", "int4", "fp32") else p.precision
+        math = SCHEMES[p.precision].gemm if p.precision in SCHEMES else "bf16"
         compute = p.flops / (peaks.get(math, peaks["bf16"]) * 1e12)
         memory = p.weights / (peaks["bandwidth"] * 1e9)
         seconds = p.calls * max(compute, memory)

@@ -2,11 +2,11 @@
 quantized component, and what the quality gate compares where the graphs themselves cannot run (BF16 graphs on a
 machine without a GPU).
 
-Weights are replaced by their quantize-dequantize (AWQ: dequantized W / s, times s again, which is the graph's
-Mul-by-s on the activation moved onto the weight); FP8 activations are quantize-dequantized by a pre-hook on the
-linear layer with the calibrated per-tensor scale, saturating as `QuantizeLinear` does; NVFP4 activations by a
-pre-hook doing what TensorRT's dynamic FP4 quantization does (block scales from each block of 16, the calibrated
-global scale).
+Weights are replaced by their quantize-dequantize (the scheme's: schemes.py; AWQ: dequantized W / s, times s again,
+which is the graph's Mul-by-s on the activation moved onto the weight); FP8 activations are quantize-dequantized by
+a pre-hook on the linear layer with the calibrated per-tensor scale, saturating as `QuantizeLinear` does; NVFP4
+activations by a pre-hook doing what TensorRT's dynamic FP4 quantization does (block scales from each block of 16,
+the calibrated global scale).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import functools
 
 import torch
 
-from ..numerics import fake_fp8, fake_nvfp4, fp8_scale, int4_blocks, nvfp4_blocks, nvfp4_global_scale, to_fp8
+from ..numerics import fake_fp8, fp8_scale
+from ..schemes import get_scheme
 from ..scales import PROBS_AMAX, attention_layers_of, layers_of
 
 
@@ -33,21 +34,13 @@ def fp8_attention(q, k, v, key_bias, scales):
 
 def _weight(w: torch.Tensor, scheme: str, amax: torch.Tensor, pre: torch.Tensor | None, block: int) -> torch.Tensor:
     wf = w.float() if pre is None else w.float() / pre[None, :]
-    if scheme == "nvfp4":
-        return nvfp4_blocks(wf, nvfp4_global_scale(amax), w.dtype)[2]
-    if scheme == "fp8":
-        s = fp8_scale(amax)
-        deq = to_fp8(wf, s).float() * s
-    else:
-        q, s = int4_blocks(wf, block, amax)
-        deq = (q.reshape(*s.shape, block) * s[..., None]).reshape(wf.shape)
+    deq = get_scheme(scheme).fake_weight(wf, amax, w.dtype, block)
     return (deq if pre is None else deq * pre[None, :]).to(w.dtype)
 
 
 def apply_scales(model: torch.nn.Module, scales: dict[str, torch.Tensor], scheme: str, block: int) -> list[str]:
     """Quantize `model`'s calibrated linear layers in place as the graphs do; returns their names."""
-    modules = dict(model.named_modules())
-    names = layers_of(scales)
+    modules, names, kind = dict(model.named_modules()), layers_of(scales), get_scheme(scheme)
     for name in names:
         m = modules[name]
         pre = scales.get(f"{name}.pre_quant_scale")
@@ -55,9 +48,7 @@ def apply_scales(model: torch.nn.Module, scales: dict[str, torch.Tensor], scheme
             m.weight.data = _weight(m.weight.data, scheme, scales[f"{name}.weight_amax"],
                                     None if pre is None else pre.to(m.weight.device), block)
         if f"{name}.input_amax" in scales:
-            amax = scales[f"{name}.input_amax"]
-            fake = functools.partial(fake_nvfp4, global_scale=nvfp4_global_scale(amax)) if scheme == "nvfp4" \
-                else functools.partial(fake_fp8, scale=fp8_scale(amax))
+            fake = kind.fake_activation(scales[f"{name}.input_amax"])
             # the graph quantizes the activation after the linear layer's cast to its weight dtype
             m.register_forward_pre_hook(lambda mod, args, fake=fake: (fake(args[0].to(mod.weight.dtype)),))
     for name in attention_layers_of(scales):

@@ -1,10 +1,10 @@
 """Calibration with nvidia-modelopt.
 
-modelopt inserts its quantizers into our Torch modules, the real sampling loop runs over the calibration
-prompts (max calibration for FP8 and NVFP4; activation-aware AWQ search for INT4), and the scales it found are
-saved to a small safetensors file per component. The graph rewrite (qdq.py) reads that file: calibration never needs the
-ONNX graph, and the graph rewrite never needs the Torch model (so a real-size graph is quantized one tensor at a
-time).
+modelopt inserts its quantizers into our Torch modules (the scheme's modelopt config, schemes.py: max calibration
+for FP8 and NVFP4; activation-aware AWQ search for INT4), the real sampling loop runs over the calibration prompts,
+and the scales it found are saved to a small safetensors file per component. The graph rewrite (qdq.py) reads that
+file: calibration never needs the ONNX graph, and the graph rewrite never needs the Torch model (so a real-size graph
+is quantized one tensor at a time).
 
 The scale files and their keys: zimage_deploy/scales.py.
 """
@@ -22,8 +22,8 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..models.dit import Attention
 from ..models.layers import Linear
-from ..numerics import NVFP4_BLOCK
 from ..runtime.backend import Backend
+from ..schemes import get_scheme
 
 
 def modelopt():
@@ -82,7 +82,7 @@ def _quant_attention():
 
 def plan_layers(model: torch.nn.Module, scheme: str, exclude, block: int, skip_prefixes=()) -> list[str]:
     """Linear modules to quantize: not excluded, not under `skip_prefixes`, and (INT4, NVFP4) whole blocks wide."""
-    width = {"int4": block, "nvfp4": NVFP4_BLOCK}.get(scheme, 1)
+    width = get_scheme(scheme).layer_width(block)
     return [name for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and not name.startswith(tuple(skip_prefixes))
             and not any(e in name for e in exclude) and not m.in_features % width]
@@ -93,40 +93,18 @@ def attention_modules(model: torch.nn.Module, exclude, skip_prefixes=()) -> list
             and not n.startswith(tuple(skip_prefixes)) and not any(e in n for e in exclude)]
 
 
-def modelopt_config(scheme: str, layers: list[str], block: int, int4_method: str, attention=()) -> dict:
-    """A modelopt config quantizing exactly `layers` (and the BMMs of the `attention` modules, FP8).
-
-    NVFP4 is calibrated as FP8 is: max calibration, per tensor. Its block scales are computed from the data (weights
-    when the graph is written, activations by TensorRT at run time), so what calibration must find are the
-    per-tensor ranges behind the global scales, and modelopt's max calibration collects them without quantizing.
-    (modelopt's own NVFP4 mode fake-quantizes through CUDA/Triton kernels; this way calibration runs anywhere.)"""
-    if scheme in ("fp8", "nvfp4"):
-        fmt = {"num_bits": (4, 3), "axis": None}
-        per_layer = [{"quantizer_name": f"{n}.weight_quantizer", "cfg": fmt} for n in layers]
-        per_layer += [{"quantizer_name": f"{n}.input_quantizer", "cfg": fmt} for n in layers]
-        per_layer += [{"quantizer_name": f"{n}.{x}_bmm_quantizer", "cfg": fmt} for n in attention for x in "qkv"]
-        algorithm = "max"
-    elif scheme == "int4":
-        fmt = {"num_bits": 4, "block_sizes": {-1: block, "type": "static"}}
-        per_layer = [{"quantizer_name": f"{n}.weight_quantizer", "cfg": fmt} for n in layers]
-        algorithm = "awq_lite" if int4_method == "awq" else "max"
-    else:
-        raise UserError(f"calibration of {scheme!r} is not supported")
-    return {"quant_cfg": [{"quantizer_name": "*", "enable": False}, *per_layer], "algorithm": algorithm}
-
-
 def calibrate(model: torch.nn.Module, scheme: str, layers: list[str], block: int, int4_method: str,
               forward_loop, attention=()) -> dict[str, torch.Tensor]:
     """Insert modelopt quantizers into `model` (in place: it stays fake-quantized), run `forward_loop(model)`,
     and return the scales (keys as in the module docstring)."""
     mtq = modelopt()
     with contextlib.redirect_stdout(io.StringIO()):  # modelopt prints its progress; ours is the tqdm bar
-        mtq.quantize(model, modelopt_config(scheme, layers, block, int4_method, attention), forward_loop)
+        mtq.quantize(model, get_scheme(scheme).modelopt_config(layers, block, int4_method, attention), forward_loop)
     return collect_scales(model, layers, scheme, block, attention)
 
 
 def collect_scales(model, layers, scheme: str, block: int, attention=()) -> dict[str, torch.Tensor]:
-    modules = dict(model.named_modules())
+    modules, kind = dict(model.named_modules()), get_scheme(scheme)
     scales = {}
     for name in attention:
         for x in "qkv":
@@ -140,10 +118,9 @@ def collect_scales(model, layers, scheme: str, block: int, attention=()) -> dict
         if amax is None:
             raise UserError(f"calibration left no weight scale for {name}")
         amax = amax.detach().float().cpu()
-        scales[f"{name}.weight_amax"] = amax.reshape(m.out_features, m.in_features // block) if scheme == "int4" \
-            else amax.reshape(())
+        scales[f"{name}.weight_amax"] = kind.collected_weight_amax(amax, m.out_features, m.in_features, block)
         iq = m.input_quantizer
-        if scheme in ("fp8", "nvfp4"):
+        if kind.calibrates_activations:
             if iq.amax is None:
                 raise UserError(f"no calibration data reached {name}: is it used by the sampling loop?")
             scales[f"{name}.input_amax"] = iq.amax.detach().float().cpu().reshape(())

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..schemes import SCHEMES
 from ..targets import QUANTIZED
 
 # Held out: none of these is in the shipped calibration set.
@@ -55,8 +56,9 @@ def run_gate(out: Path, manifest: dict, n_prompts: int, side: int, min_psnr: flo
 
     t0 = time.perf_counter()
     float32 = all(c["compute_dtype"] == "float32" for c in manifest["components"].values())
-    nvfp4 = any(c.get("precision") == "nvfp4" for c in manifest["components"].values())
-    if float32 and not nvfp4:  # ONNX Runtime has no FP4 kernels
+    onnxruntime = all(SCHEMES[c["precision"]].onnxruntime_runs for c in manifest["components"].values()
+                      if c.get("precision") in SCHEMES)
+    if float32 and onnxruntime:  # ONNX Runtime has no FP4 kernels
         make, how = OnnxRuntimeBackend, "onnxruntime: quantized graphs vs the unquantized float32 graphs"
     else:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

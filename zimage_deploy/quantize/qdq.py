@@ -36,14 +36,11 @@ from ..cli import run_cli
 from ..errors import UserError
 from ..export.weights import DATA_FILE, EXTERNAL_THRESHOLD, TORCH_OF, ExternalWriter, read_initializer
 from ..fsutil import atomic_dir
-from ..numerics import (E4M3_MAX, INT4_MAX, NVFP4_BLOCK, e2m1_codes, fp8_scale, int4_blocks, nvfp4_blocks,
-                        nvfp4_global_scale, to_fp8, weight_amax)
+from ..numerics import fp8_scale
 from ..scales import PROBS_AMAX, attention_layers_of, layers_of, load_scales
+from ..schemes import SCHEMES, get_scheme
 from .options import DEFAULT_EXCLUDE
 
-SCHEMES = ("int4", "fp8", "nvfp4")
-QDQ_OPSET = {"int4": 21, "fp8": 21, "nvfp4": 23}  # 21: INT4 blocked DequantizeLinear; 23: FLOAT4E2M1
-TRT_DOMAIN = "trt"  # TensorRT's ONNX operators (TRT_FP4DynamicQuantize)
 # names that are never matmul weights worth quantizing, whatever the exclusions say
 ALWAYS_KEEP = ("norm", "embed_tokens", "pad_token")
 
@@ -54,36 +51,26 @@ def quantizable(t: TensorProto, exclude=DEFAULT_EXCLUDE) -> bool:
             and t.data_type in (TensorProto.FLOAT, TensorProto.BFLOAT16))
 
 
-def pack_nibbles(codes: torch.Tensor) -> bytes:
-    """4-bit codes -> ONNX 4-bit tensor bytes (two per byte, the first in the low nibble)."""
-    flat = codes.flatten().to(torch.uint8) & 0x0F
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    return (flat[0::2] | (flat[1::2] << 4)).numpy().tobytes()
-
-
-def pack_int4(q: torch.Tensor) -> bytes:
-    """int values in [-8, 7] -> ONNX INT4 bytes."""
-    return pack_nibbles(q.to(torch.int16) & 0x0F)
-
-
 def raw_of(t: torch.Tensor, elem: int) -> bytes:
     t = t.to(TORCH_OF[elem]).contiguous()
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
 
 
-def two_level_dq(values: str, block_scales: str, global_scale: str, out: str, elem: int, axis: int, prefix: str):
-    """NVFP4 dequantization: FP8 block scales x global scale (float32), cast to the graph's dtype, then the blocked
-    DequantizeLinear of the FP4 values."""
-    nodes = [helper.make_node("DequantizeLinear", [block_scales, global_scale], [block_scales + "_f"],
-                              name=prefix + "/ScaleDequantizeLinear")]
-    scale = block_scales + "_f"
-    if elem != TensorProto.FLOAT:
-        nodes.append(helper.make_node("Cast", [scale], [block_scales + "_c"], to=elem, name=prefix + "/ScaleCast"))
-        scale = block_scales + "_c"
-    nodes.append(helper.make_node("DequantizeLinear", [values, scale], [out], axis=axis, block_size=NVFP4_BLOCK,
-                                  name=prefix + "/DequantizeLinear"))
-    return nodes
+class _Out:
+    """Where a scheme writes one graph's initializers (through the external-data writer) and nodes (`g`)."""
+
+    def __init__(self, writer: ExternalWriter, g: "_Graph", zero_point: str):
+        self.writer, self.g, self.zero_point, self.inits = writer, g, zero_point, []
+
+    def add(self, name: str, data_type: int, dims: list[int], raw: bytes) -> None:
+        self.inits.append(self.writer.add(name, data_type, dims, raw))
+
+    def add_tensor(self, name: str, t: torch.Tensor, elem: int) -> None:
+        self.add(name, elem, list(t.shape), raw_of(t, elem))
+
+    @staticmethod
+    def torch_dtype(elem: int) -> torch.dtype:
+        return TORCH_OF[elem]
 
 
 class _Graph:
@@ -120,19 +107,6 @@ class _Graph:
                                                   name=f"/quant{node.name}/{index}/DequantizeLinear"))
         node.input[index] = tag + "_dq"
 
-    def fp4_dynamic(self, node: onnx.NodeProto, index: int, global_name: str, elem: int) -> None:
-        """NVFP4 quantize-dequantize of input `index` of `node`: TensorRT's dynamic FP4 quantization (block scales
-        from the data, `global_name` the calibrated per-tensor scale of those scales), then two DequantizeLinear."""
-        value, tag = node.input[index], f"{global_name}.{node.name}"
-        prefix = f"/quant{node.name}/{index}"
-        self.insert_before(node, helper.make_node(
-            "TRT_FP4DynamicQuantize", [value, global_name], [tag + "_f4", tag + "_s8"], domain=TRT_DOMAIN,
-            name=prefix + "/TRT_FP4DynamicQuantize", axis=-1, block_size=NVFP4_BLOCK,
-            scale_type=TensorProto.FLOAT8E4M3FN))
-        for n in two_level_dq(tag + "_f4", tag + "_s8", global_name, tag + "_dq", elem, -1, prefix):
-            self.insert_before(node, n)
-        node.input[index] = tag + "_dq"
-
     def attention_matmuls(self, module: str) -> tuple[onnx.NodeProto, onnx.NodeProto]:
         """The scores (q k^T) and output (probs v) MatMuls of attention module `module` (the exporter's scopes)."""
         parts: list[str] = []
@@ -160,23 +134,21 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block: int = 128, scales: 
                    exclude=DEFAULT_EXCLUDE, progress: bool = True) -> dict:
     """Write the graph of folder `src` (model.onnx [+ data]) with `scheme` Q/DQ into folder `dst`. The summary's
     "scales" are the scales written (for a round-to-nearest run: the ones it computed), in calibrate.py's keys."""
-    if scheme not in SCHEMES:
-        raise UserError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
+    kind = get_scheme(scheme)
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src / "model.onnx"), load_external_data=False)
     inits = list(model.graph.initializer)
     g = _Graph(model.graph)
     layers = set(layers_of(scales)) if scales is not None else None
     total = sum(int(np.prod(t.dims)) for t in inits)
-    if scheme == "nvfp4" and scales is None:
-        raise UserError("nvfp4 needs calibrated activation scales (--scales): its activations are quantized too")
-    summary = {"scheme": scheme, "block": {"int4": block, "nvfp4": NVFP4_BLOCK}.get(scheme), "quantized": [],
+    if kind.needs_scales and scales is None:
+        raise UserError(f"{scheme} needs calibrated activation scales (--scales): its activations are quantized too")
+    summary = {"scheme": scheme, "block": kind.block(block), "quantized": [],
                "activation_qdq": 0, "awq_scaled": 0, "kept": [], "bytes_before": 0, "bytes_after": 0}
     used: dict[str, torch.Tensor] = {}  # the scales written, in the calibration file's keys
     with atomic_dir(dst) as tmp:
         writer = ExternalWriter(tmp, external=(src / DATA_FILE).exists() or total > EXTERNAL_THRESHOLD)
-        new_inits = []
-        zero_point = "/quant/fp8_zero_point"
+        out = _Out(writer, g, "/quant/fp8_zero_point")
         elem = None
         for t in tqdm(inits, desc=f"{scheme} Q/DQ {src.name}", unit="tensor", leave=False, disable=not progress):
             raw, w = read_initializer(t, src)
@@ -185,12 +157,12 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block: int = 128, scales: 
             if layers is not None:
                 ok = name in layers
             else:
-                ok = quantizable(t, exclude) and (scheme == "fp8" or t.dims[1] % block == 0)
+                ok = quantizable(t, exclude) and t.dims[1] % kind.layer_width(block) == 0
             matmul = g.matmul_of(t.name) if ok else None
             if matmul is None:
                 if layers is not None and name in layers:
                     raise UserError(f"{src}: the calibrated layer {name} has no MatMul in the graph")
-                new_inits.append(writer.add(t.name, t.data_type, list(t.dims), raw))
+                out.add(t.name, t.data_type, list(t.dims), raw)
                 if len(t.dims) == 2:
                     summary["kept"].append(t.name)
                 continue
@@ -198,54 +170,22 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block: int = 128, scales: 
             get = (lambda k: scales.get(f"{name}.{k}")) if scales is not None else (lambda k: None)
             pre = get("pre_quant_scale")
             w = w.float() if pre is None else w.float() / pre[None, :]
-            if scheme == "nvfp4":  # FP4 values, FP8 block scales, one float32 global scale; two-level DQ
-                amax = weight_amax(w, "fp8")  # the global scale is per tensor: the weight's own range
-                gscale = nvfp4_global_scale(amax)
-                q, s8, _ = nvfp4_blocks(w, gscale, TORCH_OF[elem])
-                used[f"{name}.weight_amax"] = amax
-                new_inits.append(writer.add(t.name + "_q", TensorProto.FLOAT4E2M1, list(t.dims),
-                                            pack_nibbles(e2m1_codes(q))))
-                new_inits.append(writer.add(t.name + "_scale", TensorProto.FLOAT8E4M3FN, list(s8.shape),
-                                            s8.view(torch.uint8).numpy().tobytes()))
-                new_inits.append(writer.add(t.name + "_global", TensorProto.FLOAT, [],
-                                            raw_of(gscale, TensorProto.FLOAT)))
-                g.first.extend(two_level_dq(t.name + "_q", t.name + "_scale", t.name + "_global", t.name, elem, 1,
-                                            f"/quant/{t.name}"))
-            else:
-                if scheme == "int4":
-                    q, scale = int4_blocks(w, block, get("weight_amax"))
-                    qraw, qtype, attrs = pack_int4(q), TensorProto.INT4, {"axis": 1, "block_size": block}
-                else:
-                    amax = get("weight_amax")
-                    scale = fp8_scale(weight_amax(w, "fp8") if amax is None else amax)
-                    qraw = to_fp8(w, scale).view(torch.uint8).numpy().tobytes()
-                    qtype, attrs = TensorProto.FLOAT8E4M3FN, {}
-                used[f"{name}.weight_amax"] = scale.float() * (INT4_MAX if scheme == "int4" else E4M3_MAX)
-                new_inits.append(writer.add(t.name + "_q", qtype, list(t.dims), qraw))
-                new_inits.append(writer.add(t.name + "_scale", elem, list(scale.shape), raw_of(scale, elem)))
-                g.first.append(helper.make_node("DequantizeLinear", [t.name + "_q", t.name + "_scale"], [t.name],
-                                                name=f"/quant/{t.name}/DequantizeLinear", **attrs))
+            used[f"{name}.weight_amax"] = kind.write_weight(out, t.name, w, get("weight_amax"), block, elem)
             act = matmul.input[0]
             if pre is not None:
                 used[f"{name}.pre_quant_scale"] = pre
-                new_inits.append(writer.add(f"{name}.pre_quant_scale", elem, [int(pre.numel())], raw_of(pre, elem)))
+                out.add(f"{name}.pre_quant_scale", elem, [int(pre.numel())], raw_of(pre, elem))
                 g.insert_before(matmul, helper.make_node("Mul", [act, f"{name}.pre_quant_scale"],
                                                          [f"{name}.input_awq"], name=f"/quant/{name}/AWQMul"))
                 act = f"{name}.input_awq"
                 summary["awq_scaled"] += 1
             matmul.input[0] = act
             in_amax = get("input_amax")
-            if in_amax is None and scheme == "nvfp4":
-                raise UserError(f"the scales of {name} have no input_amax: nvfp4 needs calibrated activations")
+            if in_amax is None and kind.needs_scales:
+                raise UserError(f"the scales of {name} have no input_amax: {scheme} needs calibrated activations")
             if in_amax is not None:
                 used[f"{name}.input_amax"] = in_amax
-                if scheme == "nvfp4":
-                    new_inits.append(writer.add(f"{name}.input_global", TensorProto.FLOAT, [],
-                                                raw_of(nvfp4_global_scale(in_amax), TensorProto.FLOAT)))
-                    g.fp4_dynamic(matmul, 0, f"{name}.input_global", elem)
-                else:
-                    new_inits.append(writer.add(f"{name}.input_scale", elem, [], raw_of(fp8_scale(in_amax), elem)))
-                    g.fp8_qdq(matmul, 0, f"{name}.input_scale", zero_point)
+                kind.write_activation(out, name, matmul, in_amax, elem)
                 summary["activation_qdq"] += 1
             summary["quantized"].append(name)
         summary["attention_qdq"] = 0
@@ -256,26 +196,21 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block: int = 128, scales: 
             for x, (node, index) in zip("qkpv", ((scores, 0), (scores, 1), (output, 0), (output, 1))):
                 if x != "p":
                     used[f"{attn}.{x}_bmm_amax"] = amax[x]
-                new_inits.append(writer.add(f"{attn}.{x}_bmm_scale", elem, [], raw_of(fp8_scale(amax[x]), elem)))
-                g.fp8_qdq(node, index, f"{attn}.{x}_bmm_scale", zero_point)
+                out.add(f"{attn}.{x}_bmm_scale", elem, [], raw_of(fp8_scale(amax[x]), elem))
+                g.fp8_qdq(node, index, f"{attn}.{x}_bmm_scale", out.zero_point)
             summary["attention_qdq"] += 1
         if summary["activation_qdq"] or summary["attention_qdq"]:
-            new_inits.append(helper.make_tensor(zero_point, TensorProto.FLOAT8E4M3FN, [], [0]))
+            out.inits.append(helper.make_tensor(out.zero_point, TensorProto.FLOAT8E4M3FN, [], [0]))
         writer.close()
         if not summary["quantized"]:  # inside the atomic folder: nothing is left behind
             raise UserError(f"no weight of {src} could be quantized with {scheme} (block {block})")
         summary["bytes_after"] = writer.bytes_written
         del model.graph.initializer[:]
-        model.graph.initializer.extend(new_inits)
+        model.graph.initializer.extend(out.inits)
         nodes = g.ordered()
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-        for op in model.opset_import:
-            if op.domain in ("", "ai.onnx") and op.version < QDQ_OPSET[scheme]:
-                op.version = QDQ_OPSET[scheme]
-        if scheme == "nvfp4":
-            model.opset_import.append(helper.make_opsetid(TRT_DOMAIN, 1))
-            model.ir_version = max(model.ir_version, 11)  # FLOAT4E2M1
+        kind.finish_model(model)
         onnx.save_model(model, str(tmp / "model.onnx"))
         onnx.checker.check_model(str(tmp / "model.onnx"))
         onnx.shape_inference.infer_shapes_path(str(tmp / "model.onnx"), str(tmp / "model.onnx"))
@@ -287,7 +222,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zimage_deploy.quantize.qdq", description=__doc__.split("\n")[0])
     ap.add_argument("src", type=Path, help="a component folder of a build: onnx/<component>")
     ap.add_argument("dst", type=Path)
-    ap.add_argument("--scheme", default="int4", choices=SCHEMES)
+    ap.add_argument("--scheme", default="int4", choices=tuple(SCHEMES))
     ap.add_argument("--block", type=int, default=128, help="INT4 block size (input channels per scale)")
     ap.add_argument("--scales", type=Path, default=None,
                     help="calibration scales (quant/<component>.<scheme>.safetensors of a build); "

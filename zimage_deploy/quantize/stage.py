@@ -22,8 +22,8 @@ from ..errors import UserError
 from ..facts import small_model
 from ..hashing import file_sha256, folder_sha256
 from ..lora.fuse import loader_kwargs, recorded_key
-from ..numerics import weight_amax
 from ..scales import save_scales
+from ..schemes import SCHEMES, get_scheme
 from ..targets import QUANTIZED
 from .calibrate import CachedText, attention_modules, calibrate, plan_layers, sampling_loop, text_encoder_loop
 from .options import QuantOptions, prompts_sha256
@@ -43,8 +43,9 @@ def int4_block(opts: QuantOptions, facts: dict) -> int:
     return opts.int4_block or (32 if small_model(facts["dim"]) else 128)
 
 
-def needs_data(scheme: str, opts: QuantOptions) -> bool:
-    return scheme in ("fp8", "nvfp4") or (scheme == "int4" and opts.int4_method == "awq")
+def needs_data(precision: str, opts: QuantOptions) -> bool:
+    """Whether quantizing to `precision` (any of the plan's, quantized or not) needs calibration data."""
+    return precision in SCHEMES and SCHEMES[precision].needs_data(opts.int4_method)
 
 
 def check_supported(plan: dict, variant) -> None:
@@ -120,10 +121,7 @@ def _quantize(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions
         summary = quantize_graph(src, dst, scheme, block, scales.get(name), opts.exclude)
         used = summary.pop("scales")
         scale_file = out / "quant" / f"{name}.{scheme}.safetensors"
-        method = {"fp8": "max calibration, per-tensor weights and activations (W8A8)",
-                  "nvfp4": "NVFP4 W4A4: weights in FP4 blocks of 16 with FP8 block scales and a per-tensor global "
-                           "scale; activations quantized per block at run time, global scale from max calibration",
-                  "int4": "AWQ (modelopt awq_lite), W4A16" if name in scales else "round to nearest, W4A16"}[scheme]
+        method = get_scheme(scheme).describe(calibrated=name in scales)
         save_scales(scale_file, used, {"scheme": scheme, "block": summary["block"], "component": name,
                                        "method": method})
         entry.update(
@@ -145,7 +143,7 @@ def _quantize(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions
             })
         manifest_io.save(out, manifest)
         before, after = summary["bytes_before"], summary["bytes_after"]
-        act = "FP4" if scheme == "nvfp4" else "FP8"
+        act = get_scheme(scheme).activation_kind
         log(f"[quantize] {name}: {scheme}, {len(summary['quantized'])} layers ({summary['activation_qdq']} with "
             f"{act} activations, {summary['awq_scaled']} AWQ-scaled, {summary['attention_qdq']} FP8 attentions), "
             f"{len(summary['kept'])} 2-D weights kept; weights "
@@ -232,7 +230,8 @@ def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log) -> di
         # images, when it is quantized too
         skip = ("context_refiner", "siglip_refiner") + (() if "controlnet" in todo else ("control.",))
         layers = plan_layers(dit, scheme, opts.exclude, block, skip_prefixes=skip)
-        attention = attention_modules(dit, opts.exclude, skip) if scheme != "int4" and opts.fp8_attention else []
+        attention = attention_modules(dit, opts.exclude, skip) \
+            if get_scheme(scheme).calibrates_activations and opts.fp8_attention else []
         modules = {"transformer": dit}
         if manifest.get("controlnet"):  # control images are VAE-encoded
             from ..models.load import load_vae_encoder
@@ -249,6 +248,6 @@ def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log) -> di
 
 
 def _rtn_scales(model, layers, scheme, block) -> dict[str, torch.Tensor]:
-    modules = dict(model.named_modules())
-    return {f"{n}.weight_amax": weight_amax(modules[n].weight, scheme, block).cpu() for n in layers}
+    modules, kind = dict(model.named_modules()), get_scheme(scheme)
+    return {f"{n}.weight_amax": kind.weight_amax(modules[n].weight, block).cpu() for n in layers}
 
