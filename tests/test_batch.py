@@ -249,7 +249,7 @@ def test_failing_request_in_a_group_fails_alone():
         call = dict(negative_prompt=None, steps=2, guidance_scale=0.0, cfg_normalization=0.0, cfg_truncation=1.0,
                     height=64, width=64)
         return Item(line, None, line, f"line{line:06d}-seed{line}.png", {"prompt": prompt, **call}, call,
-                    {"images": [], "mask": None}, "f")
+                    {"images": [], "mask": None, "control_image": None, "loras": []}, "f")
 
     rt = Runtime()
     outcomes = run_group(rt, [item(1, "a"), item(2, "bad"), item(3, "c")])

@@ -98,9 +98,7 @@ class ControlNetSource:
     @classmethod
     def from_record(cls, rec: dict) -> "ControlNetSource":
         """The ControlNet a build recorded, checked to be the same files (sha256) as at build time."""
-        cfg = rec["config"]
-        config = ControlNetConfig(**{**cfg, "control_layers_places": tuple(cfg["control_layers_places"]),
-                                     "control_refiner_layers_places": tuple(cfg["control_refiner_layers_places"])})
+        config = ControlNetConfig.from_record(rec["config"])
         files = tuple(Path(f) for f in rec["files"])
         missing = [str(f) for f in files if not f.is_file()]
         if missing:

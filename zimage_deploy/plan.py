@@ -121,9 +121,7 @@ def _controlnet_config(arg, model: str | None, manifest: dict | None, dit_cfg):
             return None
         from .models.controlnet import ControlNetConfig
 
-        cfg = rec["config"]
-        return ControlNetConfig(**{**cfg, **{k: tuple(cfg[k]) for k in ("control_layers_places",
-                                                                         "control_refiner_layers_places")}})
+        return ControlNetConfig.from_record(rec["config"])
     if arg is None:
         return None
     from .controlnet import open_controlnet
@@ -267,9 +265,9 @@ def dit_step_flops(cfg, image_tokens: int, caption_tokens: int, batch: int) -> f
 
 def context_flops(cfg, caption_tokens: int, batch: int) -> float:
     """The context refiner's blocks on the padded caption (once per prompt)."""
-    d, f, s = cfg.dim, cfg.ffn_dim, _pad32(caption_tokens)
-    per_token = 2 * (d * 3 * d + d * d + d * 2 * f + f * d)
-    return float(batch * cfg.n_refiner_layers * (s * per_token + 4 * s * s * d))
+    from .models.fast import block_flops
+
+    return float(batch * cfg.n_refiner_layers * block_flops(cfg, _pad32(caption_tokens)))
 
 
 def text_flops(cfg, tokens: int, batch: int) -> float:
@@ -282,15 +280,14 @@ def text_flops(cfg, tokens: int, batch: int) -> float:
 def controlnet_step_flops(cfg, cn, image_tokens: int, caption_tokens: int, batch: int) -> float:
     """One per-step controlnet call: the shared noise refiner and the control refiner blocks on the image tokens,
     the control blocks on image + caption tokens (plus their before/after projections), the embedders."""
-    d, f = cfg.dim, cfg.ffn_dim
-    per_token = 2 * (d * 3 * d + d * d + d * 2 * f + f * d)
+    from .models.fast import block_flops
+
+    d = cfg.dim
     x, s = _pad32(image_tokens), _pad32(image_tokens) + _pad32(caption_tokens)
-    block = lambda n: n * per_token + 4 * n * n * d  # noqa: E731
-    refiners = {None: cn.n_refiner_layers, "control_noise_refiner": cn.n_refiner_layers, "control_layers": 0}
-    control_refiner_on_image = refiners[cn.add_control_noise_refiner]
-    total = cfg.n_refiner_layers * block(x) + control_refiner_on_image * block(x) + cn.n_hints * block(s)
-    if cn.add_control_noise_refiner == "control_layers":  # the control blocks refine the image tokens first
-        total += cn.n_hints * block(x)
+    # the control stream's refinement on the image tokens: the control blocks themselves ("control_layers"
+    # kind), else the control noise refiner's blocks
+    refining = cn.n_hints if cn.add_control_noise_refiner == "control_layers" else cn.n_refiner_layers
+    total = (cfg.n_refiner_layers + refining) * block_flops(cfg, x) + cn.n_hints * block_flops(cfg, s)
     total += 2 * s * d * d * (cn.n_hints + 1)  # after_proj per block, before_proj once
     total += 2 * image_tokens * d * cfg.patch_size ** 2 * (cfg.in_channels + cn.control_in_dim)  # embedders
     return float(batch * total)
@@ -362,13 +359,10 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
                         vae_activations(cfgs["vae"], side_max, side_max, 4, elem)),
     }
     if cn is not None:  # the branch's blocks are DiT blocks; its hints go to the transformer
-        hints = lambda img, cap, b: int(cn.n_hints * b * (_pad32(img) + _pad32(cap)) * dit.cfg.dim * elem)  # noqa
-        acts["controlnet"] = tuple(dit_activations(dit.cfg, img, cap, b, elem) + hints(img, cap, b)
-                                   for img, cap, b in ((img_opt, caption_tokens, batch),
-                                                       (img_max, max_caption_tokens, 4)))
-        acts["transformer"] = tuple(a + hints(img, cap, b) for a, (img, cap, b) in
-                                    zip(acts["transformer"], ((img_opt, caption_tokens, batch),
-                                                              (img_max, max_caption_tokens, 4))))
+        shapes = ((img_opt, caption_tokens, batch), (img_max, max_caption_tokens, 4))  # (opt, max)
+        hints = [int(cn.n_hints * b * (_pad32(img) + _pad32(cap)) * dit.cfg.dim * elem) for img, cap, b in shapes]
+        acts["controlnet"] = tuple(dit_activations(dit.cfg, *shape, elem) + h for shape, h in zip(shapes, hints))
+        acts["transformer"] = tuple(a + h for a, h in zip(acts["transformer"], hints))
     flops = {
         "text_encoder": (text_flops(tcfg, caption_tokens, batch), 1),
         "context_refiner": (context_flops(dit.cfg, caption_tokens, batch), 1),

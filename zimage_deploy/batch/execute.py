@@ -45,9 +45,8 @@ def _run(runtime, items: list[Item], worker: str) -> list[Outcome]:
     first = items[0]
     images = [load_image(path, sha, runtime.limits) for path, sha in first.files["images"]]
     mask = load_image(*first.files["mask"], runtime.limits) if first.files["mask"] else None
-    control = first.files.get("control_image")
-    control = load_image(*control, runtime.limits) if control else None
-    loras = load_loras(runtime, first.files.get("loras") or [])
+    control = load_image(*first.files["control_image"], runtime.limits) if first.files["control_image"] else None
+    loras = load_loras(runtime, first.files["loras"])
     result = runtime.generate([i.request["prompt"] for i in items], seed=[i.seed for i in items],
                               images=images or None, mask=mask, control_image=control, loras=loras, **first.call)
     seconds = (time.perf_counter() - t0) / len(items)

@@ -58,9 +58,9 @@ class Item:
 
     def group_key(self):
         """Items with equal keys can share one runtime call (text-to-image only, the same LoRAs)."""
-        if self.files["images"] or self.files["mask"] or self.files.get("control_image"):
+        if self.files["images"] or self.files["mask"] or self.files["control_image"]:
             return None
-        loras = [(sha, scale) for _, scale, _, sha in self.files.get("loras", [])]
+        loras = [(sha, scale) for _, scale, _, sha in self.files["loras"]]
         return json.dumps([self.call, loras], sort_keys=True)
 
     def to_json(self) -> str:

@@ -116,9 +116,7 @@ def resolve_loras(value, lora_dir: Path | None, text: bool) -> list[list]:
         for name, scale in names:
             path = resolve_lora_name(lora_dir, name)
             out.append([name, check_scale(scale), str(path), file_sha256(path)])
-    except RowError:
-        raise
-    except RequestError as e:
+    except RequestError as e:  # RowError included
         raise RowError(str(e)) from None
     except (OSError, UserError) as e:
         raise RowError(f"LoRA cannot be read: {e}") from None

@@ -62,6 +62,12 @@ class ControlNetConfig:
             raise UserError("the ControlNet config has no control_in_dim")
         return cls(**kw, patch_size=patch[0])
 
+    @classmethod
+    def from_record(cls, cfg: dict) -> "ControlNetConfig":
+        """The config as a manifest records it (`as_dict`: lists for the layer places)."""
+        return cls(**{**cfg, "control_layers_places": tuple(cfg["control_layers_places"]),
+                      "control_refiner_layers_places": tuple(cfg["control_refiner_layers_places"])})
+
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 

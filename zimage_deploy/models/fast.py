@@ -158,17 +158,19 @@ def set_dense_attention(model: nn.Module, dense: bool) -> int:
     return count
 
 
+def block_flops(cfg, tokens: int) -> int:
+    """Multiply-add FLOPs (x2) of one DiT block on `tokens` tokens: qkv, out, w13, w2, and attention (4 S^2 dim)."""
+    d, f = cfg.dim, cfg.ffn_dim
+    return tokens * 2 * (d * 3 * d + d * d + d * 2 * f + f * d) + 4 * tokens * tokens * d
+
+
 def dit_flops(cfg, image_tokens: int, caption_tokens: int, batch: int = 1) -> float:
     """Multiply-add FLOPs (x2) of one per-step transformer call: the noise refiner on the padded image tokens,
     the main layers on image + caption tokens, and the final layer (the context refiner runs once per prompt
     and is not counted). Linear layers: 2 * tokens * in * out; attention: 4 * S^2 * dim per block."""
     pad = lambda n: -(-n // 32) * 32  # noqa: E731
-    d, f = cfg.dim, cfg.ffn_dim
-    per_token = 2 * (d * 3 * d + d * d + d * 2 * f + f * d)  # qkv, out, w13, w2
-    def block(s):  # noqa: E306
-        return s * per_token + 4 * s * s * d
     x = pad(image_tokens)
     s = x + pad(caption_tokens)
-    total = cfg.n_refiner_layers * block(x) + cfg.n_layers * block(s)
-    total += 2 * image_tokens * d * cfg.patch_size**2 * cfg.in_channels * 2  # x embedder + final linear
+    total = cfg.n_refiner_layers * block_flops(cfg, x) + cfg.n_layers * block_flops(cfg, s)
+    total += 2 * image_tokens * cfg.dim * cfg.patch_size**2 * cfg.in_channels * 2  # x embedder + final linear
     return float(batch * total)
