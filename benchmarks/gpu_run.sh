@@ -8,6 +8,7 @@
 #     gpu/gpu_turbo_report.json      the report (card, driver, versions, date, per-row results)
 #     gpu/<row>.png                  each row's image (6 rows at most: $OUT brings back 8 files)
 # The table is printed at the end, also when the benchmark was cut short (from the report it left).
+# Measured 2026-11-27: the default rows took 150-160 s of the call on an H100 and an H200 (machine start apart).
 #
 # CPU dry run of the same plumbing (the tests run it): GPU_RUN_CPU=1 OUT=/tmp/x bash benchmarks/gpu_run.sh
 # Knobs: PYTHON (python3), GPU_RUN_TIMEOUT (outer limit, s), GPU_RUN_ARGS (extra benchmark arguments),

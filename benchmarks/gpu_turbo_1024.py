@@ -1,15 +1,20 @@
 """Real-size Z-Image-Turbo on one GPU: diffusers eager BF16 against our Torch runtime's paths, 1024x1024, 8 steps,
 batch 1, same prompt and seed, end to end and per stage.
 
-Rows (`--rows`, in this order by default; each row survives the others' failures):
+Rows (`--rows`; the first six, DEFAULT_ROWS, by default: a device call brings back 8 files, so 6 images + report +
+log; each row survives the others' failures):
   diffusers         diffusers eager BF16 (the reference)
+  diffusers-compile diffusers + torch.compile, as diffusers documents it: the DiT's repeated blocks compiled
+                    (`compile_repeated_blocks(fullgraph=True)`) and the VAE decoder compiled (the peer to beat)
   eager             ours, eager BF16 (dense attention when every key is valid, no host sync inside a step)
   step              ours, DiT blocks compiled + one CUDA graph per denoising step; text encoder + VAE compiled
   fp8-step          as step, DiT block projections in FP8 with static scales calibrated here (another seed), fast
                     accumulation
+  fp8-dynamic-step  as step, FP8 with per-call dynamic activation scales, exact accumulation
   blocks            ours, DiT blocks compiled with a CUDA graph per block (reduce-overhead); text encoder + VAE
                     compiled
-  fp8-dynamic-step  as step, FP8 with per-call dynamic activation scales, exact accumulation
+  step-cudnn        as step, SDPA's cuDNN attention kernel first (flash attention is SDPA's default choice)
+  fp8-step-cudnn    as fp8-step, cuDNN attention first
 
 The real configs (6.15B DiT, Qwen3-4B text encoder, Flux VAE) get random weights allocated on the GPU in BF16 (no
 float32 copy, no download); our modules take the same weights as diffusers' (converted in memory, one tensor at a
@@ -84,22 +89,28 @@ SEED, CALIBRATION_SEED = 0, 1
 @dataclass(frozen=True)
 class Row:
     label: str
-    mode: str = "eager"  # FastTorchBackend mode; "diffusers" for the reference
+    mode: str = "eager"  # FastTorchBackend mode; "diffusers" / "diffusers-compile" for diffusers' pipeline
     fp8: bool = False
     static_scales: bool = False
     fast_accum: bool = False
     compile_stages: bool = False  # text encoder + VAE decoder compiled too
+    attention: str = "default"  # FastTorchBackend attention_kernel
 
 
 ROWS = {
     "diffusers": Row("diffusers eager bf16", mode="diffusers"),
+    "diffusers-compile": Row("diffusers + torch.compile (repeated blocks, VAE decoder)", mode="diffusers-compile"),
     "eager": Row("ours eager bf16"),
     "step": Row("ours compiled, one CUDA graph per step", mode="step", compile_stages=True),
     "fp8-step": Row("ours fp8 static+fast accum, graph per step", mode="step", fp8=True, static_scales=True,
                     fast_accum=True, compile_stages=True),
-    "blocks": Row("ours compiled, CUDA graph per block", mode="blocks", compile_stages=True),
     "fp8-dynamic-step": Row("ours fp8 dynamic, graph per step", mode="step", fp8=True, compile_stages=True),
+    "blocks": Row("ours compiled, CUDA graph per block", mode="blocks", compile_stages=True),
+    "step-cudnn": Row("as step, cuDNN attention first", mode="step", compile_stages=True, attention="cudnn"),
+    "fp8-step-cudnn": Row("as fp8-step, cuDNN attention first", mode="step", fp8=True, static_scales=True,
+                          fast_accum=True, compile_stages=True, attention="cudnn"),
 }
+DEFAULT_ROWS = list(ROWS)[:6]
 
 
 class Killed(BaseException):
@@ -230,6 +241,13 @@ def time_runs(fn, repeats: int, device, stop_s: float) -> tuple[dict, object]:
     }, image
 
 
+def sync_warnings(messages) -> list[str]:
+    """The host syncs among warnings caught in CUDA's sync debug mode; its own once-per-process notice ("... is a
+    prototype feature ...") is not one."""
+    return [m.splitlines()[0][:160] for m in messages
+            if "synchroniz" in m.lower() and "prototype feature" not in m]
+
+
 def count_syncs(runtime, call) -> dict:
     """One more call with CUDA's sync debug mode on inside the denoising loop: the host syncs a step makes."""
     original = runtime.denoise
@@ -242,8 +260,7 @@ def count_syncs(runtime, call) -> dict:
                 return original(*a, **k)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-                found.extend(str(w.message).splitlines()[0][:160] for w in caught
-                             if "synchroniz" in str(w.message).lower())
+                found.extend(sync_warnings(str(w.message) for w in caught))
 
     found: list[str] = []
     runtime.denoise = audited
@@ -255,11 +272,13 @@ def count_syncs(runtime, call) -> dict:
 
 
 def attention_check(dit, caption_tokens: int, size: int, device) -> dict:
-    """One DiT step at the benchmark's shapes: does SDPA's flash kernel take the unmasked attention (and the masked
-    one)? Median time of a step, masked vs unmasked."""
+    """One eager DiT step at the benchmark's shapes: do SDPA's flash and cuDNN kernels take the unmasked attention
+    (and the masked one)? Median time of a step, masked vs unmasked, with SDPA's default kernel order and with
+    cuDNN's attention first (runtime/torch_fast.py `attention_kernel="cudnn"`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from zimage_deploy.models.fast import set_dense_attention, share_copy
+    from zimage_deploy.runtime.torch_fast import attention_kernels
 
     model = share_copy(dit)
     seq = -(-caption_tokens // 32) * 32
@@ -273,21 +292,24 @@ def attention_check(dit, caption_tokens: int, size: int, device) -> dict:
         for dense in (True, False):
             set_dense_attention(model, dense)
             name = "unmasked" if dense else "masked"
-            try:
-                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                    model(*args)
-                result[f"flash_takes_{name}"] = True
-            except RuntimeError as e:
-                result[f"flash_takes_{name}"] = False
-                result[f"flash_{name}_error"] = str(e).splitlines()[0][:160]
-            times = []
-            for _ in range(4):
-                sync(device)
-                t0 = time.perf_counter()
-                model(*args)
-                sync(device)
-                times.append(time.perf_counter() - t0)
-            result[f"dit_step_{name}_s"] = statistics.median(times[1:])
+            for kernel, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    with sdpa_kernel([backend]):
+                        model(*args)
+                    result[f"{kernel}_takes_{name}"] = True
+                except RuntimeError as e:
+                    result[f"{kernel}_takes_{name}"] = False
+                    result[f"{kernel}_{name}_error"] = str(e).splitlines()[0][:160]
+            for order, suffix in (("default", ""), ("cudnn", "_cudnn_first")):
+                times = []
+                with attention_kernels(order):
+                    for _ in range(4):
+                        sync(device)
+                        t0 = time.perf_counter()
+                        model(*args)
+                        sync(device)
+                        times.append(time.perf_counter() - t0)
+                result[f"dit_step_{name}{suffix}_s"] = statistics.median(times[1:])
     return result
 
 
@@ -337,7 +359,7 @@ class Bench:
         self.build_dir = Path(tempfile.mkdtemp(prefix="zimage-gpu-"))
         self.modules = build_ours(self.pipe, self.cfg, self.device, self.dtype, self.build_dir)
         self.manifest = manifest_io.load(self.build_dir)
-        if "diffusers" not in self.args.rows:  # its modules only gave their weights: free them
+        if not any(ROWS[k].mode.startswith("diffusers") for k in self.args.rows):  # they only gave their weights
             self.pipe = None
             gc.collect()
         self.caption_tokens = int(PromptTokenizer(self.build_dir / "tokenizer")([PROMPT])[1].sum())
@@ -366,7 +388,7 @@ class Bench:
             self.results[key] = {"label": spec.label, "status": "running", "started_at_s": round(elapsed(), 1)}
             self.write()
             print(f"{key}: running ({elapsed():.0f} s since start)", flush=True)
-            result, image = (self.diffusers_row() if spec.mode == "diffusers" else self.ours_row(spec))
+            result, image = (self.diffusers_row(key) if spec.mode.startswith("diffusers") else self.ours_row(spec))
             self.results[key] = {"label": spec.label, **result}
         except Killed:
             self.results[key] = {"label": spec.label, "error": f"killed by the outer timeout at {elapsed():.0f} s"}
@@ -398,18 +420,29 @@ class Bench:
             r["max_abs_diff_vs_diffusers"] = int(diff.max())
             r["mean_abs_diff_vs_diffusers"] = float(diff.mean())
         bf16 = self.images.get("eager", self.images.get("step"))
-        if bf16 is not None and key not in ("diffusers", "eager"):
+        if bf16 is not None and key != "eager" and not ROWS[key].mode.startswith("diffusers"):
             r["psnr_vs_ours_bf16_db"] = psnr(arr, bf16)
             r["max_abs_diff_vs_ours_bf16"] = int(np.abs(arr.astype(np.int16) - bf16.astype(np.int16)).max())
 
-    def diffusers_row(self):
+    def diffusers_row(self, key: str):
         from zimage_deploy.bench import StageTimer
+        from zimage_deploy.runtime.torch_fast import compile_counters, reset_compile_counters
 
         pipe = self.pipe
+        if pipe is None:
+            raise RuntimeError("diffusers' pipeline was freed by an earlier row (its rows must come first)")
+        compiled = ROWS[key].mode == "diffusers-compile"
+        if compiled:
+            reset_compile_counters()
+            pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=self.args.compile_backend)
+            pipe.vae.decoder.compile(backend=self.args.compile_backend)
         timer = StageTimer(self.device)
-        timer.wrap(pipe.text_encoder, "encode")
-        timer.wrap(pipe.transformer, "denoise")
-        timer.wrap(pipe.vae, "decode", "decode")
+        for module, stage, method in ((pipe.text_encoder, "encode", "forward"),
+                                      (pipe.transformer, "denoise", "forward"), (pipe.vae, "decode", "decode")):
+            if not hasattr(module, f"_untimed_{method}"):  # the first diffusers row's wrappers would add up twice
+                setattr(module, f"_untimed_{method}", getattr(module, method))
+            setattr(module, method, getattr(module, f"_untimed_{method}"))
+            timer.wrap(module, stage, method)
 
         def run():
             timer.times = {}
@@ -418,17 +451,30 @@ class Bench:
                          guidance_scale=0.0, generator=g).images[0]
             return image, dict(timer.times)
 
+        later = self.args.rows[self.args.rows.index(key) + 1:]
         try:
             t0 = time.perf_counter()
             run()
             first = time.perf_counter() - t0
+            after_first = compile_counters() if compiled else None
             result, image = time_runs(run, self.args.repeats, self.device, self.args.stop_s)
-        finally:  # diffusers' DiT and text encoder are not needed after this row: free their memory
-            self.pipe = None
-            del pipe, timer
-            gc.collect()
-            if self.cuda:
-                torch.cuda.empty_cache()
+            if compiled:
+                counters = compile_counters()
+                result["compile"] = {
+                    **counters, "recompiles_in_timed_runs": counters["recompiles"] - after_first["recompiles"],
+                    "graphs_added_in_timed_runs": counters["unique_graphs"] - after_first["unique_graphs"]}
+                result["notes"] = ([] if counters["unique_graphs"] else ["fell back to eager: dynamo made no graph"])
+        finally:
+            if compiled:
+                for module in (*pipe.transformer.modules(), *pipe.vae.modules()):  # no compiled code left behind
+                    module._compiled_call_impl = None
+                reset_compile_counters()
+            if not any(ROWS[k].mode.startswith("diffusers") for k in later):
+                self.pipe = None  # diffusers' modules are not needed after its last row: free their memory
+                del pipe, timer
+                gc.collect()
+                if self.cuda:
+                    torch.cuda.empty_cache()
         return {**result, "first_call_s": first}, image
 
     def calibrate(self) -> dict:
@@ -456,7 +502,7 @@ class Bench:
         backend = FastTorchBackend(
             self.build_dir, self.manifest, device=self.device, mode=spec.mode, fp8=spec.fp8, fp8_scales=scales,
             fast_accum=spec.fast_accum, compile_text=spec.compile_stages, compile_vae=spec.compile_stages,
-            compile_backend=self.args.compile_backend, modules=self.modules)
+            compile_backend=self.args.compile_backend, attention_kernel=spec.attention, modules=self.modules)
         runtime = Pipeline(self.build_dir, backend)
         setup_s = time.perf_counter() - t0
 
@@ -513,10 +559,11 @@ class Bench:
 
 # -- the report -------------------------------------------------------------------------------------------------
 def summary(results: dict, goal: bool = True) -> dict:
-    """The fastest of our rows and its speed-up over diffusers; `goal` (the real configs on a GPU): whether it is
-    the issue's 2x."""
+    """The fastest of our rows and its speed-up over diffusers (and over diffusers + torch.compile where that row
+    ran); `goal` (the real configs on a GPU): whether it is the issue's 2x over diffusers eager."""
     base = results.get("diffusers", {}).get("median_s")
-    ours = {k: r["median_s"] for k, r in results.items() if k != "diffusers" and "median_s" in r}
+    ours = {k: r["median_s"] for k, r in results.items()
+            if k in ROWS and not ROWS[k].mode.startswith("diffusers") and "median_s" in r}
     if not ours:
         return {}
     best = min(ours, key=ours.get)
@@ -525,6 +572,9 @@ def summary(results: dict, goal: bool = True) -> dict:
         out["speedup_vs_diffusers"] = base / ours[best]
         if goal:
             out["goal_2x_met"] = base / ours[best] >= 2.0
+    compiled = results.get("diffusers-compile", {}).get("median_s")
+    if compiled:
+        out["speedup_vs_diffusers_compile"] = compiled / ours[best]
     return out
 
 
@@ -574,7 +624,10 @@ def table(report: dict) -> str:
     s = report.get("summary") or {}
     if s.get("speedup_vs_diffusers"):
         goal = "" if "goal_2x_met" not in s else f" (goal 2x {'met' if s['goal_2x_met'] else 'not met'})"
-        lines.append(f"best: {s['best']} {s['best_median_s']:.3f} s, {s['speedup_vs_diffusers']:.2f}x diffusers{goal}")
+        peer = (f", {s['speedup_vs_diffusers_compile']:.2f}x diffusers + torch.compile"
+                if s.get("speedup_vs_diffusers_compile") else "")
+        lines.append(f"best: {s['best']} {s['best_median_s']:.3f} s, {s['speedup_vs_diffusers']:.2f}x diffusers{peer}"
+                     f"{goal}")
     return "\n".join(lines)
 
 
@@ -585,7 +638,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=None, help="default 1024 (256 with --reduced)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                    help=f"comma-separated, from {', '.join(ROWS)} (default: {', '.join(DEFAULT_ROWS)})")
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend (inductor; aot_eager or eager check the plumbing quickly)")
     ap.add_argument("--out", type=Path)

@@ -9,6 +9,9 @@
   a component whose compiled first call fails runs eagerly from then on, and says so in `fallbacks`;
 - dense attention: when every caption key is valid (batch 1, or equal caption lengths; decided on the host from the
   lengths the pipeline hands over, without a device read) the DiT's attention leaves its all-zero mask out;
+- `attention_kernel`: "default" (SDPA's own choice: flash attention for the unmasked case) or "cudnn" (cuDNN's
+  fused attention first where it takes the inputs, then SDPA's usual order); set around every DiT call, so it
+  holds when the compiled blocks are traced and when the step graph is captured;
 - inputs go to the device without a host synchronisation (`non_blocking`), so a denoising step never waits.
 
 Every accelerated module is a `share_copy` of the one given or loaded: the originals are never compiled or
@@ -27,6 +30,20 @@ from ..components import loader_of
 from .backends import TorchBackend
 
 MODES = ("eager", "blocks", "step")
+ATTENTION_KERNELS = ("default", "cudnn")
+
+
+def attention_kernels(kernel: str):
+    """The context that sets SDPA's kernel order for `kernel` (ATTENTION_KERNELS); every kernel stays allowed, so
+    inputs one kernel refuses (a mask, a dtype, the CPU) fall through to the next."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if kernel == "default":
+        return contextlib.nullcontext()
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
 
 
 class StepGraph(nn.Module):
@@ -116,9 +133,12 @@ class FastTorchBackend(TorchBackend):
     def __init__(self, engine_dir, manifest, device: str | None = None, *, mode: str = "eager", fp8: bool = False,
                  fp8_scales: dict | None = None, fast_accum: bool = False, compile_text: bool = False,
                  compile_vae: bool = False, dense_attention: bool = True, compile_backend: str = "inductor",
-                 modules: dict[str, nn.Module] | None = None):
+                 attention_kernel: str = "default", modules: dict[str, nn.Module] | None = None):
         if mode not in MODES:
             raise UserError(f"mode must be one of {MODES}, got {mode!r}")
+        if attention_kernel not in ATTENTION_KERNELS:
+            raise UserError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {attention_kernel!r}")
+        self.attention_kernel = attention_kernel
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.cuda = str(device).startswith("cuda")
         self.mode, self.fp8_on, self.fp8_scales, self.fast_accum = mode, fp8, fp8_scales, fast_accum
@@ -182,10 +202,11 @@ class FastTorchBackend(TorchBackend):
                 torch.compiler.cudagraph_mark_step_begin()
         args = [v.to(self.device, non_blocking=True) for v in x.values()]
         key = loader_of(component)
-        if key in self._first_call:
-            out = self._first(key, component, model, args)
-        else:
-            out = model(*args)
+        with attention_kernels(self.attention_kernel if key == "transformer" else "default"):
+            if key in self._first_call:
+                out = self._first(key, component, model, args)
+            else:
+                out = model(*args)
         outs = out if isinstance(out, tuple) else (out,)
         if self.mode == "blocks" and key == "transformer":
             # a per-block graph's output (the context's states, reused every step) is overwritten by later replays
