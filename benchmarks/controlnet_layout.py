@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from zimage_deploy.export.onnx_export import export_component
-from zimage_deploy.export.specs import specs_for
 from zimage_deploy.models.controlnet import ControlNetConfig, attach, control_hints
 from zimage_deploy.models.dit import DiTConfig, ZImageDiT
 

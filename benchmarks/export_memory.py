@@ -40,6 +40,7 @@ def structure_check(ckpt: Path, out: Path, manifest: dict) -> dict:
     import torch
     from safetensors import safe_open
 
+    from zimage_deploy.buildfolder import BuildFolder
     from zimage_deploy.models.dit import iter_fused
     from zimage_deploy.models.text_encoder import TextEncoderConfig, iter_converted
 
@@ -54,7 +55,7 @@ def structure_check(ckpt: Path, out: Path, manifest: dict) -> dict:
                 "text": {k: v.numel() for k, v in iter_converted(shapes(ckpt / "text_encoder"), cfg.used_layers)}}
     result, got = {}, {"dit": {}, "text": {}}
     for comp, group in (("transformer", "dit"), ("context_refiner", "dit"), ("text_encoder", "text")):
-        path = out / manifest["components"][comp]["onnx"]
+        path = BuildFolder(out).file(manifest["components"][comp]["onnx"])
         onnx.checker.check_model(str(path))
         graph = onnx.load(str(path), load_external_data=False).graph
         for t in graph.initializer:
@@ -105,11 +106,13 @@ def main() -> None:
         manifest = json.loads((out / "manifest.json").read_text())
         sizes[precision] = {n: round(c["bytes"] / 2**30, 2) for n, c in manifest["components"].items()}
         checks[precision] = structure_check(ckpt, out, manifest)
+        from zimage_deploy.buildfolder import BuildFolder
+
         for scheme in args.quantize.split(",") if args.quantize else []:
             for comp in ("transformer", "text_encoder"):
                 dst = args.work / f"{comp}-{precision}-{scheme}"
                 stages[f"round-to-nearest {scheme} of {comp} ({precision} graph)"] = measured(
-                    [py, "-m", "zimage_deploy.quantize.qdq", str(out / "onnx" / comp), str(dst),
+                    [py, "-m", "zimage_deploy.quantize.qdq", str(BuildFolder(out).graph_dir(comp)), str(dst),
                      "--scheme", scheme])
                 sizes[f"{precision}+{scheme}"] = {**sizes.get(f"{precision}+{scheme}", {}),
                                                   comp: round(du(dst), 2)}

@@ -173,6 +173,7 @@ def build_ours(pipe, cfg: dict, device, dtype, out: Path) -> dict:
     """Our export-friendly modules with diffusers' weights (allocated in their compute dtype, filled one tensor at
     a time), and a build folder (manifest, tokenizer, scheduler) for the runtime: no ONNX, Torch runs the modules."""
     from zimage_deploy import manifest as manifest_io
+    from zimage_deploy.buildfolder import BuildFolder
     from zimage_deploy.facts import model_facts
     from zimage_deploy.export.specs import describe_io, specs_for
     from zimage_deploy.models.dit import DiTConfig, TimestepEmbedder, ZImageDiT, iter_fused
@@ -202,8 +203,8 @@ def build_ours(pipe, cfg: dict, device, dtype, out: Path) -> dict:
                "vae_decoder": vae.eval().requires_grad_(False)}
 
     out.mkdir(parents=True, exist_ok=True)
-    pipe.tokenizer.save_pretrained(out / "tokenizer")
-    pipe.scheduler.save_config(out / "scheduler")
+    pipe.tokenizer.save_pretrained(BuildFolder(out).tokenizer)
+    pipe.scheduler.save_config(BuildFolder(out).scheduler)
     for name, conf in (("transformer", cfg["dit"]), ("text_encoder", cfg["text"]), ("vae", cfg["vae"])):
         (out / "ckpt" / name).mkdir(parents=True, exist_ok=True)
         (out / "ckpt" / name / "config.json").write_text(json.dumps(conf))
@@ -350,6 +351,7 @@ class Bench:
     def setup(self) -> None:
         from zimage_deploy import manifest as manifest_io
         from zimage_deploy.bench import machine_info
+        from zimage_deploy.buildfolder import BuildFolder
         from zimage_deploy.runtime.prompt import PromptTokenizer
 
         self.report["machine"] = machine_info(self.device)
@@ -362,7 +364,7 @@ class Bench:
         if not any(ROWS[k].mode.startswith("diffusers") for k in self.args.rows):  # they only gave their weights
             self.pipe = None
             gc.collect()
-        self.caption_tokens = int(PromptTokenizer(self.build_dir / "tokenizer")([PROMPT])[1].sum())
+        self.caption_tokens = int(PromptTokenizer(BuildFolder(self.build_dir).tokenizer)([PROMPT])[1].sum())
         sync(self.device)
         self.report["setup_s"] = time.perf_counter() - t0
         if self.cuda:
@@ -668,6 +670,16 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     bench = Bench(args)
+    try:
+        return _run(bench, rows)
+    finally:  # the build folder the benchmark made (tokenizer, configs, manifest): no temp folder left behind
+        if getattr(bench, "build_dir", None) is not None:
+            import shutil
+
+            shutil.rmtree(bench.build_dir, ignore_errors=True)
+
+
+def _run(bench, rows) -> int:
     try:
         try:
             bench.setup()

@@ -134,3 +134,23 @@ def test_incomplete_build_refused(tiny_fp32, tmp_path, capsys):
     code, err = cli(generate.main, ["--engine-dir", str(d), "--prompt", "a", "--output", str(tmp_path / "x.png")],
                     capsys)
     assert code == 2 and "not a complete build" in err and "vae_decoder" in err
+
+
+def test_optional_component_missing(tiny_fp32, tmp_path, capsys):
+    """A basic-layout build without its VAE encoder (an optional component: img2img and inpainting only) still
+    generates from text; a request that needs it gets a clear error and no image."""
+    import json
+
+    d = tmp_path / "build"
+    shutil.copytree(tiny_fp32, d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    del manifest["components"]["vae_encoder"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(d / "onnx" / "vae_encoder")
+    text = tmp_path / "text.png"
+    argv = ["--engine-dir", str(d), "--prompt", "a", "--height", "64", "--width", "64"]
+    code, err = cli(generate.main, [*argv, "--output", str(text)], capsys)
+    assert code == 0 and text.is_file(), err
+    edited = tmp_path / "edited.png"
+    code, err = cli(generate.main, [*argv, "--image", str(text), "--output", str(edited)], capsys)
+    assert code == 2 and "no vae_encoder graph" in err and not edited.exists()

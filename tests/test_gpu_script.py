@@ -409,6 +409,16 @@ def test_gpu_script_sigterm_keeps_what_ran(tmp_path):
     assert "step" not in report["results"] and report["killed_at_s"] > 0
 
 
+def test_gpu_script_leaves_no_build_folder(tmp_path):
+    """The benchmark's own build folder (tokenizer, configs, manifest in a temp folder) is removed when it ends."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = subprocess.run([sys.executable, str(SCRIPT), *QUICK, "--rows", "eager", "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env={**_env(), "TMPDIR": str(tmp)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not list(tmp.glob("zimage-gpu-*"))
+
+
 def test_gpu_script_arguments(tmp_path):
     for bad in (["--rows", "diffusers,turbo"], ["--repeats", "0"], []):
         r = subprocess.run([sys.executable, str(SCRIPT), *bad] + (["--out", str(tmp_path)] if bad else []),

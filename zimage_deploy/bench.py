@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from . import __version__
 from . import manifest as manifest_io
+from .buildfolder import BuildFolder
 from .cli import add_build_dir, run_cli
 from .errors import UserError
 from .variants import is_omni
@@ -251,7 +252,7 @@ def run_bench(engine_dir: Path, backends: list[str], req: dict, repeats: int, de
     image_tokens = (req["height"] // scale // 2) * (req["width"] // scale // 2)
     from .runtime.prompt import PromptTokenizer
 
-    caption_tokens = int(PromptTokenizer(engine_dir / "tokenizer")([req["prompt"]])[1].sum())
+    caption_tokens = int(PromptTokenizer(BuildFolder(engine_dir).tokenizer)([req["prompt"]])[1].sum())
     flops = dit_flops(cfg, image_tokens, caption_tokens)
     peak = matmul_peak_tflops(device, dtype)
 

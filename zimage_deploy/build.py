@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import __version__
 from . import manifest as manifest_io
-from .buildfolder import copy_tree
+from .buildfolder import SCHEDULER, SIGLIP_PROCESSOR, TOKENIZER, BuildFolder
 from .checkpoint import content_hash, resolve
 from .cli import run_cli
 from .controlnet import BuildControlNet
@@ -144,10 +144,8 @@ def _start(job: BuildJob) -> dict:
         manifest["controlnet"] = job.controlnet.record()  # path, sha256, config: what the Torch backend reloads
     if job.loras:
         manifest["loras"] = job.loras.save(out)  # DIR/loras/ copies: what reloads the DiT later fuses the same
-    copy_tree(ckpt / "tokenizer", out / "tokenizer")
-    copy_tree(ckpt / "scheduler", out / "scheduler")
-    if v.layout == "omni":
-        copy_tree(ckpt / "siglip_processor", out / "siglip_processor")
+    for folder in (TOKENIZER, SCHEDULER) + ((SIGLIP_PROCESSOR,) if v.layout == "omni" else ()):
+        BuildFolder(out).copy_support(ckpt, folder)
     manifest_io.save(out, manifest)
     return manifest
 

@@ -1,24 +1,112 @@
-"""Files of a build folder that more than one stage writes or deletes."""
+"""The build folder's layout, written once: where each stage puts its files and where the runtime finds them.
+
+    DIR/manifest.json                      what the build produced (manifest.py)
+    DIR/onnx/<component>/model.onnx        graphs, as exported (+ external weights beside them)
+    DIR/onnx/<component>.<scheme>/         quantized graphs
+    DIR/quant/<component>.<scheme>.safetensors   calibrated scales
+    DIR/engines/<component>.plan           TensorRT / TensorRT-RTX plans (GPU targets)
+    DIR/loras/<sha256[:16]>.safetensors    LoRAs fused at build time (copies, for refits)
+    DIR/tokenizer/, DIR/scheduler/, DIR/siglip_processor/   copied from the checkpoint
+
+The manifest records paths relative to DIR (portable folders); `BuildFolder.file` resolves one and refuses a path
+that leaves the folder (a manifest is input, and may be hostile). A leaf apart from fsutil and errors.
+"""
 
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
+from .errors import UserError
 from .fsutil import atomic_dir
 
-
-def copy_tree(src: Path, dst: Path) -> None:
-    """Copy a checkpoint folder (tokenizer, scheduler, SigLIP processor) into the build, atomically."""
-    with atomic_dir(dst) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
+GRAPHS, SCALES, PLANS, LORAS = "onnx", "quant", "engines", "loras"
+TOKENIZER, SCHEDULER, SIGLIP_PROCESSOR = "tokenizer", "scheduler", "siglip_processor"
+SUPPORT_FOLDERS = (TOKENIZER, SCHEDULER, SIGLIP_PROCESSOR)  # copied from the checkpoint where it has them
 
 
-def drop_graph(out: Path, entry: dict, log, what: str) -> None:
-    """Delete a graph the runtime does not need (--drop-intermediate); the manifest keeps its hash and says so."""
-    folder = out / Path(entry["onnx"]).parent
-    if folder.is_dir():
-        size = sum(p.stat().st_size for p in folder.iterdir())
-        shutil.rmtree(folder)
-        log(f"[drop] {what}: {folder.relative_to(out)} ({size / 2**30:.2f} GiB)")
-    entry["dropped"] = True
+@dataclass(frozen=True)
+class BuildFolder:
+    root: Path
+
+    def __init__(self, root):
+        object.__setattr__(self, "root", Path(root))
+
+    # -- relative paths, as the manifest records them ---------------------------------------------------------
+    @staticmethod
+    def graph_rel(component: str, scheme: str | None = None) -> str:
+        return f"{GRAPHS}/{component}{'' if scheme is None else '.' + scheme}/model.onnx"
+
+    @staticmethod
+    def scales_rel(component: str, scheme: str) -> str:
+        return f"{SCALES}/{component}.{scheme}.safetensors"
+
+    @staticmethod
+    def plan_rel(component: str) -> str:
+        return f"{PLANS}/{component}.plan"
+
+    @staticmethod
+    def lora_rel(sha256: str) -> str:
+        return f"{LORAS}/{sha256[:16]}.safetensors"
+
+    # -- absolute paths -----------------------------------------------------------------------------------------
+    def file(self, rel) -> Path:
+        """A path the manifest records, inside this folder; anything else (absolute, `..`, not a string) is an
+        error that names the manifest."""
+        if not isinstance(rel, str) or not rel:
+            raise UserError(f"{self.root}/manifest.json records a path that is not a non-empty string "
+                            f"({rel!r}): rebuild")
+        parts = PurePosixPath(rel.replace("\\", "/")).parts
+        if (not parts or PurePosixPath(rel).is_absolute() or Path(rel).is_absolute() or ".." in parts
+                or ":" in parts[0]):
+            raise UserError(f"{self.root}/manifest.json records the path {rel!r}, which leaves the build folder: "
+                            "refused; rebuild")
+        return self.root.joinpath(*parts)
+
+    def graph(self, component: str, scheme: str | None = None) -> Path:
+        return self.file(self.graph_rel(component, scheme))
+
+    def graph_dir(self, component: str, scheme: str | None = None) -> Path:
+        return self.graph(component, scheme).parent
+
+    @property
+    def graphs(self) -> Path:
+        return self.root / GRAPHS
+
+    def scales(self, component: str, scheme: str) -> Path:
+        return self.file(self.scales_rel(component, scheme))
+
+    def plan(self, component: str) -> Path:
+        return self.file(self.plan_rel(component))
+
+    def lora(self, sha256: str) -> Path:
+        return self.file(self.lora_rel(sha256))
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / TOKENIZER
+
+    @property
+    def scheduler(self) -> Path:
+        return self.root / SCHEDULER
+
+    @property
+    def siglip_processor(self) -> Path:
+        return self.root / SIGLIP_PROCESSOR
+
+    # -- what more than one stage does ------------------------------------------------------------------------
+    def copy_support(self, checkpoint: Path, folder: str) -> None:
+        """Copy a checkpoint folder (tokenizer, scheduler, SigLIP processor) into the build, atomically."""
+        with atomic_dir(self.root / folder) as tmp:
+            shutil.copytree(Path(checkpoint) / folder, tmp, dirs_exist_ok=True)
+
+    def drop_graph(self, entry: dict, log, what: str) -> None:
+        """Delete a graph the runtime does not need (--drop-intermediate); the manifest keeps its hash and says
+        so."""
+        folder = self.file(entry["onnx"]).parent
+        if folder.is_dir():
+            size = sum(p.stat().st_size for p in folder.iterdir())
+            shutil.rmtree(folder)
+            log(f"[drop] {what}: {folder.relative_to(self.root)} ({size / 2**30:.2f} GiB)")
+        entry["dropped"] = True

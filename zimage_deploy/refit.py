@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from . import manifest as manifest_io
+from .buildfolder import BuildFolder
 from .cli import add_build_dir, run_cli
 from .errors import UserError
 from .fsutil import atomic_file, folder_lock
@@ -75,7 +76,7 @@ def refit(engine_dir: Path, loras=(), log=print) -> dict:
         for name in names:
             t0 = time.perf_counter()
             comp = manifest["components"][name]
-            plan = engine_dir / comp["engine"]["plan"]
+            plan = BuildFolder(engine_dir).file(comp["engine"]["plan"])
             engine = runtime.deserialize_cuda_engine(plan.read_bytes())
             if engine is None:
                 raise UserError(f"TensorRT could not deserialize {plan} (see its log above)")

@@ -20,6 +20,12 @@ class Variant:
     uses_cfg: bool
     layout: str = "basic"  # the DiT's sequence layout: "basic" (text -> image) or "omni" (condition images too)
     quantizable: bool = True  # the quantize stage can calibrate it (the omni layout's needs condition images)
+    optional: tuple[str, ...] = ()  # components only some requests use: a build without them still generates
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """The components every request runs: a build lacking one (or with one rejected) is refused at load."""
+        return tuple(c for c in self.components if c not in self.optional)
 
 
 # Components, in pipeline order. "context_refiner" is the prompt-only part of the DiT
@@ -42,6 +48,7 @@ VARIANTS: dict[str, Variant] = {
         max_side=2048,
         components=TURBO_COMPONENTS,
         uses_cfg=False,
+        optional=("vae_encoder",),  # img2img and inpainting only
     ),
     "base": Variant(
         name="base",
@@ -53,6 +60,7 @@ VARIANTS: dict[str, Variant] = {
         max_side=2048,
         components=TURBO_COMPONENTS,
         uses_cfg=True,
+        optional=("vae_encoder",),
     ),
     "edit": Variant(
         name="edit",

@@ -8,7 +8,7 @@ import time
 from tqdm import tqdm
 
 from .. import manifest as manifest_io
-from ..buildfolder import drop_graph
+from ..buildfolder import BuildFolder
 from ..hashing import file_sha256
 
 
@@ -31,22 +31,22 @@ def engines_stage(job, manifest: dict) -> dict:
         comp = manifest["components"][name]
         key = builder.key(comp["onnx_sha256"], job.engine_shapes[name])
         old = comp.get("engine") or {}
-        plan = out / "engines" / f"{name}.plan"
+        plan = BuildFolder(out).plan(name)
         if old.get("key") == key and old.get("status") == "complete" and plan.is_file() \
                 and file_sha256(plan) == old.get("plan_sha256"):
             log(f"[engines] {name}: up to date, skipped")
             if job.drop_intermediate and not old.get("stripped") and not comp.get("dropped"):
-                drop_graph(out, comp, log, name)
+                BuildFolder(out).drop_graph(comp, log, name)
                 manifest_io.save(out, manifest)
             continue
         comp["engine"] = None
-        entry = builder.build(out / comp["onnx"], job.engine_shapes[name], plan,
+        entry = builder.build(BuildFolder(out).file(comp["onnx"]), job.engine_shapes[name], plan,
                               strip=builder.strips(bool(comp.get("external_data"))))
-        entry.update(plan=f"engines/{name}.plan", key=key, status="complete")
+        entry.update(plan=BuildFolder.plan_rel(name), key=key, status="complete")
         comp["engine"] = entry
         manifest_io.save(out, manifest)
         if job.drop_intermediate and not entry["stripped"]:
-            drop_graph(out, comp, log, name)
+            BuildFolder(out).drop_graph(comp, log, name)
             manifest_io.save(out, manifest)
         log(f"[engines] {name}: {entry['plan']} ({entry['bytes'] / 1e6:.1f} MB, {entry['build_seconds']:.1f} s, "
             f"{entry['flavour']} {entry['version']} {builder.target.sm})")

@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from ..buildfolder import BuildFolder
 from ..components import REPEATED_BLOCKS
 from ..fsutil import atomic_dir
 from ..hashing import folder_sha256
@@ -65,7 +66,7 @@ def export_component(name: str, model: torch.nn.Module, facts: dict, compute: to
         _declare_static_dims(path, spec, facts)
         io_graph = onnx.load(str(path), load_external_data=False).graph
         entry = {
-            "onnx": f"onnx/{name}/model.onnx",
+            "onnx": BuildFolder.graph_rel(name),
             "opset": OPSET,
             **_checked_io(spec, io_graph, facts, compute),
             "external_data": summary["external_data"],

@@ -10,6 +10,7 @@ import time
 import torch
 
 from .. import manifest as manifest_io
+from ..buildfolder import BuildFolder
 from ..errors import UserError
 from .specs import CHECK_DIMS, DTYPES, specs_for
 
@@ -69,7 +70,7 @@ def _parity(job, name: str, entry: dict) -> dict:
     if compute == torch.float32:
         import onnxruntime as ort
 
-        sess = ort.InferenceSession(str(job.out / entry["onnx"]), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(BuildFolder(job.out).file(entry["onnx"])), providers=["CPUExecutionProvider"])
         feeds = {io.name: s.numpy() for io, s in zip(spec.inputs, sample)}
         got = _flat(tuple(torch.from_numpy(o) for o in sess.run(None, feeds)))
         how = "onnxruntime graph vs torch float32 module"

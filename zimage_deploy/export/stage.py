@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from .. import manifest as manifest_io
+from ..buildfolder import BuildFolder
 from ..hashing import folder_sha256
 from ..targets import QUANTIZED, base_precision
 from .onnx_export import EXPORT_FORMAT, OPSET, export_component
@@ -51,7 +52,7 @@ def kept_components(job, sha: str) -> dict:
     for name in job.v.components:
         old = job.previous.get("components", {}).get(name, {})
         exported = old.get("unquantized", old)
-        folder = job.out / "onnx" / name
+        folder = BuildFolder(job.out).graph_dir(name)
         if old.get("key") == _key(job, sha, name) \
                 and old.get("status") in ("complete", "rejected") and old.get("rejected_by") != "parity" \
                 and folder.is_dir() and folder_sha256(folder) == exported.get("onnx_sha256"):
@@ -80,11 +81,11 @@ def export_stage(job, manifest: dict) -> dict:
         compute = COMPUTE[exported]
         if lean and job.modules.has_template(name):
             template, depth = job.modules.template(name, compute)
-            entry = export_component(name, template, job.facts, compute, out / "onnx", job.v.name,
+            entry = export_component(name, template, job.facts, compute, BuildFolder(out).graphs, job.v.name,
                                      weights=job.modules.weights(name), depth=depth)
         else:
-            entry = export_component(name, job.modules.module(name, compute), job.facts, compute, out / "onnx",
-                                     job.v.name)
+            entry = export_component(name, job.modules.module(name, compute), job.facts, compute,
+                                     BuildFolder(out).graphs, job.v.name)
         if lean:
             job.modules.keep_only(comps[comps.index(name) + 1:])
         # an engine of the previous build stays a candidate: its key (graph hash included) decides if it is current

@@ -65,16 +65,17 @@ class BuildLoras:
 
     def save(self, out: Path) -> list[dict]:
         """Copy the files into `out/loras/` (atomically; kept when already there) -> the manifest's `loras`."""
+        from ..buildfolder import BuildFolder
         from ..fsutil import atomic_file
 
         records = []
         for lora, scale in self.loras:
-            rel = Path("loras") / f"{lora.sha256[:16]}.safetensors"
-            dst = Path(out) / rel
+            rel = BuildFolder.lora_rel(lora.sha256)
+            dst = BuildFolder(out).file(rel)
             if not (dst.is_file() and file_sha256(dst) == lora.sha256):
                 with atomic_file(dst, suffix=".safetensors") as tmp:
                     shutil.copyfile(lora.path, tmp)
-            records.append({"file": str(rel), "source": str(lora.path), "scale": scale, **lora.record()})
+            records.append({"file": rel, "source": str(lora.path), "scale": scale, **lora.record()})
         return records
 
 
@@ -83,10 +84,12 @@ def build_loras(engine_dir: Path, manifest: dict) -> list[tuple[Lora, float]]:
     records = manifest.get("loras") or []
     if not records:
         return []
+    from ..buildfolder import BuildFolder
+
     targets = from_checkpoint(Path(manifest["model"]["path"]))
     loras = []
     for rec in records:
-        path = Path(engine_dir) / rec["file"]
+        path = BuildFolder(engine_dir).file(rec["file"])
         if not path.is_file() or file_sha256(path) != rec["sha256"]:
             raise UserError(f"{engine_dir} fused LoRA {rec.get('source')} at build time, but its copy {path} is "
                             "missing or changed: rebuild")

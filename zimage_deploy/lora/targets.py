@@ -135,7 +135,9 @@ def dit_components(manifest: dict) -> list[str]:
 
 def graph_path(engine_dir: Path, comp: dict) -> Path:
     """A component's float graph (the unquantized one of a quantized component)."""
-    return Path(engine_dir) / comp.get("unquantized", comp)["onnx"]
+    from ..buildfolder import BuildFolder
+
+    return BuildFolder(engine_dir).file(comp.get("unquantized", comp)["onnx"])
 
 
 def graph_initializers(path: Path) -> dict[str, tuple[list[int], int]]:

@@ -17,7 +17,7 @@ import torch
 
 from .. import __version__
 from .. import manifest as manifest_io
-from ..buildfolder import drop_graph
+from ..buildfolder import BuildFolder
 from ..errors import UserError
 from ..facts import small_model
 from ..hashing import file_sha256, folder_sha256
@@ -77,7 +77,7 @@ def quantize_stage(job, manifest: dict) -> dict:
         for name, entry in manifest["components"].items():
             unq = entry.get("unquantized")
             if unq and unq["onnx"] != entry["onnx"] and not unq.get("dropped"):
-                drop_graph(job.out, unq, job.log, f"{name} (unquantized)")
+                BuildFolder(job.out).drop_graph(unq, job.log, f"{name} (unquantized)")
     return record
 
 
@@ -116,16 +116,17 @@ def _quantize(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions
 
     for name in stale:
         scheme, entry = todo[name], manifest["components"][name]
-        src = out / Path(entry["unquantized"]["onnx"]).parent
-        dst = out / "onnx" / f"{name}.{scheme}"
+        folder = BuildFolder(out)
+        src = folder.file(entry["unquantized"]["onnx"]).parent
+        dst = folder.graph_dir(name, scheme)
         summary = quantize_graph(src, dst, scheme, block, scales.get(name), opts.exclude)
         used = summary.pop("scales")
-        scale_file = out / "quant" / f"{name}.{scheme}.safetensors"
+        scale_file = folder.scales(name, scheme)
         method = get_scheme(scheme).describe(calibrated=name in scales)
         save_scales(scale_file, used, {"scheme": scheme, "block": summary["block"], "component": name,
                                        "method": method})
         entry.update(
-            onnx=f"onnx/{name}.{scheme}/model.onnx", onnx_sha256=folder_sha256(dst), precision=scheme,
+            onnx=BuildFolder.graph_rel(name, scheme), onnx_sha256=folder_sha256(dst), precision=scheme,
             status="complete",  # a previous engine stays a candidate: its key holds this graph's hash
             bytes=sum(p.stat().st_size for p in dst.iterdir()), weight_bytes=summary["bytes_after"],
             quantization={
@@ -181,8 +182,8 @@ def _quantize(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions
 
 def _up_to_date(out: Path, entry: dict, key: str) -> bool:
     q = entry.get("quantization") or {}
-    folder = out / Path(entry["onnx"]).parent
-    scales = out / q.get("scales", "-")
+    folder = BuildFolder(out).file(entry["onnx"]).parent
+    scales = BuildFolder(out).file(q.get("scales", "-"))
     # a rejected graph is reused too: a rebuild with other gate thresholds only re-runs the gate
     return (q.get("key") == key and entry.get("status") in ("complete", "rejected") and folder.is_dir()
             and folder_sha256(folder) == entry["onnx_sha256"] and scales.is_file()
@@ -204,7 +205,7 @@ def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log) -> di
     dtype = DTYPES[manifest["components"]["transformer"]["compute_dtype"]]
     log(f"[quantize] calibrating on {device} ({str(dtype).replace('torch.', '')}), {len(prompts)} prompts")
     te = load_text_encoder(ckpt, dtype).to(device)
-    tok = PromptTokenizer(out / "tokenizer", manifest["defaults"]["max_sequence_length"])
+    tok = PromptTokenizer(BuildFolder(out).tokenizer, manifest["defaults"]["max_sequence_length"])
     scales = {}
     if "text_encoder" in todo:
         scheme = todo["text_encoder"]

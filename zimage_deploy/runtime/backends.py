@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..buildfolder import BuildFolder
 from ..components import loader_of
 from ..errors import UserError
 from ..export.specs import DTYPES
@@ -45,7 +46,7 @@ class OnnxRuntimeBackend(Backend):
     def session(self, component: str):
         with self._lock:
             if component not in self.sessions:
-                path = self.engine_dir / self.components[component]["onnx"]
+                path = BuildFolder(self.engine_dir).file(self.components[component]["onnx"])
                 opts = self.ort.SessionOptions()
                 opts.log_severity_level = 3
                 # no busy-waiting between calls: the loop does torch work between graph runs
@@ -105,7 +106,7 @@ class TorchBackend(Backend):
         from ..scales import load_scales
 
         q = self.components.get(component, {}).get("quantization")
-        return load_scales(self.engine_dir / q["scales"])[0] if q and q["scheme"] == scheme else None
+        return load_scales(BuildFolder(self.engine_dir).file(q["scales"]))[0] if q and q["scheme"] == scheme else None
 
     def _quantized(self, key: str, model: torch.nn.Module) -> torch.nn.Module:
         """Apply the quantization of the build's quantized components served by this module (same scale files,

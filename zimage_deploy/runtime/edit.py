@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from ..buildfolder import BuildFolder
 from ..errors import UserError
 from ..models.omni import batch_layouts, build_layout
 from .omni import prepare_condition, prompt_segments
@@ -24,14 +25,12 @@ from .timing import timed
 
 class EditPipeline(Pipeline):
     layout = "omni"
-    required = ("text_encoder", "context_refiner", "siglip_refiner", "transformer", "vae_decoder", "vae_encoder",
-                "vision_encoder")
 
     def __init__(self, engine_dir, backend="auto", cfg_mode: str = "batch", low_vram: bool | None = None):
         super().__init__(engine_dir, backend, cfg_mode, low_vram)
         from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
 
-        self.siglip_processor = Siglip2ImageProcessorPil.from_pretrained(str(self.engine_dir / "siglip_processor"))
+        self.siglip_processor = Siglip2ImageProcessorPil.from_pretrained(str(BuildFolder(self.engine_dir).siglip_processor))
 
     @torch.no_grad()
     def segment_features(self, prompts: list[str], n_images: int) -> list[list[torch.Tensor]]:

@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import manifest as manifest_io
+from ..buildfolder import BuildFolder
 from ..errors import UserError
 from ..variants import get_variant
 from .backends import Backend, make_backend, resolve_backend
@@ -31,7 +32,6 @@ from .scheduler import FlowMatchEuler, SchedulerConfig
 from .timing import timed
 
 CFG_MODES = ("batch", "sequential")
-REQUIRED = ("text_encoder", "context_refiner", "transformer", "vae_decoder")
 
 
 class GenerationCancelled(Exception):
@@ -66,21 +66,21 @@ def _cat_prompts(a: Prompt, b: Prompt) -> Prompt:
 
 class Pipeline:
     layout = "basic"  # the variants (Variant.layout) this sampling loop runs
-    required = REQUIRED
 
     def __init__(self, engine_dir: str | Path, backend: str | Backend = "auto", cfg_mode: str = "batch",
                  low_vram: bool | None = None):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest_io.load(self.engine_dir)
-        if get_variant(self.manifest["variant"]).layout != self.layout:
+        variant = get_variant(self.manifest["variant"])
+        if variant.layout != self.layout:
             raise UserError(f"{engine_dir} holds variant {self.manifest['variant']!r}; {type(self).__name__} runs "
                             f"the {self.layout} sequence layout's variants (use open_pipeline)")
         comps = self.manifest["components"]
-        rejected = [c for c in self.required if comps.get(c, {}).get("status") == "rejected"]
+        rejected = [c for c in variant.required if comps.get(c, {}).get("status") == "rejected"]
         if rejected:
             raise UserError(f"{engine_dir}: components {rejected} were rejected by the build's "
                             f"{comps[rejected[0]].get('rejected_by', 'quality gate')} check; rebuild")
-        missing = [c for c in self.required if comps.get(c, {}).get("status") != "complete"]
+        missing = [c for c in variant.required if comps.get(c, {}).get("status") != "complete"]
         if missing:
             raise UserError(f"{engine_dir} is not a complete build (missing {missing}): run the build again")
         if cfg_mode not in CFG_MODES:
@@ -92,9 +92,9 @@ class Pipeline:
                      backend.name if isinstance(backend, Backend) else resolve_backend(backend, self.manifest))
         self.backend = backend if isinstance(backend, Backend) else make_backend(backend, self.engine_dir,
                                                                                   self.manifest, low_vram)
-        self.tokenizer = PromptTokenizer(self.engine_dir / "tokenizer",
+        self.tokenizer = PromptTokenizer(BuildFolder(self.engine_dir).tokenizer,
                                          self.manifest["defaults"]["max_sequence_length"])
-        sched = json.loads((self.engine_dir / "scheduler" / "scheduler_config.json").read_text())
+        sched = json.loads((BuildFolder(self.engine_dir).scheduler / "scheduler_config.json").read_text())
         self.scheduler_config = SchedulerConfig.from_diffusers(sched)
         self.facts = self.manifest["model"]["facts"]
         self.defaults = self.manifest["defaults"]

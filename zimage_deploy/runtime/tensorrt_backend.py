@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..buildfolder import BuildFolder
 from ..engines.builder import device_capability
 from ..engines.flavour import import_trt, version
 from ..errors import UserError
@@ -29,7 +30,7 @@ def check_plans(engine_dir: Path, manifest: dict) -> None:
         eng = comp.get("engine") or {}
         if eng.get("status") != "complete":
             raise UserError(f"{engine_dir} has no complete engine for {name}: build it for a GPU target first")
-        path = Path(engine_dir) / eng["plan"]
+        path = BuildFolder(engine_dir).file(eng.get("plan"))
         if not path.is_file():
             raise UserError(f"engine plan {path} is missing: rebuild")
         size = path.stat().st_size
@@ -122,8 +123,9 @@ class TensorRTBackend(Backend):
             if evict:
                 torch.cuda.empty_cache()
             comp = self.components[name]
-            plan = (self.engine_dir / comp["engine"]["plan"]).read_bytes()
-            refit = self.engine_dir / comp["onnx"] if comp["engine"].get("stripped") else None
+            folder = BuildFolder(self.engine_dir)
+            plan = folder.file(comp["engine"]["plan"]).read_bytes()
+            refit = folder.file(comp["onnx"]) if comp["engine"].get("stripped") else None
             self.engines[name] = _Engine(self.trt, self.runtime, plan, refit, self.logger)
         return self.engines[name]
 

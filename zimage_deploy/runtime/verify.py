@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..buildfolder import SCHEDULER, SIGLIP_PROCESSOR, TOKENIZER, BuildFolder
 from ..errors import UserError
 from ..fsutil import atomic_file
 from ..hashing import file_sha256, folder_sha256
@@ -60,9 +61,9 @@ class _Stamp:
 def check_support_files(engine_dir: Path, manifest: dict) -> None:
     """The folders the pipelines read besides the graphs."""
     engine_dir = Path(engine_dir)
-    needed = [("tokenizer", "tokenizer.json"), ("scheduler", "scheduler_config.json")]
+    needed = [(TOKENIZER, "tokenizer.json"), (SCHEDULER, "scheduler_config.json")]
     if is_omni(manifest["variant"]):
-        needed.append(("siglip_processor", None))
+        needed.append((SIGLIP_PROCESSOR, None))
     for folder, file in needed:
         path = engine_dir / folder
         if not path.is_dir():
@@ -81,7 +82,7 @@ def check_graphs(engine_dir: Path, manifest: dict, stamp: _Stamp | None = None) 
             continue
         if not isinstance(comp.get("onnx"), str) or "bytes" not in comp or "onnx_sha256" not in comp:
             raise UserError(f"the manifest records no graph, size or hash for {name}: rebuild")
-        graph = engine_dir / comp["onnx"]
+        graph = BuildFolder(engine_dir).file(comp["onnx"])
         folder = graph.parent
         if not graph.is_file():
             raise UserError(f"graph {graph} is missing: rebuild")
@@ -107,7 +108,7 @@ def check_scales(engine_dir: Path, manifest: dict, stamp: _Stamp | None = None) 
         q = comp.get("quantization")
         if not q or comp.get("status") != "complete" or not q.get("scales"):
             continue
-        path = engine_dir / q["scales"]
+        path = BuildFolder(engine_dir).file(q["scales"])
         if not path.is_file():
             raise UserError(f"quantization scales {path} are missing: rebuild")
         if q.get("scales_sha256") and not stamp.verified(path, [path], q["scales_sha256"], file_sha256):
