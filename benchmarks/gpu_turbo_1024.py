@@ -434,10 +434,6 @@ class Bench:
         if pipe is None:
             raise RuntimeError("diffusers' pipeline was freed by an earlier row (its rows must come first)")
         compiled = ROWS[key].mode == "diffusers-compile"
-        if compiled:
-            reset_compile_counters()
-            pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=self.args.compile_backend)
-            pipe.vae.decoder.compile(backend=self.args.compile_backend)
         timer = StageTimer(self.device)
         for module, stage, method in ((pipe.text_encoder, "encode", "forward"),
                                       (pipe.transformer, "denoise", "forward"), (pipe.vae, "decode", "decode")):
@@ -455,6 +451,10 @@ class Bench:
 
         later = self.args.rows[self.args.rows.index(key) + 1:]
         try:
+            if compiled:
+                reset_compile_counters()
+                pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=self.args.compile_backend)
+                pipe.vae.decoder.compile(backend=self.args.compile_backend)
             t0 = time.perf_counter()
             run()
             first = time.perf_counter() - t0
@@ -660,6 +660,8 @@ def main(argv=None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown or not rows:
         ap.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    if len(set(rows)) != len(rows):
+        ap.error(f"each row once: {', '.join(rows)}")
     if args.repeats < 1 or args.steps < 1:
         ap.error("--repeats and --steps must be >= 1")
     args.rows = rows

@@ -12,7 +12,11 @@ from zimage_deploy.cli import run_cli
 from zimage_deploy.errors import UserError
 
 ESCAPES = ["../outside/model.onnx", "onnx/../../outside/model.onnx", "/etc/passwd", "C:/graphs/model.onnx",
-           "..\\outside\\model.onnx", "", ".", 7, None, ["onnx", "x"]]
+           "..\\outside\\model.onnx", "", ".", 7, None, ["onnx", "x"],
+           # rooted once backslashes are separators (a review found "\\tmp\\x" resolved to /tmp/x), drive or
+           # stream names anywhere, control characters, a name no file system takes, bytes
+           "\\etc\\passwd", "\\\\server\\share\\x", "\\/x", "onnx/D:y", "onnx/a\x00b", "onnx/a\nb",
+           "onnx/" + "x" * 300, b"onnx/x"]
 
 
 def test_layout_is_what_the_stages_record(tiny_fp32):
@@ -63,6 +67,23 @@ def test_hostile_manifest_path_is_refused_at_load(tiny_fp32, tmp_path, capsys, f
     err = capsys.readouterr().err
     assert code == 2 and "leaves the build folder" in err, err
     assert not image.exists()
+
+
+def test_previous_manifest_with_a_bad_path_does_not_block_the_rebuild(tiny_fp32, tmp_path):
+    """A build folder whose manifest points a graph outside: the same build again re-exports that component (the
+    recorded path is not trusted, not reused) and the folder is whole again."""
+    from zimage_deploy import build as build_cli
+
+    d = tmp_path / "build"
+    shutil.copytree(tiny_fp32, d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["components"]["vae_decoder"]["onnx"] = "\\tmp\\elsewhere\\model.onnx"
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    argv = ["--model", manifest["model"]["path"], "--target", "cpu", "--precision", "fp32", "--out", str(d)]
+    assert run_cli(lambda: build_cli.main(argv)) == 0
+    again = json.loads((d / "manifest.json").read_text())
+    assert again["components"]["vae_decoder"]["onnx"] == BuildFolder.graph_rel("vae_decoder")
+    assert again["components"]["transformer"]["onnx_sha256"] == manifest["components"]["transformer"]["onnx_sha256"]
 
 
 def test_drop_graph_deletes_only_inside(tmp_path):

@@ -25,6 +25,7 @@ def test_streamed_plan_equals_the_in_memory_one(tmp_path, tiny_ckpt):
     manifest = json.loads((out / "manifest.json").read_text())
     entry = manifest["components"]["vae_decoder"]
     plan = out / entry["engine"]["plan"]
+    assert entry["engine"]["plan"] == "engines/vae_decoder.plan"  # as buildfolder.py lays it out
     assert plan.stat().st_size == entry["engine"]["bytes"] > 1 << 20 and entry["engine"]["stripped"] is False
 
     logger = trt.Logger(trt.Logger.ERROR)

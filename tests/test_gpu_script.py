@@ -123,6 +123,7 @@ def _images(build, manifest, modules, backend, prompts, steps=2):
 
 def test_fast_backend_modes_match_the_plain_backend(reduced, monkeypatch):
     build, manifest, modules = reduced
+    torch_fast.reset_compile_counters()  # another test's compiled kernel choice does not carry over
     reference = _images(build, manifest, modules, TorchBackend(build, manifest, device="cpu", modules=modules),
                         ["a cat"])
     decisions = []
@@ -165,6 +166,7 @@ def test_cudnn_attention_kernel_is_first_in_the_dit_only(reduced, monkeypatch):
     monkeypatch.setattr(layers, "attention", recorder(layers.attention, "other"))  # text encoder, VAE
     for module in ("text_encoder", "vae"):
         monkeypatch.setattr(f"zimage_deploy.models.{module}.attention", recorder(layers.attention, "other"))
+    torch_fast.reset_compile_counters()
     backend = torch_fast.FastTorchBackend(build, manifest, device="cpu", mode="step", attention_kernel="cudnn",
                                           compile_backend="eager", modules=modules)
     got = _images(build, manifest, modules, backend, ["a cat"])
@@ -172,6 +174,27 @@ def test_cudnn_attention_kernel_is_first_in_the_dit_only(reduced, monkeypatch):
     assert seen["dit"] and set(seen["dit"]) == {int(SDPBackend.CUDNN_ATTENTION)}, seen
     assert seen["other"] and set(seen["other"]) == {default_order[0]}, seen
     assert torch._C._get_sdp_priority_order() == default_order
+    torch_fast.reset_compile_counters()
+
+
+def test_compiled_backends_of_two_attention_kernels_need_a_reset(reduced):
+    """Compiled code keeps the kernel order it was traced with and is shared in the process: a compiled backend
+    with another kernel is refused (a clear error, not a silently wrong kernel) until the compiled code is reset;
+    eager backends take any kernel."""
+    from zimage_deploy.errors import UserError
+
+    build, manifest, modules = reduced
+    torch_fast.reset_compile_counters()
+    make = lambda mode, kernel: torch_fast.FastTorchBackend(  # noqa: E731
+        build, manifest, device="cpu", mode=mode, attention_kernel=kernel, compile_backend="eager", modules=modules)
+    make("step", "cudnn").model("transformer")
+    make("blocks", "cudnn").model("transformer")  # the same kernel: fine
+    make("eager", "default").model("transformer")  # eager: nothing compiled
+    with pytest.raises(UserError, match="reset_compile_counters"):
+        make("step", "default").model("transformer")
+    torch_fast.reset_compile_counters()
+    make("step", "default").model("transformer")
+    torch_fast.reset_compile_counters()
 
 
 def test_mixed_caption_lengths_keep_the_mask(reduced, monkeypatch):
@@ -420,7 +443,7 @@ def test_gpu_script_leaves_no_build_folder(tmp_path):
 
 
 def test_gpu_script_arguments(tmp_path):
-    for bad in (["--rows", "diffusers,turbo"], ["--repeats", "0"], []):
+    for bad in (["--rows", "diffusers,turbo"], ["--repeats", "0"], [], ["--rows", "diffusers,eager,diffusers"]):
         r = subprocess.run([sys.executable, str(SCRIPT), *bad] + (["--out", str(tmp_path)] if bad else []),
                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env())
         assert r.returncode == 2 and "error:" in r.stderr, bad

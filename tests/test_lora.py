@@ -276,6 +276,7 @@ def test_fused_build_manifest_and_keys(fused_build, tiny_fp32, loras, capsys, tm
     assert [(r["sha256"], r["scale"]) for r in m["loras"]] == \
         [(hashlib.sha256(Path(f).read_bytes()).hexdigest(), s) for f, s in zip(files, (SA, SB))]
     assert all((out / r["file"]).read_bytes() == Path(f).read_bytes() for r, f in zip(m["loras"], files))
+    assert all(r["file"] == f"loras/{r['sha256'][:16]}.safetensors" for r in m["loras"])
     for name in m["components"]:
         same = m["components"][name]["key"] == base["components"][name]["key"]
         assert same == (name not in ("transformer", "context_refiner")), name

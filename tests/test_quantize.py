@@ -124,6 +124,7 @@ def test_graphs_and_manifest(quantized, tiny_ckpt):
         expected = qr.expected_layers(tiny_ckpt, name, scheme, unquantized, 32)
         assert len(expected) >= 8
         scales, meta = load_scales(out / q["scales"])
+        assert q["scales"] == f"quant/{name}.{scheme}.safetensors"  # as buildfolder.py lays it out, '/' everywhere
         assert set(layers_of(scales)) == expected and meta["scheme"] == scheme
         assert q["exclude"] == list(DEFAULT_EXCLUDE) and q["layers"] == len(expected)
         assert q["weight_bytes"]["after"] < q["weight_bytes"]["before"]

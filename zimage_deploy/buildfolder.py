@@ -52,16 +52,19 @@ class BuildFolder:
 
     # -- absolute paths -----------------------------------------------------------------------------------------
     def file(self, rel) -> Path:
-        """A path the manifest records, inside this folder; anything else (absolute, `..`, not a string) is an
-        error that names the manifest."""
+        """A path the manifest records, inside this folder; anything else (absolute on any system, `..`, a drive or
+        stream `:`, control characters, a name too long for a file system, not a string) is an error that names
+        the manifest. Judged on the path as it will be joined (backslashes as separators)."""
         if not isinstance(rel, str) or not rel:
             raise UserError(f"{self.root}/manifest.json records a path that is not a non-empty string "
-                            f"({rel!r}): rebuild")
-        parts = PurePosixPath(rel.replace("\\", "/")).parts
-        if (not parts or PurePosixPath(rel).is_absolute() or Path(rel).is_absolute() or ".." in parts
-                or ":" in parts[0]):
-            raise UserError(f"{self.root}/manifest.json records the path {rel!r}, which leaves the build folder: "
-                            "refused; rebuild")
+                            f"({str(rel)[:80]!r}): rebuild")
+        shown = rel if len(rel) <= 200 else rel[:200] + "..."
+        norm = PurePosixPath(rel.replace("\\", "/"))
+        parts = norm.parts
+        if (not parts or norm.is_absolute() or Path(rel).is_absolute() or any(p in (".", "..") for p in parts)
+                or any(":" in p or len(p.encode()) > 255 or any(ord(c) < 32 for c in p) for p in parts)):
+            raise UserError(f"{self.root}/manifest.json records the path {shown!r}, which leaves the build folder "
+                            "or is no file name: refused; rebuild")
         return self.root.joinpath(*parts)
 
     def graph(self, component: str, scheme: str | None = None) -> Path:

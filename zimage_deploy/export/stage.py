@@ -53,7 +53,7 @@ def kept_components(job, sha: str) -> dict:
         old = job.previous.get("components", {}).get(name, {})
         exported = old.get("unquantized", old)
         folder = BuildFolder(job.out).graph_dir(name)
-        if old.get("key") == _key(job, sha, name) \
+        if old.get("key") == _key(job, sha, name) and exported.get("onnx") == BuildFolder.graph_rel(name) \
                 and old.get("status") in ("complete", "rejected") and old.get("rejected_by") != "parity" \
                 and folder.is_dir() and folder_sha256(folder) == exported.get("onnx_sha256"):
             if job.plan[name] in QUANTIZED:

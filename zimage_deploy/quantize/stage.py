@@ -136,7 +136,7 @@ def _quantize(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions
                 "attention_qdq": summary["attention_qdq"],
                 "kept": summary["kept"], "exclude": list(opts.exclude),
                 "weight_bytes": {"before": summary["bytes_before"], "after": summary["bytes_after"]},
-                "scales": str(scale_file.relative_to(out)), "scales_sha256": file_sha256(scale_file),
+                "scales": BuildFolder.scales_rel(name, scheme), "scales_sha256": file_sha256(scale_file),
                 "calibration": ({"prompts": str(opts.calib_prompts or "shipped"), "count": len(prompts),
                                  "sha256": calib_sha, "size": [side, side],
                                  "steps": opts.calib_steps or manifest["defaults"]["steps"], "seconds": calib_seconds}
@@ -182,8 +182,11 @@ def _quantize(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions
 
 def _up_to_date(out: Path, entry: dict, key: str) -> bool:
     q = entry.get("quantization") or {}
-    folder = BuildFolder(out).file(entry["onnx"]).parent
-    scales = BuildFolder(out).file(q.get("scales", "-"))
+    try:
+        folder = BuildFolder(out).file(entry["onnx"]).parent
+        scales = BuildFolder(out).file(q.get("scales", "-"))
+    except UserError:  # a previous manifest's path outside the folder: not reused, made anew
+        return False
     # a rejected graph is reused too: a rebuild with other gate thresholds only re-runs the gate
     return (q.get("key") == key and entry.get("status") in ("complete", "rejected") and folder.is_dir()
             and folder_sha256(folder) == entry["onnx_sha256"] and scales.is_file()

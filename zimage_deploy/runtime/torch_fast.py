@@ -11,7 +11,10 @@
   lengths the pipeline hands over, without a device read) the DiT's attention leaves its all-zero mask out;
 - `attention_kernel`: "default" (SDPA's own choice: flash attention for the unmasked case) or "cudnn" (cuDNN's
   fused attention first where it takes the inputs, then SDPA's usual order); set around every DiT call, so it
-  holds when the compiled blocks are traced and when the step graph is captured;
+  holds when the compiled blocks are traced and when the step graph is captured. Compiled code keeps the kernel
+  it was traced with and is shared by the process's backends (dynamo does not guard on SDPA's kernel order), so
+  a compiled backend with another kernel than the process's earlier ones is refused until
+  `reset_compile_counters()` (which forgets all compiled code);
 - inputs go to the device without a host synchronisation (`non_blocking`), so a denoising step never waits.
 
 Every accelerated module is a `share_copy` of the one given or loaded: the originals are never compiled or
@@ -31,6 +34,7 @@ from .backends import TorchBackend
 
 MODES = ("eager", "blocks", "step")
 ATTENTION_KERNELS = ("default", "cudnn")
+_compiled_kernel: str | None = None  # the attention kernel this process's compiled DiT code was traced with
 
 
 def attention_kernels(kernel: str):
@@ -155,6 +159,8 @@ class FastTorchBackend(TorchBackend):
         from ..models import fast
 
         if key == "transformer":  # always a copy: its attention flags are set per call
+            if self.mode != "eager":
+                _claim_compiled_kernel(self.attention_kernel)
             model = fast.share_copy(model)
             if self.fp8_on:
                 scales = self.fp8_scales if self.fp8_scales is not None else self._scales("transformer", "fp8")
@@ -245,11 +251,22 @@ def compile_counters() -> dict:
     }
 
 
+def _claim_compiled_kernel(kernel: str) -> None:
+    global _compiled_kernel
+    if _compiled_kernel not in (None, kernel):
+        raise UserError(f"this process has compiled the DiT with attention_kernel={_compiled_kernel!r}; compiled "
+                        f"code is shared and keeps its kernel, so attention_kernel={kernel!r} needs "
+                        "reset_compile_counters() first (it forgets all compiled code)")
+    _compiled_kernel = kernel
+
+
 def reset_compile_counters() -> None:
     """Forget compiled code and counters (each benchmark row starts from nothing; on-disk caches stay)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    global _compiled_kernel
+    _compiled_kernel = None
     torch._dynamo.reset()
     counters.clear()
     getattr(torch._dynamo.utils, "guard_failures", {}).clear()
