@@ -49,7 +49,8 @@ def main() -> None:
                "--skip-engines", "--skip-parity", "--no-quality-gate", "--out", str(out), *RUNS[run]]
         stages[f"build {run} (export when not up to date + quantize)"] = measured(cmd)
         manifest = json.loads((out / "manifest.json").read_text())
-        sizes[run] = {n: round(du(BuildFolder(out).file(c["onnx"]).parent), 2) for n, c in manifest["components"].items()
+        sizes[run] = {n: round(du(BuildFolder(out).file(c["onnx"]).parent), 2)
+                      for n, c in manifest["components"].items()
                       if n in ("transformer", "context_refiner", "text_encoder")}
         quant[run] = {n: {k: c["quantization"][k] for k in ("method", "layers", "activation_qdq", "awq_scaled",
                                                               "weight_bytes", "calibration")}

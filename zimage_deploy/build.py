@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import __version__
 from . import manifest as manifest_io
-from .buildfolder import SCHEDULER, SIGLIP_PROCESSOR, TOKENIZER, BuildFolder
+from .buildfolder import BuildFolder, support_folders
 from .checkpoint import content_hash, resolve
 from .cli import run_cli
 from .controlnet import BuildControlNet
@@ -144,7 +144,7 @@ def _start(job: BuildJob) -> dict:
         manifest["controlnet"] = job.controlnet.record()  # path, sha256, config: what the Torch backend reloads
     if job.loras:
         manifest["loras"] = job.loras.save(out)  # DIR/loras/ copies: what reloads the DiT later fuses the same
-    for folder in (TOKENIZER, SCHEDULER) + ((SIGLIP_PROCESSOR,) if v.layout == "omni" else ()):
+    for folder in support_folders(v.layout == "omni"):
         BuildFolder(out).copy_support(ckpt, folder)
     manifest_io.save(out, manifest)
     return manifest

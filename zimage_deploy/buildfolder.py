@@ -15,7 +15,6 @@ that leaves the folder (a manifest is input, and may be hostile). A leaf apart f
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import UserError
@@ -23,15 +22,16 @@ from .fsutil import atomic_dir
 
 GRAPHS, SCALES, PLANS, LORAS = "onnx", "quant", "engines", "loras"
 TOKENIZER, SCHEDULER, SIGLIP_PROCESSOR = "tokenizer", "scheduler", "siglip_processor"
-SUPPORT_FOLDERS = (TOKENIZER, SCHEDULER, SIGLIP_PROCESSOR)  # copied from the checkpoint where it has them
 
 
-@dataclass(frozen=True)
+def support_folders(omni: bool) -> tuple[str, ...]:
+    """The checkpoint folders a build copies and its pipelines read (the omni layout's SigLIP processor too)."""
+    return (TOKENIZER, SCHEDULER) + ((SIGLIP_PROCESSOR,) if omni else ())
+
+
 class BuildFolder:
-    root: Path
-
     def __init__(self, root):
-        object.__setattr__(self, "root", Path(root))
+        self.root = Path(root)
 
     # -- relative paths, as the manifest records them ---------------------------------------------------------
     @staticmethod

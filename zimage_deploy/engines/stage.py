@@ -26,27 +26,28 @@ def engines_stage(job, manifest: dict) -> dict:
     t0 = time.perf_counter()
     bar = tqdm(job.v.components, desc=f"engines ({builder.target.flavour} {builder.target.sm})", unit="engine",
                leave=False)
+    folder = BuildFolder(out)
     for name in bar:
         bar.set_postfix_str(name)
         comp = manifest["components"][name]
         key = builder.key(comp["onnx_sha256"], job.engine_shapes[name])
         old = comp.get("engine") or {}
-        plan = BuildFolder(out).plan(name)
+        plan = folder.plan(name)
         if old.get("key") == key and old.get("status") == "complete" and plan.is_file() \
                 and file_sha256(plan) == old.get("plan_sha256"):
             log(f"[engines] {name}: up to date, skipped")
             if job.drop_intermediate and not old.get("stripped") and not comp.get("dropped"):
-                BuildFolder(out).drop_graph(comp, log, name)
+                folder.drop_graph(comp, log, name)
                 manifest_io.save(out, manifest)
             continue
         comp["engine"] = None
-        entry = builder.build(BuildFolder(out).file(comp["onnx"]), job.engine_shapes[name], plan,
+        entry = builder.build(folder.file(comp["onnx"]), job.engine_shapes[name], plan,
                               strip=builder.strips(bool(comp.get("external_data"))))
         entry.update(plan=BuildFolder.plan_rel(name), key=key, status="complete")
         comp["engine"] = entry
         manifest_io.save(out, manifest)
         if job.drop_intermediate and not entry["stripped"]:
-            BuildFolder(out).drop_graph(comp, log, name)
+            folder.drop_graph(comp, log, name)
             manifest_io.save(out, manifest)
         log(f"[engines] {name}: {entry['plan']} ({entry['bytes'] / 1e6:.1f} MB, {entry['build_seconds']:.1f} s, "
             f"{entry['flavour']} {entry['version']} {builder.target.sm})")

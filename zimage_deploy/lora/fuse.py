@@ -70,8 +70,7 @@ class BuildLoras:
 
         records = []
         for lora, scale in self.loras:
-            rel = BuildFolder.lora_rel(lora.sha256)
-            dst = BuildFolder(out).file(rel)
+            rel, dst = BuildFolder.lora_rel(lora.sha256), BuildFolder(out).lora(lora.sha256)
             if not (dst.is_file() and file_sha256(dst) == lora.sha256):
                 with atomic_file(dst, suffix=".safetensors") as tmp:
                     shutil.copyfile(lora.path, tmp)

@@ -183,8 +183,8 @@ def _quantize(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions
 def _up_to_date(out: Path, entry: dict, key: str) -> bool:
     q = entry.get("quantization") or {}
     try:
-        folder = BuildFolder(out).file(entry["onnx"]).parent
-        scales = BuildFolder(out).file(q.get("scales", "-"))
+        build = BuildFolder(out)
+        folder, scales = build.file(entry["onnx"]).parent, build.file(q.get("scales", "-"))
     except UserError:  # a previous manifest's path outside the folder: not reused, made anew
         return False
     # a rejected graph is reused too: a rebuild with other gate thresholds only re-runs the gate

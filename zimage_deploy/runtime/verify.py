@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..buildfolder import SCHEDULER, SIGLIP_PROCESSOR, TOKENIZER, BuildFolder
+from ..buildfolder import SCHEDULER, TOKENIZER, BuildFolder, support_folders
 from ..errors import UserError
 from ..fsutil import atomic_file
 from ..hashing import file_sha256, folder_sha256
@@ -61,10 +61,9 @@ class _Stamp:
 def check_support_files(engine_dir: Path, manifest: dict) -> None:
     """The folders the pipelines read besides the graphs."""
     engine_dir = Path(engine_dir)
-    needed = [(TOKENIZER, "tokenizer.json"), (SCHEDULER, "scheduler_config.json")]
-    if is_omni(manifest["variant"]):
-        needed.append((SIGLIP_PROCESSOR, None))
-    for folder, file in needed:
+    files = {TOKENIZER: "tokenizer.json", SCHEDULER: "scheduler_config.json"}  # what must be inside
+    for folder in support_folders(is_omni(manifest["variant"])):
+        file = files.get(folder)
         path = engine_dir / folder
         if not path.is_dir():
             raise UserError(f"{path} is missing: the build folder is incomplete; rebuild it")
