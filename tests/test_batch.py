@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import synthetic_image
+from conftest import need, synthetic_image
 from zimage_deploy.cli import run_cli
 
 SIZE = dict(height=64, width=64)
@@ -628,7 +628,7 @@ def test_ray_two_cpu_actors_same_files_and_resumable(tmp_path, tiny_fp32):
 
 
 def test_request_fields_are_the_servers():
-    pytest.importorskip("python_multipart")  # the serve extra
+    need("python_multipart")  # the serve extra
     from zimage_deploy.batch.requests import REQUEST_FIELDS
     from zimage_deploy.serve import schema
 
