@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -389,6 +390,38 @@ def test_resume_after_kill_and_changed_rows(tmp_path, tiny_fp32):
     assert all((out / n).stat().st_mtime_ns != s for n, s in stamps.items())
     assert json.loads((out / "summary.json").read_text())["images"] == len(rows)
     assert sha(out / "line000009-seed0.png") == sha(ref / "line000009-seed0.png")
+
+
+def test_another_build_backend_or_precision_remakes_the_rows(tmp_path, tiny_ckpt, tiny_fp32):
+    """Re-running into the same --out with another build (of another precision: an INT4 build of the same
+    checkpoint exports the same graphs before quantizing them), or another backend, makes every row again; the
+    same build and backend again skips them all."""
+    from zimage_deploy import build
+
+    int4 = tmp_path / "int4"
+    shutil.copytree(tiny_fp32, int4)  # its graphs are up to date for the INT4 build: only quantized
+    assert build.main(["--model", str(tiny_ckpt), "--target", "cpu", "--precision", "int4", "--int4-method", "rtn",
+                       "--skip-parity", "--no-quality-gate", "--out", str(int4)]) == 0
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": p, "steps": 2, **SIZE} for p in PROMPTS[:2]])
+    out = tmp_path / "out"
+
+    def run(build_dir, *extra) -> dict:
+        assert batch("--engine-dir", build_dir, "--input", src, "--out", out, *extra) == 0
+        return json.loads((out / "summary.json").read_text())
+
+    assert run(tiny_fp32)["images"] == 2
+    fp32 = {r["output"]: sha(out / r["output"]) for r in results(out)}
+    assert run(tiny_fp32)["skipped"] == 2
+    made = run(int4)
+    assert (made["images"], made["skipped"]) == (2, 0)
+    assert all(sha(out / name) != digest for name, digest in fp32.items())  # the INT4 build's images now
+    assert run(int4)["skipped"] == 2
+    made = run(int4, "--backend", "torch")
+    assert (made["images"], made["skipped"]) == (2, 0)
+    assert run(int4, "--backend", "torch")["skipped"] == 2
+    made = run(tiny_fp32)
+    assert (made["images"], made["skipped"]) == (2, 0)
+    assert {r["output"]: sha(out / r["output"]) for r in results(out)} == fp32
 
 
 def test_rows_named_by_id_survive_reordering(tmp_path, tiny_fp32):
