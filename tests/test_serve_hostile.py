@@ -113,18 +113,33 @@ def _raw_request(port, head: bytes, chunks, read_timeout=20.0) -> bytes:
         return answer
 
 
-def test_chunked_body_stopped_at_the_limit(served):
-    """A chunked body (no Content-Length) is refused once it passes the limit: the answer comes while the
-    client still holds the rest of its 64 MB (it never sends more than the limit + 1 MiB)."""
-    limit = served.service.limits.max_body_bytes
-    chunk = b"x" * (1 << 16)
-    n = (limit + (1 << 20)) // len(chunk)
-    port = int(served.url.rsplit(":", 1)[1])
-    head = (b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n")
-    answer = _raw_request(port, head, (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(n)))
-    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
-    assert b"above the limit of" in answer
+def _chunked(body: bytes, size: int = 1 << 16):
+    for i in range(0, len(body), size):
+        part = body[i:i + size]
+        yield b"%x\r\n%s\r\n" % (len(part), part)
+    yield b"0\r\n\r\n"
+
+
+def test_chunked_body_stopped_at_the_limit(runtime):
+    """A chunked body (no Content-Length) of exactly the body limit set here is read; one byte more is refused,
+    and a longer one as soon as it passes the limit: the answer comes while the client still holds the rest (it
+    never sends more than the limit + 1 MiB)."""
+    limit = 3 << 20
+    with Served(runtime, ServeLimits.for_build(runtime.limits, max_body_bytes=limit)) as s:
+        port = int(s.url.rsplit(":", 1)[1])
+        head = (b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+        request = b'{"prompt": "a", "seed": 1, "steps": 1, "height": 64, "width": 64}'
+        exact = request + b" " * (limit - len(request))  # JSON allows trailing white space
+        assert _raw_request(port, head, _chunked(exact), read_timeout=60).startswith(b"HTTP/1.1 200")
+        answer = _raw_request(port, head, _chunked(exact + b" "))
+        assert answer.startswith(b"HTTP/1.1 413") and f"above the limit of {limit} bytes".encode() in answer, \
+            answer[:300]
+        chunk = b"x" * (1 << 16)
+        answer = _raw_request(port, head, (b"%x\r\n%s\r\n" % (len(chunk), chunk)
+                                           for _ in range((limit + (1 << 20)) // len(chunk))))
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert f"above the limit of {limit} bytes".encode() in answer
 
 
 def test_declared_length_refused_without_reading(served):
