@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -114,4 +115,36 @@ def need(module: str):
         if in_ci():
             pytest.fail(f"{module} must be installed in CI (scripts/setup.sh installs every extra): {e}",
                         pytrace=False)
-        pytest.skip(f"{module} is not installed here ({e})")
+        pytest.skip(f"{module} is not installed here ({e})", allow_module_level=True)
+
+
+# In CI a test skipped because something is not installed is a failure, however the skip was made (need() above
+# fails already; this catches pytest.importorskip and hand-written skips): CI installs every extra.
+MISSING = re.compile(r"No module named|could not import|not installed|cannot import name", re.IGNORECASE)
+
+
+def missing_dependency(report) -> str | None:
+    """The reason of a skipped report when it says that something is not installed."""
+    if not report.skipped or not isinstance(report.longrepr, tuple):
+        return None
+    reason = str(report.longrepr[2])
+    return reason if MISSING.search(reason) else None
+
+
+def _fail_in_ci(report) -> None:
+    reason = missing_dependency(report) if in_ci() else None
+    if reason:
+        report.outcome = "failed"
+        report.longrepr = f"skipped for a missing dependency, which CI must have installed: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_in_ci(outcome.get_result())

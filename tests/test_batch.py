@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import synthetic_image
+from conftest import need, synthetic_image
 from zimage_deploy.cli import run_cli
 
 SIZE = dict(height=64, width=64)
@@ -110,28 +111,41 @@ def test_jsonl_csv_text_and_templates(tmp_path, tiny_fp32, runtime):
     assert summary["images"] == 2 and summary["failures"] == 0 and summary["images_per_s"] > 0
 
 
-def test_command_errors(tmp_path, tiny_fp32):
+def test_command_errors(tmp_path, tiny_fp32, capsys):
+    """Each bad command exits 2 with one `error:` line saying what is wrong, before anything runs."""
     src = tmp_path / "in"
     src.mkdir()
     (src / "p.csv").write_text("prompt,heigth\na cat,64\n")
     (src / "q.csv").write_text("product\nbike\n")
+    (src / "s.csv").write_text("steps\n2\n")
     (src / "t.txt").write_text("a cat\n")
     base = ("--engine-dir", tiny_fp32, "--out", tmp_path / "o")
-    assert batch(*base, "--input", src / "p.csv") == 2  # typo in a column: refused before anything runs
-    assert batch(*base, "--input", src / "q.csv") == 2  # no prompt column and no template
-    assert batch(*base, "--input", src / "q.csv", "--template", "{product} in {colour}") == 2
-    assert batch(*base, "--input", src / "t.txt", "--template", "{prompt} {style}") == 2
-    for bad in ("{0}", "{a.b}", "{a[0]}", "{a!r}", "{a:>10}", "{"):
-        assert batch(*base, "--input", src / "q.csv", "--template", bad) == 2
-    assert batch(*base, "--input", src / "t.txt", "--seeds", 0) == 2
-    assert batch(*base, "--input", src / "t.txt", "--seeds", 10**9) == 2
-    assert batch(*base, "--input", src / "t.txt", "--height", 100) == 2
-    assert batch(*base, "--input", src / "t.txt", "--steps", 10**9) == 2
-    assert batch(*base, "--input", src / "t.txt", "--seed", 2**64) == 2
-    assert batch(*base, "--input", src / "t.txt", "--strength", 1.5) == 2
-    assert batch(*base, "--input", src / "missing.jsonl") == 2
-    assert batch(*base, "--input", src / "t.unknown") == 2
-    assert batch("--engine-dir", tmp_path, "--out", tmp_path / "o", "--input", src / "t.txt") == 2
+
+    def refused(*args, says: str):
+        assert batch(*args) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and says in lines[0], err
+
+    refused(*base, "--input", src / "p.csv", says="CSV columns ['heigth'] are neither request fields")
+    refused(*base, "--input", src / "q.csv", says="CSV columns ['product'] are neither request fields")
+    refused(*base, "--input", src / "s.csv", says="the CSV header has no `prompt` column (or give --template)")
+    refused(*base, "--input", src / "q.csv", "--template", "{product} in {colour}",
+            says="--template uses ['colour'], which the CSV header does not name")
+    refused(*base, "--input", src / "t.txt", "--template", "{prompt} {style}",
+            says="a text file gives each line as {prompt} only")
+    for bad in ("{0}", "{a.b}", "{a[0]}", "{a!r}", "{a:>10}"):
+        refused(*base, "--input", src / "q.csv", "--template", bad, says=f"--template: {bad} is not a plain field name")
+    refused(*base, "--input", src / "q.csv", "--template", "{", says="Single '{' encountered")
+    refused(*base, "--input", src / "t.txt", "--seeds", 0, says="--seeds must be between 1 and 10000, got 0")
+    refused(*base, "--input", src / "t.txt", "--seeds", 10**9, says="--seeds must be between 1 and 10000")
+    refused(*base, "--input", src / "t.txt", "--height", 100, says="height must be a positive multiple of 16")
+    refused(*base, "--input", src / "t.txt", "--steps", 10**9, says="steps must be in 1..100")
+    refused(*base, "--input", src / "t.txt", "--seed", 2**64, says=f"--seed must be between 0 and {2**63 - 1}")
+    refused(*base, "--input", src / "t.txt", "--strength", 1.5, says="--strength must be in (0, 1], got 1.5")
+    refused(*base, "--input", src / "missing.jsonl", says="missing.jsonl is not a file")
+    refused(*base, "--input", src / "t.unknown", says="t.unknown: cannot tell the format from '.unknown'")
+    refused("--engine-dir", tmp_path, "--out", tmp_path / "o", "--input", src / "t.txt", says="has no manifest.json: build it first")
     assert not list((tmp_path / "o").glob("*.png"))
 
 
@@ -391,6 +405,38 @@ def test_resume_after_kill_and_changed_rows(tmp_path, tiny_fp32):
     assert sha(out / "line000009-seed0.png") == sha(ref / "line000009-seed0.png")
 
 
+def test_another_build_backend_or_precision_remakes_the_rows(tmp_path, tiny_ckpt, tiny_fp32):
+    """Re-running into the same --out with another build (of another precision: an INT4 build of the same
+    checkpoint exports the same graphs before quantizing them), or another backend, makes every row again; the
+    same build and backend again skips them all."""
+    from zimage_deploy import build
+
+    int4 = tmp_path / "int4"
+    shutil.copytree(tiny_fp32, int4)  # its graphs are up to date for the INT4 build: only quantized
+    assert build.main(["--model", str(tiny_ckpt), "--target", "cpu", "--precision", "int4", "--int4-method", "rtn",
+                       "--skip-parity", "--no-quality-gate", "--out", str(int4)]) == 0
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": p, "steps": 2, **SIZE} for p in PROMPTS[:2]])
+    out = tmp_path / "out"
+
+    def run(build_dir, *extra) -> dict:
+        assert batch("--engine-dir", build_dir, "--input", src, "--out", out, *extra) == 0
+        return json.loads((out / "summary.json").read_text())
+
+    assert run(tiny_fp32)["images"] == 2
+    fp32 = {r["output"]: sha(out / r["output"]) for r in results(out)}
+    assert run(tiny_fp32)["skipped"] == 2
+    made = run(int4)
+    assert (made["images"], made["skipped"]) == (2, 0)
+    assert all(sha(out / name) != digest for name, digest in fp32.items())  # the INT4 build's images now
+    assert run(int4)["skipped"] == 2
+    made = run(int4, "--backend", "torch")
+    assert (made["images"], made["skipped"]) == (2, 0)
+    assert run(int4, "--backend", "torch")["skipped"] == 2
+    made = run(tiny_fp32)
+    assert (made["images"], made["skipped"]) == (2, 0)
+    assert {r["output"]: sha(out / r["output"]) for r in results(out)} == fp32
+
+
 def test_rows_named_by_id_survive_reordering(tmp_path, tiny_fp32):
     rows = [{"id": "red-fox", "prompt": "a red fox", "steps": 2, **SIZE},
             {"id": "Cat_2", "prompt": "a cat", "steps": 2, **SIZE}]
@@ -628,7 +674,7 @@ def test_ray_two_cpu_actors_same_files_and_resumable(tmp_path, tiny_fp32):
 
 
 def test_request_fields_are_the_servers():
-    pytest.importorskip("python_multipart")  # the serve extra
+    need("python_multipart")  # the serve extra
     from zimage_deploy.batch.requests import REQUEST_FIELDS
     from zimage_deploy.serve import schema
 

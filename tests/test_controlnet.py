@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import synthetic_image
+from conftest import need, synthetic_image
 from zimage_deploy import ZImageRuntime, build, generate
 from zimage_deploy.cli import run_cli
 from zimage_deploy.errors import RequestError, UserError
@@ -286,7 +286,7 @@ def test_quantized_builds_pass_the_gate(ckpts, tmp_path_factory, precision, extr
     """The control branch is quantized like the DiT (same scheme, calibrated in the same loop with control images)
     and the quality gate, run with control images, passes."""
     if precision == "fp8":
-        pytest.importorskip("modelopt", reason="FP8 calibration needs nvidia-modelopt")
+        need("modelopt")  # FP8 calibration
     out = fp32_build(tmp_path_factory, ckpts["union"], *extra, precision=precision)
     m = json.loads((out / "manifest.json").read_text())
     comps = m["components"]
@@ -302,7 +302,7 @@ def test_quantized_builds_pass_the_gate(ckpts, tmp_path_factory, precision, extr
 def test_tensorrt_rtx_engines(ckpts, tmp_path):
     """A ControlNet build gets a controlnet engine and a transformer engine whose profile covers the hints (SM89,
     built ahead of time on this machine)."""
-    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed")
+    need("tensorrt_rtx")
     from zimage_deploy.engines.builder import _has_cuda
 
     if _has_cuda():
@@ -445,7 +445,7 @@ def test_loras_reach_the_controlnet_branch(ckpts, tiny_ckpt, tmp_path):
     """A LoRA also adapts the noise refiner the ControlNet shares with the transformer (as in diffusers, where the
     ControlNet uses the transformer's modules): fused at build time and applied at run time, the images equal
     diffusers' with the LoRA loaded."""
-    pytest.importorskip("peft", reason="the test LoRA is made with PEFT")
+    need("peft")  # the test LoRA is made with PEFT
     from diffusers import ZImageControlNetPipeline, ZImageTransformer2DModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict

@@ -8,11 +8,12 @@ import json
 
 import pytest
 
+from conftest import need
 from zimage_deploy import build
 from zimage_deploy.cli import run_cli
 from zimage_deploy.engines.builder import _has_cuda
 
-trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed: pip install 'zimage-deploy[tensorrt-rtx]'")
+trt = need("tensorrt_rtx")
 pytestmark = pytest.mark.skipif(_has_cuda(), reason="checks the GPU-less (ahead-of-time) build path")
 
 

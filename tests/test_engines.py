@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import in_ci
+from conftest import need
 from zimage_deploy import build
 from zimage_deploy.cli import run_cli
 from zimage_deploy.engines import builder as engine_builder
@@ -24,12 +24,7 @@ from zimage_deploy.engines.profiles import EngineOptions, profiles
 from zimage_deploy.errors import UserError
 from zimage_deploy.variants import get_variant
 
-try:
-    import tensorrt_rtx
-except ImportError:  # CI installs it: never skip there
-    if in_ci():
-        raise
-    pytest.skip("tensorrt-rtx-cu12 is not installed (pip install -e '.[tensorrt-rtx]')", allow_module_level=True)
+tensorrt_rtx = need("tensorrt_rtx")  # CI installs it: never skipped there
 
 COMPONENTS = ["text_encoder", "context_refiner", "transformer", "vae_decoder", "vae_encoder"]
 NO_RTX_GPU = "running TensorRT-RTX engines needs an SM89 GPU (RTX 4090 / L40S class); none is visible here"

@@ -19,6 +19,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import need
+
 from zimage_deploy import build, generate
 from zimage_deploy.cli import run_cli
 from zimage_deploy.errors import RequestError, UserError
@@ -30,7 +32,7 @@ from zimage_deploy.lora.targets import from_checkpoint, from_graphs
 from zimage_deploy.models.dit import fuse_state_dict
 from zimage_deploy.models.load import load_dit, stream_weights
 
-peft = pytest.importorskip("peft", reason="the test LoRAs are made with PEFT (pip install peft)")
+peft = need("peft")  # the test LoRAs are made with PEFT
 
 PROMPT, SEED, H, W, STEPS = "a red fox in the snow", 3, 64, 96, 3
 SA, SB = 0.7, -1.3  # the two LoRAs' strengths
@@ -379,7 +381,7 @@ def test_ort_lora_session_equals_edited_graph(tiny_fp32, loras):
 
 # -- TensorRT refit: the weight mapping on the CPU, execution on a GPU --------------------------------------
 def _trt():
-    return pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed")
+    return need("tensorrt_rtx")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

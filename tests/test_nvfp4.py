@@ -81,17 +81,28 @@ def test_e2m1_rounding_matches_ml_dtypes():
 
 
 def test_nvfp4_block_arithmetic():
-    """Block scales are FP8, each block's largest value maps to +-6 (up to the FP8 scale's rounding), the global
-    scale puts the largest block scale at E4M3's top, and the error is what 4 bits give."""
+    """numerics.py's NVFP4 blocks against the independent reference (tests/quant_ref.py, numpy / ml_dtypes): the
+    global scale, each block's FP8 scale and FP4 values equal the reference's, and the dequantized tensor is
+    values x FP8 scale x global scale (that scale rounded to the dtype, as the graph's Cast does); blocks of very
+    different ranges, an all-zero block and values on FP4 ties included. The error is what 4 bits give."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(32, 64, generator=g) * torch.logspace(-2, 1, 64)  # blocks of very different ranges
-    gs = nvfp4_global_scale(w.abs().amax())
-    q, s8, deq = nvfp4_blocks(w, gs, torch.float32)
-    assert s8.dtype == torch.float8_e4m3fn and s8.shape == (32, 4)
-    assert s8.float().max() == 448.0
-    assert set(q.abs().unique().tolist()) <= {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}
-    assert q.reshape(32, 4, 16).abs().amax(-1).min() >= 4.0  # the block's top lands near 6, never far below
-    err = ((deq - w).norm(dim=1) / w.norm(dim=1)).max()
+    w[3, 16:32] = 0.0
+    w[5, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 2)  # near FP4 midpoints
+    amax = w.abs().amax()
+    gs = nvfp4_global_scale(amax)
+    values, s8_ref, g_ref = qr.nvfp4_weight(w.numpy(), amax.numpy())
+    assert gs.numpy() == g_ref
+    eff = s8_ref.astype(np.float32) * g_ref
+    for dtype, rounded in ((torch.float32, np.float32), (torch.bfloat16, ml_dtypes.bfloat16)):
+        q, s8, deq = nvfp4_blocks(w, gs, dtype)
+        assert s8.dtype == torch.float8_e4m3fn and s8.shape == (32, 4) and deq.dtype == dtype
+        np.testing.assert_array_equal(s8.view(torch.uint8).numpy(), s8_ref.view(np.uint8))
+        np.testing.assert_array_equal(q.numpy(), values.astype(np.float32))
+        ref = (values.astype(np.float32).reshape(32, 4, 16) * eff.astype(rounded).astype(np.float32)[..., None])
+        np.testing.assert_array_equal(deq.float().numpy(), ref.reshape(32, 64).astype(rounded).astype(np.float32))
+    assert s8.float().max() == 448.0  # the global scale puts the largest block scale at E4M3's top
+    err = ((deq.float() - w).norm(dim=1) / w.norm(dim=1).clamp(min=1e-12)).max()
     assert 0.01 < err < 0.2
 
 

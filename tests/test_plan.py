@@ -233,3 +233,67 @@ def test_low_vram_runtime_keeps_the_denoise_stage_together():
                                                                                       "context_refiner"]
     assert low_vram_evictions("vae_decoder", ["controlnet", "transformer"]) == ["controlnet", "transformer"]
     assert low_vram_evictions("text_encoder", []) == []
+
+
+# -- planner vs quantized graphs at the real widths --------------------------------------------------------------
+def _real_width_graph(folder, shapes: dict[str, tuple[int, int]]):
+    """A BF16 graph of linear layers (weight -> Transpose -> MatMul, as exported) with these weight shapes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = torch.Generator().manual_seed(0)
+    nodes, inputs, outputs, inits = [], [], [], []
+    for name, (out_f, in_f) in shapes.items():
+        w = (torch.randn(out_f, in_f, generator=g) * 0.02).to(torch.bfloat16)
+        inits.append(helper.make_tensor(f"{name}.weight", TensorProto.BFLOAT16, [out_f, in_f],
+                                        w.view(torch.int16).numpy().tobytes(), raw=True))
+        nodes += [helper.make_node("Transpose", [f"{name}.weight"], [f"{name}.wt"], name=f"/{name}/Transpose"),
+                  helper.make_node("MatMul", [f"{name}.x", f"{name}.wt"], [f"{name}.y"], name=f"/{name}/MatMul")]
+        inputs.append(helper.make_tensor_value_info(f"{name}.x", TensorProto.BFLOAT16, [1, in_f]))
+        outputs.append(helper.make_tensor_value_info(f"{name}.y", TensorProto.BFLOAT16, [1, out_f]))
+    model = helper.make_model(helper.make_graph(nodes, "layers", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    folder.mkdir(parents=True)
+    onnx.save(model, str(folder / "model.onnx"))
+    return {f"{n}.weight": torch.empty(s, device="meta") for n, s in shapes.items()}
+
+
+ROWS = 16  # output rows per layer: the scales run along the input width, which is the real one
+
+
+@pytest.mark.parametrize("component,scheme", [("transformer", "fp8"), ("transformer", "int4"),
+                                              ("transformer", "nvfp4"), ("text_encoder", "int4"),
+                                              ("text_encoder", "fp8")])
+def test_planner_bytes_equal_the_quantized_graph_at_real_width(tmp_path, component, scheme):
+    """The planner's bytes per weight for each scheme (block scales included) equal what the quantize stage writes
+    for the real model: one layer of each real input width of the component's quantized layers (16 rows each; the
+    blocks run along the input), in BF16, quantized with the block the build picks for the real model. Only the
+    per-tensor scalars (FP8 scales, NVFP4 global scales, a zero point) are beyond the planner's count."""
+    from zimage_deploy.quantize.options import QuantOptions
+    from zimage_deploy.quantize.qdq import quantize_graph
+    from zimage_deploy.quantize.stage import int4_block
+    from zimage_deploy.schemes import get_scheme
+
+    cfgs = plan._configs(None, None)
+    dit, text, _ = plan._meta_modules(cfgs)
+    if component == "transformer":
+        named, quantizable = plan._dit_split(dit)["transformer"], plan._dit_quantizable
+    else:
+        named, quantizable = list(text.named_parameters()), plan._text_quantizable
+    shapes = {}
+    for name, p in named:  # the first layer of each input width
+        if p.ndim == 2 and name.endswith(".weight") and quantizable(name) and \
+                p.shape[1] not in {s[1] for s in shapes.values()}:
+            shapes[name[: -len(".weight")]] = (ROWS, p.shape[1])
+    assert len(shapes) >= 2
+    params = _real_width_graph(tmp_path / "src", shapes)
+    block = int4_block(QuantOptions(), {"dim": cfgs["transformer"]["dim"]})  # the build's rule for this model
+    scales = None
+    if get_scheme(scheme).needs_scales:
+        scales = {f"{n}.{k}": torch.tensor(1.0) for n in shapes for k in ("weight_amax", "input_amax")}
+    summary = quantize_graph(tmp_path / "src", tmp_path / "dst", scheme, block, scales, progress=False)
+    assert sorted(summary["quantized"]) == sorted(shapes)
+    assert summary["bytes_before"] == plan.weight_bytes(list(params.items()), "bf16")
+    planned = plan.weight_bytes(list(params.items()), scheme)
+    extra = summary["bytes_after"] - planned
+    assert 0 <= extra <= 16 * len(shapes), (summary["bytes_after"], planned, summary["block"])

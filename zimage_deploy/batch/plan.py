@@ -78,9 +78,13 @@ class Plan:
 
 
 def build_key(manifest: dict) -> str:
-    """What identifies the build's numerics: variant and every component's content key (graph and engine)."""
-    comps = {name: [c.get("key"), (c.get("engine") or {}).get("key")] for name, c in manifest["components"].items()}
-    return _sha({"variant": manifest["variant"], "components": comps})
+    """What identifies the build's numerics: variant, precision and, per component, what it runs: its precision,
+    export key, the graph's content hash (quantized graphs differ from the exported one, whose key they share),
+    the quantization's key and the engine's key and plan hash."""
+    comps = {name: [c.get("key"), c.get("precision"), c.get("onnx_sha256"), (c.get("quantization") or {}).get("key"),
+                    (c.get("engine") or {}).get("key"), (c.get("engine") or {}).get("plan_sha256")]
+             for name, c in manifest["components"].items()}
+    return _sha({"variant": manifest["variant"], "precision": manifest.get("precision"), "components": comps})
 
 
 def _sha(obj) -> str:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import UserError
+from .images import to_rgb, visible
 from .timing import timed
 
 
@@ -37,7 +38,7 @@ class Control:
 
 
 def _resized_rgb(image: Image.Image, height: int, width: int) -> np.ndarray:
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    rgb = to_rgb(image)
     if rgb.size != (width, height):
         rgb = rgb.resize((width, height), resample=Image.LANCZOS)
     return np.asarray(rgb).astype(np.float32) / 255.0
@@ -51,7 +52,8 @@ def control_pixels(image: Image.Image, height: int, width: int) -> torch.Tensor:
 def mask_pixels(mask: Image.Image, height: int, width: int) -> torch.Tensor:
     """-> (1, 1, height, width) of 0/1 (1 = repaint): resized in its own mode, then gray, then binarised (diffusers'
     mask processor)."""
-    m = mask if mask.size == (width, height) else mask.resize((width, height), resample=Image.LANCZOS)
+    m = visible(mask)
+    m = m if m.size == (width, height) else m.resize((width, height), resample=Image.LANCZOS)
     arr = np.asarray(m.convert("L")).astype(np.float32) / 255.0
     return torch.from_numpy(np.where(arr < 0.5, 0.0, 1.0).astype(np.float32))[None, None]
 

@@ -17,6 +17,7 @@ from PIL import Image
 from ..buildfolder import BuildFolder
 from ..errors import UserError
 from ..models.omni import batch_layouts, build_layout
+from .images import to_rgb
 from .omni import prepare_condition, prompt_segments
 from .pipeline import Pipeline
 from .scheduler import FlowMatchEuler
@@ -82,8 +83,9 @@ class EditPipeline(Pipeline):
             raise UserError("the Edit variant takes condition images (--image, repeatable); no mask or strength")
         if not images:
             raise UserError("the Edit variant needs at least one condition image (--image)")
-        # RGBA, palette, grayscale, 16-bit, CMYK inputs: as RGB (the SigLIP processor takes 3 channels of 8 bits)
-        images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        # RGBA, palette, grayscale, 16-bit, CMYK inputs: as seen, in RGB (the SigLIP processor takes 3 channels of
+        # 8 bits)
+        images = [to_rgb(im) for im in images]
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)
         steps = self.defaults["steps"] if steps is None else steps

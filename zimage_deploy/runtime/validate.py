@@ -289,24 +289,57 @@ def _open(source, what: str):
         raise BadInput(f"{what} is not an image this build reads (PNG, JPEG or WebP)") from None
 
 
+# EXIF orientation -> the transpose that shows the picture upright (as PIL's ImageOps.exif_transpose)
+UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+           7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def _orientation(im) -> int:
+    """The EXIF orientation found in the header (PNG: an eXIf chunk before the pixels), 1 when none: the same
+    for the size checked from the header and for the decoded picture."""
+    if "exif" not in im.info:
+        return 1
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the picture as stored
+        return 1
+    return value if value in UPRIGHT else 1
+
+
+def _upright_info(im) -> ImageInfo:
+    swap = _orientation(im) in (5, 6, 7, 8)
+    return ImageInfo(im.height, im.width, im.format) if swap else ImageInfo(im.width, im.height, im.format)
+
+
 def probe_image(data: bytes | str | Path, what: str = "image") -> ImageInfo:
-    """Format and size from the header of an image given as bytes or a file path, without decoding it."""
+    """Format and size (upright, by the EXIF orientation) from the header of an image given as bytes or a file
+    path, without decoding it."""
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     with _open(source, what) as im:
-        return ImageInfo(im.width, im.height, im.format)
+        return _upright_info(im)
 
 
 def decode_image(data: bytes | str | Path, limits: Limits, what: str = "image"):
     """Decode an image (bytes or a path) after checking its format and pixel count from its header; the first
-    frame of animated files. -> PIL image (its own copy of the pixels)."""
+    frame of animated files; turned upright by its EXIF orientation, in 8 bits (images.py `to_8bit`: 16-bit gray
+    scaled, palettes and CMYK converted, transparency kept as alpha). -> PIL image (its own copy of the pixels)."""
+    from PIL import Image
+
+    from .images import to_8bit
+
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     with _open(source, what) as im:
-        check_input_pixels(limits, ImageInfo(im.width, im.height, im.format), what)
+        check_input_pixels(limits, _upright_info(im), what)
+        orientation = _orientation(im)  # from the header, as probe_image reads it
         try:
             im.load()
-            return im.copy()
+            image = to_8bit(im)
+            image = image.copy() if image is im else image
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             raise BadInput(f"{what} is a damaged {im.format} file ({type(e).__name__})") from None
+    if orientation != 1:
+        image = image.transpose(getattr(Image.Transpose, UPRIGHT[orientation]))
+    return image
 
 
 def check_input_pixels(limits: Limits, info: ImageInfo, what: str) -> None:
