@@ -88,7 +88,7 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
     if t.flavour != "none" and engines and v.layout == "basic":  # weight streaming is built into the engines
         from .plan import planned_engine_options
 
-        engine_opts = planned_engine_options(t.name, precision, default_side(facts), v.name, ckpt,
+        engine_opts = planned_engine_options(t.name, precision, default_side(facts), v.name, str(ckpt),
                                              text_encoder_precision, controlnet, engine_opts, log)
     # fails when the target's TensorRT is missing
     engine_builder = EngineBuilder(t, engine_opts) if t.flavour != "none" and engines else None

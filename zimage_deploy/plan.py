@@ -558,13 +558,14 @@ def runtime_record(plan: Plan) -> dict:
             "stream_budget_bytes": dict(plan.stream_budgets), "advice": list(plan.advice)}
 
 
-def planned_engine_options(target: str, precision: str, side: int, variant: str, ckpt: Path,
+def planned_engine_options(target: str, precision: str, side: int, variant: str, model: str | None,
                            text_encoder: str | None, controlnet, opts, log):
-    """Before the engines are built: the plan from the checkpoint's configs at the build's default size. Where it
-    picks weight streaming, the engines must be built for it: the options turn it on, and the log says so."""
+    """Before the engines are built: the plan from the checkpoint's configs (`model`; None: the real Z-Image's) at
+    the build's default size. Where it picks weight streaming, the engines must be built for it: the options turn
+    it on, and the log says so."""
     from dataclasses import replace
 
-    p = make_plan(target, precision, side, side, variant, model=str(ckpt), controlnet=controlnet,
+    p = make_plan(target, precision, side, side, variant, model=model, controlnet=controlnet,
                   text_encoder=text_encoder, advise=False)
     log(f"[plan] {target}: {p.mode} at {side}x{side} ({p.modes.get(p.mode, 0) / GIB:.2f} GiB planned of "
         f"{p.memory / GIB:.0f})")
