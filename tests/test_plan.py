@@ -102,6 +102,7 @@ def test_runtime_mode_follows_the_build_plan():
     assert planned_low_vram({"runtime": {"mode": "low-vram"}}, None) is True
     assert planned_low_vram({"runtime": {"mode": "all-resident"}}, None) is False
     assert planned_low_vram({}, None) is False
+    assert planned_low_vram({"runtime": {"mode": "weight-streaming"}}, None) is True
     assert planned_low_vram({"runtime": {"mode": "low-vram"}}, False) is False  # asked for explicitly
     assert planned_low_vram({"runtime": {"mode": "all-resident"}}, True) is True
 
