@@ -76,8 +76,7 @@ def test_default_precision_keeps_everything_resident(name):
     """The default (with its text encoder) keeps every engine resident at 1024², 8 steps — on 16 and 12 GB Ada /
     Blackwell cards FP8 with an INT4 text encoder, on Ampere below 24 GB INT4 — while BF16 does not fit there."""
     t = get_target(name)
-    p = make_plan(name, t.default_precision, text_encoder=t.text_encoder_for(t.default_precision, None),
-                  advise=False)
+    p = make_plan(name, t.default_precision, text_encoder=t.text_encoder_for(None, None), advise=False)
     assert p.mode == "all-resident"
     if t.memory_gib < 24:
         assert t.default_precision != "bf16" and make_plan(name, "bf16", advise=False).mode != "all-resident"
@@ -107,3 +106,11 @@ def test_each_sm_builds_on_the_cpu(name, tiny_bf16, tmp_path):
     assert record["compute_capability"] == list(t.compute_capability) and record["bytes"] == plan.stat().st_size
     major, minor = t.compute_capability
     assert set(re.findall(rb"sm(?:86|89|120)", plan.read_bytes())) == {f"sm{major}{minor}".encode()}
+
+
+def test_default_text_encoder_only_with_the_default_precision():
+    t = get_target("rtx4080")
+    assert t.text_encoder_for(None, None) == "int4"  # nothing asked: the target's default pair
+    assert t.text_encoder_for("fp8", None) is None  # --precision fp8 asked: its own text encoder (BF16)
+    assert t.text_encoder_for(None, "bf16") == "bf16"
+    assert get_target("rtx4090").text_encoder_for(None, None) is None

@@ -65,9 +65,11 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
     from .quantize.stage import check_supported, needs_data
 
     t = get_target(target)
+    text_encoder_precision = t.text_encoder_for(precision, text_encoder_precision)
+    if precision is None and text_encoder_precision is not None:
+        log(f"[target] {t.name}: {t.default_precision} with a {text_encoder_precision} text encoder (its default)")
     precision = precision or t.default_precision
     t.check_precision(precision)
-    text_encoder_precision = t.text_encoder_for(precision, text_encoder_precision)
     if variant is not None:
         get_variant(variant)  # an unknown name fails before the checkpoint is touched
     if text_encoder_precision not in (None, *TEXT_ENCODER_PRECISIONS):
@@ -268,7 +270,6 @@ def main(argv=None) -> int:
                          "backend can run the build (default: keep everything)")
     eng.add_argument("--weight-streaming", action="store_true", help="allow weight streaming (small-memory cards; default: off)")
     args = ap.parse_args(argv)
-    precision = args.precision or TARGETS[args.target].default_precision
     opts = EngineOptions(opt_level=args.opt_level, max_batch=args.max_batch, min_side=args.min_side,
                          max_side=args.max_side, opt_side=args.opt_side, static=args.static,
                          static_batch=args.static_batch, refittable=args.refittable,
@@ -279,7 +280,7 @@ def main(argv=None) -> int:
                          exclude=tuple(e.strip() for e in args.quant_exclude.split(",") if e.strip()),
                          gate=not args.no_quality_gate, gate_prompts=args.gate_prompts, min_psnr=args.min_psnr,
                          min_cosine=args.min_cosine)
-    build(args.model, args.variant, args.target, precision, args.out, parity=not args.skip_parity, engine_opts=opts,
+    build(args.model, args.variant, args.target, args.precision, args.out, parity=not args.skip_parity, engine_opts=opts,
           lean=args.lean, quant=quant, text_encoder_precision=args.text_encoder_precision,
           engines=not args.skip_engines, loras=args.lora, drop_intermediate=args.drop_intermediate,
           controlnet=args.controlnet)

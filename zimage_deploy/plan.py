@@ -588,7 +588,7 @@ def target_rows(height: int = 1024, width: int = 1024, steps: int | None = None,
             if precision == "fp32":
                 continue
             p = make_plan(t.name, precision, height, width, variant, steps,
-                          text_encoder=t.text_encoder_for(precision, None))
+                          text_encoder=t.default_text_encoder if precision == t.default_precision else None)
             need = p.modes.get(p.mode)
             text_encoder = next(x.precision for x in p.parts if x.name == "text_encoder")
             rows.append(dict(target=t.name, memory_gib=t.memory_gib, sm=t.sm, precision=precision,
@@ -725,7 +725,7 @@ def main(argv=None) -> int:
         precision = args.precision or TARGETS[target].default_precision
         plan = make_plan(target, precision, *size, args.variant, args.steps,
                          dirs[0] if dirs else None, args.model, controlnet=args.controlnet,
-                         text_encoder=TARGETS[target].text_encoder_for(precision, args.text_encoder_precision),
+                         text_encoder=TARGETS[target].text_encoder_for(args.precision, args.text_encoder_precision),
                          on_target=args.target)
         text, record = format_plan(plan), plan.as_dict()
     print(text)

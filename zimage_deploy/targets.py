@@ -106,9 +106,10 @@ class Target:
         major, minor = self.compute_capability
         return f"SM{major}{minor}"
 
-    def text_encoder_for(self, precision: str, asked: str | None) -> str | None:
-        """The text encoder's precision: as asked, else this target's default where `precision` is its default."""
-        return asked if asked is not None or precision != self.default_precision else self.default_text_encoder
+    def text_encoder_for(self, precision: str | None, asked: str | None) -> str | None:
+        """The text encoder's precision: as asked, else (no precision asked either: the target's default one) the
+        target's default text encoder; None: the precision's own."""
+        return asked if asked is not None or precision is not None else self.default_text_encoder
 
     def check_precision(self, precision: str) -> None:
         if precision not in PRECISIONS:
