@@ -7,15 +7,25 @@ shapes (an estimate from the configs: the tensors alive at the widest point of o
 fused attention); then whether text encoder, DiT and VAE sit together on the target's memory:
 
 - `all-resident`: every engine in GPU memory at once (fastest: nothing moves between requests);
-- `low-vram`: one component's engine in GPU memory at a time, loaded stage by stage (the runtime's
-  `--low-vram`; costs a host-to-device copy of each engine per request);
-- `weight-streaming`: even the DiT alone does not fit: its weights stream from host memory (engines built with
-  `--weight-streaming`); slow, the last resort;
-- `does-not-fit`: not even the DiT's activations fit.
+- `low-vram`: one stage's engines in GPU memory at a time, loaded stage by stage (the runtime's `--low-vram`; costs
+  a host-to-device copy of each engine per request);
+- `text-encoder-cpu`: low-VRAM with the text encoder run in host memory (where only its stage is too wide);
+- `weight-streaming`: even the DiT alone does not fit: the large engines (text encoder, DiT, ControlNet) keep a
+  budget of their weights resident and stream the rest from host memory every call (engines built with
+  `--weight-streaming`; `build` turns it on where the plan needs it); slow, the last resort;
+- `does-not-fit`: not even the streamed stages fit.
+
+The first that fits 95% of the card's memory is the plan's. Where it is not `all-resident`, the plan says which
+other precision, text-encoder precision or smaller size would do better (`advice`). Each target's memory, compute
+capability and datasheet peaks are in targets.py.
 
 The floor latency is the larger of compute (FLOPs / the target's datasheet dense tensor peak for the precision)
 and memory traffic (weights read once per call / datasheet bandwidth), per stage: text encoder once, DiT per step
-(CFG doubles the batch), VAE decoder once. Real pipelines reach a fraction of it; it says what cannot be beaten.
+(CFG doubles the batch), VAE decoder once; plus the mode's host-to-device copies over the card's PCIe link. Real
+pipelines reach a fraction of it; it says what cannot be beaten.
+
+Several builds on one card (`plan --build-dir A --build-dir B`, `plan_set`): resident together, one swapped in at a
+time, or not at all; recorded (`--json`) for a server to follow.
 
 A ControlNet build (or `--controlnet PATH` before building) adds the `controlnet` graph: its own branch plus the DiT
 embedders and noise refiner it shares, run every step beside the transformer — so the two count as one stage in
