@@ -87,11 +87,17 @@ def test_sequential_offload_streams_leaf_by_leaf(tiny_bf16, reference):
     assert 0 < policy.peak <= bound < largest
 
 
-def test_offload_modes_and_the_plan():
+def test_offload_modes_and_the_plan(tiny_bf16):
+    from zimage_deploy import manifest as manifest_io
+    from zimage_deploy.runtime.backends import make_backend
+
+    manifest = manifest_io.load(tiny_bf16)
+    assert make_backend("torch", tiny_bf16, manifest, low_vram=True).offload.mode == "model"  # --low-vram
+    assert make_backend("torch", tiny_bf16, {**manifest, "runtime": {"mode": "low-vram"}}).offload.mode == "none"
     assert offload_policy(None, {"runtime": {"mode": "low-vram"}}, torch.device("cuda"), False).mode == "model"
     assert offload_policy(None, {"runtime": {"mode": "weight-streaming"}}, torch.device("cuda"), False).mode == \
         "sequential"
-    assert offload_policy(None, {"runtime": {"mode": "low-vram"}}, torch.device("cpu"), False).mode == "none"
+    assert offload_policy(None, {"runtime": {"mode": "low-vram"}}, torch.device("cpu"), False).mode == "none"  # CPU
     assert offload_policy(None, {"runtime": {"mode": "low-vram"}}, torch.device("cuda"), True).mode == "none"
     with pytest.raises(UserError, match="does not combine with --compile"):
         offload_policy("model", {}, torch.device("cuda"), True)

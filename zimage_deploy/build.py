@@ -280,8 +280,8 @@ def main(argv=None) -> int:
                          exclude=tuple(e.strip() for e in args.quant_exclude.split(",") if e.strip()),
                          gate=not args.no_quality_gate, gate_prompts=args.gate_prompts, min_psnr=args.min_psnr,
                          min_cosine=args.min_cosine)
-    build(args.model, args.variant, args.target, args.precision, args.out, parity=not args.skip_parity, engine_opts=opts,
-          lean=args.lean, quant=quant, text_encoder_precision=args.text_encoder_precision,
+    build(args.model, args.variant, args.target, args.precision, args.out, parity=not args.skip_parity,
+          engine_opts=opts, lean=args.lean, quant=quant, text_encoder_precision=args.text_encoder_precision,
           engines=not args.skip_engines, loras=args.lora, drop_intermediate=args.drop_intermediate,
           controlnet=args.controlnet)
     return 0

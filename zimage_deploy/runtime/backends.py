@@ -66,12 +66,13 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, engine_dir, manifest, device: str | None = None, compile: bool = False, fp8: bool = False,
-                 modules: dict[str, torch.nn.Module] | None = None, offload=None):
+                 modules: dict[str, torch.nn.Module] | None = None, offload="none"):
         """`device`: default cuda when available. On a GPU, `compile` compiles each DiT block (CUDA graphs);
         `fp8` runs the DiT's projections in FP8 through `torch._scaled_mm` (models/fast.py), with the FP8 graphs'
         calibrated scales when the build is an fp8 build. `modules` (loader name ->
         module already in memory, e.g. {"transformer": dit, ...}) replaces loading from the checkpoint. `offload`:
-        "none" | "model" | "sequential" (runtime/offload.py), an OffloadPolicy, or None: the build's plan's."""
+        "none" | "model" | "sequential" (runtime/offload.py), an OffloadPolicy, or None: the build's plan's (what
+        make_backend asks for)."""
         super().__init__(engine_dir, manifest)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if compile and not str(device).startswith("cuda"):
@@ -172,11 +173,15 @@ def resolve_backend(name: str, manifest: dict) -> str:
 
 
 def make_backend(name: str, engine_dir: Path, manifest: dict, low_vram: bool | None = None) -> Backend:
-    """The backend `name` (see `resolve_backend` for `auto`). `low_vram` (TensorRT): keep one engine resident
-    at a time; None: the mode the build's VRAM plan picked for its target (manifest `runtime.mode`)."""
+    """The backend `name` (see `resolve_backend` for `auto`). `low_vram`: keep one stage resident at a time
+    (TensorRT: its engines; Torch: its modules, runtime/offload.py); None: the mode the build's VRAM plan picked
+    for its target (manifest `runtime.mode`)."""
     name = resolve_backend(name, manifest)
     if name == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend(engine_dir, manifest, low_vram=planned_low_vram(manifest, low_vram))
-    return OnnxRuntimeBackend(engine_dir, manifest) if name == "onnxruntime" else TorchBackend(engine_dir, manifest)
+    if name == "onnxruntime":
+        return OnnxRuntimeBackend(engine_dir, manifest)
+    # --low-vram: module offload; else (on CUDA) the memory mode of the build's plan
+    return TorchBackend(engine_dir, manifest, offload=None if low_vram is None else "model" if low_vram else "none")
