@@ -10,6 +10,7 @@ from zimage_deploy import build, plan
 from zimage_deploy.checkpoint import read_config
 from zimage_deploy.cli import run_cli
 from zimage_deploy.plan import GIB, config_weights, make_plan
+from zimage_deploy.targets import get_target
 
 COMPONENTS = ("text_encoder", "context_refiner", "transformer", "vae_decoder", "vae_encoder")
 
@@ -101,6 +102,7 @@ def test_runtime_mode_follows_the_build_plan():
     assert planned_low_vram({"runtime": {"mode": "low-vram"}}, None) is True
     assert planned_low_vram({"runtime": {"mode": "all-resident"}}, None) is False
     assert planned_low_vram({}, None) is False
+    assert planned_low_vram({"runtime": {"mode": "weight-streaming"}}, None) is True
     assert planned_low_vram({"runtime": {"mode": "low-vram"}}, False) is False  # asked for explicitly
     assert planned_low_vram({"runtime": {"mode": "all-resident"}}, True) is True
 
@@ -297,3 +299,137 @@ def test_planner_bytes_equal_the_quantized_graph_at_real_width(tmp_path, compone
     planned = plan.weight_bytes(list(params.items()), scheme)
     extra = summary["bytes_after"] - planned
     assert 0 <= extra <= 16 * len(shapes), (summary["bytes_after"], planned, summary["block"])
+
+
+# -- the cards people own (issue #33) --------------------------------------------------------------------------
+
+def test_modes_follow_from_the_configs_and_the_cards_memory():
+    """What each mode needs depends on the build, not the card; the card's memory alone picks the first mode (in
+    MODES' order) that fits 95% of it — at 1024², 8 steps, for every GPU target."""
+    from zimage_deploy.targets import TARGETS
+
+    needs = None
+    for name, t in TARGETS.items():
+        if t.compute_capability is None:
+            continue
+        p = make_plan(name, "int4", advise=False)
+        needs = needs or p.modes
+        assert p.modes == needs and p.memory == t.memory_gib * GIB
+        fitting = [m for m in plan.MODES if p.modes[m] <= p.memory * plan.USABLE]
+        assert p.mode == (fitting[0] if fitting else "does-not-fit")
+
+
+def test_sixteen_and_twelve_gb_cards():
+    """The issue's goals, planned: Turbo 1024² on a 16 GB card in FP8 with no CPU offload of the DiT (low-VRAM;
+    with an INT4 text encoder everything resident), on a 12 GB card likewise, INT4 on a 12 GB Ampere card. BF16
+    on 12 GB needs weight streaming, with the DiT's resident budget what its stage leaves free, and the plan says
+    what does better."""
+    assert make_plan("rtx4080", "fp8").mode == "low-vram"
+    assert make_plan("rtx4080", "fp8", text_encoder="int4").mode == "all-resident"
+    assert make_plan("rtx5070", "fp8", text_encoder="int4").mode == "all-resident"
+    assert make_plan("rtx3060", "int4").mode == "all-resident"
+    bf16 = make_plan("rtx3060", "bf16")
+    per = {p.name: p for p in bf16.parts}
+    assert bf16.mode == "weight-streaming"
+    usable = int(bf16.memory * plan.USABLE)
+    assert bf16.stream_budgets["transformer"] == usable - plan.CUDA_OVERHEAD - per["transformer"].act_opt
+    assert bf16.stream_budgets["text_encoder"] == per["text_encoder"].weights  # fits whole in its own stage
+    assert "--precision int4: all-resident" in " ".join(bf16.advice)
+    streamed = (per["transformer"].weights - bf16.stream_budgets["transformer"]) * bf16.steps
+    assert bf16.floor_seconds["transfers"] > streamed / (get_target("rtx3060").peaks.pcie * 1e9)
+    fp8 = make_plan("rtx4080", "fp8")
+    assert any(a.startswith("--text-encoder-precision int4: all-resident") for a in fp8.advice)
+    assert make_plan("rtx4080", "bf16", 2048, 2048).advice  # smaller sizes or precisions that do better
+
+
+def test_text_encoder_cpu_mode_where_the_text_encoder_is_the_widest_stage():
+    """Where only the text encoder's stage is too wide, the plan runs it on the CPU and keeps the rest on the
+    GPU (one stage at a time), before falling back to weight streaming; its time is left out of the floor."""
+    p = plan.Plan("rtx3080", "fp8", "turbo", 1024, 1024, 8, 1, 10 * GIB)
+    p.parts = [plan.Part("text_encoder", "bf16", 9 * GIB, "config", GIB // 2, GIB, 1e12, 1),
+               plan.Part("transformer", "fp8", 6 * GIB, "config", GIB // 2, GIB, 1e13, 8),
+               plan.Part("vae_decoder", "bf16", GIB // 10, "config", GIB, 2 * GIB, 1e12, 1)]
+    plan._choose_mode(p)
+    assert p.mode == "text-encoder-cpu"
+    assert p.modes["text-encoder-cpu"] == 6 * GIB + GIB // 2 + plan.CUDA_OVERHEAD < p.modes["low-vram"]
+    plan._floors(p, get_target("rtx3080"))
+    assert p.floor_seconds["text_encoder"] == 0 and p.floor_seconds["transfers"] > 0
+
+
+def test_build_turns_on_weight_streaming_where_the_plan_needs_it():
+    from zimage_deploy.engines.profiles import EngineOptions
+
+    log = []
+    opts = plan.planned_engine_options("rtx3060", "bf16", 1024, "turbo", None, None, None, EngineOptions(),
+                                       log.append)
+    assert opts.weight_streaming and "weight streaming" in log[-1]
+    log.clear()
+    assert plan.planned_engine_options("rtx3060", "int4", 1024, "turbo", None, None, None, EngineOptions(),
+                                       log.append) == EngineOptions()
+    assert "all-resident" in log[-1]
+
+
+def test_all_targets_table(capsys, tmp_path):
+    out = tmp_path / "rows.json"
+    assert plan.main(["--all-targets", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| rtx3060 | 12 | SM86 | int4* | int4 | all-resident |" in text
+    assert "| rtx4080 | 16 | SM89 | fp8* | int4 | all-resident |" in text
+    rows = {(r["target"], r["precision"]): r for r in __import__("json").loads(out.read_text())["rows"]}
+    assert ("rtx3090", "fp8") not in rows and rows[("rtx3060", "bf16")]["mode"] == "weight-streaming"
+
+
+# -- several builds on one card (issue #31's planner part) ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpu_graphs(tmp_path_factory, tiny_ckpt):
+    """A tiny rtx4090 build without engines (the plan reads its graphs' weight bytes)."""
+    out = tmp_path_factory.mktemp("set") / "turbo"
+    assert build.main(["--model", str(tiny_ckpt), "--target", "rtx4090", "--precision", "bf16", "--out", str(out),
+                       "--skip-parity", "--skip-engines"]) == 0
+    return out
+
+
+def _copy(src, dst, target=None, transformer_gib=None):
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    if target:
+        manifest["target"] = target
+    if transformer_gib:
+        manifest["components"]["transformer"]["weight_bytes"] = int(transformer_gib * GIB)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_set_of_builds_on_one_card(gpu_graphs, tmp_path, capsys):
+    """Two small builds stay resident together; two whose DiTs (12 GiB each) fit a 24 GB card alone but not
+    together are swapped in one at a time, each in its own mode; the set plan is written for a server to follow."""
+    import json
+
+    other = _copy(gpu_graphs, tmp_path / "base")
+    s = plan.plan_set([gpu_graphs, other])
+    assert s.mode == "resident-together" and s.together < 2 * make_plan(
+        "rtx4090", "bf16", 256, 256, engine_dir=gpu_graphs).modes["all-resident"]  # one CUDA context, not two
+    big = [_copy(gpu_graphs, tmp_path / n, transformer_gib=12) for n in ("big1", "big2")]
+    out = tmp_path / "set.json"
+    assert plan.main(["--engine-dir", str(big[0]), "--engine-dir", str(big[1]), "--json", str(out)]) == 0
+    assert "set mode: one-at-a-time" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["mode"] == "one-at-a-time" and [b["mode"] for b in record["builds"]] == ["all-resident"] * 2
+    assert record["together"] > 24 * GIB * plan.USABLE >= record["one_at_a_time"]
+    assert all(b["swap_seconds"] > 0.3 for b in record["builds"])  # 12 GiB over PCIe 4.0 x16
+
+
+def test_set_of_builds_for_other_cards(gpu_graphs, tmp_path, capsys):
+    blackwell = _copy(gpu_graphs, tmp_path / "b", target="rtx5090")
+    ada = _copy(gpu_graphs, tmp_path / "a", target="rtx4080")
+    for argv, message in ((["--engine-dir", str(gpu_graphs), "--engine-dir", str(blackwell)], "pass --target"),
+                          (["--engine-dir", str(gpu_graphs), "--engine-dir", str(blackwell), "--target", "rtx4090"],
+                           "do not run on rtx4090")):
+        assert run_cli(lambda: plan.main(argv)) == 2
+        assert message in capsys.readouterr().err
+    s = plan.plan_set([gpu_graphs, ada], target="rtx4080")  # same SM89 engines, on the 16 GB card
+    assert s.target == "rtx4080" and s.memory == 16 * GIB and s.mode == "resident-together"

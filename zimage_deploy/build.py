@@ -65,6 +65,9 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
     from .quantize.stage import check_supported, needs_data
 
     t = get_target(target)
+    text_encoder_precision = t.text_encoder_for(precision, text_encoder_precision)
+    if precision is None and text_encoder_precision is not None:
+        log(f"[target] {t.name}: {t.default_precision} with a {text_encoder_precision} text encoder (its default)")
     precision = precision or t.default_precision
     t.check_precision(precision)
     if variant is not None:
@@ -82,10 +85,15 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
     quant = quant or QuantOptions()
     prompts = load_prompts(quant.calib_prompts, quant.calib_size) if any(needs_data(p, quant) for p in plan.values()) \
         else []
+    facts = control.facts(model_facts(ckpt))
     engine_opts = engine_opts or EngineOptions()
+    if t.flavour != "none" and engines and v.layout == "basic":  # weight streaming is built into the engines
+        from .plan import planned_engine_options
+
+        engine_opts = planned_engine_options(t.name, precision, default_side(facts), v.name, str(ckpt),
+                                             text_encoder_precision, controlnet, engine_opts, log)
     # fails when the target's TensorRT is missing
     engine_builder = EngineBuilder(t, engine_opts) if t.flavour != "none" and engines else None
-    facts = control.facts(model_facts(ckpt))
     engine_shapes = profiles(v, facts, engine_opts) if engine_builder else None
     out = Path(out) if out else default_out(model, variant, target, precision)
     with folder_lock(out):
@@ -152,17 +160,18 @@ def _start(job: BuildJob) -> dict:
 
 def _runtime_mode(job: BuildJob, manifest: dict) -> None:
     """The VRAM plan picks the runtime mode for the target at the default size (plan.py models the basic layout)."""
-    from .plan import make_plan
+    from .plan import make_plan, runtime_record
 
     vram = make_plan(job.t.name, job.precision, manifest["defaults"]["height"], manifest["defaults"]["width"],
                      job.v.name, engine_dir=job.out)
-    manifest["runtime"] = {"mode": vram.mode, "planned_at": [vram.height, vram.width],
-                           "needs_gib": {m: round(b / (1 << 30), 2) for m, b in vram.modes.items()},
-                           "memory_gib": round(vram.memory / (1 << 30), 1)}
+    manifest["runtime"] = runtime_record(vram)
     manifest_io.save(job.out, manifest)
-    job.log(f"[plan] runtime mode {vram.mode} on {job.t.name} at {vram.height}x{vram.width}: all resident needs "
-            f"{manifest['runtime']['needs_gib']['all-resident']} GiB of {manifest['runtime']['memory_gib']} "
-            f"(python -m zimage_deploy.plan --engine-dir {job.out} for the table)")
+    job.log(f"[plan] runtime mode {vram.mode} on {job.t.name} at {vram.height}x{vram.width}: it needs "
+            f"{manifest['runtime']['needs_gib'].get(vram.mode, '-')} GiB of {manifest['runtime']['memory_gib']} "
+            f"(all resident: {manifest['runtime']['needs_gib']['all-resident']}; python -m zimage_deploy.plan "
+            f"--engine-dir {job.out} for the table)")
+    for line in vram.advice:
+        job.log(f"[plan] does better: {line}")
 
 
 def _previous_manifest(out: Path) -> dict:
@@ -261,7 +270,6 @@ def main(argv=None) -> int:
                          "backend can run the build (default: keep everything)")
     eng.add_argument("--weight-streaming", action="store_true", help="allow weight streaming (small-memory cards; default: off)")
     args = ap.parse_args(argv)
-    precision = args.precision or TARGETS[args.target].default_precision
     opts = EngineOptions(opt_level=args.opt_level, max_batch=args.max_batch, min_side=args.min_side,
                          max_side=args.max_side, opt_side=args.opt_side, static=args.static,
                          static_batch=args.static_batch, refittable=args.refittable,
@@ -272,8 +280,8 @@ def main(argv=None) -> int:
                          exclude=tuple(e.strip() for e in args.quant_exclude.split(",") if e.strip()),
                          gate=not args.no_quality_gate, gate_prompts=args.gate_prompts, min_psnr=args.min_psnr,
                          min_cosine=args.min_cosine)
-    build(args.model, args.variant, args.target, precision, args.out, parity=not args.skip_parity, engine_opts=opts,
-          lean=args.lean, quant=quant, text_encoder_precision=args.text_encoder_precision,
+    build(args.model, args.variant, args.target, args.precision, args.out, parity=not args.skip_parity,
+          engine_opts=opts, lean=args.lean, quant=quant, text_encoder_precision=args.text_encoder_precision,
           engines=not args.skip_engines, loras=args.lora, drop_intermediate=args.drop_intermediate,
           controlnet=args.controlnet)
     return 0

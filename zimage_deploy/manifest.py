@@ -68,7 +68,8 @@ def complete_components(manifest: dict) -> list[str]:
 
 
 def planned_low_vram(manifest: dict, low_vram: bool | None) -> bool:
-    """`low_vram` as asked, or (None) the mode the build's VRAM plan picked for its target (`runtime.mode`)."""
+    """`low_vram` as asked, or (None) the mode the build's VRAM plan picked for its target (`runtime.mode`): one
+    stage resident at a time in every mode but all-resident (text-encoder-cpu and weight-streaming plans too)."""
     if low_vram is None:
-        return (manifest.get("runtime") or {}).get("mode") == "low-vram"
+        return (manifest.get("runtime") or {}).get("mode", "all-resident") != "all-resident"
     return bool(low_vram)

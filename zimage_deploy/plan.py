@@ -7,15 +7,25 @@ shapes (an estimate from the configs: the tensors alive at the widest point of o
 fused attention); then whether text encoder, DiT and VAE sit together on the target's memory:
 
 - `all-resident`: every engine in GPU memory at once (fastest: nothing moves between requests);
-- `low-vram`: one component's engine in GPU memory at a time, loaded stage by stage (the runtime's
-  `--low-vram`; costs a host-to-device copy of each engine per request);
-- `weight-streaming`: even the DiT alone does not fit: its weights stream from host memory (engines built with
-  `--weight-streaming`); slow, the last resort;
-- `does-not-fit`: not even the DiT's activations fit.
+- `low-vram`: one stage's engines in GPU memory at a time, loaded stage by stage (the runtime's `--low-vram`; costs
+  a host-to-device copy of each engine per request);
+- `text-encoder-cpu`: low-VRAM with the text encoder run in host memory (where only its stage is too wide);
+- `weight-streaming`: even the DiT alone does not fit: the large engines (text encoder, DiT, ControlNet) keep a
+  budget of their weights resident and stream the rest from host memory every call (engines built with
+  `--weight-streaming`; `build` turns it on where the plan needs it); slow, the last resort;
+- `does-not-fit`: not even the streamed stages fit.
+
+The first that fits 95% of the card's memory is the plan's. Where it is not `all-resident`, the plan says which
+other precision, text-encoder precision or smaller size would do better (`advice`). Each target's memory, compute
+capability and datasheet peaks are in targets.py.
 
 The floor latency is the larger of compute (FLOPs / the target's datasheet dense tensor peak for the precision)
 and memory traffic (weights read once per call / datasheet bandwidth), per stage: text encoder once, DiT per step
-(CFG doubles the batch), VAE decoder once. Real pipelines reach a fraction of it; it says what cannot be beaten.
+(CFG doubles the batch), VAE decoder once; plus the mode's host-to-device copies over the card's PCIe link. Real
+pipelines reach a fraction of it; it says what cannot be beaten.
+
+Several builds on one card (`plan --build-dir A --build-dir B`, `plan_set`): resident together, one swapped in at a
+time, or not at all; recorded (`--json`) for a server to follow.
 
 A ControlNet build (or `--controlnet PATH` before building) adds the `controlnet` graph: its own branch plus the DiT
 embedders and noise refiner it shares, run every step beside the transformer — so the two count as one stage in
@@ -32,29 +42,22 @@ from pathlib import Path
 
 import torch
 
-from .cli import add_build_dir, run_cli
+from .cli import run_cli
 from .errors import UserError
 from .facts import SMALL_SIDES, small_model
 from .schemes import SCHEMES
-from .targets import PRECISIONS, QUANTIZED, TARGETS, get_target, precision_plan
+from .targets import PRECISIONS, QUANTIZED, TARGETS, TEXT_ENCODER_PRECISIONS, get_target, precision_plan
 from .variants import VARIANTS, get_variant
 
 GIB = 1 << 30
 CUDA_OVERHEAD = int(0.75 * GIB)  # CUDA context, TensorRT runtime, cuBLAS/cuDNN handles, allocator slack
 USABLE = 0.95  # of the card's memory (fragmentation, display on desktop cards)
 
-# Datasheet dense tensor-core peaks (TFLOP/s, no sparsity) and memory bandwidth (GB/s). BF16 with FP32
-# accumulation; FP8 and FP4 as marketed (GeForce cards: FP16-accumulate rates). int4 here is W4A16 (weights
-# dequantized to BF16): BF16 math. Approximate vendor figures: a floor, not a prediction.
-PEAKS = {
-    "rtx4090": dict(bf16=165.2, fp8=660.6, bandwidth=1008),
-    "l40s": dict(bf16=362.1, fp8=733.0, bandwidth=864),
-    "h800": dict(bf16=989.4, fp8=1978.9, bandwidth=3350),
-    "h100": dict(bf16=989.4, fp8=1978.9, bandwidth=3350),
-    "h200": dict(bf16=989.4, fp8=1978.9, bandwidth=4800),
-    "rtx5090": dict(bf16=209.5, fp8=838.4, nvfp4=1676.0, bandwidth=1792),
-    "b200": dict(bf16=2250.0, fp8=4500.0, nvfp4=9000.0, bandwidth=8000),
-}
+PCIE_FRACTION = 0.8  # of the link's one-way peak that host-to-device copies reach
+MIN_STREAM_BUDGET = 2 * GIB  # resident weights weight streaming keeps at least (below it, it crawls)
+STREAMABLE = ("text_encoder", "transformer", "controlnet")  # the large engines built with --weight-streaming
+# runtime modes, best first (see the module doc)
+MODES = ("all-resident", "low-vram", "text-encoder-cpu", "weight-streaming")
 BYTES = {"fp32": 4.0, "bf16": 2.0, **{n: s.weight_bytes for n, s in SCHEMES.items()}}  # + block scales
 DIT_QUANT_EXCLUDE = ("t_embedder", "adaLN_modulation", "x_embedder", "cap_linear", "siglip_linear", "final_layer")
 
@@ -85,6 +88,8 @@ class Plan:
     modes: dict = field(default_factory=dict)  # mode -> bytes needed
     mode: str = ""
     floor_seconds: dict = field(default_factory=dict)
+    stream_budgets: dict = field(default_factory=dict)  # weight-streaming: component -> resident weight bytes
+    advice: list = field(default_factory=list)  # choices that reach a better mode
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -304,30 +309,65 @@ def vae_decoder_flops(vae, latent_h: int, latent_w: int, batch: int) -> float:
 
 # -- the plan ----------------------------------------------------------------------------------------------------
 
+_CACHE: dict = {}  # (what, config key, ...) -> meta modules / VAE FLOPs: the all-targets table plans ~70 times
+
+
+def _cached(key, make):
+    if key not in _CACHE:
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
 def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024, variant: str = "turbo",
               steps: int | None = None, engine_dir: Path | None = None, model: str | None = None,
               caption_tokens: int = 128, max_caption_tokens: int = 512, max_side: int | None = None,
-              controlnet=None) -> Plan:
+              controlnet=None, text_encoder: str | None = None, on_target: str | None = None,
+              advise: bool = True) -> Plan:
+    """`text_encoder`: the text encoder's precision where it differs from the precision's (as build
+    --text-encoder-precision); `on_target` (with `engine_dir`): plan the build on another card of the same compute
+    capability; `advise`: where not everything stays resident, say which other precision, text-encoder precision
+    or smaller size would do better (`Plan.advice`)."""
     manifest = None
     if engine_dir is not None:
         from . import manifest as manifest_io
 
         manifest = manifest_io.load(engine_dir)
         target, precision, variant = manifest["target"], manifest["precision"], manifest["variant"]
+        if on_target is not None and on_target != target:
+            built, other = get_target(target), get_target(on_target)
+            if built.compute_capability != other.compute_capability:
+                raise UserError(f"{engine_dir} was built for {target} ({built.sm}); its engines do not run on "
+                                f"{on_target} ({other.sm})")
+            target = on_target
     t = get_target(target)
     if t.compute_capability is None:
         raise UserError("the cpu target runs in host memory: plan a GPU target")
     t.check_precision(precision)
+    if text_encoder is not None and text_encoder != "bf16":
+        t.check_precision(text_encoder)
     v = get_variant(variant)
     if v.layout != "basic":
         raise UserError("the planner covers Turbo and Base; Edit adds the SigLIP tower and condition images")
     for side, name in ((height, "height"), (width, "width")):
         if side <= 0 or side % 16:
             raise UserError(f"--{name} {side} must be a positive multiple of 16")
-    steps = steps or v.default_steps
-    batch = 2 if v.uses_cfg else 1
     cfgs = _configs(model, manifest)
-    dit, text, vae = _meta_modules(cfgs)
+    plan_of = precision_plan(precision, t.base, text_encoder)
+    if manifest is not None:
+        plan_of.update(manifest.get("plan", {}))
+    args = dict(steps=steps or v.default_steps, caption_tokens=caption_tokens, max_caption_tokens=max_caption_tokens,
+                max_side=max_side)
+    plan = _make(t, v, precision, plan_of, height, width, cfgs, manifest, controlnet, model, **args)
+    if advise and plan.mode != MODES[0]:
+        plan.advice = _advice(plan, t, v, precision, plan_of, cfgs, manifest, controlnet, model, **args)
+    return plan
+
+
+def _make(t, v, precision, plan_of, height, width, cfgs, manifest, controlnet, model, steps, caption_tokens,
+          max_caption_tokens, max_side) -> Plan:
+    batch = 2 if v.uses_cfg else 1
+    key = json.dumps(cfgs, sort_keys=True, default=str)
+    dit, text, vae = _cached(("modules", key), lambda: _meta_modules(cfgs))
     cn = _controlnet_config(controlnet, model, manifest, dit.cfg)
     branch = None
     if cn is not None:
@@ -335,7 +375,6 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
 
         with torch.device("meta"):
             branch = ControlBranch(cn, dit.cfg)
-    plan_of = precision_plan(precision, t.base)
     scale = 2 ** (len(cfgs["vae"]["block_out_channels"]) - 1)
     patch = dit.cfg.patch_size
     side_max = max_side or max(height, width, SMALL_SIDES[1] if small_model(dit.cfg.dim) else v.max_side)
@@ -363,23 +402,26 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
         hints = [int(cn.n_hints * b * (_pad32(img) + _pad32(cap)) * dit.cfg.dim * elem) for img, cap, b in shapes]
         acts["controlnet"] = tuple(dit_activations(dit.cfg, *shape, elem) + h for shape, h in zip(shapes, hints))
         acts["transformer"] = tuple(a + h for a, h in zip(acts["transformer"], hints))
+    vae_flops = _cached(("vae", key, height, width),
+                        lambda: vae_decoder_flops(vae, height // scale, width // scale, 1))
     flops = {
         "text_encoder": (text_flops(tcfg, caption_tokens, batch), 1),
         "context_refiner": (context_flops(dit.cfg, caption_tokens, batch), 1),
         "transformer": (dit_step_flops(dit.cfg, img_opt, caption_tokens, batch), steps),
-        "vae_decoder": (vae_decoder_flops(vae, height // scale, width // scale, 1), 1),
+        "vae_decoder": (vae_flops, 1),
         "vae_encoder": (0.0, 0),  # img2img / inpainting only
     }
     if cn is not None:
         flops["controlnet"] = (controlnet_step_flops(dit.cfg, cn, img_opt, caption_tokens, batch), steps)
-    plan = Plan(target, precision, v.name, height, width, steps, batch, int(t.memory_gib * GIB))
+    plan = Plan(t.name, precision, v.name, height, width, steps, batch, int(t.memory_gib * GIB))
     components = list(v.components)
     if cn is not None:
-        plan_of = {**plan_of, "controlnet": plan_of["transformer"]}  # quantized like the DiT
+        plan_of = {**plan_of, "controlnet": plan_of.get("controlnet", plan_of["transformer"])}  # as the DiT
         components.insert(components.index("transformer"), "controlnet")
-    computed = config_weights((dit, text, vae), plan_of, branch)
+    weights_key = ("weights", key, tuple(sorted(plan_of.items())))
+    computed = config_weights((dit, text, vae), plan_of, branch) if branch is not None else \
+        _cached(weights_key, lambda: config_weights((dit, text, vae), plan_of))
     for name in components:
-        comp_precision = plan_of[name]
         weights, source = computed[name], "config"
         if manifest is not None:
             entry = manifest["components"].get(name, {})
@@ -388,45 +430,106 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
                 weights, source = int(engine["bytes"]), "engine plan"
             elif entry.get("weight_bytes"):
                 weights, source = int(entry["weight_bytes"]), "graph"
-        plan.parts.append(Part(name, comp_precision, weights, source, *acts[name], *flops[name]))
+        plan.parts.append(Part(name, plan_of[name], weights, source, *acts[name], *flops[name]))
     _choose_mode(plan)
-    _floors(plan, t.name)
+    _floors(plan, t)
     return plan
 
 
-def _choose_mode(plan: Plan) -> None:
-    usable = int(plan.memory * USABLE)
+def _stages(plan: Plan) -> list[list[Part]]:
+    """The stages of low-VRAM mode: each component alone, but a ControlNet's branch beside the transformer."""
     per = {p.name: p for p in plan.parts}
-    biggest_act = max(p.act_opt for p in plan.parts)
-    # the stages of low-vram mode: each component alone, but a ControlNet's branch beside the transformer
-    cn = per.get("controlnet")
-    stages = [p.weights + p.act_opt for p in plan.parts if p.name not in ("transformer", "controlnet")]
-    stages.append(per["transformer"].weights + (cn.weights if cn else 0) +
-                  max(per["transformer"].act_opt, cn.act_opt if cn else 0))
-    streamed = per["transformer"].act_opt + min(per["transformer"].weights, 2 * GIB)
-    if cn:  # the branch streams too
-        streamed = max(streamed, cn.act_opt) + min(cn.weights, 2 * GIB)
+    stages = [[p] for p in plan.parts if p.name not in ("transformer", "controlnet")]
+    return stages + [[per[n] for n in ("controlnet", "transformer") if n in per]]
+
+
+def _stage_need(stage: list[Part], streamed: bool = False) -> int:
+    """GPU memory of one stage: its weights (streamed: at most MIN_STREAM_BUDGET of each large engine's) and the
+    widest activations among its components."""
+    weights = sum(min(p.weights, MIN_STREAM_BUDGET) if streamed and p.name in STREAMABLE else p.weights
+                  for p in stage)
+    return weights + max(p.act_opt for p in stage)
+
+
+def _choose_mode(plan: Plan) -> None:
+    """What each mode needs; the first that fits in MODES' order is the plan's. `text-encoder-cpu` is low-VRAM
+    mode with the text encoder run in host memory: it helps only where the text encoder's stage is the widest."""
+    usable = int(plan.memory * USABLE)
+    stages = _stages(plan)
+    gpu_stages = [s for s in stages if s[0].name != "text_encoder"]
     plan.modes = {
-        "all-resident": sum(p.weights for p in plan.parts) + biggest_act + CUDA_OVERHEAD,
-        "low-vram": max(stages) + CUDA_OVERHEAD,
-        "weight-streaming": streamed + CUDA_OVERHEAD,
+        "all-resident": sum(p.weights for p in plan.parts) + max(p.act_opt for p in plan.parts) + CUDA_OVERHEAD,
+        "low-vram": max(map(_stage_need, stages)) + CUDA_OVERHEAD,
+        "text-encoder-cpu": max(map(_stage_need, gpu_stages)) + CUDA_OVERHEAD,
+        "weight-streaming": max(_stage_need(s, streamed=True) for s in stages) + CUDA_OVERHEAD,
     }
-    plan.mode = next((m for m, need in plan.modes.items() if need <= usable), "does-not-fit")
+    plan.mode = next((m for m in MODES if plan.modes[m] <= usable), "does-not-fit")
+    plan.stream_budgets = {}
+    if plan.mode == "weight-streaming":  # each large engine keeps what its stage leaves free of its weights
+        for stage in stages:
+            for p in stage:
+                if p.name in STREAMABLE:
+                    others = _stage_need(stage, streamed=True) - min(p.weights, MIN_STREAM_BUDGET)
+                    plan.stream_budgets[p.name] = min(p.weights, usable - CUDA_OVERHEAD - others)
 
 
-def _floors(plan: Plan, target: str) -> None:
-    peaks = PEAKS[target]
+def _transfers(plan: Plan) -> int:
+    """Bytes copied host-to-device per image in the plan's mode: nothing all resident; every used engine once in
+    low-VRAM mode (the text encoder's not, where it runs on the CPU); the streamed part of a large engine's weights
+    on every call."""
+    if plan.mode in ("all-resident", "does-not-fit"):
+        return 0
+    total = 0
+    for p in plan.parts:
+        if not p.calls or (p.name == "text_encoder" and plan.mode == "text-encoder-cpu"):
+            continue
+        budget = plan.stream_budgets.get(p.name)
+        total += p.weights if budget is None else budget + (p.weights - budget) * p.calls
+    return total
+
+
+def _floors(plan: Plan, t) -> None:
     total = 0.0
     for p in plan.parts:
         if not p.calls:
             continue
         math = SCHEMES[p.precision].gemm if p.precision in SCHEMES else "bf16"
-        compute = p.flops / (peaks.get(math, peaks["bf16"]) * 1e12)
-        memory = p.weights / (peaks["bandwidth"] * 1e9)
+        compute = p.flops / (t.peaks.tflops(math) * 1e12)
+        memory = p.weights / (t.peaks.bandwidth * 1e9)
         seconds = p.calls * max(compute, memory)
+        if p.name == "text_encoder" and plan.mode == "text-encoder-cpu":
+            seconds = 0.0  # on the CPU: not estimated (see format_plan)
         plan.floor_seconds[p.name] = seconds
         total += seconds
-    plan.floor_seconds["total"] = total
+    plan.floor_seconds["transfers"] = _transfers(plan) / (t.peaks.pcie * PCIE_FRACTION * 1e9)
+    plan.floor_seconds["total"] = total + plan.floor_seconds["transfers"]
+
+
+def _advice(plan, t, v, precision, plan_of, cfgs, manifest, controlnet, model, **args) -> list[str]:
+    """Other choices that reach a better mode than `plan`'s: an INT4 text encoder, another precision, a smaller
+    size (the largest that does better)."""
+    rank = lambda p: MODES.index(p.mode) if p.mode in MODES else len(MODES)  # noqa: E731
+    tried = []
+    if plan_of.get("text_encoder") != "int4" and "int4" in t.precisions:
+        tried.append(("--text-encoder-precision int4", precision, {**plan_of, "text_encoder": "int4"},
+                      plan.height, plan.width))
+    for other in ("fp8", "nvfp4", "int4"):
+        if other != precision and other in t.precisions and BYTES[other] < BYTES[plan_of["transformer"]]:
+            tried.append((f"--precision {other}", other, precision_plan(other, t.base), plan.height, plan.width))
+    advice = []
+    for hint, prec, of, h, w in tried:
+        alt = _make(t, v, prec, of, h, w, cfgs, None, controlnet, model, **args)
+        if rank(alt) < rank(plan):
+            advice.append(f"{hint}: {alt.mode}, {alt.modes[alt.mode] / GIB:.2f} GiB")
+    for side in (896, 768, 640, 512):
+        if side < max(plan.height, plan.width):
+            alt = _make(t, v, precision, plan_of, min(side, plan.height), min(side, plan.width), cfgs, manifest,
+                        controlnet, model, **args)
+            if rank(alt) < rank(plan):
+                advice.append(f"--height {alt.height} --width {alt.width}: {alt.mode}, "
+                              f"{alt.modes[alt.mode] / GIB:.2f} GiB")
+                break
+    return advice
 
 
 def format_plan(plan: Plan) -> str:
@@ -443,23 +546,166 @@ def format_plan(plan: Plan) -> str:
     usable = plan.memory * USABLE
     for mode, need in plan.modes.items():
         lines.append(f"| {mode} | {gib(need)} | {'yes' if need <= usable else 'no'} |")
-    lines += ["", f"runtime mode: {plan.mode}; floor latency {plan.floor_seconds['total']:.3f} s per image "
+    lines += ["", f"runtime mode: {plan.mode}; floor latency {plan.floor_seconds['total']:.3f} s per image, "
+              f"{plan.floor_seconds['transfers']:.3f} s of it host-to-device copies "
               f"(datasheet peaks, perfect overlap: a bound, not a prediction)"]
+    if plan.mode == "text-encoder-cpu":
+        lines.append("the text encoder runs on the CPU: its time is not in the floor")
+    for name, budget in plan.stream_budgets.items():
+        lines.append(f"weight streaming: {name} keeps {gib(budget)} GiB of its weights resident")
+    if plan.advice:
+        lines += ["", "does better:"] + [f"- {a}" for a in plan.advice]
+    return "\n".join(lines)
+
+
+# -- what a build records ----------------------------------------------------------------------------------------
+
+def runtime_record(plan: Plan) -> dict:
+    """The manifest's `runtime`: the mode the runtimes follow, what each mode needs, the weight-streaming budgets."""
+    return {"mode": plan.mode, "planned_at": [plan.height, plan.width],
+            "needs_gib": {m: round(b / GIB, 2) for m, b in plan.modes.items()},
+            "memory_gib": round(plan.memory / GIB, 1),
+            "stream_budget_bytes": dict(plan.stream_budgets), "advice": list(plan.advice)}
+
+
+def planned_engine_options(target: str, precision: str, side: int, variant: str, model: str | None,
+                           text_encoder: str | None, controlnet, opts, log):
+    """Before the engines are built: the plan from the checkpoint's configs (`model`; None: the real Z-Image's) at
+    the build's default size. Where it picks weight streaming, the engines must be built for it: the options turn
+    it on, and the log says so."""
+    from dataclasses import replace
+
+    p = make_plan(target, precision, side, side, variant, model=model, controlnet=controlnet,
+                  text_encoder=text_encoder, advise=False)
+    log(f"[plan] {target}: {p.mode} at {side}x{side} ({p.modes.get(p.mode, 0) / GIB:.2f} GiB planned of "
+        f"{p.memory / GIB:.0f})")
+    if p.mode == "weight-streaming" and not opts.weight_streaming:
+        log("[plan] the DiT does not fit the card even alone: building the engines with weight streaming")
+        return replace(opts, weight_streaming=True)
+    return opts
+
+
+# -- every card at once, and several builds on one card ----------------------------------------------------------
+
+def target_rows(height: int = 1024, width: int = 1024, steps: int | None = None, variant: str = "turbo") -> list:
+    """One row per GPU target and precision it supports (fp32 left out): the mode the plan picks, what it needs,
+    the floor latency; `default` marks the target's default precision."""
+    rows = []
+    for t in TARGETS.values():
+        if t.compute_capability is None:
+            continue
+        for precision in t.precisions:
+            if precision == "fp32":
+                continue
+            p = make_plan(t.name, precision, height, width, variant, steps,
+                          text_encoder=t.default_text_encoder if precision == t.default_precision else None)
+            need = p.modes.get(p.mode)
+            text_encoder = next(x.precision for x in p.parts if x.name == "text_encoder")
+            rows.append(dict(target=t.name, memory_gib=t.memory_gib, sm=t.sm, precision=precision,
+                             text_encoder=text_encoder, mode=p.mode,
+                             needs_gib=None if need is None else round(need / GIB, 2),
+                             floor_s=round(p.floor_seconds["total"], 2), default=precision == t.default_precision,
+                             advice=p.advice))
+    return rows
+
+
+def format_rows(rows: list, height: int, width: int, steps: int) -> str:
+    lines = [f"Turbo at {height}x{width}, {steps} steps (python -m zimage_deploy.plan --all-targets); "
+             "* = the target's default precision", "",
+             "| target | GiB | SM | precision | text encoder | mode | needs GiB | floor s | does better |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        need = "-" if r["needs_gib"] is None else f"{r['needs_gib']:.2f}"
+        lines.append(f"| {r['target']} | {r['memory_gib']} | {r['sm']} | {r['precision']}{'*' if r['default'] else ''}"
+                     f" | {r['text_encoder']} | {r['mode']} | {need} | {r['floor_s']:.2f} | {'; '.join(r['advice']) or '-'} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class SetPlan:
+    """Several builds on one card: `resident-together` (every build's engines in GPU memory at once, one CUDA
+    context), `one-at-a-time` (one build's engines swapped in per request, each in its own plan's mode; a switch
+    costs a copy of that build's weights), or `does-not-fit`. What a server that holds the set follows."""
+    target: str
+    memory: int
+    builds: list = field(default_factory=list)  # per build: dir, variant, precision, mode alone, GiB, swap seconds
+    together: int = 0  # bytes
+    one_at_a_time: int = 0  # bytes
+    mode: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_set(dirs: list[Path], target: str | None = None, height: int | None = None,
+             width: int | None = None) -> SetPlan:
+    """Plan builds that one server holds (each at its default size, or `height` x `width`) on one card: the
+    builds' own target where they share it, else `target` (of the same compute capability)."""
+    from . import manifest as manifest_io
+
+    manifests = [manifest_io.load(d) for d in dirs]
+    targets = {m["target"] for m in manifests}
+    if target is None and len(targets) > 1:
+        raise UserError(f"the builds are for different targets ({', '.join(sorted(targets))}): pass --target, the "
+                        "card they share")
+    target = target or targets.pop()
+    plans = [make_plan(m["target"], m["precision"], height or m["defaults"]["height"],
+                       width or m["defaults"]["width"], engine_dir=d, on_target=target, advise=False)
+             for d, m in zip(dirs, manifests)]
+    t = get_target(target)
+    out = SetPlan(target, int(t.memory_gib * GIB))
+    usable = int(out.memory * USABLE)
+    acts = [max(p.act_opt for p in plan.parts) for plan in plans]
+    weights = [sum(p.weights for p in plan.parts) for plan in plans]
+    out.together = sum(weights) + max(acts) + CUDA_OVERHEAD
+    out.one_at_a_time = max(plan.modes.get(plan.mode, plan.modes["weight-streaming"]) for plan in plans)
+    for d, plan, w in zip(dirs, plans, weights):
+        out.builds.append(dict(dir=str(d), variant=plan.variant, precision=plan.precision, mode=plan.mode,
+                               needs_gib=round(plan.modes.get(plan.mode, plan.modes["all-resident"]) / GIB, 2),
+                               weights_gib=round(w / GIB, 2),
+                               swap_seconds=round(w / (t.peaks.pcie * PCIE_FRACTION * 1e9), 3)))
+    if any(plan.mode == "does-not-fit" for plan in plans):
+        out.mode = "does-not-fit"
+    elif out.together <= usable and all(plan.mode == "all-resident" for plan in plans):
+        out.mode = "resident-together"
+    else:
+        out.mode = "one-at-a-time"
+    return out
+
+
+def format_set(s: SetPlan) -> str:
+    gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+    lines = [f"{len(s.builds)} builds on {s.target} ({TARGETS[s.target].description}, {gib(s.memory)} GiB)", "",
+             "| build | variant | precision | mode alone | needs GiB | weights GiB | swap-in s |",
+             "|---|---|---|---|---|---|---|"]
+    for b in s.builds:
+        lines.append(f"| {b['dir']} | {b['variant']} | {b['precision']} | {b['mode']} | {b['needs_gib']:.2f} | "
+                     f"{b['weights_gib']:.2f} | {b['swap_seconds']:.3f} |")
+    lines += ["", f"resident together: {gib(s.together)} GiB; one at a time: {gib(s.one_at_a_time)} GiB "
+              f"(usable {gib(s.memory * USABLE)} GiB)", f"set mode: {s.mode}"]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zimage_deploy.plan", description=__doc__.split("\n")[0])
     ap.add_argument("--target", choices=[t for t in TARGETS if t != "cpu"], default=None,
-                    help="GPU target (default: the build's with --engine-dir, else rtx4090)")
+                    help="GPU target (default: the build's with --build-dir, else rtx4090); with --build-dir: "
+                         "another card of the same compute capability")
     ap.add_argument("--precision", choices=PRECISIONS, default=None,
-                    help="default: the build's with --engine-dir, else the target's default (bf16)")
+                    help="default: the build's with --build-dir, else the target's default")
+    ap.add_argument("--text-encoder-precision", choices=TEXT_ENCODER_PRECISIONS, default=None,
+                    help="as build --text-encoder-precision (default: the precision's)")
     ap.add_argument("--variant", choices=[n for n, v in VARIANTS.items() if v.layout == "basic"], default="turbo",
-                    help="default: %(default)s (the build's with --engine-dir)")
-    ap.add_argument("--height", type=int, default=1024, help="image height in pixels (default: %(default)s)")
-    ap.add_argument("--width", type=int, default=1024, help="image width in pixels (default: %(default)s)")
+                    help="default: %(default)s (the build's with --build-dir)")
+    ap.add_argument("--height", type=int, default=None, help="image height in pixels (default: 1024; a build's own)")
+    ap.add_argument("--width", type=int, default=None, help="image width in pixels (default: 1024; a build's own)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the variant's)")
-    add_build_dir(ap, "a build folder: its engines' (or graphs') sizes replace the computed weights", required=False)
+    ap.add_argument("--build-dir", "--engine-dir", dest="build_dirs", type=Path, action="append", default=None,
+                    metavar="DIR", help="a build folder: its engines' (or graphs') sizes replace the computed "
+                                        "weights; twice or more: whether the builds fit one card together "
+                                        "(--engine-dir: the same)")
+    ap.add_argument("--all-targets", action="store_true",
+                    help="one row per GPU target and precision: the mode that fits, what it needs, the floor")
     ap.add_argument("--model", default=None,
                     help="a checkpoint whose configs to plan (default: the real Z-Image configs)")
     ap.add_argument("--controlnet", default=None, metavar="PATH",
@@ -468,21 +714,36 @@ def main(argv=None) -> int:
                          "with --build-dir")
     ap.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
     args = ap.parse_args(argv)
-    if args.controlnet is not None and args.build_dir is not None:
+    dirs = args.build_dirs or []
+    if args.controlnet is not None and dirs:
         raise UserError("--controlnet plans a build before it exists; with --build-dir the build's own ControlNet "
                         "(if any) is counted")
-    target = args.target or "rtx4090"
-    precision = args.precision or TARGETS[target].default_precision
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be >= 1")
-    plan = make_plan(target, precision, args.height, args.width, args.variant, args.steps, args.build_dir,
-                     args.model, controlnet=args.controlnet)
-    print(format_plan(plan))
+    if args.all_targets and dirs:
+        raise UserError("--all-targets plans from the configs: leave out --build-dir")
+    size = [1024 if x is None else x for x in (args.height, args.width)]
+    if args.all_targets:
+        (h, w), steps = size, args.steps or VARIANTS[args.variant].default_steps
+        rows = target_rows(h, w, steps, args.variant)
+        text, record = format_rows(rows, h, w, steps), {"height": h, "width": w, "steps": steps, "rows": rows}
+    elif len(dirs) > 1:
+        s = plan_set(dirs, args.target, args.height, args.width)
+        text, record = format_set(s), s.as_dict()
+    else:
+        target = args.target or "rtx4090"
+        precision = args.precision or TARGETS[target].default_precision
+        plan = make_plan(target, precision, *size, args.variant, args.steps,
+                         dirs[0] if dirs else None, args.model, controlnet=args.controlnet,
+                         text_encoder=TARGETS[target].text_encoder_for(args.precision, args.text_encoder_precision),
+                         on_target=args.target)
+        text, record = format_plan(plan), plan.as_dict()
+    print(text)
     if args.json:
         from .fsutil import atomic_file
 
         with atomic_file(args.json) as tmp:
-            tmp.write_text(json.dumps(plan.as_dict(), indent=2) + "\n")
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 

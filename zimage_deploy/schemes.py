@@ -54,7 +54,7 @@ class Scheme:
     needs_scales = False  # a graph cannot be written without calibrated scales (round to nearest impossible)
     opset = 21  # 21: FLOAT8E4M3FN / INT4 blocked DequantizeLinear
     weight_bytes: float  # per weight in the plan's estimates, block scales included
-    gemm = "bf16"  # the GEMM's math in the plan's time floors (a key of plan.PEAKS)
+    gemm = "bf16"  # the GEMM's math in the plan's time floors (a field of targets.Peaks)
     onnxruntime_runs = True  # ONNX Runtime has kernels for its graphs (the quality gate can run them on a CPU)
 
     def __repr__(self) -> str:

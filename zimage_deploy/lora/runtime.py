@@ -203,10 +203,11 @@ class LoraManager:
         if quantized:
             raise RequestError(QUANTIZED_MESSAGE.format(", ".join(quantized)))
         backend = self.backend if self.pipeline is not None else None
+        offloads = getattr(getattr(backend, "offload", None), "mode", "none") != "none"  # runtime/offload.py
         if backend is not None and backend.name == "torch" and (getattr(backend, "compile", False)
-                                                                or getattr(backend, "fp8", False)):
-            raise RequestError("run-time LoRAs are not supported by the compiled / FP8 Torch backend; use the plain "
-                               "Torch backend, or fuse the LoRA at build time (build --lora)")
+                                                                or getattr(backend, "fp8", False) or offloads):
+            raise RequestError("run-time LoRAs are not supported by the compiled / FP8 / offloading Torch backend; "
+                               "use the plain Torch backend, or fuse the LoRA at build time (build --lora)")
         if self.backend_name not in ("torch", "onnxruntime", "tensorrt"):
             raise RequestError(f"run-time LoRAs are not supported by the {self.backend_name} backend")
         if self.backend_name == "tensorrt":

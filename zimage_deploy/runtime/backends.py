@@ -21,6 +21,7 @@ from ..errors import UserError
 from ..export.specs import DTYPES
 from ..manifest import planned_low_vram
 from .backend import Backend
+from .offload import offload_policy
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 
@@ -65,22 +66,25 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, engine_dir, manifest, device: str | None = None, compile: bool = False, fp8: bool = False,
-                 modules: dict[str, torch.nn.Module] | None = None):
+                 modules: dict[str, torch.nn.Module] | None = None, offload="none"):
         """`device`: default cuda when available. On a GPU, `compile` compiles each DiT block (CUDA graphs);
         `fp8` runs the DiT's projections in FP8 through `torch._scaled_mm` (models/fast.py), with the FP8 graphs'
         calibrated scales when the build is an fp8 build. `modules` (loader name ->
-        module already in memory, e.g. {"transformer": dit, ...}) replaces loading from the checkpoint."""
+        module already in memory, e.g. {"transformer": dit, ...}) replaces loading from the checkpoint. `offload`:
+        "none" | "model" | "sequential" (runtime/offload.py), an OffloadPolicy, or None: the build's plan's (what
+        make_backend asks for)."""
         super().__init__(engine_dir, manifest)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if compile and not str(device).startswith("cuda"):
             raise UserError("--compile of the torch backend needs a CUDA GPU")
         self.compile, self.fp8 = compile, fp8
         self.device = torch.device(device)
+        self.offload = offload_policy(offload, manifest, self.device, compile or fp8)
         self.models: dict[str, torch.nn.Module] = {}
         self.ckpt = None
         if modules is not None:
             for key, model in modules.items():
-                self.models[key] = self._accelerate(key, model)
+                self.models[key] = self.offload.manage(key, self._accelerate(key, model))
         else:
             from ..checkpoint import missing_files
 
@@ -135,8 +139,8 @@ class TorchBackend(Backend):
 
                 model = LOADERS[key](self.ckpt, dtype, **loader_kwargs(self.engine_dir, self.manifest, key),
                                      **controlnet_kwargs(self.manifest, key))
-                model = self._quantized(key, model.to(self.device))
-                self.models[key] = self._accelerate(key, model)
+                model = self._quantized(key, model.to(self.offload.load_device))
+                self.models[key] = self.offload.manage(key, self._accelerate(key, model))
             if component not in self.wrappers:
                 specs = specs_for(self.manifest["variant"], self.manifest["model"]["facts"])
                 self.wrappers[component] = specs[component].wrap(self.models[key])
@@ -145,7 +149,9 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def run(self, component, **inputs):
         x = self._cast_inputs(component, inputs)
-        out = self.model(component)(*[v.to(self.device) for v in x.values()])
+        module = self.model(component)
+        with self.offload.stage(loader_of(component)):
+            out = module(*[v.to(self.device) for v in x.values()])
         outs = out if isinstance(out, tuple) else (out,)
         specs = self.components[component]["outputs"]
         return {s["name"]: o.to(DTYPES[s["dtype"]]) for s, o in zip(specs, outs)}
@@ -167,11 +173,15 @@ def resolve_backend(name: str, manifest: dict) -> str:
 
 
 def make_backend(name: str, engine_dir: Path, manifest: dict, low_vram: bool | None = None) -> Backend:
-    """The backend `name` (see `resolve_backend` for `auto`). `low_vram` (TensorRT): keep one engine resident
-    at a time; None: the mode the build's VRAM plan picked for its target (manifest `runtime.mode`)."""
+    """The backend `name` (see `resolve_backend` for `auto`). `low_vram`: keep one stage resident at a time
+    (TensorRT: its engines; Torch: its modules, runtime/offload.py); None: the mode the build's VRAM plan picked
+    for its target (manifest `runtime.mode`)."""
     name = resolve_backend(name, manifest)
     if name == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend(engine_dir, manifest, low_vram=planned_low_vram(manifest, low_vram))
-    return OnnxRuntimeBackend(engine_dir, manifest) if name == "onnxruntime" else TorchBackend(engine_dir, manifest)
+    if name == "onnxruntime":
+        return OnnxRuntimeBackend(engine_dir, manifest)
+    # --low-vram: module offload; else (on CUDA) the memory mode of the build's plan
+    return TorchBackend(engine_dir, manifest, offload=None if low_vram is None else "model" if low_vram else "none")
