@@ -13,6 +13,7 @@ from tqdm import tqdm
 from .. import __version__
 from .. import manifest as manifest_io
 from ..buildfolder import BuildFolder
+from ..checkpoint import weight_bytes
 from ..hashing import folder_sha256
 from ..targets import QUANTIZED, base_precision
 from .onnx_export import EXPORT_FORMAT, OPSET, export_component
@@ -25,7 +26,7 @@ def use_lean(lean: str, ckpt: Path) -> bool:
     """`auto`: lean when the DiT and text-encoder weights together exceed 4 GiB."""
     if lean in ("on", "off"):
         return lean == "on"
-    size = sum(p.stat().st_size for f in ("transformer", "text_encoder") for p in (ckpt / f).glob("*.safetensors"))
+    size = sum(weight_bytes(ckpt / f) for f in ("transformer", "text_encoder"))
     return size > LEAN_AUTO_BYTES
 
 
