@@ -89,3 +89,86 @@ def test_edit_fine_tune_over_folder(edit_ckpt, edit_fp32, tmp_path):
     m = _build(["--model", str(edit_ckpt), "--transformer", str(dit)], out)
     assert m["variant"] == "edit"
     _same_images(out, edit_fp32, images=[synthetic_image(96, 80)], guidance_scale=3.0)
+
+
+def _foreign(path, keys):
+    save_file({k: torch.zeros(4, 4) for k in keys}, str(path))
+    return path
+
+
+BAD_DIT = {  # file -> what the error must say it found
+    "flux": (["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"], "a Flux transformer"),
+    "sdxl": (["model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.0.x"], "an SD / SDXL UNet"),
+    "qwen_image": (["img_in.weight", "transformer_blocks.0.img_mod.1.weight"], "a Qwen-Image transformer"),
+    "lora": (["diffusion_model.layers.0.attention.qkv.lora_A.weight"], "a LoRA"),
+}
+
+
+def _refused(argv, out, capsys, *found):
+    from zimage_deploy.cli import run_cli
+
+    views = Path(__import__("os").environ["ZIMAGE_DEPLOY_CACHE"]) / "views"
+    before = sorted(views.iterdir()) if views.is_dir() else []
+    assert run_cli(lambda: build.main([*argv, "--target", "cpu", "--out", str(out)])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for text in found:
+        assert text in err[0], err[0]
+    assert not out.exists() and (sorted(views.iterdir()) if views.is_dir() else []) == before
+    return err[0]
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_DIT))
+def test_other_models_refused(kind, files, tmp_path, capsys):
+    keys, found = BAD_DIT[kind]
+    f = _foreign(tmp_path / f"{kind}.safetensors", keys)
+    _refused(["--model", str(f), "--text-encoder", str(files["te"]), "--vae", str(files["vae"])], tmp_path / "o",
+             capsys, found, "expected a Z-Image transformer")
+
+
+def test_bad_files_refused(files, edit_ckpt, tmp_path, capsys):
+    te, vae, dit = str(files["te"]), str(files["vae"]), str(files["dit"])
+    out = tmp_path / "o"
+    data = files["dit"].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    _refused(["--model", str(tmp_path / "cut.safetensors"), "--text-encoder", te, "--vae", vae], out, capsys,
+             "truncated")
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x04\x95" + bytes(64))
+    _refused(["--model", str(tmp_path / "model.ckpt"), "--base", "tiny"], out, capsys, "pickle")
+    _refused(["--model", dit, "--text-encoder", te, "--vae", te], out, capsys, "--vae", "found a Qwen3 text encoder",
+             "expected the Flux autoencoder")
+    _refused(["--model", dit, "--text-encoder", te], out, capsys, "--vae FILE")
+    _refused(["--model", dit], out, capsys, "--base DIR")
+    state = load_file(dit)
+    state["model.diffusion_model.layers.1.feed_forward.w2.weight"] = torch.zeros(64, 100)
+    save_file(state, str(tmp_path / "wrong.safetensors"))
+    _refused(["--model", str(tmp_path / "wrong.safetensors"), "--text-encoder", te, "--vae", vae], out, capsys,
+             "layers.1.feed_forward.w2.weight [64, 100]")
+    edit_dit = write_dit(edit_ckpt, tmp_path / "edit.safetensors")
+    _refused(["--model", str(edit_dit), "--base", "tiny"], out, capsys, "Edit/Omni transformer", "turbo")
+    _refused(["--model", str(edit_dit), "--text-encoder", te, "--vae", vae], out, capsys, "--base DIR")
+
+
+def test_fp8_files_dequantized(files, tiny_ckpt, tiny_fp32, tmp_path):
+    """Plain FP8 weights are upcast exactly, scaled ones become fp8 * scale; a build from a scaled file stays within
+    the FP8 quality gate's PSNR of the folder build."""
+    from zimage_deploy.checkpoint import iter_tensors
+    from zimage_deploy.quantize.options import QuantOptions
+    from zimage_deploy.singlefile import prepare
+
+    for kind in ("plain", "scaled"):
+        dit = write_dit(tiny_ckpt, tmp_path / f"z_image_fp8_{kind}.safetensors", fp8=kind)
+        stored = load_file(str(dit))
+        view, _ = prepare(str(dit), text_encoder=str(files["te"]), vae=str(files["vae"]), log=lambda *a: None)
+        got = dict(iter_tensors(view / "transformer"))
+        q = stored["model.diffusion_model.layers.0.feed_forward.w2.weight"]
+        assert q.dtype == torch.float8_e4m3fn
+        scale = stored.get("model.diffusion_model.layers.0.feed_forward.w2.scale_weight", torch.tensor(1.0))
+        assert torch.equal(got["layers.0.feed_forward.w2.weight"].float(), q.float() * scale)
+        assert not any(k.endswith(("scale_weight", "scaled_fp8")) for k in got)
+    out = tmp_path / "b"
+    m = _build(["--model", str(dit), "--text-encoder", str(files["te"]), "--vae", str(files["vae"])], out)
+    assert {s["role"]: s["fp8"] for s in m["model"]["sources"]["sources"]}["transformer"] == "scaled"
+    a, b = _image(out, "onnxruntime"), _image(tiny_fp32, "onnxruntime")
+    psnr = 10 * np.log10(255.0**2 / np.mean((a - b) ** 2))
+    assert QuantOptions.min_psnr <= psnr < 60, psnr  # close, but not the unquantized weights

@@ -108,10 +108,10 @@ def identify(keys: list[str]) -> tuple[str, str, str]:
     return f"unrecognised weights (keys such as {', '.join(sorted(keys)[:3]) or 'none'})", "", ""
 
 
-def open_file(path: Path, role: str) -> Source:
-    """Check that `path` is a safetensors file of the `role` component; a Source without its hash yet."""
+def open_file(path: Path, role: str, what: str) -> Source:
+    """Check that `path` (given as option `what`) is a safetensors file of the `role` component; a Source without
+    its hash yet."""
     path = Path(path).expanduser()
-    what = {"transformer": "--model/--transformer", "text_encoder": "--text-encoder", "vae": "--vae"}[role]
     if not path.is_file():
         raise UserError(f"{what} {path}: no such file")
     with open(path, "rb") as fh:
@@ -128,23 +128,11 @@ def open_file(path: Path, role: str) -> Source:
         raise UserError(f"{what} {path}: not a readable safetensors file (truncated or damaged: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); expected {EXPECTED[role]}"
                         ) from None
-    _check_complete(path, what, role)
     if kind != role:
         found = kind if kind not in EXPECTED else EXPECTED[kind].split(" (")[0]
         raise UserError(f"{what} {path}: found {found}; expected {EXPECTED[role]}")
     size = path.stat().st_size
     return Source(role, str(path.resolve()), path.name, size, "", layout, prefix, fp8)
-
-
-def _check_complete(path: Path, what: str, role: str) -> None:
-    """The header's data offsets must end where the file ends (a cut-off download reads as truncated)."""
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != path.stat().st_size:
-        raise UserError(f"{what} {path}: truncated or damaged safetensors file ({path.stat().st_size} bytes, its "
-                        f"header describes {8 + n + end}); expected {EXPECTED[role]}")
 
 
 def _shapes(src: Source) -> dict[str, list[int]]:
@@ -330,8 +318,9 @@ def prepare(model: str | None = None, variant: str | None = None, base: str | No
         missing = [n for n, v in (("--text-encoder FILE", text_encoder), ("--vae FILE", vae)) if v is None]
         raise UserError(f"a transformer file needs the rest of the pipeline: pass --base DIR (a Z-Image diffusers "
                         f"folder) or {' and '.join(missing)}")
-    sources = [open_file(Path(dit_file), "transformer")]
-    sources += [open_file(Path(f), r) for r, f in (("text_encoder", text_encoder), ("vae", vae)) if f]
+    sources = [open_file(Path(dit_file), "transformer", "--transformer" if transformer else "--model")]
+    sources += [open_file(Path(f), r, w) for r, f, w in (("text_encoder", text_encoder, "--text-encoder"),
+                                                         ("vae", vae, "--vae")) if f]
     base_path, base_variant = resolve(base, variant) if base else (None, None)
     dit_shapes = _shapes(sources[0])
     variant = _variant(sources[0], dit_shapes, variant, base, base_variant)
