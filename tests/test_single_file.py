@@ -172,3 +172,24 @@ def test_fp8_files_dequantized(files, tiny_ckpt, tiny_fp32, tmp_path):
     a, b = _image(out, "onnxruntime"), _image(tiny_fp32, "onnxruntime")
     psnr = 10 * np.log10(255.0**2 / np.mean((a - b) ** 2))
     assert QuantOptions.min_psnr <= psnr < 60, psnr  # close, but not the unquantized weights
+
+
+def test_fp8_reuse_measured(files, tiny_ckpt, tmp_path):
+    """--precision fp8 from an FP8 file: per layer, the file's own grid against re-quantizing (max |W|); a plain
+    FP8 file's layers are reproduced exactly by its own grid (scale 1), which re-quantizing cannot do."""
+    from zimage_deploy.models.stream import dit_weights
+    from zimage_deploy.numerics import tensor_amax
+    from zimage_deploy.quantize.reuse import choose, file_scales
+    from zimage_deploy.singlefile import prepare
+
+    dit = write_dit(tiny_ckpt, tmp_path / "z_image_fp8.safetensors", fp8="plain")
+    view, _ = prepare(str(dit), text_encoder=str(files["te"]), vae=str(files["vae"]), log=lambda *a: None)
+    table = file_scales(view)
+    assert table["layers.0.attention.qkv"] == [1.0] * 3 and table["layers.0.feed_forward.w13"] == [1.0, 1.0]
+    scales = {f"{n[:-len('.weight')]}.weight_amax": tensor_amax(w) for n, w in dit_weights(view)
+              if n[:-len(".weight")] in table}
+    record = choose(scales, view)
+    assert record["layers_reusing_file_fp8"] == len(table) and record["layers_requantized"] == 0
+    assert record["mean_rel_err_chosen"] == 0 < record["mean_rel_err_if_requantized"]
+    assert float(scales["layers.0.attention.qkv.weight_amax"]) == 448.0
+    assert choose(scales, tiny_ckpt) is None  # a diffusers folder: nothing to reuse
