@@ -60,7 +60,7 @@ def _build(args, out):
     return json.loads((out / "manifest.json").read_text())
 
 
-def test_turbo_from_files(files, tiny_fp32, tmp_path):
+def test_turbo_from_files(files, tiny_fp32, base_ckpt, tmp_path):
     out = tmp_path / "b"
     m = _build(["--model", str(files["dit"]), "--text-encoder", str(files["te"]), "--vae", str(files["vae"])], out)
     assert m["variant"] == "turbo"
@@ -73,6 +73,13 @@ def test_turbo_from_files(files, tiny_fp32, tmp_path):
     build.build(str(files["dit"]), target="cpu", precision="fp32", out=out, parity=False, log=logs.append,
                 text_encoder=str(files["te"]), vae=str(files["vae"]))
     assert sum("up to date" in line for line in logs) == 5, logs
+    # a fine-tune (another DiT file, same text encoder and VAE): only the DiT's graphs are exported again
+    tuned = write_dit(base_ckpt, tmp_path / "tuned.safetensors", dtype=torch.float32)
+    logs.clear()
+    build.build(str(tuned), target="cpu", precision="fp32", out=out, parity=False, log=logs.append,
+                text_encoder=str(files["te"]), vae=str(files["vae"]))
+    kept = sorted(line.split(":")[0] for line in logs if "up to date" in line)
+    assert kept == ["[export] text_encoder", "[export] vae_decoder", "[export] vae_encoder"], logs
 
 
 def test_base_from_file_and_folder(files, base_ckpt, base_fp32, tmp_path):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import __version__
 from . import manifest as manifest_io
 from .buildfolder import BuildFolder, support_folders
-from .checkpoint import content_hash, resolve
+from .checkpoint import content_hash, part_hashes, resolve
 from .cli import run_cli
 from .controlnet import BuildControlNet
 from .engines.builder import EngineBuilder
@@ -132,6 +132,8 @@ def _start(job: BuildJob) -> dict:
     v, t, ckpt, out, facts = job.v, job.t, job.ckpt, job.out, job.facts
     job.log(f"[checkpoint] {ckpt} ({v.name})")
     sha = content_hash(ckpt)
+    model = {"source": job.model, "path": str(ckpt), "sha256": sha, "parts": part_hashes(ckpt), "facts": facts,
+             **({"sources": srcs} if (srcs := sources(ckpt)) else {})}
     side = default_side(facts)
     manifest = {
         "schema": manifest_io.SCHEMA,
@@ -141,8 +143,7 @@ def _start(job: BuildJob) -> dict:
         "variant": v.name,
         "target": t.name,
         "precision": job.precision,
-        "model": {"source": job.model, "path": str(ckpt), "sha256": sha, "facts": facts,
-                  **({"sources": srcs} if (srcs := sources(ckpt)) else {})},
+        "model": model,
         "plan": {c: job.plan[c] for c in v.components},
         "defaults": {
             "steps": v.default_steps, "guidance_scale": v.default_guidance, "height": side, "width": side,
@@ -152,7 +153,7 @@ def _start(job: BuildJob) -> dict:
             "flavour": t.flavour, "version": job.engine_builder.version if job.engine_builder else None,
             "compute_capability": list(t.compute_capability or []) or None, "options": job.engine_opts.as_dict(),
         },
-        "components": kept_components(job, sha),
+        "components": kept_components(job, model),
         "stages": {},
     }
     out.mkdir(parents=True, exist_ok=True)

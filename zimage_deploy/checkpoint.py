@@ -198,10 +198,24 @@ def content_hash(path: Path) -> str:
     total = sum(p.stat().st_size for p in files if stamp_key(p) not in stamps)
     with tqdm(total=total, unit="B", unit_scale=True, desc="hashing checkpoint", disable=total < 1 << 30) as bar:
         sums = remembered_sha256(files, bar.update)
+    return _digest(path, files, sums)
+
+
+def _digest(root: Path, files, sums) -> str:
     h = hashlib.sha256()
     for p in files:
-        h.update(str(p.relative_to(path)).encode() + b"\0" + sums[p].encode())
+        h.update(str(p.relative_to(root)).encode() + b"\0" + sums[p].encode())
     return h.hexdigest()
+
+
+def part_hashes(path: Path) -> dict[str, str]:
+    """sha256 of each top-level folder of the checkpoint (transformer, text_encoder, vae, ...), from the remembered
+    file hashes (call after `content_hash`): what lets a rebuild keep the graphs of the parts that did not change."""
+    out = {}
+    for folder in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        out[folder.name] = _digest(path, files, remembered_sha256(files))
+    return out
 
 
 def model_key(model: str, variant: str) -> str:

@@ -131,19 +131,32 @@ def _convert(layout: str, key: str, tensor):
     return [(key, tensor)]
 
 
+MAPPED_BYTES = 1 << 30
+
+
 def iter_source(source: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """The (key, tensor) pairs of a view's source files in the layout its loader reads (diffusers for the DiT,
-    transformers for Qwen3), one tensor at a time, FP8 weights dequantized."""
+    transformers for Qwen3), one tensor at a time, FP8 weights dequantized. The file is opened anew after every
+    MAPPED_BYTES read: pages of a mapped file count as resident until it is closed, and a 12 GB single file must
+    not become 12 GB of RSS (sharded folders close each shard after it is read)."""
     prefix, layout = source.get("prefix", ""), source["layout"]
     for entry in source["files"]:
         with safe_open(entry["path"], framework="pt") as f:
             all_keys = set(f.keys())
-            for key in _model_keys(f, prefix):
+            keys = _model_keys(f, prefix)
+        f, read = None, 0
+        try:
+            for key in keys:
+                if f is None or read > MAPPED_BYTES:
+                    f, read = safe_open(entry["path"], framework="pt"), 0
                 tensor = f.get_tensor(key)
+                read += tensor.numel() * tensor.element_size()
                 if tensor.dtype in FP8_DTYPES:
                     sk = scale_key(all_keys, key)
                     tensor = dequantize(tensor, f.get_tensor(sk) if sk else None)
                 yield from _convert(layout, key[len(prefix):], tensor)
+        finally:
+            del f
 
 
 def iter_source_shapes(source: dict) -> Iterator[tuple[str, list[int]]]:

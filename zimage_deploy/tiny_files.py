@@ -106,3 +106,41 @@ def write_vae(ckpt: Path, out: Path, prefix: str = "", dtype=torch.float32) -> P
     state = vae_to_original(_read(Path(ckpt) / "vae"), len(cfg["block_out_channels"]))
     save_file({prefix + k: v.to(dtype).contiguous() for k, v in state.items()}, str(out))
     return out
+
+
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16", FP8: "F8_E4M3"}
+
+
+def write_streamed(shapes: dict[str, tuple], out: Path, make, dtype=torch.bfloat16) -> int:
+    """One safetensors file of `shapes` written tensor by tensor (`make(name, shape)` draws each): the header
+    first, then each tensor's bytes, so memory holds one tensor (a 12 GB file within a few hundred MB)."""
+    import json
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = int(torch.tensor(shape).prod()) * size
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(out, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name, shape in shapes.items():
+            f.write(make(name, shape).to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+    return 8 + len(text) + offset
+
+
+def write_random_original_dit(out: Path, config: dict, prefix: str = "model.diffusion_model.", seed: int = 0) -> int:
+    """A random Z-Image DiT of `config` (diffusers' ZImageTransformer2DModel arguments) as one original-layout
+    BF16 file, streamed (the real-size single file of the memory measurement)."""
+    from diffusers import ZImageTransformer2DModel
+
+    from .realsize import random_tensor
+
+    with torch.device("meta"):
+        model = ZImageTransformer2DModel(**config)
+    shapes = {k: tuple(v.shape) for k, v in to_original(dict(model.state_dict()), prefix).items()}
+    gen = torch.Generator().manual_seed(seed)
+    return write_streamed(shapes, out, lambda name, shape: random_tensor(name, shape, gen, torch.bfloat16))
