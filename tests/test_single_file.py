@@ -62,8 +62,9 @@ def _build(args, out):
 
 def test_turbo_from_files(files, tiny_fp32, base_ckpt, tmp_path):
     out = tmp_path / "b"
-    m = _build(["--model", str(files["dit"]), "--text-encoder", str(files["te"]), "--vae", str(files["vae"])], out)
-    assert m["variant"] == "turbo"
+    m = _build(["--model", str(files["dit"]), "--text-encoder", str(files["te"]), "--vae", str(files["vae"]),
+                "--lean", "on"], out)  # the memory-lean path streams the file's tensors into the graphs
+    assert m["variant"] == "turbo" and m["export"]["lean"]
     srcs = {s["role"]: s for s in m["model"]["sources"]["sources"]}
     assert srcs["transformer"]["name"] == "z_image_turbo.safetensors" and srcs["transformer"]["layout"] == "zimage-original"
     assert srcs["vae"]["size"] == files["vae"].stat().st_size and len(srcs["text_encoder"]["sha256"]) == 64
@@ -146,6 +147,8 @@ def test_bad_files_refused(files, edit_ckpt, tmp_path, capsys):
              "expected the Flux autoencoder")
     _refused(["--model", dit, "--text-encoder", te], out, capsys, "--vae FILE")
     _refused(["--model", dit], out, capsys, "--base DIR")
+    _refused(["--model", str(edit_ckpt), "--vae", vae], out, capsys, "go with a transformer file")
+    _refused(["--model", dit, "--transformer", dit, "--base", "tiny"], out, capsys, "replaces the DiT of --model DIR")
     state = load_file(dit)
     state["model.diffusion_model.layers.1.feed_forward.w2.weight"] = torch.zeros(64, 100)
     save_file(state, str(tmp_path / "wrong.safetensors"))

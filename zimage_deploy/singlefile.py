@@ -314,6 +314,9 @@ def prepare(model: str | None = None, variant: str | None = None, base: str | No
             raise UserError("--transformer FILE replaces the DiT of --model DIR (a diffusers folder); "
                             "with a transformer file as --model, pass --base DIR instead")
         base = model  # --model DIR --transformer FILE
+    if dit_file is None or Path(dit_file).expanduser().is_dir():
+        raise UserError("--base / --text-encoder / --vae go with a transformer file: --model FILE.safetensors, or "
+                        "--transformer FILE over --model DIR")
     if base is None and (text_encoder is None or vae is None):
         missing = [n for n, v in (("--text-encoder FILE", text_encoder), ("--vae FILE", vae)) if v is None]
         raise UserError(f"a transformer file needs the rest of the pipeline: pass --base DIR (a Z-Image diffusers "
@@ -325,7 +328,10 @@ def prepare(model: str | None = None, variant: str | None = None, base: str | No
     dit_shapes = _shapes(sources[0])
     variant = _variant(sources[0], dit_shapes, variant, base, base_variant)
     _hashed(sources)
+    base_configs = [(base_path / f / "config.json").read_text() if (base_path / f / "config.json").is_file() else ""
+                    for f in ("transformer", "text_encoder")] if base_path else []
     key = hashlib.sha256(json.dumps({"v": VIEW_VERSION, "variant": variant, "base": str(base_path),
+                                     "base_configs": base_configs,  # the facts the view's configs take from it
                                      "files": [[s.role, s.sha256, s.path] for s in sources]}).encode()).hexdigest()
     view = cache_dir() / "views" / f"{Path(dit_file).stem}-{key[:16]}"
     if not (view / SOURCES).is_file():
