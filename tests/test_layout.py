@@ -14,7 +14,8 @@ LEAVES = ("errors", "paths", "numerics", "components", "variants", "fsutil")
 LAYERS = [
     ("errors", "paths", "numerics", "schemes", "components", "variants", "targets", "fsutil", "cli",
      "quantize.options"),
-    ("hashing", "manifest", "buildfolder", "scales", "checkpoint", "facts", "tiny", "tiny_controlnet", "realsize"),
+    ("hashing", "manifest", "buildfolder", "scales", "keymaps", "checkpoint", "singlefile", "facts", "tiny", "tiny_files",
+     "tiny_controlnet", "realsize"),
     ("models",),
     ("export", "engines"),
     ("controlnet", "lora"),

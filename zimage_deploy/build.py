@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import __version__
 from . import manifest as manifest_io
 from .buildfolder import BuildFolder, support_folders
-from .checkpoint import content_hash, resolve
+from .checkpoint import content_hash, part_hashes, resolve
 from .cli import run_cli
 from .controlnet import BuildControlNet
 from .engines.builder import EngineBuilder
@@ -38,6 +38,7 @@ from .job import BuildJob
 from .lora.fuse import BuildLoras
 from .quantize.options import DEFAULT_EXCLUDE, INT4_METHODS, QuantOptions
 from .quantize.stage import quantize_stage
+from .singlefile import sources
 from .targets import PRECISIONS, QUANTIZED, TARGETS, TEXT_ENCODER_PRECISIONS, get_target, precision_plan
 from .variants import VARIANTS, get_variant
 
@@ -52,12 +53,15 @@ def default_out(model: str, variant: str, target: str, precision: str) -> Path:
 def build(model: str, variant: str | None = None, target: str = "cpu", precision: str | None = None,
           out: Path | None = None, parity: bool = True, engine_opts: EngineOptions | None = None, log=tqdm.write,
           lean: str = "auto", quant: QuantOptions | None = None, text_encoder_precision: str | None = None,
-          engines: bool = True, loras=(), drop_intermediate: bool = False, controlnet=None) -> Path:
+          engines: bool = True, loras=(), drop_intermediate: bool = False, controlnet=None, base: str | None = None,
+          transformer: str | None = None, text_encoder: str | None = None, vae: str | None = None) -> Path:
     """`variant`: None reads it from the checkpoint (model_index.json); `quant`: how quantized precisions are made
     (calibration, exclusions, quality gate); `text_encoder_precision` overrides the text encoder's ("bf16" = not
     quantized); `engines=False` stops after the graphs (engines are then built by running the same build again
     where the target's TensorRT is); `loras`: LoRAs fused into the DiT ((path, scale) pairs or 'PATH[:SCALE]');
     `controlnet`: a ControlNet exported beside the DiT (controlnet.py; a ZImageControlNetPipeline's own without it).
+    Single files (singlefile.py): `model` a transformer file with `base` (a diffusers folder) or `text_encoder` and
+    `vae` files; `transformer` a DiT file replacing the one of the diffusers folder `model`.
 
     Everything that can be checked is checked before anything is written; then the output folder is locked
     (a second build into it is refused) while the stages write it."""
@@ -76,7 +80,7 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
         raise UserError(f"text encoder precision must be one of {TEXT_ENCODER_PRECISIONS}")
     if text_encoder_precision in QUANTIZED and text_encoder_precision not in t.precisions:
         raise UserError(f"target {target!r} does not run {text_encoder_precision}")
-    ckpt, variant = resolve(model, variant)
+    ckpt, variant = _checkpoint(model, variant, base, transformer, text_encoder, vae, log)
     fused = BuildLoras(loras, ckpt)  # read and checked against the checkpoint's transformer
     control = BuildControlNet(controlnet, ckpt, variant)  # checked against it too
     v = control.variant(get_variant(variant))
@@ -95,10 +99,21 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
     # fails when the target's TensorRT is missing
     engine_builder = EngineBuilder(t, engine_opts) if t.flavour != "none" and engines else None
     engine_shapes = profiles(v, facts, engine_opts) if engine_builder else None
-    out = Path(out) if out else default_out(model, variant, target, precision)
+    out = Path(out) if out else default_out(transformer or model, variant, target, precision)
     with folder_lock(out):
         return _build(BuildJob(ckpt, model, v, t, precision, plan, out, parity, engine_opts, engine_builder,
                                engine_shapes, facts, log, lean, quant, prompts, fused, drop_intermediate, control))
+
+
+def _checkpoint(model, variant, base, transformer, text_encoder, vae, log) -> tuple[Path, str]:
+    """The checked checkpoint folder and variant: a diffusers folder / hub id / tiny as given, or the diffusers-layout
+    view of single files (singlefile.py)."""
+    from .singlefile import prepare
+
+    if transformer or base or text_encoder or vae or Path(model).expanduser().is_file():
+        view, variant = prepare(model, variant, base, transformer, text_encoder, vae, log)
+        return resolve(str(view), variant)
+    return resolve(model, variant)
 
 
 def _build(job: BuildJob) -> Path:
@@ -125,6 +140,8 @@ def _start(job: BuildJob) -> dict:
     v, t, ckpt, out, facts = job.v, job.t, job.ckpt, job.out, job.facts
     job.log(f"[checkpoint] {ckpt} ({v.name})")
     sha = content_hash(ckpt)
+    model = {"source": job.model, "path": str(ckpt), "sha256": sha, "parts": part_hashes(ckpt), "facts": facts,
+             **({"sources": srcs} if (srcs := sources(ckpt)) else {})}
     side = default_side(facts)
     manifest = {
         "schema": manifest_io.SCHEMA,
@@ -134,7 +151,7 @@ def _start(job: BuildJob) -> dict:
         "variant": v.name,
         "target": t.name,
         "precision": job.precision,
-        "model": {"source": job.model, "path": str(ckpt), "sha256": sha, "facts": facts},
+        "model": model,
         "plan": {c: job.plan[c] for c in v.components},
         "defaults": {
             "steps": v.default_steps, "guidance_scale": v.default_guidance, "height": side, "width": side,
@@ -144,7 +161,7 @@ def _start(job: BuildJob) -> dict:
             "flavour": t.flavour, "version": job.engine_builder.version if job.engine_builder else None,
             "compute_capability": list(t.compute_capability or []) or None, "options": job.engine_opts.as_dict(),
         },
-        "components": kept_components(job, sha),
+        "components": kept_components(job, model),
         "stages": {},
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -195,6 +212,17 @@ def main(argv=None) -> int:
                     help="'tiny' / 'tiny-base' / 'tiny-edit' (embedded test checkpoints, written to "
                          "$ZIMAGE_DEPLOY_CACHE or ~/.cache/zimage_deploy on first use), a diffusers-layout "
                          "directory, or a hub id (default: %(default)s)")
+    ckpt = ap.add_argument_group("single-file checkpoints (--model FILE.safetensors: a Z-Image transformer in the "
+                                 "original / ComfyUI / diffusers key layout, plain or FP8)")
+    ckpt.add_argument("--base", default=None, metavar="DIR",
+                      help="a Z-Image diffusers folder (or hub id / tiny name) the text encoder, VAE, tokenizer, "
+                           "scheduler (and SigLIP parts) come from; it also says Turbo or Base")
+    ckpt.add_argument("--text-encoder", default=None, metavar="FILE",
+                      help="a Qwen3 text encoder file (transformers / ComfyUI layout, e.g. qwen_3_4b.safetensors)")
+    ckpt.add_argument("--vae", default=None, metavar="FILE",
+                      help="the Flux autoencoder file (ae.safetensors, original or diffusers layout)")
+    ckpt.add_argument("--transformer", default=None, metavar="FILE",
+                      help="a transformer file replacing the DiT of the diffusers folder --model (a fine-tune)")
     ap.add_argument("--variant", default=None, choices=sorted(VARIANTS),
                     help="default: read from the checkpoint's model_index.json (ZImageOmniPipeline: edit; "
                          "ZImagePipeline: turbo, or base for tiny-base / Tongyi-MAI/Z-Image); a variant the "
@@ -283,7 +311,8 @@ def main(argv=None) -> int:
     build(args.model, args.variant, args.target, args.precision, args.out, parity=not args.skip_parity,
           engine_opts=opts, lean=args.lean, quant=quant, text_encoder_precision=args.text_encoder_precision,
           engines=not args.skip_engines, loras=args.lora, drop_intermediate=args.drop_intermediate,
-          controlnet=args.controlnet)
+          controlnet=args.controlnet, base=args.base, transformer=args.transformer,
+          text_encoder=args.text_encoder, vae=args.vae)
     return 0
 
 

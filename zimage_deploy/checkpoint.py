@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from .errors import UserError
 from .hashing import load_stamps, remembered_sha256, stamp_key
+from .keymaps import iter_source, iter_source_shapes, read_source, source_bytes
 from .variants import is_omni
 
 # What each component folder must hold (besides weights, checked separately).
@@ -43,7 +44,7 @@ def missing_files(path: Path, variant: str = "turbo") -> list[str]:
                 missing.append(f"{folder}/{f}")
     for folder in WEIGHT_FOLDERS + (("siglip",) if is_omni(variant) else ()):
         d = path / folder
-        if d.is_dir() and not any(d.glob("*.safetensors")):
+        if d.is_dir() and not any(d.glob("*.safetensors")) and read_source(d) is None:
             pickles = [p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES]
             hint = f" (found pickle files {pickles}: convert them to safetensors)" if pickles else ""
             missing.append(f"{folder}/*.safetensors{hint}")
@@ -152,7 +153,12 @@ def read_config(path: Path, folder: str, name: str = "config.json") -> dict:
 
 
 def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of every safetensors file in `folder`, one at a time (never the whole model at once)."""
+    """Every tensor of every safetensors file in `folder`, one at a time (never the whole model at once); a
+    single-file view's folder (keymaps.py `source.json`) yields its source file's tensors, renamed."""
+    source = read_source(folder)
+    if source is not None:
+        yield from iter_source(source)
+        return
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"no safetensors weights in {folder}")
@@ -160,6 +166,26 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
+
+
+def iter_shapes(folder: Path) -> Iterator[tuple[str, list[int]]]:
+    """(name, shape) of every tensor `iter_tensors` yields, from the safetensors headers (no tensor is read)."""
+    source = read_source(folder)
+    if source is not None:
+        yield from iter_source_shapes(source)
+        return
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, list(f.get_slice(name).get_shape())
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes of a component's weight files (a view's: its source files)."""
+    source = read_source(folder)
+    if source is not None:
+        return source_bytes(source)
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
 def content_hash(path: Path) -> str:
@@ -172,10 +198,24 @@ def content_hash(path: Path) -> str:
     total = sum(p.stat().st_size for p in files if stamp_key(p) not in stamps)
     with tqdm(total=total, unit="B", unit_scale=True, desc="hashing checkpoint", disable=total < 1 << 30) as bar:
         sums = remembered_sha256(files, bar.update)
+    return _digest(path, files, sums)
+
+
+def _digest(root: Path, files, sums) -> str:
     h = hashlib.sha256()
     for p in files:
-        h.update(str(p.relative_to(path)).encode() + b"\0" + sums[p].encode())
+        h.update(str(p.relative_to(root)).encode() + b"\0" + sums[p].encode())
     return h.hexdigest()
+
+
+def part_hashes(path: Path) -> dict[str, str]:
+    """sha256 of each top-level folder of the checkpoint (transformer, text_encoder, vae, ...), from the remembered
+    file hashes (call after `content_hash`): what lets a rebuild keep the graphs of the parts that did not change."""
+    out = {}
+    for folder in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        out[folder.name] = _digest(path, files, remembered_sha256(files))
+    return out
 
 
 def model_key(model: str, variant: str) -> str:
@@ -184,6 +224,8 @@ def model_key(model: str, variant: str) -> str:
     if model.startswith("tiny-") and not Path(model).exists():
         return model
     path = Path(model)
+    if path.is_file():
+        return path.stem
     if path.exists():
         return path.resolve().name
     return model.replace("/", "--")

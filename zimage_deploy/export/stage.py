@@ -13,6 +13,8 @@ from tqdm import tqdm
 from .. import __version__
 from .. import manifest as manifest_io
 from ..buildfolder import BuildFolder
+from ..checkpoint import weight_bytes
+from ..components import loader_of
 from ..hashing import folder_sha256
 from ..targets import QUANTIZED, base_precision
 from .onnx_export import EXPORT_FORMAT, OPSET, export_component
@@ -25,7 +27,7 @@ def use_lean(lean: str, ckpt: Path) -> bool:
     """`auto`: lean when the DiT and text-encoder weights together exceed 4 GiB."""
     if lean in ("on", "off"):
         return lean == "on"
-    size = sum(p.stat().st_size for f in ("transformer", "text_encoder") for p in (ckpt / f).glob("*.safetensors"))
+    size = sum(weight_bytes(ckpt / f) for f in ("transformer", "text_encoder"))
     return size > LEAN_AUTO_BYTES
 
 
@@ -41,11 +43,25 @@ def dit_key(job, name: str) -> str:
     return job.loras.key_for(name) + (job.controlnet.key_for(name) if job.controlnet else "")
 
 
-def _key(job, sha: str, name: str) -> str:
-    return component_key(sha, name, base_precision(job.plan[name], job.t.base), dit_key(job, name))
+# the checkpoint folders a component's graph is made from (a component not listed: the whole checkpoint)
+FOLDERS = {"transformer": ("transformer",), "text_encoder": ("text_encoder",), "vae_decoder": ("vae",),
+           "vae_encoder": ("vae",), "vision_encoder": ("siglip", "siglip_processor")}
 
 
-def kept_components(job, sha: str) -> dict:
+def part_sha(model: dict, name: str) -> str:
+    """What a component's graph is made from: the hash of its own checkpoint folders (a new DiT file keeps the text
+    encoder's and VAE's graphs), or the whole checkpoint's where the manifest has no part hashes."""
+    parts, folders = model.get("parts") or {}, FOLDERS.get(loader_of(name))
+    if not folders or any(f not in parts for f in folders):
+        return model["sha256"]
+    return hashlib.sha256("|".join(parts[f] for f in folders).encode()).hexdigest()
+
+
+def _key(job, model: dict, name: str) -> str:
+    return component_key(part_sha(model, name), name, base_precision(job.plan[name], job.t.base), dit_key(job, name))
+
+
+def kept_components(job, model: dict) -> dict:
     """Components of the previous build in the folder whose exported graph was made from the same inputs and is
     intact (a quantized component keeps its quantized graph only if the quantize stage finds it up to date too)."""
     kept = {}
@@ -53,7 +69,7 @@ def kept_components(job, sha: str) -> dict:
         old = job.previous.get("components", {}).get(name, {})
         exported = old.get("unquantized", old)
         folder = BuildFolder(job.out).graph_dir(name)
-        if old.get("key") == _key(job, sha, name) and exported.get("onnx") == BuildFolder.graph_rel(name) \
+        if old.get("key") == _key(job, model, name) and exported.get("onnx") == BuildFolder.graph_rel(name) \
                 and old.get("status") in ("complete", "rejected") and old.get("rejected_by") != "parity" \
                 and folder.is_dir() and folder_sha256(folder) == exported.get("onnx_sha256"):
             if job.plan[name] in QUANTIZED:
@@ -74,7 +90,7 @@ def export_stage(job, manifest: dict) -> dict:
     for name in bar:
         bar.set_postfix_str(name)
         exported = base_precision(job.plan[name], job.t.base)
-        key = _key(job, manifest["model"]["sha256"], name)
+        key = _key(job, manifest["model"], name)
         if name in manifest["components"]:
             job.log(f"[export] {name}: up to date, skipped")
             continue

@@ -108,22 +108,16 @@ class Targets:
 
 def from_checkpoint(ckpt: Path) -> Targets:
     """From the headers of the checkpoint's transformer safetensors (no tensor is read)."""
-    from safetensors import safe_open
+    from ..checkpoint import iter_shapes, read_config
 
-    from ..checkpoint import read_config
-
-    folder = Path(ckpt) / "transformer"
     shapes: dict[str, list[int]] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                shape = f.get_slice(key).get_shape()
-                ours = convert_diffusers_key(key)
-                name = ours.split("#")[0]
-                if name in shapes and "#" in ours and len(shape) == 2:
-                    shapes[name][0] += shape[0]
-                else:
-                    shapes[name] = list(shape)
+    for key, shape in iter_shapes(Path(ckpt) / "transformer"):
+        ours = convert_diffusers_key(key)
+        name = ours.split("#")[0]
+        if name in shapes and "#" in ours and len(shape) == 2:
+            shapes[name][0] += shape[0]
+        else:
+            shapes[name] = list(shape)
     cfg = read_config(Path(ckpt), "transformer")
     return Targets({k: tuple(v) for k, v in shapes.items()}, (cfg.get("all_patch_size") or [2])[0])
 

@@ -113,6 +113,11 @@ def _quantize(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions
         gc.collect()  # the calibrated models (held in modelopt's reference cycles) before the graph rewrite
         calib_seconds = round(time.perf_counter() - tc, 2)
         log(f"[quantize] calibrated on {len(prompts)} prompts at {side}x{side} in {calib_seconds:.1f} s")
+    fp8_source = None
+    if scales.get("transformer") is not None and todo.get("transformer") == "fp8":  # an FP8 single file's own grid
+        from .reuse import choose
+
+        fp8_source = choose(scales["transformer"], ckpt, fused_loras=bool(loras))
 
     for name in stale:
         scheme, entry = todo[name], manifest["components"][name]
@@ -134,6 +139,7 @@ def _quantize(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions
                 "block": summary["block"], "layers": len(summary["quantized"]),
                 "activation_qdq": summary["activation_qdq"], "awq_scaled": summary["awq_scaled"],
                 "attention_qdq": summary["attention_qdq"],
+                **({"fp8_source": fp8_source} if fp8_source and name in ("transformer", "controlnet") else {}),
                 "kept": summary["kept"], "exclude": list(opts.exclude),
                 "weight_bytes": {"before": summary["bytes_before"], "after": summary["bytes_after"]},
                 "scales": BuildFolder.scales_rel(name, scheme), "scales_sha256": file_sha256(scale_file),
