@@ -296,7 +296,7 @@ def test_timed_out_work_stops_between_steps(runtime):
         wait_for(lambda: s.spy.calls and s.spy.calls[-1]["outcome"] is not None)
         call = s.spy.calls[-1]
         assert call["outcome"] == "GenerationCancelled" and call["checks"] < 100
-        assert "zimage_cancelled_batches_total 1.0" in httpx.get(f"{s.url}/metrics").text
+        assert 'zimage_cancelled_batches_total{model="turbo"} 1.0' in httpx.get(f"{s.url}/metrics").text
 
 
 def test_disconnected_client_stops_its_work(runtime):

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from ..cli import add_build_dir, run_cli
 from ..errors import UserError
 from .__main__ import API_KEY_ENV, SWITCH_INTERVAL_S, add_limit_options, load_runtime, serve_limits
+from .gateway import Gateway
 from .service import Service
 
 
@@ -38,9 +39,10 @@ class ZImageReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.service = Service(self.runtime, limits, watch_disconnect=False, tag={"replica": self.replica},
                                **options)
+        self.gateway = Gateway([self.service], tag={"replica": self.replica})
 
     async def __call__(self, request: Request):
-        return await self.service.dispatch(request)
+        return await self.gateway.dispatch(request)
 
     def __del__(self):  # Ray calls it when the replica shuts down: stop the work in progress between steps
         service = getattr(self, "service", None)
