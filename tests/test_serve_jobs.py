@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from serve_util import RuntimeSpy, ServerThread, decode, wait_for
+from serve_util import RuntimeSpy, Served, ServerThread, decode, wait_for
 from zimage_deploy import ZImageRuntime
 from zimage_deploy.serve.app import create_app
 from zimage_deploy.serve.jobs import INTERRUPTED, Jobs, JobStore
@@ -41,23 +41,12 @@ class HeldSpy(RuntimeSpy):
         return super().run(req, cancel=check, **kwargs)
 
 
-class Server:
-    def __init__(self, runtime, folder, api_key=None, shutdown_timeout_s=10.0, **jobs_options):
-        self.spy = HeldSpy(runtime)
-        self.jobs = Jobs(JobStore(folder, **{k: v for k, v in jobs_options.items() if k.startswith("retention")}),
-                         **{k: v for k, v in jobs_options.items() if not k.startswith("retention")})
-        self.app = create_app(self.spy, api_key=api_key, batch_wait_ms=0, jobs=self.jobs,
-                              shutdown_timeout_s=shutdown_timeout_s)
-        self.thread = ServerThread(self.app)
-
-    def __enter__(self):
-        self.url = self.thread.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.thread.__exit__(*exc)
-        self.spy.gate.set()
-        self.spy.release.set()
+def Server(runtime, folder, api_key=None, shutdown_timeout_s=10.0, **jobs_options):
+    """A server with background jobs in `folder` over a HeldSpy."""
+    retention = {k: v for k, v in jobs_options.items() if k.startswith("retention")}
+    jobs = Jobs(JobStore(folder, **retention), **{k: v for k, v in jobs_options.items() if k not in retention})
+    return Served(runtime, spy=HeldSpy, api_key=api_key, batch_wait_ms=0, jobs=jobs,
+                  shutdown_timeout_s=shutdown_timeout_s)
 
 
 def submit(url, key=None, **fields):

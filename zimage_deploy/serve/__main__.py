@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -199,6 +200,8 @@ def main(argv=None) -> int:
         def handle_exit(self, sig, frame):  # the drain starts now, bounded by --shutdown-timeout
             gateway.begin_shutdown()
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # a clean stop: exit 0 (uvicorn would raise the signal again at the end)
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.shutdown_timeout + 5)

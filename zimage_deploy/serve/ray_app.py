@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-import time
+import threading
 from pathlib import Path
 
 from ray import serve
@@ -56,7 +57,8 @@ _LIMIT_DEFAULTS = dict(timeout=120.0, max_steps=None, max_side=None, max_prompt_
 
 def deployment(engine_dir: str, replicas: int = 1, autoscale: tuple[int, int] | None = None,
                gpus_per_replica: float | None = None, backend: str = "auto", max_ongoing_requests: int = 8,
-               max_queued_requests: int = 64, service: dict | None = None, limits: dict | None = None):
+               max_queued_requests: int = 64, service: dict | None = None, limits: dict | None = None,
+               shutdown_timeout_s: float = 10.0):
     """The bound Ray Serve application. GPU builds (engines present) take one GPU per replica by default.
     `service`: Service options per replica (max_batch, batch_wait_ms, timeout_s, api_key, ...); `limits`: the
     server's limit options (max_batch_pixels, max_side, ...). Ray answers 503 beyond `max_queued_requests`."""
@@ -66,7 +68,8 @@ def deployment(engine_dir: str, replicas: int = 1, autoscale: tuple[int, int] | 
     has_engines = any((c.get("engine") or {}).get("status") == "complete" for c in manifest["components"].values())
     gpus = gpus_per_replica if gpus_per_replica is not None else (1.0 if has_engines else 0.0)
     options = dict(ray_actor_options={"num_gpus": gpus, "num_cpus": 0 if gpus else 1},
-                   max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests)
+                   max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
+                   graceful_shutdown_timeout_s=shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5)
     if autoscale:
         options["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
                                          "target_ongoing_requests": 2, "upscale_delay_s": 5,
@@ -91,6 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-ongoing", type=int, default=8, help="requests per replica at once (default: 8)")
     ap.add_argument("--max-queued", type=int, default=64, help="requests Ray queues before 503 (default: 64)")
     ap.add_argument("--max-batch", type=int, default=4, help="text-to-image images per runtime call (default: 4)")
+    ap.add_argument("--shutdown-timeout", type=float, default=10.0,
+                    help="on SIGTERM/SIGINT, seconds requests in progress may finish before they are cancelled "
+                         "(default: 10)")
     add_limit_options(ap)
     args = ap.parse_args(argv)
     import ray
@@ -105,16 +111,24 @@ def main(argv=None) -> int:
                    lora_dir=str(args.lora_dir.resolve()) if args.lora_dir else None)
     limits["max_lora_sets"] = args.max_lora_sets
     limits["lora_dir"] = service["lora_dir"]
+    stop = threading.Event()
     ray.init(address=args.address, include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(deployment(str(args.build_dir), args.replicas, autoscale, args.gpus_per_replica, args.backend,
-                         args.max_ongoing, args.max_queued, service, limits), route_prefix="/")
-    print(f"Ray Serve: {args.build_dir} on http://{args.host}:{args.port}/v1/generate (Ctrl-C stops)")
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(deployment(str(args.build_dir), args.replicas, autoscale, args.gpus_per_replica, args.backend,
+                             args.max_ongoing, args.max_queued, service, limits, args.shutdown_timeout),
+                  route_prefix="/")
+        # after ray.init, whose handlers abort the driver (SIGABRT, exit 134) on SIGTERM
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stop.set())
+        print(f"Ray Serve: {args.build_dir} on http://{args.host}:{args.port}/v1/generate (SIGTERM or Ctrl-C "
+              "stops)", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print(f"stopping: requests in progress get up to {args.shutdown_timeout:g} s", flush=True)
+        serve.shutdown()  # the proxy stops taking requests; replicas drain, then are stopped
+    finally:
+        ray.shutdown()
     return 0
 
 

@@ -364,11 +364,11 @@ class Service:
 
     def _background_stop(self, job: Job):
         """A background run's between-steps check: its progress, a pause while other models' interactive work
-        waits or runs, then whether to stop."""
+        waits or runs (not while this model's own requests wait behind it), then whether to stop."""
         def check() -> bool:
             if job.on_check is not None:
                 job.on_check()
-            while not job.cancel.is_set() and self.others_busy():
+            while not job.cancel.is_set() and self.others_busy() and not self.pending:
                 time.sleep(0.01)
             return job.cancel.is_set()
         return check
