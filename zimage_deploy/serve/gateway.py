@@ -147,8 +147,11 @@ class Gateway:
 
     # -- endpoints -----------------------------------------------------------------------------------------
     def _model_info(self, s: Service) -> dict:
+        lim = s.limits.request
         return {"variant": s.runtime.variant, "backend": s.runtime.backend, "ready": s.is_ready,
-                "sizes": s.limits.request.sizes_text(), "max_batch_pixels": s.limits.max_batch_pixels,
+                "sizes": lim.sizes_text(), "min_side": lim.min_side, "max_side": lim.max_side,
+                "multiple": lim.multiple, "static": list(lim.static) if lim.static else None,
+                "max_batch_pixels": s.limits.max_batch_pixels,
                 "queue_depth": len(s.pending), "live_requests": s.live}
 
     async def health(self, request: Request) -> Response:
