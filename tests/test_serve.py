@@ -206,3 +206,42 @@ def test_ray_serve_shares_the_service(tiny_fp32, runtime):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_ray_serve_models_behind_one_ingress(tiny_fp32, base_fp32, runtime):
+    """Several builds on Ray Serve: a deployment per model behind one ingress, routed by `model`."""
+    import ray
+    from ray import serve
+
+    from zimage_deploy.serve.ray_app import application
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(application({"turbo": tiny_fp32, "base": base_fp32}, default="turbo", service={"api_key": "k"}),
+                  route_prefix="/")
+        url, auth = f"http://127.0.0.1:{port}", {"authorization": "Bearer k"}
+        ready = httpx.get(f"{url}/ready", timeout=60)
+        assert ready.status_code == 200 and set(ready.json()["models"]) == {"turbo", "base"}
+        assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
+        models = httpx.get(f"{url}/v1/models", headers=auth, timeout=30).json()["data"]
+        assert [(m["id"], m["default"]) for m in models] == [("turbo", True), ("base", False)]
+        for model in ("base", None):
+            fields = {"prompt": "a cat", "seed": 1, "height": 64, "width": 64, "steps": 2}
+            body = httpx.post(f"{url}/v1/generate", headers=auth, timeout=120,
+                              json={**fields, **({"model": model} if model else {})}).json()
+            assert body["model"] == (model or "turbo") and body["replica"]
+        want = runtime.generate("a cat", seed=1, height=64, width=64, steps=2).images[0]
+        assert np.array_equal(decode(body["images"][0]), arr(want))
+        unknown = httpx.post(f"{url}/v1/images/generations", headers=auth, json={"prompt": "a", "model": "x"})
+        assert unknown.status_code == 404 and "models: turbo, base" in unknown.json()["error"]["message"]
+        huge = httpx.post(f"{url}/v1/generate", content=b"x" * (64 << 20), headers={**auth, "content-type":
+                                                                                     "application/json"})
+        assert huge.status_code == 413
+        assert httpx.get(f"{url}/", timeout=30).text.startswith("<!doctype html>")
+        metrics = httpx.get(f"{url}/metrics", headers=auth, timeout=30).text
+        assert 'model="base"' in metrics and 'model="turbo"' in metrics
+    finally:
+        serve.shutdown()
+        ray.shutdown()
