@@ -55,14 +55,32 @@ def test_uvicorn_server_two_models_and_jobs(tiny_fp32, base_fp32, tmp_path):
         store.close()
 
 
-def test_ray_app_exits_0_on_sigterm(tiny_fp32):
-    proc, url = start_server(["--engine-dir", tiny_fp32, "--shutdown-timeout", "1"],
-                             module="zimage_deploy.serve.ray_app", timeout=180)
+def test_ray_app_models_behind_one_ingress_and_sigterm(tiny_fp32, base_fp32):
+    """The Ray app with two builds (a deployment per model behind one ingress, routed by `model`), then SIGTERM:
+    exit 0 (it was SIGABRT, 134)."""
+    proc, url = start_server(["--build-dir", f"turbo={tiny_fp32}", "--build-dir", f"base={base_fp32}",
+                              "--shutdown-timeout", "1", "--api-key", "k"], module="zimage_deploy.serve.ray_app",
+                             timeout=240)
+    auth = {"authorization": "Bearer k"}
     try:
-        r = httpx.post(f"{url}/v1/generate", json={"prompt": "a", "height": 64, "width": 64, "steps": 1},
-                       timeout=60)
-        assert r.status_code == 200
-        code, elapsed = _stop(proc, deadline=90)
+        assert set(httpx.get(f"{url}/ready", timeout=30).json()["models"]) == {"turbo", "base"}
+        assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
+        models = httpx.get(f"{url}/v1/models", headers=auth, timeout=30).json()["data"]
+        assert [(m["id"], m["default"]) for m in models] == [("turbo", True), ("base", False)]
+        for model in ("base", None):
+            fields = {"prompt": "a cat", "seed": 1, "height": 64, "width": 64, "steps": 1}
+            r = httpx.post(f"{url}/v1/generate", headers=auth, timeout=120,
+                           json={**fields, **({"model": model} if model else {})})
+            assert r.status_code == 200 and r.json()["model"] == (model or "turbo") and r.json()["replica"]
+        unknown = httpx.post(f"{url}/v1/images/generations", headers=auth, json={"prompt": "a", "model": "x"})
+        assert unknown.status_code == 404 and "models: turbo, base" in unknown.json()["error"]["message"]
+        huge = httpx.post(f"{url}/v1/generate", content=b"x" * (64 << 20),
+                          headers={**auth, "content-type": "application/json"})
+        assert huge.status_code == 413
+        assert httpx.get(f"{url}/", timeout=30).text.startswith("<!doctype html>")
+        metrics = httpx.get(f"{url}/metrics", headers=auth, timeout=30).text
+        assert 'model="base"' in metrics and 'model="turbo"' in metrics
+        code, _ = _stop(proc, deadline=90)
         assert code == 0, (code, proc.stderr.read()[-3000:])
     finally:
         if proc.poll() is None:
