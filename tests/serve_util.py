@@ -79,7 +79,9 @@ class RuntimeSpy:
         return getattr(self.runtime, name)
 
     def run(self, req, cancel=None, **kwargs):
-        call = {"pixels": req.pixels, "images": req.batch, "steps": req.steps, "checks": 0, "outcome": None}
+        mask = kwargs.get("mask")
+        call = {"pixels": req.pixels, "images": req.batch, "steps": req.steps, "checks": 0, "outcome": None,
+                "mask": None if mask is None else mask.convert("L").getextrema()}
         self.calls.append(call)
 
         def counted():

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from conftest import in_ci
-from serve_util import ServerThread, wait_for
+from conftest import synthetic_image
+from serve_util import RuntimeSpy, ServerThread, png_bytes, wait_for
 from zimage_deploy import ZImageRuntime
 from zimage_deploy.serve.app import create_app
 from zimage_deploy.serve.jobs import Jobs, JobStore
@@ -82,23 +83,24 @@ class Browser:
 def page(tiny_fp32, tmp_path_factory):
     chromium()
     folder = tmp_path_factory.mktemp("page")
-    app = create_app(ZImageRuntime(tiny_fp32), batch_wait_ms=0, jobs=Jobs(JobStore(folder / "jobs")))
+    spy = RuntimeSpy(ZImageRuntime(tiny_fp32))
+    app = create_app(spy, batch_wait_ms=0, jobs=Jobs(JobStore(folder / "jobs")))
     with ServerThread(app) as url:
         browser = Browser(url + "/", folder)
         try:
-            yield browser, url
+            yield browser, url, spy, folder
         finally:
             browser.close()
 
 
 def test_page_is_self_contained(page):
-    _, url = page
+    _, url, *_ = page
     html = httpx.get(url + "/").text
     assert "<script>" in html and "http://" not in html and "https://" not in html  # nothing fetched elsewhere
 
 
 def test_page_generates_an_image(page):
-    browser, _ = page
+    browser, *_ = page
     assert browser.eval("[...document.getElementById('model').options].map(o => o.value)") == ["turbo"]
     assert browser.eval("document.getElementById('width').value") == "512"  # the model's largest side here
     browser.fill(prompt="一只猫 a cat", width=64, height=64, steps=2, seed=3)
@@ -112,7 +114,7 @@ def test_page_generates_an_image(page):
 
 
 def test_page_shows_the_servers_error(page):
-    browser, _ = page
+    browser, *_ = page
     browser.fill(prompt="a cat", width=100, height=64, steps=1)
     browser.eval("document.getElementById('generate').click()")
     browser.wait("document.getElementById('error').textContent !== ''")
@@ -120,10 +122,31 @@ def test_page_shows_the_servers_error(page):
 
 
 def test_page_runs_a_background_job(page):
-    browser, _ = page
+    browser, *_ = page
     browser.fill(prompt="a job", width=64, height=64, steps=1, seed="")
     browser.eval("document.getElementById('submit-job').click()")
     browser.wait("[...document.querySelectorAll('#jobs tr')].some(r => r.dataset.state === 'done')")
     browser.eval("[...document.querySelectorAll('#jobs tr')].find(r => r.dataset.state === 'done')"
                  ".querySelector('button').click()")
     browser.wait("document.getElementById('timing').textContent.startsWith('turbo: 64x64')")
+
+
+def test_page_inpaints_with_a_drawn_mask(page):
+    """An uploaded image, a mask drawn on the canvas (white where painted, black elsewhere), strength."""
+    browser, _, spy, folder = page
+    picture = folder / "in.png"
+    picture.write_bytes(png_bytes(synthetic_image(64, 64)))
+    node = browser.send("Runtime.evaluate", expression="document.getElementById('image')")["result"]["objectId"]
+    browser.send("DOM.setFileInputFiles", files=[str(picture)], objectId=node)
+    browser.eval("document.getElementById('image').dispatchEvent(new Event('change'))")
+    browser.wait("document.getElementById('mask-canvas').width === 64")
+    browser.eval("""(() => { const c = document.getElementById('mask-canvas'), r = c.getBoundingClientRect();
+        const at = (type, f) => c.dispatchEvent(new PointerEvent(type, {clientX: r.left + f * r.width,
+                                                                        clientY: r.top + f * r.height}));
+        at('pointerdown', 0.5); at('pointermove', 0.6); window.dispatchEvent(new PointerEvent('pointerup')); })()""")
+    browser.fill(prompt="a window", width=64, height=64, steps=2, seed=1, strength=0.9)
+    calls = len(spy.calls)
+    browser.eval("document.getElementById('generate').click()")
+    browser.wait("document.getElementById('timing').textContent.includes('x64, seed 1,')")
+    assert browser.eval("document.getElementById('error').textContent") == ""
+    assert len(spy.calls) == calls + 1 and spy.calls[-1]["mask"] == (0, 255)  # painted and unpainted parts
