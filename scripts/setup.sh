@@ -22,4 +22,15 @@ pip_install "torch==2.13.0"
 # TensorRT-RTX builds RTX engines ahead of time without a GPU, so CI builds real engines
 step "installing zimage-deploy and its extras: diffusers, transformers, onnx, onnxruntime, tensorrt-rtx, fastapi, ray, modelopt (~1.5 GB)"
 pip_install -e ".[test,tensorrt-rtx,serve,ray,bench,quantize]"
+# headless Chromium for the serving page's browser test (tests/test_serve_page.py); only as root with apt, and a
+# failure (offline, no apt) is a warning: the test then skips, except in CI where it fails
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        step "installing chromium (Debian) for the page test"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+            >/dev/null; } || echo "[setup] warning: chromium could not be installed; the page test will skip"
+    else
+        echo "[setup] chromium not installed (needs root and apt-get): the page test will skip"
+    fi
+fi
 step "done: $(du -sh .venv 2>/dev/null | cut -f1) in .venv"

@@ -2,7 +2,10 @@
 
 import base64
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -40,6 +43,29 @@ class ServerThread:
         self.thread.join(timeout=30)
 
 
+class Served:
+    """A server over a spy of `runtime` (RuntimeSpy or a subclass) with its own create_app options; `url`,
+    `spy`, `app`, `service`. On exit the spy's gates open once the server has stopped."""
+
+    def __init__(self, runtime, limits=None, spy=None, **options):
+        from zimage_deploy.serve.app import create_app
+
+        self.spy = (spy or RuntimeSpy)(runtime)
+        self.app = create_app(self.spy, limits, **options)
+        self.service = self.app.state.service
+        self.thread = ServerThread(self.app)
+
+    def __enter__(self):
+        self.url = self.thread.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.thread.__exit__(*exc)
+        self.spy.gate.set()
+        if hasattr(self.spy, "release"):
+            self.spy.release.set()
+
+
 class RuntimeSpy:
     """The runtime, with a record of every runtime call: its pixel cost, images, outcome and how many times
     it asked whether to stop (once per denoising step, once before decoding)."""
@@ -53,7 +79,9 @@ class RuntimeSpy:
         return getattr(self.runtime, name)
 
     def run(self, req, cancel=None, **kwargs):
-        call = {"pixels": req.pixels, "images": req.batch, "steps": req.steps, "checks": 0, "outcome": None}
+        mask = kwargs.get("mask")
+        call = {"pixels": req.pixels, "images": req.batch, "steps": req.steps, "checks": 0, "outcome": None,
+                "mask": None if mask is None else mask.convert("L").getextrema()}
         self.calls.append(call)
 
         def counted():
@@ -89,3 +117,24 @@ def wait_for(predicate, timeout=30.0, every=0.02):
     while not predicate():
         assert time.time() < deadline, "condition not reached in time"
         time.sleep(every)
+
+
+def start_server(args, module="zimage_deploy.serve", env=None, timeout=120):
+    """`python -m module --port P *args` in a subprocess, until its /ready answers 200 -> (process, url)."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        assert proc.poll() is None, proc.communicate()
+        try:
+            return httpx.get(f"{url}/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, timeout=timeout, every=0.2)
+    return proc, url

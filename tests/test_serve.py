@@ -104,7 +104,7 @@ def test_answers_equal_the_runtime(server, runtime):
         assert body["seed"] == i and (body["width"], body["height"]) == (64, 64)
         assert np.abs(decode(body["images"][0]) - arr(want)).max() <= 1
     metrics = httpx.get(f"{server}/metrics").text
-    assert "zimage_images_total 6.0" in metrics and 'zimage_request_seconds_count{stage="denoise"}' in metrics
+    assert 'zimage_images_total{model="turbo"} 6.0' in metrics and 'zimage_request_seconds_count{model="turbo",stage="denoise"}' in metrics
 
 
 def test_random_seed_is_returned_and_reproduces(server, runtime):
@@ -206,3 +206,4 @@ def test_ray_serve_shares_the_service(tiny_fp32, runtime):
     finally:
         serve.shutdown()
         ray.shutdown()
+

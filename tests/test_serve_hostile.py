@@ -5,12 +5,9 @@ bounded shutdown. Each test is bounded: small images, a few requests."""
 
 import concurrent.futures as cf
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -21,10 +18,9 @@ from PIL import Image
 
 from conftest import synthetic_image
 from image_modes import cases, rgb_png
-from serve_util import RuntimeSpy, ServerThread, b64, decode, free_port, png_bytes, wait_for
+from serve_util import Served, b64, decode, png_bytes, start_server, wait_for
 from zimage_deploy import ZImageRuntime
 from zimage_deploy.runtime.images import preprocess_image
-from zimage_deploy.serve.app import create_app
 from zimage_deploy.serve.schema import ServeLimits
 
 JSON = {"content-type": "application/json"}
@@ -33,23 +29,6 @@ JSON = {"content-type": "application/json"}
 @pytest.fixture(scope="module")
 def runtime(tiny_fp32):
     return ZImageRuntime(tiny_fp32)
-
-
-class Served:
-    """A server over a RuntimeSpy with its own options; `url`, `spy`, `service`."""
-
-    def __init__(self, runtime, limits=None, **options):
-        self.spy = RuntimeSpy(runtime)
-        self.app = create_app(self.spy, limits, **options)
-        self.service = self.app.state.service
-        self.thread = ServerThread(self.app)
-
-    def __enter__(self):
-        self.url = self.thread.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.thread.__exit__(*exc)
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +302,7 @@ def test_timed_out_work_stops_between_steps(runtime):
         wait_for(lambda: s.spy.calls and s.spy.calls[-1]["outcome"] is not None)
         call = s.spy.calls[-1]
         assert call["outcome"] == "GenerationCancelled" and call["checks"] < 100
-        assert "zimage_cancelled_batches_total 1.0" in httpx.get(f"{s.url}/metrics").text
+        assert 'zimage_cancelled_batches_total{model="turbo"} 1.0' in httpx.get(f"{s.url}/metrics").text
 
 
 def test_disconnected_client_stops_its_work(runtime):
@@ -415,26 +394,8 @@ def test_api_key(runtime):
 
 
 # -- the process: readiness and a bounded shutdown --------------------------------------------------------------
-def _start_server(engine_dir, *extra, env=None):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "zimage_deploy.serve", "--engine-dir", str(engine_dir), "--port",
-                             str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        assert proc.poll() is None, proc.communicate()
-        try:
-            return httpx.get(f"{url}/ready", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, timeout=120, every=0.2)
-    return proc, url
-
-
 def test_bounded_shutdown_cancels_work_in_progress(tiny_fp32):
-    proc, url = _start_server(tiny_fp32, "--shutdown-timeout", "1", env={"ZIMAGE_API_KEY": "k"})
+    proc, url = start_server(["--engine-dir", tiny_fp32, "--shutdown-timeout", "1"], env={"ZIMAGE_API_KEY": "k"})
     try:
         assert httpx.post(f"{url}/v1/generate", json={"prompt": "a"}).status_code == 401  # the env variable
         with cf.ThreadPoolExecutor(1) as ex:

@@ -40,6 +40,8 @@ from .validate import Limits, Request, check_request
 
 __all__ = ["GenerationCancelled", "GenerationResult", "ZImageRuntime"]
 
+TORCH_MODES = ("eager", "compiled")
+
 
 @dataclass
 class GenerationResult:
@@ -51,9 +53,12 @@ class GenerationResult:
 
 class ZImageRuntime:
     def __init__(self, engine_dir: str | Path, backend: str = "auto", cfg_mode: str = "batch",
-                 max_concurrent: int = 1, low_vram: bool | None = None):
+                 max_concurrent: int = 1, low_vram: bool | None = None, torch_mode: str = "eager"):
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
+        if torch_mode not in TORCH_MODES:
+            raise UserError(f"torch_mode must be one of {', '.join(TORCH_MODES)}, got {torch_mode!r}")
+        self.torch_mode = torch_mode  # the Torch backend's execution mode (eager here; see fallbacks())
         self.pipeline = open_pipeline(engine_dir, backend, cfg_mode, low_vram)
         self.manifest = self.pipeline.manifest
         self.variant = self.manifest["variant"]
@@ -146,6 +151,30 @@ class ZImageRuntime:
             except Exception as e:  # noqa: BLE001 - anything else is ours, not the caller's
                 raise InternalError(f"{type(e).__name__}: {e}") from e
         return GenerationResult(images_out, seeds, timings, latents.cpu() if return_latents else None)
+
+    def warmup(self, sizes: list[tuple[int, int]]) -> dict:
+        """One 1-step generation per (height, width) with a short prompt (Edit: a grey condition image), so the
+        first requests of those sizes find everything loaded -> {"HxW": seconds}. RequestError for a size the
+        build cannot make."""
+        import time
+
+        from PIL import Image as PILImage
+
+        took = {}
+        for h, w in sizes:
+            t0 = time.perf_counter()
+            images = None
+            if is_omni(self.variant):
+                side = max(64, self.limits.min_side)
+                images = [PILImage.new("RGB", (side, side), (128, 128, 128))]
+            self.generate("warm-up", seed=0, steps=1, height=h, width=w, images=images)
+            took[f"{h}x{w}"] = time.perf_counter() - t0
+        return took
+
+    def fallbacks(self) -> dict[str, int]:
+        """Components that fell back from compiled to eager execution -> how many times (empty: none)."""
+        noted = getattr(self.pipeline.backend, "fallbacks", None) or {}
+        return {str(k): (v if isinstance(v, int) else 1) for k, v in dict(noted).items()}
 
     def _batch_latents(self, seeds, height, width) -> torch.Tensor:
         facts = self.pipeline.facts

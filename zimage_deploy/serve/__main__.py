@@ -1,20 +1,23 @@
-"""`python -m zimage_deploy.serve --engine-dir DIR --host H --port P`: the HTTP server on one runtime.
+"""`python -m zimage_deploy.serve --build-dir [NAME=]DIR ... --host H --port P`: the HTTP server on one or more
+builds (models).
 
-The build is loaded and verified against its manifest, and one small warm-up image is generated, before the
-server listens: a broken build stops it with one `error:` line and exit code 2."""
+Each build is loaded and verified against its manifest, and warm-up images are generated, before the server
+listens: a broken build stops it with one `error:` line and exit code 2."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
+import signal
 import sys
 from pathlib import Path
 
-from ..cli import add_build_dir, run_cli
+from ..cli import BUILT, run_cli
 from ..errors import UserError
+from ..runtime.api import TORCH_MODES
 from ..runtime.backends import BACKENDS
-from ..variants import is_omni
 
 API_KEY_ENV = "ZIMAGE_API_KEY"
 # The event loop shares the GIL with the runtime and parsing threads: a shorter switch interval than Python's
@@ -45,8 +48,9 @@ def add_limit_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-lora-sets", type=int, default=2,
                     help="LoRA combinations kept prepared at once (each holds its adapted weights; default: 2)")
     ap.add_argument("--api-key", default=None,
-                    help=f"require `Authorization: Bearer KEY` (default: the {API_KEY_ENV} environment variable; "
-                         "none: no authentication)")
+                    help=f"require `Authorization: Bearer KEY`; several keys comma-separated, each with its own "
+                         f"background jobs (default: the {API_KEY_ENV} environment variable; none: no "
+                         "authentication)")
 
 
 def serve_limits(runtime, args):
@@ -71,37 +75,89 @@ def serve_limits(runtime, args):
                                  max_prompt_chars=args.max_prompt_chars)
 
 
-def load_runtime(engine_dir: Path, backend: str):
-    """Load, verify and warm up (one smallest image, 1 step): any failure is a broken build (UserError)."""
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def add_models_options(ap: argparse.ArgumentParser) -> None:
+    """The builds served (shared with the Ray Serve app)."""
+    ap.add_argument("--build-dir", "--engine-dir", dest="build_dirs", action="append", required=True,
+                    metavar="[NAME=]DIR",
+                    help=f"{BUILT}; repeat it to serve several models, each named by NAME (default: the build's "
+                         "variant: turbo, base, edit); requests pick one with their `model` field "
+                         "(--engine-dir: the same)")
+    ap.add_argument("--default-model", default=None,
+                    help="the model of requests without a `model` field (default: the first --build-dir)")
+    ap.add_argument("--backend", default="auto", choices=BACKENDS, help="default: auto")
+    ap.add_argument("--torch-mode", default="eager", choices=TORCH_MODES,
+                    help="the Torch backend's execution: eager, or compiled (default: eager)")
+    ap.add_argument("--warmup-sizes", default=None, metavar="WxH[,WxH...]",
+                    help="sizes (width x height) to generate once at start, before /ready (default: the smallest)")
+
+
+def build_specs(values: list) -> list[tuple[str | None, Path]]:
+    """`--build-dir` values -> [(name or None: the variant's, folder)]: NAME=DIR, or a bare DIR (a folder whose
+    own name holds `=` stays whole when it exists)."""
+    out = []
+    for value in values:
+        value = str(value)
+        name, sep, rest = value.partition("=")
+        if sep and not Path(value).exists():
+            if not NAME.match(name):
+                raise UserError(f"--build-dir {value}: a model name is letters, digits, '_', '.', '-' (up to 64)")
+            out.append((name, Path(rest)))
+        else:
+            out.append((None, Path(value)))
+    return out
+
+
+def parse_sizes(text: str | None) -> list[tuple[int, int]]:
+    """"1024x1024,768x1344" (width x height) -> [(height, width), ...]."""
+    sizes = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        m = re.fullmatch(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", item)
+        if not m:
+            raise UserError(f"--warmup-sizes: {item.strip()!r} is not WIDTHxHEIGHT (e.g. 1024x1024)")
+        sizes.append((int(m.group(2)), int(m.group(1))))
+    return sizes
+
+
+def load_runtime(engine_dir: Path, backend: str, torch_mode: str = "eager", warmup_sizes=()):
+    """Load, verify and warm up (one smallest image, 1 step, then each of `warmup_sizes` (height, width) the
+    build can make): any failure is a broken build (UserError)."""
     from ..errors import InternalError, RequestError
     from ..runtime.api import ZImageRuntime
 
-    runtime = ZImageRuntime(engine_dir, backend=backend)
+    runtime = ZImageRuntime(engine_dir, backend=backend, torch_mode=torch_mode)
     lim = runtime.limits
-    h, w = lim.static or (lim.min_side, lim.min_side)
+    smallest = lim.static or (lim.min_side, lim.min_side)
+    for h, w in warmup_sizes:
+        try:
+            runtime.check("warm-up", height=h, width=w, steps=1)
+        except RequestError as e:
+            raise UserError(f"--warmup-sizes {w}x{h} for {engine_dir}: {e}") from None
     try:
-        if is_omni(runtime.variant):
-            from PIL import Image
-
-            side = max(64, lim.min_side)
-            runtime.generate("warm-up", seed=0, steps=1, height=h, width=w,
-                             images=[Image.new("RGB", (side, side), (128, 128, 128))])
-        else:
-            runtime.generate("warm-up", seed=0, steps=1, height=h, width=w)
+        runtime.warmup([tuple(smallest), *[s for s in warmup_sizes if tuple(s) != tuple(smallest)]])
     except (InternalError, RequestError) as e:
         raise UserError(f"{engine_dir}: the warm-up generation failed ({e}): the build is broken; rebuild it") \
             from None
     return runtime
 
 
+def check_common(args) -> None:
+    if args.max_queue < 1 or args.max_batch < 1 or args.batch_wait_ms < 0 or args.shutdown_timeout < 0:
+        raise UserError("--max-queue and --max-batch must be >= 1, --batch-wait-ms and --shutdown-timeout >= 0")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zimage_deploy.serve", description=__doc__.split("\n")[0])
-    add_build_dir(ap)
+    add_models_options(ap)
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     ap.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    ap.add_argument("--backend", default="auto", choices=BACKENDS, help="default: auto")
     ap.add_argument("--max-queue", type=int, default=64,
-                    help="live requests (being read, waiting or running) before answering 429 (default: 64)")
+                    help="live requests per model (being read, waiting or running) before answering 429 "
+                         "(default: 64)")
     ap.add_argument("--max-batch", type=int, default=4,
                     help="text-to-image images per runtime call, within the build's profile (default: 4)")
     ap.add_argument("--batch-wait-ms", type=float, default=10.0,
@@ -109,38 +165,77 @@ def main(argv=None) -> int:
     ap.add_argument("--shutdown-timeout", type=float, default=10.0,
                     help="on SIGTERM/SIGINT, seconds work in progress may finish before it is cancelled "
                          "(default: 10)")
+    add_jobs_options(ap)
     add_limit_options(ap)
     args = ap.parse_args(argv)
-    if args.max_queue < 1 or args.max_batch < 1 or args.batch_wait_ms < 0 or args.shutdown_timeout < 0:
-        raise UserError("--max-queue and --max-batch must be >= 1, --batch-wait-ms and --shutdown-timeout >= 0")
+    check_common(args)
+    specs = build_specs(args.build_dirs)
+    sizes = parse_sizes(args.warmup_sizes)
 
     import uvicorn
 
     from .app import create_app
-    from .service import Service
+    from .service import Metrics, Service
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    runtime = load_runtime(args.build_dir, args.backend)
-    limits = serve_limits(runtime, args)
-    service = Service(runtime, limits, max_queue=args.max_queue, max_batch=args.max_batch,
-                      batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout,
-                      api_key=args.api_key or os.environ.get(API_KEY_ENV), shutdown_timeout_s=args.shutdown_timeout,
-                      lora_dir=args.lora_dir)
-    app = create_app(runtime, service=service)
+    jobs = open_jobs(args)
+    metrics, services = Metrics(), []
+    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    for name, folder in specs:
+        runtime = load_runtime(folder, args.backend, args.torch_mode, sizes)
+        name = name or runtime.variant
+        if any(s.name == name for s in services):
+            raise UserError(f"two builds named {name!r}: name them (--build-dir NAME=DIR)")
+        services.append(Service(runtime, serve_limits(runtime, args), max_queue=args.max_queue,
+                                max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout,
+                                api_key=api_key, shutdown_timeout_s=args.shutdown_timeout, lora_dir=args.lora_dir,
+                                name=name, metrics=metrics))
+    if args.default_model is not None and args.default_model not in {s.name for s in services}:
+        raise UserError(f"--default-model {args.default_model}: not among {', '.join(s.name for s in services)}")
+    app = create_app(None, services=services, default=args.default_model, jobs=jobs)
+    gateway = app.state.gateway
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # the drain starts now, bounded by --shutdown-timeout
-            service.begin_shutdown()
+            gateway.begin_shutdown()
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # a clean stop: exit 0 (uvicorn would raise the signal again at the end)
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.shutdown_timeout + 5)
-    print(f"serving {args.build_dir} ({runtime.variant}, backend {runtime.backend}) on "
-          f"http://{args.host}:{args.port}  {limits.request.sizes_text()}, batch budget "
-          f"{limits.max_batch_pixels} px{', API key required' if service.api_key else ''}", flush=True)
+    for s in services:
+        print(f"model {s.name}{' (default)' if s.name == gateway.default else ''}: {s.runtime.variant}, backend "
+              f"{s.runtime.backend}, {s.limits.request.sizes_text()}, batch budget {s.limits.max_batch_pixels} px",
+              flush=True)
+    print(f"serving on http://{args.host}:{args.port}{', API key required' if gateway.api_keys else ''}"
+          f"{f', background jobs in {args.jobs_dir}' if jobs else ''}", flush=True)
     Server(config).run()
     return 0
+
+
+def add_jobs_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--jobs-dir", type=Path, default=None,
+                    help="folder of the background jobs' database and images (default: none, /v1/jobs is off)")
+    ap.add_argument("--max-jobs", type=int, default=64, help="background jobs waiting or running (default: 64)")
+    ap.add_argument("--max-jobs-per-key", type=int, default=16,
+                    help="background jobs waiting or running per API key (default: 16)")
+    ap.add_argument("--job-retention", type=float, default=24.0,
+                    help="hours a finished job and its images are kept (default: 24)")
+    ap.add_argument("--job-retention-bytes", type=int, default=1 << 30,
+                    help="finished jobs' images kept in all, the oldest removed first (default: 1 GiB)")
+
+
+def open_jobs(args):
+    from .jobs import Jobs, JobStore
+
+    if args.jobs_dir is None:
+        return None
+    if args.job_retention <= 0 or args.job_retention_bytes < 1:
+        raise UserError("--job-retention and --job-retention-bytes must be > 0")
+    store = JobStore(args.jobs_dir, retention_s=args.job_retention * 3600, retention_bytes=args.job_retention_bytes)
+    return Jobs(store, max_queued=args.max_jobs, max_per_key=args.max_jobs_per_key)
 
 
 if __name__ == "__main__":

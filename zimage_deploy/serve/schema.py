@@ -22,7 +22,7 @@ from ..variants import is_omni
 from .errors import ApiError
 from .multipart import Part, parse_multipart
 
-GENERATE_FIELDS = {"prompt", "negative_prompt", "seed", "steps", "height", "width", "guidance_scale",
+GENERATE_FIELDS = {"model", "prompt", "negative_prompt", "seed", "steps", "height", "width", "guidance_scale",
                    "cfg_normalization", "cfg_truncation", "strength", "images", "mask", "loras", "control_image",
                    "controlnet_scale"}
 EXTENSIONS = {"seed", "steps", "negative_prompt", "guidance_scale", "cfg_normalization", "cfg_truncation", "loras",
@@ -233,6 +233,30 @@ def openai_mask(mask: Image.Image) -> Image.Image:
         if alpha.getextrema()[0] < 255:
             return alpha.point(lambda a: 255 if a == 0 else 0, mode="L")
     return mask
+
+
+# -- routing ------------------------------------------------------------------------------------------------
+def peek_model(endpoint: str, content_type: str | None, body: bytes):
+    """The request's `model` field (None when absent, or when the body is malformed: parsing it for the model
+    then says what is wrong). JSON: the top-level field; multipart: the `model` text field, or `/v1/generate`'s
+    `request` JSON field's."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    try:
+        if kind == "application/json":
+            return _json_object(body).get("model")
+        if kind == "multipart/form-data":
+            cap = len(body) + 1
+            parts = parse_multipart(content_type, body, max_files=64, max_fields=64, max_field_bytes=cap,
+                                    max_file_bytes=cap)
+            texts = [p for p in parts if not p.is_file and p.name in ("model", "request")]
+            for p in texts:
+                if p.name == "model":
+                    return p.text().strip()
+            for p in texts:
+                return _json_object(p.text().encode()).get("model")
+    except ApiError:
+        return None
+    return None
 
 
 # -- POST /v1/generate ----------------------------------------------------------------------------------------
