@@ -61,9 +61,8 @@ def test_model_offload_one_stage_at_a_time(tiny_bf16, reference):
     for key, where, _ in policy.seen:
         assert where[key] == {"cpu"}  # the stage's module: on the "device"
         assert all(w == {"meta"} for k, w in where.items() if k != key)  # every other one: released
-    order = [e for e in policy.events]
-    te = order.index(("load", "text_encoder"))
-    assert order[te + 1:te + 3] == [("release", "text_encoder"), ("load", "transformer")]
+    te = policy.events.index(("load", "text_encoder"))
+    assert policy.events[te + 1:te + 3] == [("release", "text_encoder"), ("load", "transformer")]
     sizes = {k: sum(backend.offload.masters[(id(o), n)].numel() * backend.offload.masters[(id(o), n)].element_size()
                     for o, n, _ in slots) for k, slots in policy.stages.items()}
     assert policy.peak == max(sizes.values()) < sum(sizes.values())
