@@ -173,3 +173,36 @@ def test_one_server_per_jobs_folder(tmp_path):
             JobStore(tmp_path)
     finally:
         store.close()
+
+
+def test_a_running_job_pauses_for_another_models_requests(runtime, base_fp32, tmp_path):
+    """A base job between its steps waits while a turbo request runs (they share the device), then goes on."""
+    events = []
+
+    class Logged(HeldSpy):
+        def run(self, req, cancel=None, **kwargs):
+            def check():
+                events.append(("job check", len([e for e in events if e[0] == "job check"]) + 1))
+                return cancel()
+            return super().run(req, cancel=check, **kwargs)
+
+    base = Logged(ZImageRuntime(base_fp32))
+    turbo = RuntimeSpy(runtime)
+    jobs = Jobs(JobStore(tmp_path))
+    with ServerThread(create_app({"turbo": turbo, "base": base}, batch_wait_ms=0, jobs=jobs)) as url:
+        base.hold_at = 3
+        job_id = submit(url, prompt="a job", model="base", steps=4).json()["id"]
+        assert base.held.wait(60)
+        turbo.gate.clear()
+        with cf.ThreadPoolExecutor(1) as ex:
+            interactive = ex.submit(httpx.post, f"{url}/v1/generate", timeout=60,
+                                    json={"prompt": "a", "model": "turbo", "height": 64, "width": 64, "steps": 1})
+            wait_for(lambda: turbo.calls)
+            base.release.set()  # the job's next check finds turbo's request running: it waits
+            time.sleep(1)  # room for a job that would not wait to take its next steps
+            events.append(("turbo released", 0))
+            turbo.gate.set()
+            assert interactive.result().status_code == 200
+        wait_for(lambda: state(url, job_id)["state"] == "done")
+    released = events.index(("turbo released", 0))
+    assert [e for e in events[:released] if e[0] == "job check"][-1] == ("job check", 3)

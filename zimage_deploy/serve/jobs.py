@@ -208,8 +208,8 @@ class Jobs:
             log.exception("background job failed")
             self.store.failed(job_id, "failed", f"internal error ({type(e).__name__})")
             service.metrics.jobs.labels(service.name, "failed").inc()
-        else:
-            self.store.done(job_id, answer)
+        else:  # the images are written off the event loop
+            await asyncio.get_running_loop().run_in_executor(None, self.store.done, job_id, answer)
             service.metrics.jobs.labels(service.name, "done").inc()
         finally:
             self.live.pop(job_id, None)
