@@ -629,11 +629,19 @@ def test_edit_rows(tmp_path, edit_fp32):
     ref = rt.generate("put them together", seed=7, steps=2, guidance_scale=0.0, images=[a, b]).images[0]
     assert np.array_equal(pixels(out / "two-seed7.png"), pixels(ref))
     assert recs["two"]["request"]["images"] == ["imgs/a.png", "imgs/b.png"] and recs["two"]["width"] == 80
-    write_jsonl(tmp_path / "m.jsonl", [{"prompt": "x", "images": ["imgs/a.png"], "mask": "imgs/a.png"},
-                                       {"prompt": "x", "images": ["imgs/a.png"], "strength": 0.5}])
+    # a mask and a strength edit the first image in place (runtime/edit.py), as the runtime API does
+    write_jsonl(tmp_path / "m.jsonl", [{"id": "m", "prompt": "x", "images": ["imgs/a.png", "imgs/b.png"],
+                                        "mask": "imgs/a.png", "steps": 2, "seed": 1},
+                                       {"id": "s", "prompt": "x", "images": ["imgs/a.png"], "strength": 0.5,
+                                        "steps": 2, "seed": 2},
+                                       {"prompt": "x", "images": ["imgs/a.png"], "mask": "imgs/b.png"}])
     assert batch("--engine-dir", edit_fp32, "--input", tmp_path / "m.jsonl", "--out", tmp_path / "m") == 1
-    assert [r["status"] for r in results(tmp_path / "m")] == ["error", "error"]
-    assert all("no --mask or --strength" in r["error"] for r in results(tmp_path / "m"))
+    recs = results(tmp_path / "m")
+    assert [r["status"] for r in recs] == ["ok", "ok", "error"] and "same size" in recs[2]["error"]
+    ref = rt.generate("x", seed=1, steps=2, images=[a, b], mask=a).images[0]
+    assert np.array_equal(pixels(tmp_path / "m" / "m-seed1.png"), pixels(ref)) and ref.size == a.size
+    ref = rt.generate("x", seed=2, steps=2, images=[a], strength=0.5).images[0]
+    assert np.array_equal(pixels(tmp_path / "m" / "s-seed2.png"), pixels(ref))
 
 
 # -- Ray Data -----------------------------------------------------------------------------------------------

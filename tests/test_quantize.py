@@ -447,13 +447,6 @@ def test_prompt_files():
         load_prompts(None, 1000)
 
 
-def test_edit_is_refused_clearly(tmp_path, edit_ckpt):
-    with pytest.raises(UserError, match="edit variant"):
-        build.main(["--model", str(edit_ckpt), "--variant", "edit", "--target", "cpu", "--precision", "fp8",
-                    "--out", str(tmp_path / "b")])
-    assert not (tmp_path / "b").exists()
-
-
 @pytest.mark.parametrize("flags", [["--precision", "fp8", "--fp8-attention"], ["--precision", "int4"]],
                          ids=["fp8", "int4"])
 def test_tensorrt_rtx_engines_of_quantized_graphs(tmp_path_factory, tiny_ckpt, flags):

@@ -85,10 +85,10 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
     control = BuildControlNet(controlnet, ckpt, variant)  # checked against it too
     v = control.variant(get_variant(variant))
     plan = control.plan(precision_plan(precision, t.base, text_encoder_precision))
-    check_supported(plan, v)
     quant = quant or QuantOptions()
-    prompts = load_prompts(quant.calib_prompts, quant.calib_size) if any(needs_data(p, quant) for p in plan.values()) \
-        else []
+    check_supported(plan, v, quant)
+    prompts = load_prompts(quant.calib_prompts, quant.calib_size, v.layout) \
+        if any(needs_data(p, quant) for p in plan.values()) else []
     facts = control.facts(model_facts(ckpt))
     engine_opts = engine_opts or EngineOptions()
     if t.flavour != "none" and engines and v.layout == "basic":  # weight streaming is built into the engines
@@ -253,7 +253,11 @@ def main(argv=None) -> int:
                    help="text encoder precision (default: int4 with --precision int4, else not quantized; "
                         "bf16 = not quantized, float32 on the cpu target)")
     q.add_argument("--calib-prompts", type=Path, default=None,
-                   help="calibration prompts, one per line (default: the 72 EN/ZH prompts shipped)")
+                   help="calibration prompts, one per line (default: the 72 EN/ZH prompts shipped; Edit builds: "
+                        "the 24 EN/ZH instructions shipped)")
+    q.add_argument("--calib-images", type=Path, default=None, metavar="DIR",
+                   help="Edit builds: condition images (PNG/JPEG/WebP) calibrated with, besides the embedded "
+                        "synthetic set (default: that set only)")
     q.add_argument("--calib-size", type=int, default=None, help="number of calibration prompts (default: all)")
     q.add_argument("--calib-side", type=int, default=None,
                    help="image side calibrated at (default: the build's default size)")
@@ -303,7 +307,7 @@ def main(argv=None) -> int:
                          static_batch=args.static_batch, refittable=args.refittable,
                          weight_streaming=args.weight_streaming, strip_weights=args.strip_weights)
     quant = QuantOptions(calib_prompts=args.calib_prompts, calib_size=args.calib_size, calib_side=args.calib_side,
-                         calib_steps=args.calib_steps,
+                         calib_steps=args.calib_steps, calib_images=args.calib_images,
                          int4_method=args.int4_method, int4_block=args.int4_block, fp8_attention=args.fp8_attention,
                          exclude=tuple(e.strip() for e in args.quant_exclude.split(",") if e.strip()),
                          gate=not args.no_quality_gate, gate_prompts=args.gate_prompts, min_psnr=args.min_psnr,

@@ -52,8 +52,10 @@ def main(argv=None) -> int:
                     help="CFG as one batch-2 transformer call per step (default) or two calls")
     ap.add_argument("--image", action="append", default=None, type=Path,
                     help="input image (img2img / inpaint); Edit builds: condition image, repeatable")
-    ap.add_argument("--strength", type=float, default=None, help="img2img / inpaint strength in (0, 1] (0.6)")
-    ap.add_argument("--mask", type=Path, default=None, help="inpainting mask, white = repaint (needs --image)")
+    ap.add_argument("--strength", type=float, default=None,
+                    help="img2img / inpaint strength in (0, 1] (0.6); Edit builds: (1), edits the first --image")
+    ap.add_argument("--mask", type=Path, default=None,
+                    help="inpainting mask, white = repaint (needs --image; Edit builds: the first --image's size)")
     ap.add_argument("--control-image", type=Path, default=None,
                     help="ControlNet builds: the control image (edges, depth, pose, ...), resized to the output size; "
                          "with an inpainting ControlNet, --image and --mask condition it too")
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
     common = dict(req.pipeline_kwargs(manifest["variant"]), seed=req.seeds[0])
     with loras.bind(pipe).use(lora_set):
         if is_omni(manifest["variant"]):
-            (result,) = pipe(req.prompts[0], images=images, **common)
+            (result,) = pipe(req.prompts[0], images=images, mask=mask, **common)
         else:
             (result,) = pipe(req.prompts[0], image=images[0] if images else None, mask=mask, control_image=control,
                              **common)

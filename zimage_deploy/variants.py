@@ -19,7 +19,7 @@ class Variant:
     components: tuple[str, ...]
     uses_cfg: bool
     layout: str = "basic"  # the DiT's sequence layout: "basic" (text -> image) or "omni" (condition images too)
-    quantizable: bool = True  # the quantize stage can calibrate it (the omni layout's needs condition images)
+    quantizable: bool = True  # the quantize stage can calibrate it (the omni layout: with condition images)
     optional: tuple[str, ...] = ()  # components only some requests use: a build without them still generates
 
     @property
@@ -73,7 +73,6 @@ VARIANTS: dict[str, Variant] = {
         components=EDIT_COMPONENTS,
         uses_cfg=True,
         layout="omni",
-        quantizable=False,
     ),
 }
 

@@ -61,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=int, default=None, help="for text-to-image rows that give none (build's)")
     ap.add_argument("--guidance-scale", type=float, default=None, help="for rows that give none (build's)")
     ap.add_argument("--negative-prompt", default=None, help="for rows that give none (needs guidance > 0)")
-    ap.add_argument("--strength", type=float, default=None, help="img2img / inpaint rows that give none (0.6)")
+    ap.add_argument("--strength", type=float, default=None,
+                    help="img2img / inpaint / Edit rows with images that give none (0.6; Edit: 1)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="compatible text-to-image requests per runtime call (engine builds: at most their "
                          "profile's batch, halved with CFG). Default: 4 on ONNX Runtime, whose images are bit "

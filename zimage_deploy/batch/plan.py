@@ -12,7 +12,6 @@ from pathlib import Path
 
 from ..errors import RequestError, UserError
 from ..runtime.validate import SEED_MAX, Limits
-from ..variants import is_omni
 from .inputs import Row, Template
 from .requests import (BATCH_FIELDS, PATH_FIELDS, REQUEST_FIELDS, RowError, check, check_fields, read_file,
                        resolve_loras, typed)
@@ -163,7 +162,7 @@ def _row_items(row: Row, opts: Options, bkey: str) -> list[Item]:
     for k, v in opts.defaults.items():  # the command line fills what the row leaves out
         if v is None or k in fields or (conditioned and k in ("height", "width")):
             continue
-        if k != "strength" or (images and not is_omni(opts.variant) and control is None):
+        if k != "strength" or (images and control is None):
             fields[k] = v
     req = check(opts.limits, fields, images, mask, control)
     base = fields.get("seed")

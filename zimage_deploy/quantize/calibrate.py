@@ -132,11 +132,10 @@ def collect_scales(model, layers, scheme: str, block: int, attention=()) -> dict
 
 # -- the forward loops --------------------------------------------------------------------------------------
 
-def text_encoder_loop(tokenizer, prompts: list[str], device, batch: int = 8):
-    """Calibration loop of the text encoder: the prompts, in the chat template, as the pipeline encodes them."""
+def text_encoder_loop(batches: list[tuple[torch.Tensor, torch.Tensor]], device):
+    """Calibration loop of the text encoder: (input_ids, attention_mask) batches, as the pipeline encodes them."""
     def loop(model):
-        for i in tqdm(range(0, len(prompts), batch), desc="calibrating text_encoder", unit="batch", leave=False):
-            ids, mask = tokenizer(prompts[i:i + batch])
+        for ids, mask in tqdm(batches, desc="calibrating text_encoder", unit="batch", leave=False):
             model(ids.to(device), mask.to(device))
     return loop
 
@@ -155,10 +154,10 @@ class CachedText(Backend):
 
     @classmethod
     @torch.no_grad()
-    def encode(cls, text_backend, tokenizer, texts: list[str]) -> dict:
+    def encode(cls, text_backend, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """`batches`: (input_ids, attention_mask) as the sampling loop will send them."""
         cache = {}
-        for text in tqdm(texts, desc="text encoder outputs", unit="prompt", leave=False):
-            ids, mask = tokenizer([text])
+        for ids, mask in tqdm(batches, desc="text encoder outputs", unit="batch", leave=False):
             cache[cls.key(ids)] = text_backend.run("text_encoder", input_ids=ids, attention_mask=mask)
         return cache
 
@@ -171,7 +170,7 @@ class CachedText(Backend):
 def sampling_loop(pipe, prompts: list[str], side: int, steps: int | None = None, extra=None):
     """Calibration loop of the DiT: the real sampling loop (text encoder, context refiner, every denoising step,
     with guidance where the variant uses it) over each prompt, seed = its index; `extra(i)`: more request arguments
-    for prompt i (a ControlNet build's control images)."""
+    for prompt i (a ControlNet build's control images, an Edit build's condition images)."""
     def loop(_model):
         for i, p in enumerate(tqdm(prompts, desc="calibrating transformer", unit="prompt", leave=False)):
             pipe(p, height=side, width=side, steps=steps, seed=i, output="latent", progress=False,

@@ -1,6 +1,7 @@
 """Quality gate: the quantized build against the same build unquantized, end to end, on one backend.
 
-Same prompts, seeds and size through the sampling loop twice: once with the quantized components, once with
+Same prompts, seeds and size through the sampling loop twice (Edit builds: held-out instructions with held-out
+condition images, quantize/edit_inputs.py): once with the quantized components, once with
 their unquantized graphs. Image PSNR (8-bit) and the cosine of the final latents per prompt; the build fails
 below the thresholds. Backend: ONNX Runtime when the graphs are float32 (the cpu target); otherwise the Torch
 backend with the graphs' quantization applied from the same scale files (models/emulate.py) — ONNX Runtime has no BF16
@@ -52,7 +53,8 @@ def unquantized_manifest(manifest: dict) -> dict:
 def run_gate(out: Path, manifest: dict, n_prompts: int, side: int, min_psnr: float, min_cosine: float,
              device: str | None = None) -> dict:
     from ..runtime.backends import OnnxRuntimeBackend, TorchBackend
-    from ..runtime.pipeline import Pipeline
+    from ..runtime.open import PIPELINES
+    from ..variants import get_variant
 
     t0 = time.perf_counter()
     float32 = all(c["compute_dtype"] == "float32" for c in manifest["components"].values())
@@ -65,20 +67,25 @@ def run_gate(out: Path, manifest: dict, n_prompts: int, side: int, min_psnr: flo
         make = lambda d, m: TorchBackend(d, m, device=device)  # noqa: E731
         how = (f"torch ({device}): the graphs' quantization applied from the scale files vs the unquantized modules "
                "(ONNX Runtime runs neither BF16 graphs on the CPU nor FP4 ones)")
-    pipes = {"quantized": Pipeline(out, make(out, manifest)),
-             "reference": Pipeline(out, make(out, unquantized_manifest(manifest)))}
-    prompts = [GATE_PROMPTS[i % len(GATE_PROMPTS)] for i in range(n_prompts)]
-    rows = []
+    pipeline = PIPELINES[get_variant(manifest["variant"]).layout]
+    pipes = {"quantized": pipeline(out, make(out, manifest)),
+             "reference": pipeline(out, make(out, unquantized_manifest(manifest)))}
     from ..controlnet import sample_request  # a ControlNet build is gated with control images (held out)
+    from .edit_inputs import GATE_INSTRUCTIONS, gate_request  # an Edit build with images + instructions (held out)
 
+    omni = pipeline.layout == "omni"
+    texts = GATE_INSTRUCTIONS if omni else GATE_PROMPTS
+    prompts = [texts[i % len(texts)] for i in range(n_prompts)]
+    rows = []
     for i, prompt in enumerate(tqdm(prompts, desc="quality gate", unit="prompt", leave=False)):
         lat, img = {}, {}
-        extra = sample_request(manifest["model"]["facts"], i, side, held_out=True)
+        extra = gate_request(i, side) if omni else sample_request(manifest["model"]["facts"], i, side, held_out=True)
         for k, pipe in pipes.items():
             lat[k] = pipe(prompt, height=side, width=side, seed=i, output="latent", progress=False,
                           **extra).float().cpu()
             img[k] = np.asarray(pipe.decode(lat[k].to(pipe.backend.device), "pil")[0])
-        rows.append({"prompt": prompt, "seed": i, "psnr_db": round(psnr(img["quantized"], img["reference"]), 2),
+        rows.append({"prompt": prompt, "seed": i, **({"condition_images": len(extra["images"])} if omni else {}),
+                     "psnr_db": round(psnr(img["quantized"], img["reference"]), 2),
                      "latent_cosine": round(cosine(lat["quantized"], lat["reference"]), 5)})
     worst_psnr = min(r["psnr_db"] for r in rows)
     worst_cos = min(r["latent_cosine"] for r in rows)

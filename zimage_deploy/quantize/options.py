@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import UserError
 
 SHIPPED_PROMPTS = Path(__file__).with_name("calib_prompts.txt")
+SHIPPED_EDIT_PROMPTS = Path(__file__).with_name("calib_edit_prompts.txt")  # instructions, for the omni layout
 INT4_METHODS = ("awq", "rtn")
 
 # Kept in high precision by default (upstream FP8 without these exclusions gives pure noise): timestep embedder,
@@ -23,6 +24,7 @@ class QuantOptions:
     calib_size: int | None = None  # prompts used (None: all of the file)
     calib_side: int | None = None  # image side calibrated at (None: the build's default size)
     calib_steps: int | None = None  # sampling steps per calibration prompt (None: the variant's default)
+    calib_images: Path | None = None  # Edit builds: condition images besides the embedded synthetic set
     int4_method: str = "awq"  # awq (activation-aware, modelopt awq_lite) or rtn (round to nearest, no data)
     int4_block: int | None = None  # None: 128 (32 for small test checkpoints)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # module-name substrings kept unquantized
@@ -47,13 +49,15 @@ class QuantOptions:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["calib_prompts"] = str(self.calib_prompts) if self.calib_prompts else "shipped"
+        d["calib_images"] = str(self.calib_images) if self.calib_images else None
         d["exclude"] = list(self.exclude)
         return d
 
 
-def load_prompts(path: Path | None, size: int | None = None) -> list[str]:
-    """Prompts of a text file, one per line ('#' comments and blank lines skipped); the first `size` of them."""
-    path = Path(path) if path else SHIPPED_PROMPTS
+def load_prompts(path: Path | None, size: int | None = None, layout: str = "basic") -> list[str]:
+    """Prompts of a text file, one per line ('#' comments and blank lines skipped); the first `size` of them.
+    Without a file: the shipped prompts (the omni layout's: the shipped Edit instructions)."""
+    path = Path(path) if path else (SHIPPED_EDIT_PROMPTS if layout == "omni" else SHIPPED_PROMPTS)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

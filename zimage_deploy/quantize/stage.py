@@ -25,6 +25,7 @@ from ..lora.fuse import loader_kwargs, recorded_key
 from ..scales import save_scales
 from ..schemes import SCHEMES, get_scheme
 from ..targets import QUANTIZED
+from ..variants import get_variant
 from .calibrate import CachedText, attention_modules, calibrate, plan_layers, sampling_loop, text_encoder_loop
 from .options import QuantOptions, prompts_sha256
 
@@ -48,12 +49,19 @@ def needs_data(precision: str, opts: QuantOptions) -> bool:
     return precision in SCHEMES and SCHEMES[precision].needs_data(opts.int4_method)
 
 
-def check_supported(plan: dict, variant) -> None:
-    """`variant`: a variants.Variant (its components, and whether its calibration is supported)."""
+def check_supported(plan: dict, variant, opts: QuantOptions | None = None) -> None:
+    """`variant`: a variants.Variant (its components, and whether its calibration is supported); `opts`: the
+    quantization options, whose `--calib-images` folder (Edit builds only) is read and checked here."""
     schemes = {plan[c] for c in variant.components if plan[c] in QUANTIZED}
     if schemes and not variant.quantizable:
-        raise UserError(f"quantizing the {variant.name} variant is not supported yet (its calibration needs "
-                        "condition images); build it in bf16 / fp32")
+        raise UserError(f"quantizing the {variant.name} variant is not supported yet; build it in bf16 / fp32")
+    if opts is not None and opts.calib_images is not None:
+        if variant.layout != "omni":
+            raise UserError("--calib-images (condition images) is for Edit builds; this build's calibration takes "
+                            "prompts only")
+        from .edit_inputs import read_calib_images
+
+        read_calib_images(opts.calib_images)
 
 
 def _key(entry: dict, scheme: str, opts: QuantOptions, block: int, calib_sha: str | None, loras: str = "") -> str:
@@ -90,9 +98,16 @@ def _quantize(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions
     if not todo:
         return {"status": "skipped", "reason": f"precision {manifest['precision']} needs no quantization"}
     block = int4_block(opts, manifest["model"]["facts"])
-    calib_sha = prompts_sha256(prompts) if prompts else None
-    loras = recorded_key(manifest)
     side = opts.calib_side or manifest["defaults"]["height"]
+    images = None  # the omni layout's condition images (quantize/edit_inputs.py), part of the calibration data
+    if prompts and variant.layout == "omni":
+        from .edit_inputs import CalibrationImages
+
+        images = CalibrationImages(side, opts.calib_images)
+    calib_sha = prompts_sha256(prompts) if prompts else None
+    if images is not None:
+        calib_sha = hashlib.sha256(f"{calib_sha}|{images.sha256}".encode()).hexdigest()
+    loras = recorded_key(manifest)
 
     for name in todo:  # the exported graph becomes the "unquantized" record (kept across rebuilds)
         entry = manifest["components"][name]
@@ -109,7 +124,7 @@ def _quantize(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions
     scales: dict[str, dict] = {}
     if stale and any(needs_data(todo[n], opts) for n in stale):
         tc = time.perf_counter()
-        scales = _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log)
+        scales = _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log, images)
         gc.collect()  # the calibrated models (held in modelopt's reference cycles) before the graph rewrite
         calib_seconds = round(time.perf_counter() - tc, 2)
         log(f"[quantize] calibrated on {len(prompts)} prompts at {side}x{side} in {calib_seconds:.1f} s")
@@ -145,7 +160,8 @@ def _quantize(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions
                 "scales": BuildFolder.scales_rel(name, scheme), "scales_sha256": file_sha256(scale_file),
                 "calibration": ({"prompts": str(opts.calib_prompts or "shipped"), "count": len(prompts),
                                  "sha256": calib_sha, "size": [side, side],
-                                 "steps": opts.calib_steps or manifest["defaults"]["steps"], "seconds": calib_seconds}
+                                 "steps": opts.calib_steps or manifest["defaults"]["steps"], "seconds": calib_seconds,
+                                 **({"condition_images": images.record(opts.calib_images)} if images else {})}
                                 if name in scales else None),
             })
         manifest_io.save(out, manifest)
@@ -157,6 +173,12 @@ def _quantize(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions
             f"{before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({after / before:.2f}x)")
 
     record = {"status": "done", "components": todo, "seconds": None, "calibration_seconds": calib_seconds}
+    if "vision_encoder" in variant.components:  # the SigLIP tower: kept in the base precision, its share measured
+        record["vision_encoder"] = _kept_share(manifest, "vision_encoder")
+        log(f"[quantize] vision_encoder (SigLIP) kept in {record['vision_encoder']['precision']}: "
+            f"{record['vision_encoder']['weight_bytes'] / 1e6:.1f} MB of weights, "
+            f"{record['vision_encoder']['vs_transformer_unquantized']:.1%} of the DiT's unquantized weights; "
+            "it runs once per condition image per request, not per step")
     for name in todo:  # intact graphs (a rejected one reused by a rebuild too) until the gate says otherwise
         manifest["components"][name]["status"] = "complete"
     manifest_io.save(out, manifest)
@@ -186,6 +208,13 @@ def _quantize(out: Path, manifest: dict, variant, plan: dict, opts: QuantOptions
     return record
 
 
+def _kept_share(manifest: dict, name: str) -> dict:
+    comps = manifest["components"]
+    dit = comps["transformer"].get("unquantized", comps["transformer"])["weight_bytes"]
+    return {"precision": comps[name]["precision"], "weight_bytes": comps[name]["weight_bytes"],
+            "vs_transformer_unquantized": round(comps[name]["weight_bytes"] / max(dit, 1), 4)}
+
+
 def _up_to_date(out: Path, entry: dict, key: str) -> bool:
     q = entry.get("quantization") or {}
     try:
@@ -200,13 +229,14 @@ def _up_to_date(out: Path, entry: dict, key: str) -> bool:
 
 
 @torch.no_grad()
-def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log) -> dict[str, dict]:
+def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log, images=None) -> dict[str, dict]:
     """modelopt calibration of the text encoder (prompts) and the DiT (the sampling loop, behind the text encoder
-    as deployed). Returns component -> scales for the components calibrated from data."""
+    as deployed; the omni layout's with `images`, edit_inputs.CalibrationImages). Returns component -> scales for
+    the components calibrated from data."""
     from ..export.specs import DTYPES
     from ..models.load import load_dit, load_text_encoder
     from ..runtime.backends import TorchBackend
-    from ..runtime.pipeline import Pipeline
+    from ..runtime.open import PIPELINES
     from ..runtime.prompt import PromptTokenizer
     from ..models.emulate import apply_scales
 
@@ -221,13 +251,15 @@ def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log) -> di
         layers = plan_layers(te, scheme, opts.exclude, block)
         if needs_data(scheme, opts):
             scales["text_encoder"] = calibrate(te, scheme, layers, block, opts.int4_method,
-                                               text_encoder_loop(tok, prompts, device))
+                                               text_encoder_loop(_text_batches(tok, prompts, False, images, 8),
+                                                                 device))
         else:  # round to nearest: the DiT is still calibrated behind the text encoder it will be deployed with
             apply_scales(te, _rtn_scales(te, layers, scheme, block), scheme, block)
     if "transformer" in todo and needs_data(todo["transformer"], opts):
         # the text encoder's outputs first (as deployed, quantized or not), then the DiT alone in memory
-        texts = prompts + ([""] if manifest["defaults"]["guidance_scale"] > 0 else [])  # CFG's empty negative
-        cache = CachedText.encode(TorchBackend(out, manifest, device=device, modules={"text_encoder": te}), tok, texts)
+        cfg = manifest["defaults"]["guidance_scale"] > 0
+        batches = _text_batches(tok, prompts, cfg, images)
+        cache = CachedText.encode(TorchBackend(out, manifest, device=device, modules={"text_encoder": te}), batches)
         del te
         gc.collect()  # modelopt's wrappers form reference cycles: free the text encoder before the DiT loads
         scheme = todo["transformer"]
@@ -243,18 +275,37 @@ def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log) -> di
         attention = attention_modules(dit, opts.exclude, skip) \
             if get_scheme(scheme).calibrates_activations and opts.fp8_attention else []
         modules = {"transformer": dit}
-        if manifest.get("controlnet"):  # control images are VAE-encoded
-            from ..models.load import load_vae_encoder
+        if manifest.get("controlnet") or images is not None:  # control / condition images are VAE-encoded
+            from ..models.load import load_vae_encoder, load_vision_encoder
 
             modules["vae_encoder"] = load_vae_encoder(ckpt, dtype).to(device)
+            if images is not None:  # and condition images go through the SigLIP tower (as deployed: unquantized)
+                modules["vision_encoder"] = load_vision_encoder(ckpt, dtype).to(device)
         backend = CachedText(TorchBackend(out, manifest, device=device, modules=modules), cache)
         facts = manifest["model"]["facts"]
-        loop = sampling_loop(Pipeline(out, backend), prompts, side, opts.calib_steps,
-                             lambda i: sample_request(facts, i, side))
+        pipe = PIPELINES[get_variant(manifest["variant"]).layout](out, backend)
+        loop = sampling_loop(pipe, prompts, side, opts.calib_steps,
+                             images.request if images is not None else lambda i: sample_request(facts, i, side))
         scales["transformer"] = calibrate(dit, scheme, layers, block, opts.int4_method, loop, attention)
         if "controlnet" in todo:  # one module, one set of scales: the shared noise refiner quantized alike
             scales["controlnet"] = scales["transformer"]
     return scales
+
+
+def _text_batches(tok, prompts: list[str], cfg: bool, images=None, per: int = 1) -> list[tuple]:
+    """The text encoder's inputs the sampling loop asks for, batch by batch: `per` prompts (and CFG's empty
+    negative) in the chat template; the omni layout's: each prompt's caption segments around its condition
+    images, tokenized together as the Edit pipeline does (runtime/edit.py segment_features)."""
+    if images is None:
+        texts = prompts + ([""] if cfg else [])
+        return [tok(texts[i:i + per]) for i in range(0, len(texts), per)]
+    from ..runtime.omni import prompt_segments
+
+    batches = []
+    for i, p in enumerate(prompts):
+        n = len(images.request(i)["images"])
+        batches += [tok.tokenize(prompt_segments(t, n)) for t in [p] + ([""] if cfg else [])]
+    return batches
 
 
 def _rtn_scales(model, layers, scheme, block) -> dict[str, torch.Tensor]:

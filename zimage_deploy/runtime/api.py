@@ -94,8 +94,9 @@ class ZImageRuntime:
                  controlnet_scale: float | None = None) -> GenerationResult:
         """One image per prompt. Several prompts with a list of seeds run as one batch, each image the same as
         its own single-prompt call with that seed (text-to-image). `strength` (img2img / inpainting; default
-        0.6) needs an image. `cancel`: a threading.Event or a callable; once it is true the call stops between
-        steps (or before decoding) and raises GenerationCancelled. `limits` replaces `self.limits` (a server's
+        0.6) needs an image; on Edit builds `strength` (default 1) and `mask` edit the first condition image.
+        `cancel`: a threading.Event or a callable; once it is true the call stops between steps (or before
+        decoding) and raises GenerationCancelled. `limits` replaces `self.limits` (a server's
         tighter budgets). `loras`: [(path, scale), ...] applied for this call only (or a set from
         `self.loras.prepare`). `control_image` (ControlNet builds, resized to the output size) and
         `controlnet_scale` (default 0.75): the ControlNet's input; with an inpainting ControlNet, `images` and
@@ -124,7 +125,7 @@ class ZImageRuntime:
         prompts, seeds = list(req.prompts), list(req.seeds)
         kwargs = dict(req.pipeline_kwargs(self.variant), progress=False, should_stop=should_stop)
         if is_omni(self.variant):
-            kwargs["images"] = list(images)
+            kwargs.update(images=list(images), mask=mask)
         else:
             kwargs.update(image=images[0] if images else None, mask=mask)
             if req.control_image:

@@ -2,7 +2,11 @@
 
 condition images -> [vae_encoder (posterior mode), vision_encoder -> siglip_refiner] once per request;
 prompt -> segments around the images -> text_encoder -> context_refiner (omni layout) once per prompt;
-steps x [transformer (omni layout; x2 with CFG) -> Euler step] -> vae_decoder.
+steps x [transformer (omni layout; x2 with CFG) -> Euler step (-> mask blend)] -> vae_decoder.
+
+Beyond diffusers (which has no strength or mask for Omni): `strength` and `mask` edit the first condition image
+in place with the img2img / inpainting rules of runtime/pipeline.py, on its posterior-mode latents (the ones the
+DiT is conditioned on); at strength 1 without a mask the sampling is diffusers' Omni pipeline, unchanged.
 
 Difference from diffusers, on purpose: diffusers casts the condition image to bfloat16 before the VAE encoder
 whatever the pipeline's dtype (so its float32 pipeline fails); a float32 build here stays float32 there, and
@@ -12,14 +16,15 @@ a BF16 build's VAE encoder graph computes in BF16 as diffusers does.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..buildfolder import BuildFolder
 from ..errors import UserError
 from ..models.omni import batch_layouts, build_layout
 from .images import to_rgb
-from .omni import prepare_condition, prompt_segments
-from .pipeline import Pipeline
+from .omni import prepare_condition, prepare_mask, prompt_segments
+from .pipeline import Pipeline, keep_unmasked, start_step
 from .scheduler import FlowMatchEuler
 from .timing import timed
 
@@ -76,13 +81,21 @@ class EditPipeline(Pipeline):
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], height: int | None = None, width: int | None = None,
                  steps: int | None = None, seed: int = 0, *, images: list[Image.Image] | None = None,
+                 mask: Image.Image | None = None, strength: float | None = None,
                  negative_prompt: str | list[str] | None = None, guidance_scale: float | None = None,
                  cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, progress: bool = True,
                  output: str = "pil", timings: dict | None = None, should_stop=None, **unsupported):
-        if any(unsupported.get(k) is not None for k in ("mask", "image", "latents")):
-            raise UserError("the Edit variant takes condition images (--image, repeatable); no mask or strength")
+        """`strength` < 1 starts from the first condition image's latents noised to the strength's sigma
+        (img2img's rule); `mask` (white = change, the first condition image's size) keeps the unmasked latents
+        on that image's noising path after every step (inpainting's rule). With either, the output is the
+        first condition image's prepared size; without, the last one's (diffusers' Omni pipeline)."""
+        if any(unsupported.get(k) is not None for k in ("image", "latents")):
+            raise UserError("the Edit variant takes condition images (images=[...]), not image= or latents=")
         if not images:
             raise UserError("the Edit variant needs at least one condition image (--image)")
+        strength = 1.0 if strength is None else float(strength)
+        if not 0.0 < strength <= 1.0:
+            raise UserError(f"strength must be in (0, 1], got {strength}")
         # RGBA, palette, grayscale, 16-bit, CMYK inputs: as seen, in RGB (the SigLIP processor takes 3 channels of
         # 8 bits)
         images = [to_rgb(im) for im in images]
@@ -95,12 +108,22 @@ class EditPipeline(Pipeline):
         do_cfg = guidance > 0
         if negative_prompt is not None and not do_cfg:
             raise UserError("a negative prompt needs classifier-free guidance: pass a guidance scale > 0")
+        first = start_step(steps, strength)
+        if first >= steps:
+            raise UserError(f"strength {strength} with {steps} steps leaves no step to run")
 
+        mask_px = None if mask is None else prepare_mask(mask, images[0], self.multiple, height, width)
         with timed(timings, "encode"):
             cond_latents, sig_feats, (img_h, img_w) = self.condition(images, height, width)
+        scale = self.facts["vae_scale_factor"]
+        from_image = mask is not None or strength < 1.0  # edits the first condition image in place
+        if from_image:
+            img_h, img_w = (int(v) * scale for v in cond_latents[0].shape[-2:])
+            if (height and height != img_h) or (width and width != img_w):
+                raise UserError(f"with a mask or strength < 1 the output is the first condition image's prepared "
+                                f"size ({img_w}x{img_h}); got --width {width} --height {height}")
         height, width = img_h if height is None else height, img_w if width is None else width
         self.check_size(height, width)
-        scale = self.facts["vae_scale_factor"]
         h, w = height // scale, width // scale
         gen = torch.Generator("cpu").manual_seed(seed)
         latents = torch.randn((b, self.facts["latent_channels"], h, w), generator=gen, dtype=torch.float32)
@@ -122,10 +145,21 @@ class EditPipeline(Pipeline):
             neg = self._states(batch_layouts(neg_lays)) if do_cfg and self.cfg_mode == "sequential" else None
             both = self._states(batch_layouts(pos_lays + neg_lays)) if do_cfg and self.cfg_mode == "batch" else None
 
-        latents = latents.to(self.backend.device)
+        device = self.backend.device
         sched = FlowMatchEuler(self.scheduler_config, steps, (h // 2) * (w // 2))
+        after_step = None
+        if from_image:  # the seeded noise above is the noise the first image's latents are noised with
+            image_latents, noise = cond_latents[0][None].expand(b, -1, -1, -1).to(device), latents.to(device)
+            if strength < 1.0:
+                sigma = sched.sigmas[first]
+                latents = sigma * noise + (1.0 - sigma) * image_latents
+            if mask is not None:
+                # nearest down to the latents, as the inpainting path does
+                blend = F.interpolate(mask_px, size=(h, w), mode="nearest").to(device)
+                after_step = keep_unmasked(sched, steps, image_latents, noise, blend)
+        latents = latents.to(device)
         with timed(timings, "denoise"):
-            latents = self.denoise(latents, sched, range(steps), guidance, cfg_normalization, cfg_truncation, pos,
-                                   neg, both, progress, should_stop=should_stop)
+            latents = self.denoise(latents, sched, range(first, steps), guidance, cfg_normalization,
+                                   cfg_truncation, pos, neg, both, progress, after_step, should_stop)
         with timed(timings, "decode"):
             return self.decode(latents, output)

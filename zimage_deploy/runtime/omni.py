@@ -38,14 +38,33 @@ def resize_to_area(image: Image.Image, area: int) -> Image.Image:
     return image.resize((int(w * scale), int(h * scale)), Image.Resampling.LANCZOS)
 
 
-def prepare_condition(image: Image.Image, multiple: int, height: int | None, width: int | None):
-    """-> (image for SigLIP, VAE input (1, 3, H, W) in [-1, 1], (H, W)). Large images are scaled down to
-    1024^2 px (or the requested output area), then center-cropped to a multiple of `multiple`."""
-    check_condition_image(image)
+def _fit(image: Image.Image, multiple: int, height: int | None, width: int | None):
+    """-> (the image scaled down to 1024^2 px, or the requested output area, when larger; that image
+    center-cropped to a multiple of `multiple`)."""
     if image.width * image.height > 1024 * 1024:
         image = resize_to_area(image, height * width if height and width else 1024 * 1024)
     w, h = (image.width // multiple) * multiple, (image.height // multiple) * multiple
     left, top = (image.width - w) // 2, (image.height - h) // 2
-    cropped = image.crop((left, top, left + w, top + h)).convert("RGB")
-    arr = np.asarray(cropped).astype(np.float32) / 255.0
-    return image, torch.from_numpy(arr).permute(2, 0, 1)[None] * 2.0 - 1.0, (h, w)
+    return image, image.crop((left, top, left + w, top + h))
+
+
+def prepare_condition(image: Image.Image, multiple: int, height: int | None, width: int | None):
+    """-> (image for SigLIP, VAE input (1, 3, H, W) in [-1, 1], (H, W)). Large images are scaled down to
+    1024^2 px (or the requested output area), then center-cropped to a multiple of `multiple`."""
+    check_condition_image(image)
+    image, cropped = _fit(image, multiple, height, width)
+    arr = np.asarray(cropped.convert("RGB")).astype(np.float32) / 255.0
+    return image, torch.from_numpy(arr).permute(2, 0, 1)[None] * 2.0 - 1.0, cropped.size[::-1]
+
+
+def prepare_mask(mask: Image.Image, image: Image.Image, multiple: int, height: int | None,
+                 width: int | None) -> torch.Tensor:
+    """An Edit mask (white = change) for the first condition image -> (1, 1, H, W) of 0/1: resized and cropped
+    as that image is (prepare_condition), then thresholded at 50 % gray, as runtime/images.py preprocess_mask
+    does for inpainting."""
+    if mask.size != image.size:
+        raise UserError(f"the mask is {mask.width}x{mask.height} but the first condition image is "
+                        f"{image.width}x{image.height}: they must be the same size")
+    _, cropped = _fit(mask.convert("L"), multiple, height, width)
+    arr = np.where(np.asarray(cropped).astype(np.float32) / 255.0 < 0.5, 0.0, 1.0).astype(np.float32)
+    return torch.from_numpy(arr)[None, None]

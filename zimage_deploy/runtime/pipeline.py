@@ -50,6 +50,21 @@ def start_step(steps: int, strength: float) -> int:
     return int(max(steps - init, 0))
 
 
+def keep_unmasked(sched, steps: int, image_latents, noise, blend):
+    """Inpainting's `after_step`: after each step the unmasked latents (blend 0) are put back on the image's own
+    noising path (the image latents noised to the next step's sigma; the image latents themselves after the
+    last step), as diffusers' inpainting pipelines do; the masked ones (blend 1) keep the sampled values."""
+
+    def after_step(i, latents):
+        proper = image_latents
+        if i < steps - 1:
+            s = sched.sigmas[i + 1]
+            proper = s * noise + (1.0 - s) * image_latents
+        return (1 - blend) * proper + blend * latents
+
+    return after_step
+
+
 @dataclass
 class Prompt:
     states: torch.Tensor  # (B, S, dim) context refiner output
@@ -237,17 +252,11 @@ class Pipeline:
             raise UserError(f"latents of shape {tuple(latents.shape)} for a {b} x {height}x{width} request")
         latents = latents.to(device)
 
-        def inpaint_blend(i, latents):  # keep the unmasked region on the image's own noising path
-            proper = image_latents
-            if i < steps - 1:
-                s = sched.sigmas[i + 1]
-                proper = s * noise + (1.0 - s) * image_latents
-            return (1 - blend) * proper + blend * latents
-
         with timed(timings, "denoise"):
             latents = self.denoise(latents, sched, range(first, steps), guidance, cfg_normalization,
                                    cfg_truncation, pos, neg, both, progress,
-                                   inpaint_blend if blend is not None else None, should_stop)
+                                   keep_unmasked(sched, steps, image_latents, noise, blend)
+                                   if blend is not None else None, should_stop)
         with timed(timings, "decode"):
             return self.decode(latents, output)
 

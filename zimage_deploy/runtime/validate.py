@@ -16,13 +16,14 @@ sizes: PIL reads a file's header without decoding its pixels). The rules, the sa
   range: its engine profile (min/max side, or the static size) when it has engines, else the range the default
   engine profile of the same checkpoint has (64..512 px for small test checkpoints, 512..2048 for real ones).
 - guidance_scale in [0, 30], cfg_normalization in [0, 10], cfg_truncation in [0, 1], strength in (0, 1] (with
-  an input image only; default 0.6): finite numbers.
+  an input image only; default 0.6, Edit: 1): finite numbers.
 - input images (PNG, JPEG or WebP when given as bytes or files): at most `max_input_pixels` (4096 x 4096)
   pixels before resizing, and after the documented resize rule within the profile:
   img2img / inpainting: the output takes the image's size rounded down to the multiple, which must be within
   the size range (a mask has the image's size); Edit: 1 .. `max_conditions` (2) condition images of at least
   64 px a side and at most 8:1, each scaled to 1024 x 1024 px of area (or the requested output's) when larger,
-  then cropped to the multiple, and then at most max_side**2 pixels; the output defaults to the last one's size.
+  then cropped to the multiple, and then at most max_side**2 pixels; the output defaults to the last one's size;
+  with a mask (the first condition image's size) or a strength below 1 it is the first one's prepared size.
 - ControlNet builds: one control image (the same formats and pixel limit, at least 16 px a side and at most 8:1;
   resized to the output size, which is the given height / width or the build's default), `controlnet_scale` a
   finite number in [0, 2] (default 0.75) and only with a control image; with an inpainting ControlNet
@@ -404,9 +405,7 @@ def _check_control(limits: Limits, control_image, controlnet_scale, infos, mask_
         if not infos or mask_info is None:
             raise RequestError("inpainting with the ControlNet needs both an input image and a mask")
         check_image_count(limits, len(infos))
-        if (mask_info.width, mask_info.height) != (infos[0].width, infos[0].height):
-            raise RequestError(f"the mask is {mask_info.width}x{mask_info.height} but the image is "
-                               f"{infos[0].width}x{infos[0].height}: they must be the same size")
+        _same_size(mask_info, infos[0])
         if strength is not None:
             raise RequestError("strength is not used with a control image: the inpainting ControlNet samples from "
                                "noise")
@@ -414,6 +413,35 @@ def _check_control(limits: Limits, control_image, controlnet_scale, infos, mask_
 
     return DEFAULT_SCALE if controlnet_scale is None else _float("controlnet_scale", controlnet_scale, 0.0,
                                                           CONTROLNET_SCALE_MAX)
+
+
+def _strength(steps: int, v) -> float:
+    strength = _float("strength", v, 0.0, 1.0, lo_open=True)
+    from .pipeline import start_step
+
+    if start_step(steps, strength) >= steps:
+        raise RequestError(f"strength {strength:g} with {steps} steps leaves no step to run")
+    return strength
+
+
+def _same_size(mask_info: ImageInfo, info: ImageInfo, image: str = "the image") -> None:
+    if (mask_info.width, mask_info.height) != (info.width, info.height):
+        raise RequestError(f"the mask is {mask_info.width}x{mask_info.height} but {image} is "
+                           f"{info.width}x{info.height}: they must be the same size")
+
+
+def _edit_output(strength: float | None, mask_info, first: ImageInfo, prepared, h_given, w_given):
+    """An Edit request's output (height, width): the last condition image's prepared size; with a mask (the first
+    image's size) or a strength below 1 (default 1), the first one's, which edits that image in place."""
+    if mask_info is not None:
+        _same_size(mask_info, first, "the first condition image")
+    if mask_info is None and (strength is None or strength >= 1.0):
+        return h_given or prepared[-1][0], w_given or prepared[-1][1]
+    h, w = prepared[0]
+    if (h_given and h_given != h) or (w_given and w_given != w):
+        raise RequestError(f"with a mask or a strength below 1 the output is the first condition image's prepared "
+                           f"size ({w}x{h}); got width {w_given}, height {h_given}")
+    return h, w
 
 
 def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, width=None, negative_prompt=None,
@@ -461,16 +489,14 @@ def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, wi
         height = limits.default_height if h_given is None else h_given
         width = limits.default_width if w_given is None else w_given
     elif is_omni(limits.variant):
-        if mask_info is not None or strength is not None:
-            raise RequestError("the Edit variant takes condition images only: no --mask or --strength")
         if not infos:
             raise RequestError("the Edit variant needs at least one condition image (--image)")
         check_image_count(limits, len(infos))
         prepared = [_check_condition(limits, info, f"condition image {i}", h_given, w_given)
                     for i, info in enumerate(infos)]
         extra_pixels = sum(h * w for h, w in prepared)
-        height = h_given or prepared[-1][0]
-        width = w_given or prepared[-1][1]
+        strength = None if strength is None else _strength(steps, strength)
+        height, width = _edit_output(strength, mask_info, infos[0], prepared, h_given, w_given)
     elif infos:
         check_image_count(limits, len(infos))
         if not limits.img2img:
@@ -482,15 +508,10 @@ def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, wi
         if (h_given and h_given != img_h) or (w_given and w_given != img_w):
             raise RequestError(f"with an input image the output is the image's size ({img_w}x{img_h}, rounded "
                                f"down to {limits.multiple}); got width {w_given}, height {h_given}")
-        if mask_info is not None and (mask_info.width, mask_info.height) != (info.width, info.height):
-            raise RequestError(f"the mask is {mask_info.width}x{mask_info.height} but the image is "
-                               f"{info.width}x{info.height}: they must be the same size")
+        if mask_info is not None:
+            _same_size(mask_info, info)
         height, width = img_h, img_w
-        strength = DEFAULT_STRENGTH if strength is None else _float("strength", strength, 0.0, 1.0, lo_open=True)
-        from .pipeline import start_step
-
-        if start_step(steps, strength) >= steps:
-            raise RequestError(f"strength {strength:g} with {steps} steps leaves no step to run")
+        strength = _strength(steps, DEFAULT_STRENGTH if strength is None else strength)
     else:
         if mask_info is not None:
             raise RequestError(MASK_NEEDS_IMAGE)
@@ -518,6 +539,6 @@ def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, wi
                        f"{limits.max_request_pixels} pixels")
     return Request(prompts=prompts, seeds=seeds, steps=steps, height=height, width=width, guidance_scale=guidance,
                    cfg_normalization=norm, cfg_truncation=trunc, negative_prompt=negative_prompt,
-                   strength=strength if infos and not is_omni(limits.variant) and control_scale is None else None,
+                   strength=strength if infos and control_scale is None else None,
                    images=len(infos), mask=mask_info is not None, control_image=control_scale is not None,
                    controlnet_scale=control_scale, pixels=pixels, sizes_given=(h_given, w_given))
