@@ -254,7 +254,7 @@ def test_datacenter_target_without_tensorrt(tiny_ckpt, tmp_path, capsys, monkeyp
     code = run_cli(lambda: build.main(["--model", str(tiny_ckpt), "--target", "h100", "--precision", "bf16",
                                        "--out", str(out)]))
     err = capsys.readouterr().err
-    assert code == 2 and "needs tensorrt" in err and "pip install tensorrt" in err
+    assert code == 2 and "needs tensorrt" in err and "pip install 'tensorrt-cu12>=10.13'" in err
     assert not out.exists()
 
 
