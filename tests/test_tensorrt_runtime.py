@@ -19,20 +19,19 @@ from zimage_deploy.errors import UserError
 
 
 @pytest.fixture(scope="session")
-def fake_builds(tmp_path_factory, tiny_ckpt):
-    """Build folders made with the fake TensorRT-RTX (rtx4090, float32): 'dynamic' and 'static' (64x64); their
-    graphs keep their weights in external data files (as real-size graphs do)."""
-    from zimage_deploy.export import weights
-
+def fake_builds(tmp_path_factory, tiny_ckpt, tiny_fp32):
+    """Build folders made with the fake TensorRT-RTX (rtx4090, float32) over the CPU build's graphs (kept, not
+    exported again): 'dynamic' and 'static' (64x64)."""
     trt = fake_tensorrt.make()
     root = tmp_path_factory.mktemp("fake-trt")
     argv = ["--model", str(tiny_ckpt), "--target", "rtx4090", "--precision", "fp32", "--skip-parity"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(weights, "EXTERNAL_THRESHOLD", 0)
         fake_tensorrt.install(mp, trt)
+        shutil.copytree(tiny_fp32, root / "dynamic")
         assert build.main([*argv, "--out", str(root / "dynamic")]) == 0
-        shutil.copytree(root / "dynamic", root / "static")  # the graphs are kept, the engines rebuilt
+        shutil.copytree(root / "dynamic", root / "static")
         assert build.main([*argv, "--out", str(root / "static"), "--static", "64x64"]) == 0
+    assert not [c for c in trt.calls if c[0] == "parse_model_proto"]  # inline weights: parse_from_file
     return {"dynamic": root / "dynamic", "static": root / "static", "calls": trt.calls}
 
 
@@ -333,17 +332,19 @@ def test_runtime_cache_written_once_and_reused(fake_builds, fake, tmp_path):
     assert [p.stat().st_mtime_ns for p in caches] == stamps  # not written again
 
 
-def test_weightless_engine_refitted_from_mapped_external_data(fake_builds, tiny_ckpt, fake, tmp_path, monkeypatch):
+def test_weightless_engine_refitted_from_mapped_external_data(tiny_ckpt, fake, tmp_path, monkeypatch):
     """A weightless build of graphs with external data is refitted at load from a memory map of the data file
     (load_initializer), not by reading the graph with refit_from_file; the image is the graphs'."""
     from zimage_deploy.engines import builder
+    from zimage_deploy.export import weights
 
     trt, _ = fake
+    monkeypatch.setattr(weights, "EXTERNAL_THRESHOLD", 0)  # every graph's weights in model.onnx.data
     monkeypatch.setattr(builder, "device_capability", lambda: (8, 9))  # a GPU at build time: strips
-    out = _copy(fake_builds["dynamic"], tmp_path)
+    out = tmp_path / "w"
     assert build.main(["--model", str(tiny_ckpt), "--target", "rtx4090", "--precision", "fp32", "--skip-parity",
                        "--strip-weights", "on", "--out", str(out)]) == 0
-    assert "parse_model_proto" in [c[0] for c in trt.calls]  # the graphs kept, built from their mapped data
+    assert "parse_model_proto" in [c[0] for c in trt.calls]  # built from the mapped data too
     del trt.calls[:]
     _same(_image(out, "tensorrt"), _image(out, "onnxruntime"))
     assert "refit_from_file" not in [c[0] for c in trt.calls]

@@ -11,8 +11,9 @@ padding is masked out). An engine whose profile has one shape per input (static 
 transformer and VAE) is captured once in a CUDA graph and replayed; a refused capture is reported and the engine
 runs without one.
 
-TensorRT-RTX: each engine's JIT-compiled kernels are kept in a runtime cache file beside its plan
-(DIR/engines/NAME.runtime-cache, written when absent or rejected, reused after); low-VRAM mode keeps one stage's
+TensorRT-RTX: each engine's kernels JIT-compiled at context creation are kept in a runtime cache file beside its
+plan (DIR/engines/NAME.<plan sha>.runtime-cache, written when absent or rejected, e.g. by another GPU or driver,
+reused after; kernels compiled later for new dynamic shapes are not added to the file); low-VRAM mode keeps one stage's
 weights resident and unloads / loads the others' weights (`ICudaEngine.unload_weights` / `load_weights`: the engines
 and their compiled contexts stay), after synchronizing the stream. Weight-streaming budgets come from the build's
 VRAM plan (`runtime.stream_budget_bytes`). Weightless plans are refitted from the build's graphs at load, their external data memory-mapped.
@@ -120,6 +121,9 @@ class _Engine:
         folder = BuildFolder(backend.engine_dir)
         self.name, self.trt, self.profile = name, trt, comp["engine"]["profile"]
         self.plan_path = folder.file(comp["engine"]["plan"])
+        # the runtime cache of this plan (another plan's kernels would never be found in it)
+        self.cache_path = self.plan_path.with_name(f"{self.plan_path.stem}.{comp['engine']['plan_sha256'][:16]}"
+                                                   ".runtime-cache")
         stripped = bool(comp["engine"].get("stripped"))
         # TensorRT-RTX: weights that can be unloaded and loaded again (low-VRAM mode) without a new engine
         self.swappable = backend.low_vram and not stripped and hasattr(backend.runtime, "defer_weights_loading")
@@ -151,7 +155,7 @@ class _Engine:
             return self.engine.create_execution_context(strategy)
         config = self.engine.create_runtime_config()
         config.set_execution_context_allocation_strategy(strategy)
-        cache_path = self.plan_path.with_suffix(".runtime-cache")
+        cache_path = self.cache_path
         cache = config.create_runtime_cache()
         reused = cache_path.is_file() and cache.deserialize(cache_path.read_bytes())
         if not config.set_runtime_cache(cache):
@@ -161,6 +165,9 @@ class _Engine:
             try:
                 with atomic_file(cache_path) as tmp:
                     tmp.write_bytes(memoryview(cache.serialize()))
+                for stale in cache_path.parent.glob(f"{self.plan_path.stem}.*.runtime-cache"):
+                    if stale != cache_path:  # an earlier plan's
+                        stale.unlink(missing_ok=True)
             except OSError as e:  # a read-only build folder: kernels compile again at the next start
                 warnings.warn(f"cannot write the runtime cache {cache_path} ({e})", stacklevel=2)
         return context
