@@ -129,8 +129,9 @@ class _Engine:
         self.swappable = backend.low_vram and not stripped and hasattr(backend.runtime, "defer_weights_loading")
         if self.swappable:
             backend.runtime.defer_weights_loading = True
+        plan = self.plan_path.read_bytes()
         try:
-            self.engine = backend.runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+            self.engine = backend.runtime.deserialize_cuda_engine(plan)
         finally:
             if self.swappable:
                 backend.runtime.defer_weights_loading = False
@@ -138,8 +139,11 @@ class _Engine:
             raise UserError(f"TensorRT could not deserialize the {name} engine (see its log above)")
         if stripped:
             refit_weights(trt, self.engine, folder.file(comp["onnx"]), backend.logger)
-        self.context = self._context(backend)
+        self.context = self._context(backend)  # kernels compiled before the weights take GPU memory
         self.resident = not self.swappable
+        if self.swappable:
+            self.load(plan)
+        del plan
         self.graph = None  # torch CUDA graph once captured; False: capture refused, run without
         self.static_in: dict[str, torch.Tensor] = {}
         self.static_out: dict[str, torch.Tensor] = {}
@@ -179,8 +183,8 @@ class _Engine:
             raise RuntimeError(f"TensorRT could not unload the weights of {self.name}")
         self.resident = False
 
-    def load(self) -> None:
-        if not self.engine.load_weights(self.plan_path.read_bytes()):
+    def load(self, plan: bytes | None = None) -> None:
+        if not self.engine.load_weights(self.plan_path.read_bytes() if plan is None else plan):
             raise RuntimeError(f"TensorRT could not load the weights of {self.name} (see its log above)")
         self.resident = True
 
@@ -214,8 +218,6 @@ class TensorRTBackend(Backend):
     # -- engines and device memory ---------------------------------------------------------------------
     def _load(self, name: str) -> _Engine:
         eng = self.engines[name] = _Engine(self, name)
-        if not eng.resident:  # deserialized with its weights deferred
-            eng.load()
         budget, streamable = self.stream_budgets.get(name), getattr(eng.engine, "streamable_weights_size", 0)
         if budget is not None and streamable:
             eng.engine.weight_streaming_budget_v2 = min(int(budget), int(streamable))
