@@ -74,6 +74,10 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
         log(f"[target] {t.name}: {t.default_precision} with a {text_encoder_precision} text encoder (its default)")
     precision = precision or t.default_precision
     t.check_precision(precision)
+    if quant is not None and quant.fp8_attention and t.compute_capability == (9, 0):
+        raise UserError("--fp8-attention is refused on SM90 targets (h800/h100/h200): FP8 attention has not been "
+                        "measured on Hopper here, and NVIDIA's diffusion demo keeps FP8 attention off on Hopper; "
+                        "build without it (FP8 GEMMs stay)")
     if variant is not None:
         get_variant(variant)  # an unknown name fails before the checkpoint is touched
     if text_encoder_precision not in (None, *TEXT_ENCODER_PRECISIONS):
@@ -292,9 +296,9 @@ def main(argv=None) -> int:
     eng.add_argument("--strip-weights", default="auto", choices=("auto", "on", "off"),
                      help="weightless engines (TensorRT STRIP_PLAN), refitted from the build's ONNX graphs when they "
                           "load: about half the builder's host memory and the build folder's disk for large graphs "
-                          "(auto: graphs above 512 MiB of weights, i.e. the real-size DiT and text encoder, when a GPU "
-                          "is present: TensorRT-RTX cannot build refittable plans ahead of time without one; "
-                          "default: %(default)s)")
+                          "(auto: graphs above 512 MiB of weights, i.e. the real-size DiT and text encoder, on "
+                          "TensorRT-RTX builds when a GPU is present: it cannot build refittable plans ahead of time "
+                          "without one; datacenter builds keep the weights; default: %(default)s)")
     ap.add_argument("--drop-intermediate", action="store_true",
                     help="delete what the runtime does not need as soon as it is used: unquantized graphs after "
                          "quantization, and (GPU targets) each graph once its engine plan holds its weights; halves "

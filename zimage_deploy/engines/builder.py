@@ -2,8 +2,13 @@
 
 Networks are strongly typed (precision comes from the graph: BF16 tensors, Q/DQ nodes). TensorRT-RTX engines
 are compiled ahead of time for the target's compute capability; TensorRT builds for the GPU it runs on and
-so refuses a machine whose GPU is not the target's. Plans are written under a temp name and renamed; the
-timing cache is persisted per flavour, version and compute capability.
+so refuses a machine whose GPU is not the target's. Plans are written under a temp name and renamed.
+
+TensorRT (datacenter): 10.13 or newer (the streamed serialization and the parser's initializer API this builder
+uses arrive there), checked before any work; `--refittable` is refused on 11.3 (NVIDIA documents that REFIT may drop
+a GEMM bias there, and the DiT's Linears have biases); the timing cache is persisted per version and GPU model, and
+the GPU model is recorded in the manifest. TensorRT-RTX: no timing cache (it has no effect there); static builds
+set REQUIRE_USER_ALLOCATION, which TensorRT-RTX needs for the CUDA-graph capture the runtime does with them.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from ..errors import UserError
 from ..fsutil import atomic_file
 from ..hashing import file_sha256
 from ..paths import cache_dir
-from .flavour import import_trt, version
+from .flavour import check_version, import_trt, version
 from .profiles import EngineOptions
 
+RECIPE = 2  # how engines are built from their inputs (2: static builds fix the caption length, RTX capture flag)
 
-def engine_key(onnx_sha: str, flavour: str, trt_version: str, sm: str, profile: dict, opts: EngineOptions) -> str:
-    payload = json.dumps([onnx_sha, flavour, trt_version, sm, profile, opts.as_dict()], sort_keys=True)
+
+def engine_key(onnx_sha: str, flavour: str, trt_version: str, sm: str, profile: dict, opts: EngineOptions,
+               gpu: str | None = None) -> str:
+    payload = json.dumps([onnx_sha, flavour, trt_version, sm, profile, opts.as_dict(), gpu, RECIPE], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -37,6 +45,29 @@ def device_capability() -> tuple[int, int] | None:
         return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
     except Exception:
         return None
+
+
+def device_name() -> str | None:
+    """The visible GPU's model name (`NVIDIA H100 80GB HBM3`), or None."""
+    if device_capability() is None:
+        return None
+    try:
+        import torch
+
+        return torch.cuda.get_device_name()
+    except Exception:
+        return None
+
+
+def release_torch_memory() -> None:
+    """Give back what torch's caching allocator holds (calibration, the quality gate) before TensorRT builds."""
+    import gc
+
+    gc.collect()
+    if _has_cuda():
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def check_build_machine(target, trt) -> None:
@@ -54,11 +85,18 @@ class EngineBuilder:
         self.target, self.opts = target, opts
         self.trt = import_trt(target.flavour)
         self.version = version(self.trt)
+        check_version(target.flavour, self.trt)
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         check_build_machine(target, self.trt)
-        self.cache_path = cache_dir() / "timing" / f"{target.flavour}-{self.version}-{target.sm}.cache"
-        # tactic timing needs a GPU: an ahead-of-time TensorRT-RTX build on a GPU-less machine times nothing
-        self.use_timing_cache = _has_cuda()
+        if target.flavour == "tensorrt" and opts.refittable and self.version.startswith("11.3."):
+            raise UserError(f"--refittable is refused with TensorRT {self.version}: NVIDIA documents that REFIT "
+                            "engines of TensorRT 11.3 may drop a GEMM bias (treated as zero), and the DiT's Linears "
+                            "have biases; build without --refittable or with another TensorRT version")
+        self.gpu = device_name() if target.flavour == "tensorrt" else None  # the GPU the plans are tuned on
+        gpu_key = "".join(c if c.isalnum() else "-" for c in self.gpu or "")
+        self.cache_path = cache_dir() / "timing" / f"{target.flavour}-{self.version}-{target.sm}-{gpu_key}.cache"
+        # tactic timing needs a GPU, and TensorRT-RTX ignores the timing cache (deprecated there)
+        self.use_timing_cache = _has_cuda() and target.flavour == "tensorrt"
         # TensorRT-RTX 1.7 fails to build refittable or weightless plans ahead of time without a GPU (Myelin's
         # JIT asks CUDA); say so before anything is written
         if not _has_cuda() and (opts.refittable or opts.strip_weights == "on"):
@@ -67,13 +105,14 @@ class EngineBuilder:
                             "machine without one")
 
     def strips(self, external_data: bool) -> bool:
-        """Weightless plan for this graph? `auto` strips large graphs where the builder can (a GPU is present)."""
-        if self.opts.strip_weights == "auto" and not _has_cuda():
+        """Weightless plan for this graph? `auto` strips large graphs where a TensorRT-RTX builder can (a GPU is
+        present); datacenter builds keep the weights in the plans (no refit at every start)."""
+        if self.opts.strip_weights == "auto" and (not _has_cuda() or self.target.flavour == "tensorrt"):
             return False
         return self.opts.strips(external_data)
 
     def key(self, onnx_sha: str, profile: dict) -> str:
-        return engine_key(onnx_sha, self.target.flavour, self.version, self.target.sm, profile, self.opts)
+        return engine_key(onnx_sha, self.target.flavour, self.version, self.target.sm, profile, self.opts, self.gpu)
 
     def build(self, onnx_path: Path, profile: dict, plan_path: Path, strip: bool = False) -> dict:
         """Build `onnx_path` into `plan_path`; return the engine's manifest entry (without the key). `strip`: a
@@ -86,7 +125,7 @@ class EngineBuilder:
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, self.logger)
-        weights = _MappedWeights(onnx_path)  # external weights read in place from the page cache, not copied
+        weights = MappedWeights(onnx_path)  # external weights read in place from the page cache, not copied
         try:
             parsed = weights.parse(parser) if weights.external else parser.parse_from_file(str(onnx_path))
         except Exception:
@@ -109,10 +148,16 @@ class EngineBuilder:
                 config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
         if self.opts.weight_streaming:
             config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+        cuda_graphs = self.opts.static is not None  # the runtime captures static engines in CUDA graphs
+        if cuda_graphs and self.target.flavour == "tensorrt-rtx":
+            config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)  # TensorRT-RTX: needed for stream capture
         cache = None
         if self.use_timing_cache:
             cache = config.create_timing_cache(self.cache_path.read_bytes() if self.cache_path.is_file() else b"")
-            config.set_timing_cache(cache, ignore_mismatch=False)
+            if not config.set_timing_cache(cache, ignore_mismatch=False):
+                cache = config.create_timing_cache(b"")  # another GPU's or version's: start afresh
+                if not config.set_timing_cache(cache, ignore_mismatch=False):
+                    cache = None
         prof = builder.create_optimization_profile()
         inputs = {network.get_input(i).name for i in range(network.num_inputs)}
         if inputs != set(profile):
@@ -137,6 +182,8 @@ class EngineBuilder:
             "flavour": self.target.flavour,
             "version": self.version,
             "compute_capability": list(self.target.compute_capability),
+            "gpu": self.gpu,
+            "cuda_graphs": cuda_graphs,
             "profile": profile,
             "options": self.opts.as_dict(),
             "stripped": strip,
@@ -145,11 +192,12 @@ class EngineBuilder:
         }
 
 
-class _MappedWeights:
+class MappedWeights:
     """A graph's external weights handed to TensorRT's parser as pointers into a read-only memory map of the data
     file (`OnnxParser.load_initializer`), instead of `parse_from_file` reading them into a private copy: the builder
     then holds one private copy of the weights, not two, and the mapped pages are page cache that the kernel can
-    drop under memory pressure (a real-size BF16 DiT engine builds within a 16 GiB memory limit this way)."""
+    drop under memory pressure (a real-size BF16 DiT engine builds within a 16 GiB memory limit this way). The same
+    for a weightless engine's refit (`OnnxParserRefitter.load_initializer`, runtime/tensorrt_backend.py)."""
 
     def __init__(self, onnx_path: Path):
         import onnx
@@ -161,6 +209,11 @@ class _MappedWeights:
         self.maps: dict[str, tuple] = {}
 
     def parse(self, parser) -> bool:
+        return self.load(parser) and parser.parse_model_proto()
+
+    def load(self, parser) -> bool:
+        """The graph (without its weights) and a pointer to each external weight, given to an OnnxParser or an
+        OnnxParserRefitter (the mappings stay open until `close`)."""
         import mmap
 
         import numpy as np
@@ -181,7 +234,7 @@ class _MappedWeights:
             if not parser.load_initializer(init.name, base + offset, length):
                 return False
         self.model = None  # the proto (without weights) is no longer needed
-        return parser.parse_model_proto()
+        return True
 
     def close(self) -> None:
         while self.maps:

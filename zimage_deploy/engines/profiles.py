@@ -4,7 +4,8 @@ named dims that export/specs.py declares.
 
 Real models: batch 1..4 (opt 1; 2 for CFG variants), sides 512..2048 px in 16-px steps at any aspect ratio,
 text 1..512 tokens. Small test checkpoints (DiT dim < 1024, such as the embedded tiny one) use sides
-64..512 px. A static profile (one H x W and batch, min = opt = max) is what CUDA graphs want.
+64..512 px. A static profile (one H x W and batch, min = opt = max; captions of the basic layout fixed at 512
+tokens, shorter ones zero-padded by the runtime) is what CUDA graphs want.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def dim_ranges(variant, facts: dict, opts: EngineOptions) -> dict[str, tuple[int
               "width": tuple(x * scale for x in lw), "text_len": (1, 128, MAX_TEXT)}
     if variant.layout == "omni":
         return {**ranges, **_omni_ranges(facts, tokens)}
-    cap = (SEQ_MULTIPLE, 128, MAX_TEXT)  # captions padded to 32
+    # captions padded to 32; a static build fixes them at the longest (the runtime pads them: padding is masked)
+    cap = (MAX_TEXT,) * 3 if opts.static else (SEQ_MULTIPLE, 128, MAX_TEXT)
     # a ControlNet's hints cover the joint sequence: image tokens padded to 32, then the caption slots
     return {**ranges, "cap_len": cap, "joint_len": tuple(t + n for t, n in zip(tokens, cap))}
 

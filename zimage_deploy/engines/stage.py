@@ -10,6 +10,7 @@ from tqdm import tqdm
 from .. import manifest as manifest_io
 from ..buildfolder import BuildFolder
 from ..hashing import file_sha256
+from .builder import release_torch_memory
 
 
 def engines_stage(job, manifest: dict) -> dict:
@@ -24,6 +25,7 @@ def engines_stage(job, manifest: dict) -> dict:
         log(f"[engines] skipped: {reason}")
         return {"status": "skipped", "reason": reason}
     t0 = time.perf_counter()
+    release_torch_memory()  # calibration and the quality gate may have left CUDA memory in torch's cache
     bar = tqdm(job.v.components, desc=f"engines ({builder.target.flavour} {builder.target.sm})", unit="engine",
                leave=False)
     folder = BuildFolder(out)

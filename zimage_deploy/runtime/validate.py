@@ -22,7 +22,8 @@ sizes: PIL reads a file's header without decoding its pixels). The rules, the sa
   img2img / inpainting: the output takes the image's size rounded down to the multiple, which must be within
   the size range (a mask has the image's size); Edit: 1 .. `max_conditions` (2) condition images of at least
   64 px a side and at most 8:1, each scaled to 1024 x 1024 px of area (or the requested output's) when larger,
-  then cropped to the multiple, and then at most max_side**2 pixels; the output defaults to the last one's size;
+  then cropped to the multiple, and then at most max_side**2 pixels with each side within the size range (the
+  VAE encoder's profile: condition images are encoded one at a time); the output defaults to the last one's size;
   with a mask (the first condition image's size) or a strength below 1 it is the first one's prepared size.
 - ControlNet builds: one control image (the same formats and pixel limit, at least 16 px a side and at most 8:1;
   resized to the output size, which is the given height / width or the build's default), `controlnet_scale` a
@@ -372,6 +373,12 @@ def _check_condition(limits: Limits, info: ImageInfo, what: str, height, width) 
         raise TooLarge(f"{what} is {w}x{h}, {pw}x{ph} after the condition resize rule: above this build's "
                        f"{limits.max_side}x{limits.max_side} pixels per condition image; send a smaller image "
                        "(or a smaller height x width for images above 1024x1024 px)")
+    if limits.static:  # the VAE encoder's profile: the one size
+        check_size(limits, ph, pw, f"{what} ({w}x{h}, {pw}x{ph} after the condition resize rule)")
+    elif max(ph, pw) > limits.max_side or min(ph, pw) < limits.min_side:  # the VAE encoder's profile, per image
+        error = TooLarge if max(ph, pw) > limits.max_side else RequestError
+        raise error(f"{what} is {w}x{h}, {pw}x{ph} after the condition resize rule: each side must lie in this "
+                    f"build's {limits.min_side}..{limits.max_side} px (its engines' profile); resize it")
     return ph, pw
 
 
