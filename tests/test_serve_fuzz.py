@@ -4,9 +4,9 @@ that a generated valid request costs little."""
 
 import pytest
 
-from conftest import in_ci
+from conftest import need
 
-schemathesis = pytest.importorskip("schemathesis") if not in_ci() else __import__("schemathesis")
+schemathesis = need("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 from serve_util import ServerThread  # noqa: E402

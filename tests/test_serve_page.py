@@ -24,7 +24,7 @@ def chromium() -> str:
     if path is None:
         if in_ci():
             pytest.fail("chromium is not installed (scripts/setup.sh installs it as root)")
-        pytest.skip("chromium is not installed")
+        pytest.skip("no chromium on PATH (scripts/setup.sh installs it as root; CI fails instead)")
     return path
 
 

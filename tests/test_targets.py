@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from conftest import need
 from zimage_deploy import build
 from zimage_deploy.cli import run_cli
 from zimage_deploy.errors import UserError
@@ -83,7 +84,7 @@ def test_default_precision_keeps_everything_resident(name):
 
 
 def test_rtx_targets_map_to_tensorrt_rtx_compute_capabilities():
-    tensorrt_rtx = pytest.importorskip("tensorrt_rtx")
+    tensorrt_rtx = need("tensorrt_rtx")
     for t in TARGETS.values():
         if t.flavour == "tensorrt-rtx":
             assert hasattr(tensorrt_rtx.ComputeCapability, t.sm), t.name
@@ -92,7 +93,7 @@ def test_rtx_targets_map_to_tensorrt_rtx_compute_capabilities():
 @pytest.mark.parametrize("name", ["rtx3060", "rtx4080", "rtx5070"])  # one per SM: SM86, SM89, SM120
 def test_each_sm_builds_on_the_cpu(name, tiny_bf16, tmp_path):
     """TensorRT-RTX builds the target's SM ahead of time here: the plan names that SM and no other."""
-    pytest.importorskip("tensorrt_rtx")
+    need("tensorrt_rtx")
     from zimage_deploy.engines.builder import EngineBuilder
     from zimage_deploy.engines.profiles import EngineOptions, profiles
     from zimage_deploy.variants import get_variant
