@@ -2,7 +2,7 @@
 as one original-layout BF16 file (~11.5 GB, `model.diffusion_model.` prefix, fused qkv), built with
 `--base` (a random diffusers folder of the real widths for the text encoder, VAE, tokenizer and scheduler: its
 text encoder 3 layers deep and its DiT a one-layer stand-in, unused, so the measurement is the DiT file's) on the
-lean path. The DiT file's values are windows of one pool of normals (tiny_files.pooled_random): disk speed. Each stage in its own process under GNU time. Writes a Markdown
+lean path. The DiT file's values are windows of one pool of small normals (tiny_files.pooled_random): disk speed. Each stage in its own process under GNU time. Writes a Markdown
 and a JSON report; deletes the multi-GB files unless --keep.
 
     .venv/bin/python benchmarks/single_file_memory.py --work /data/zimage-single [--keep]
@@ -33,10 +33,11 @@ def main() -> None:
     base, dit, out = work / "base", work / "z_image_turbo_random_bf16.safetensors", work / "export-bf16"
     os.environ["ZIMAGE_DEPLOY_CACHE"] = str(work / "cache")  # the view and remembered hashes, removed with the rest
     stages = {}
-    stages["write base folder (3-layer real-width text encoder, VAE; 1-layer DiT stand-in)"] = measured(
-        [py, "-c", "from zimage_deploy.realsize import write_real_size; "
-                   f"write_real_size({str(base)!r}, dit=dict(n_layers=1, n_refiner_layers=1), "
-                   "text=dict(num_hidden_layers=3))"])
+    if not (base / "model_index.json").is_file():
+        stages["write base folder (3-layer real-width text encoder, VAE; 1-layer DiT stand-in)"] = measured(
+            [py, "-c", "from zimage_deploy.realsize import write_real_size; "
+                       f"write_real_size({str(base)!r}, dit=dict(n_layers=1, n_refiner_layers=1), "
+                       "text=dict(num_hidden_layers=3))"])
     stages["write the single DiT file (streamed)"] = measured(
         [py, "-c", "from zimage_deploy.realsize import REAL_DIT; "
                    "from zimage_deploy.tiny_files import write_random_original_dit; "

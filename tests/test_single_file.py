@@ -203,3 +203,17 @@ def test_fp8_reuse_measured(files, tiny_ckpt, tmp_path):
     assert record["mean_rel_err_chosen"] == 0 < record["mean_rel_err_if_requantized"]
     assert float(scales["layers.0.attention.qkv.weight_amax"]) == 448.0
     assert choose(scales, tiny_ckpt) is None  # a diffusers folder: nothing to reuse
+
+
+def test_streamed_writer(tiny_ckpt, tmp_path):
+    """The real-size measurement's file writer (header first, then tensor by tensor) makes a valid safetensors file
+    of the original layout, with distinct tensors."""
+    from zimage_deploy.tiny import TINY_DIT
+    from zimage_deploy.tiny_files import write_random_original_dit
+
+    path = tmp_path / "streamed.safetensors"
+    assert write_random_original_dit(path, {**TINY_DIT, "cap_feat_dim": 32}) == path.stat().st_size
+    got, ref = load_file(str(path)), load_file(str(write_dit(tiny_ckpt, tmp_path / "ref.safetensors")))
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in ref.items()}
+    assert not torch.equal(got["model.diffusion_model.layers.0.feed_forward.w1.weight"],
+                           got["model.diffusion_model.layers.0.feed_forward.w3.weight"])
