@@ -134,3 +134,21 @@ def test_switching_sets_under_torch_compile_recompiles_nothing(tiny_ckpt):
     assert (outs[1] - outs[0]).abs().max() > 1e-2 and (outs[2] - outs[1]).abs().max() > 1e-2  # the sets count
     assert torch.equal(outs[3], outs[0]) and torch.equal(outs[4], outs[1])
     reset_compile_counters()
+
+
+def test_plan_counts_the_branches(capsys):
+    """`plan --max-lora-rank R --max-loras N`: a lora_branches part with the buffers' bytes (real Z-Image configs,
+    meta modules), in the all-resident total."""
+    from zimage_deploy import plan
+
+    base = plan.make_plan("h100", "fp8")
+    with_lora = plan.make_plan("h100", "fp8", lora=(64, 2))
+    part = next(p for p in with_lora.parts if p.name == "lora_branches")
+    assert 0.6 * 2**30 < part.weights < 0.8 * 2**30 and part.flops > 0 and part.calls == base.steps
+    assert with_lora.modes["all-resident"] - base.modes["all-resident"] == part.weights
+    smaller = next(p for p in plan.make_plan("h100", "fp8", lora=(32, 1)).parts if p.name == "lora_branches")
+    assert smaller.weights * 4 == part.weights
+    assert plan.main(["--target", "h100", "--precision", "fp8", "--max-lora-rank", "32", "--max-loras", "1"]) == 0
+    assert "| lora_branches | bf16 | 0.18 |" in capsys.readouterr().out
+    with pytest.raises(Exception, match="must be >= 1"):
+        plan.main(["--target", "h100", "--max-loras", "0"])

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_lora import H, PROMPT, SEED, STEPS, W, diffusers_image, image, make_peft_lora, peft_modules, to_kohya
-from zimage_deploy import ZImageRuntime, build
+from test_lora import (H, PROMPT, SEED, STEPS, W, cli, diffusers_image, image, make_peft_lora, peft_modules,
+                       to_kohya)
+from zimage_deploy import ZImageRuntime, build, generate
 from zimage_deploy.errors import RequestError
 from zimage_deploy.quantize.gate import psnr
 
@@ -58,7 +59,7 @@ def _check(out, backend, kind, quant_loras, quant_refs):
     assert np.array_equal(b_after, image(fresh.generate(PROMPT, loras=[(quant_loras["ada"], SB)], **KW)))
     assert np.array_equal(image(rt.generate(PROMPT, **KW)), base)  # no LoRA: the base image, bit for bit
     with pytest.raises(RequestError, match="max_loras"):
-        rt.generate(PROMPT, loras=[(quant_loras["attn"], 1.0)] * 3, **KW)
+        rt.generate(PROMPT, loras=[(quant_loras["attn"], 1.0)] * 5, **KW)
     small = ZImageRuntime(out, backend=backend)
     small.loras.configure(max_rank=32)
     with pytest.raises(RequestError, match="rank 64 on .*max_lora_rank"):
@@ -67,9 +68,14 @@ def _check(out, backend, kind, quant_loras, quant_refs):
 
 
 @pytest.mark.parametrize("kind", list(BUILDS))
-def test_loras_on_quantized_builds(kind, tiny_ckpt, tmp_path, quant_loras, quant_refs):
+def test_loras_on_quantized_builds(kind, tiny_ckpt, tmp_path, quant_loras, quant_refs, capsys):
     """Torch (emulated quantized layers) on every build, ONNX Runtime on the Q/DQ graphs it runs (FP8, INT4)."""
     out = tmp_path / kind
     assert build.main(["--model", str(tiny_ckpt), "--out", str(out), *FAST, *BUILDS[kind]]) == 0
     for backend in ("torch", "onnxruntime") if kind != "nvfp4" else ("torch",):
         _check(out, backend, kind, quant_loras, quant_refs)
+    png = tmp_path / "x.png"
+    code, err = cli(generate.main, ["--engine-dir", str(out), "--backend", "torch", "--prompt", PROMPT, "--output",
+                                    str(png), *[a for _ in range(5) for a in ("--lora", str(quant_loras["ada"]))]],
+                    capsys)
+    assert code == 2 and "max_loras" in err and not png.exists(), err

@@ -18,10 +18,11 @@ import torch
 from ..errors import RequestError
 from ..models.lora_branch import LoraBranch, branch_bytes, branches, install
 from ..models.stream import Factor
+from .spec import MAX_PER_REQUEST
 from .targets import Targets
 
 MAX_RANK = 64  # default rank bound per LoRA and row block
-MAX_LORAS = 2  # default LoRAs per set
+MAX_LORAS = MAX_PER_REQUEST  # default LoRAs per set: as many as a server request may name
 
 
 def block_ranks(targets: Targets, layers) -> dict[tuple[str, int], int]:

@@ -23,8 +23,8 @@ On quantized builds TensorRT refuses run-time LoRAs (its engines carry no branch
 quantized ones cannot take a float delta): use --backend torch or onnxruntime, or fuse at build time.
 
 Memory bounds: read LoRA files are cached up to `max_file_bytes` (least recently used first out); applied states
-(ONNX Runtime feeds, Torch factors on the device) up to `max_sets` sets. A server
-takes names from a configured folder (`spec.resolve_lora_name`) and hands (path, scale) pairs to `prepare`.
+(ONNX Runtime feeds, Torch factors on the device) up to `max_sets` sets. A server takes names from a configured
+folder (`spec.resolve_lora_name`) and hands (path, scale) pairs to `prepare`.
 """
 
 from __future__ import annotations
@@ -163,7 +163,8 @@ class LoraManager:
     def __init__(self, engine_dir: Path, manifest: dict, backend: str, low_vram: bool | None = None, max_sets: int = 2,
                  max_file_bytes: int = 2 << 30, max_rank: int = MAX_RANK, max_loras: int = MAX_LORAS):
         """`backend`: the backend's name (resolved, not auto); `low_vram`: the TensorRT backend's mode;
-        `max_rank`, `max_loras`: the Torch branches' bounds (rank per LoRA and row block, LoRAs per set)."""
+        `max_rank`, `max_loras`: the branches' bounds (rank per LoRA and row block, LoRAs per set): the size of the
+        Torch buffers; ONNX Runtime (dynamic rank) checks the same bounds."""
         self.pipeline = None
         low_vram = planned_low_vram(manifest, low_vram)  # as make_backend decides it
         self.engine_dir, self.manifest, self.backend_name, self.low_vram = Path(engine_dir), manifest, backend, low_vram
