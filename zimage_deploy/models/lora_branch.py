@@ -76,7 +76,7 @@ class LoraBranch(nn.Module):
         if self.parts == 1:
             return y + F.linear(h, self.up[0]).to(y.dtype)
         lead = h.shape[:-1]
-        h = h.reshape(-1, self.parts, self.capacity).transpose(0, 1)  # (parts, N, capacity)
+        h = h.reshape(-1, self.parts, self.up.shape[2]).transpose(0, 1)  # (parts, N, capacity)
         z = torch.bmm(h, self.up.transpose(1, 2)).transpose(0, 1)  # (N, parts, rows)
         return y + z.reshape(*lead, self.out_features).to(y.dtype)
 
