@@ -357,7 +357,7 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
     if manifest is not None:
         plan_of.update(manifest.get("plan", {}))
     args = dict(steps=steps or v.default_steps, caption_tokens=caption_tokens, max_caption_tokens=max_caption_tokens,
-                max_side=max_side)
+                max_side=max_side, lora=lora)
     plan = _make(t, v, precision, plan_of, height, width, cfgs, manifest, controlnet, model, **args)
     if advise and plan.mode != MODES[0]:
         plan.advice = _advice(plan, t, v, precision, plan_of, cfgs, manifest, controlnet, model, **args)
@@ -365,7 +365,7 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
 
 
 def _make(t, v, precision, plan_of, height, width, cfgs, manifest, controlnet, model, steps, caption_tokens,
-          max_caption_tokens, max_side) -> Plan:
+          max_caption_tokens, max_side, lora=None) -> Plan:
     batch = 2 if v.uses_cfg else 1
     key = json.dumps(cfgs, sort_keys=True, default=str)
     dit, text, vae = _cached(("modules", key), lambda: _meta_modules(cfgs))
