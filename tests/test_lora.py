@@ -347,21 +347,22 @@ def test_generate_cli_lora(tiny_fp32, loras, refs, tmp_path):
 
 
 def test_ort_lora_session_equals_edited_graph(tiny_fp32, loras):
-    """The LoRA session (initializers replaced, constant folding off) computes what a session on a graph whose
-    initializers were edited computes."""
+    """The branch session (the graph with a LoRA side branch fed per run) computes what a session on a graph whose
+    initializers were edited computes; fed rank 0, the base graph's output bit for bit."""
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
 
     from zimage_deploy import manifest as manifest_io
-    from zimage_deploy.lora.onnxruntime import OrtLoraSessions
+    from zimage_deploy.lora.onnx_branch import OrtBranchSessions
     from zimage_deploy.runtime.backends import OnnxRuntimeBackend
 
     m = manifest_io.load(tiny_fp32)
     targets = from_graphs(tiny_fp32, m)
     table = factors([(read_lora(loras["a"]["diffusers"], targets), SA)])
     backend = OnnxRuntimeBackend(tiny_fp32, m)
-    ours = OrtLoraSessions(backend, table)
+    ours = OrtBranchSessions(backend, targets.shapes)
+    assert {"transformer", "context_refiner"} <= set(ours.sessions)
     g = torch.Generator().manual_seed(0)
     inputs = {"latents": torch.randn(1, 16, 8, 12, generator=g), "timestep": torch.tensor([0.4]),
               "cap_states": torch.randn(1, 32, 64, generator=g), "cap_lens": torch.tensor([17])}
@@ -374,9 +375,10 @@ def test_ort_lora_session_equals_edited_graph(tiny_fp32, loras):
             init.CopyFrom(numpy_helper.from_array(w.numpy(), init.name))
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     expected = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
-    got = ours.run(backend, "transformer", inputs)["noise_pred"].numpy()
+    got = ours.run(backend, "transformer", inputs, ours.prepare(table))["noise_pred"].numpy()
     base = backend.run("transformer", **inputs)["noise_pred"].numpy()
-    assert np.abs(got - expected).max() <= 1e-5 < np.abs(base - expected).max()
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max() < np.abs(base - expected).max()
+    assert np.array_equal(ours.run(backend, "transformer", inputs, ours.prepare({}))["noise_pred"].numpy(), base)
 
 
 # -- TensorRT refit: the weight mapping on the CPU, execution on a GPU --------------------------------------
@@ -391,7 +393,7 @@ def test_refit_mapping(request, precision, loras, fused_build):
     initializers, and the weights only a previous LoRA adapted go back to base exactly."""
     from zimage_deploy import manifest as manifest_io
     from zimage_deploy.export.weights import TORCH_OF, read_initializer
-    from zimage_deploy.lora.onnxruntime import adapted_weights
+    from zimage_deploy.lora.tensorrt import adapted_weights
     from zimage_deploy.lora.targets import graph_initializers
     from zimage_deploy.lora.tensorrt import network_weight_names, refit_names
 
@@ -556,7 +558,8 @@ def test_bad_loras_at_run_time(tiny_fp32, loras, tmp_path, capsys):
 
 
 def test_refused_builds_and_backends(tiny_fp32, loras):
-    """Quantized builds, non-refittable or low-VRAM TensorRT, weightless engines: clear refusals."""
+    """TensorRT on quantized builds, non-refittable or low-VRAM TensorRT, weightless engines: clear refusals (Torch
+    and ONNX Runtime take LoRAs on quantized builds: tests/test_lora_quantized.py)."""
     from zimage_deploy import manifest as manifest_io
     from zimage_deploy.refit import check_refittable
 
@@ -564,8 +567,9 @@ def test_refused_builds_and_backends(tiny_fp32, loras):
     m = manifest_io.load(tiny_fp32)
     quant = json.loads(json.dumps(m))
     quant["components"]["transformer"]["precision"] = "fp8"
-    with pytest.raises(RequestError, match=r"quantized \(fp8\).*--lora"):
-        LoraManager(tiny_fp32, quant, "onnxruntime").prepare(lora)
+    with pytest.raises(RequestError, match=r"quantized \(fp8\).*--backend torch or onnxruntime.*--lora"):
+        LoraManager(tiny_fp32, quant, "tensorrt").prepare(lora)
+    assert LoraManager(tiny_fp32, quant, "onnxruntime").prepare(lora)
     with pytest.raises(UserError, match="quantized"):
         check_refittable(tiny_fp32, quant)
     engines = json.loads(json.dumps(m))

@@ -66,8 +66,8 @@ def main(argv=None) -> int:
                     help="TensorRT: keep one engine in GPU memory at a time (default: the mode the build's VRAM plan "
                          "picked for its target, see python -m zimage_deploy.plan)")
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                    help="apply a LoRA for this run (repeatable; scale default 1; unquantized builds; TensorRT: "
-                         "--refittable engines, refitted from the base weights)")
+                    help="apply a LoRA for this run (repeatable; scale default 1; any precision on torch and "
+                         "onnxruntime; TensorRT: unquantized --refittable engines, refitted from the base weights)")
     ap.add_argument("--output", type=Path, required=True)
     args = ap.parse_args(argv)
 

@@ -322,11 +322,12 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
               steps: int | None = None, engine_dir: Path | None = None, model: str | None = None,
               caption_tokens: int = 128, max_caption_tokens: int = 512, max_side: int | None = None,
               controlnet=None, text_encoder: str | None = None, on_target: str | None = None,
-              advise: bool = True) -> Plan:
+              advise: bool = True, lora: tuple[int, int] | None = None) -> Plan:
     """`text_encoder`: the text encoder's precision where it differs from the precision's (as build
     --text-encoder-precision); `on_target` (with `engine_dir`): plan the build on another card of the same compute
     capability; `advise`: where not everything stays resident, say which other precision, text-encoder precision
-    or smaller size would do better (`Plan.advice`)."""
+    or smaller size would do better (`Plan.advice`); `lora`: (max_lora_rank, max_loras) of run-time LoRA branches
+    (lora/adapters.py), counted as a part."""
     manifest = None
     if engine_dir is not None:
         from . import manifest as manifest_io
@@ -356,7 +357,7 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
     if manifest is not None:
         plan_of.update(manifest.get("plan", {}))
     args = dict(steps=steps or v.default_steps, caption_tokens=caption_tokens, max_caption_tokens=max_caption_tokens,
-                max_side=max_side)
+                max_side=max_side, lora=lora)
     plan = _make(t, v, precision, plan_of, height, width, cfgs, manifest, controlnet, model, **args)
     if advise and plan.mode != MODES[0]:
         plan.advice = _advice(plan, t, v, precision, plan_of, cfgs, manifest, controlnet, model, **args)
@@ -364,7 +365,7 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
 
 
 def _make(t, v, precision, plan_of, height, width, cfgs, manifest, controlnet, model, steps, caption_tokens,
-          max_caption_tokens, max_side) -> Plan:
+          max_caption_tokens, max_side, lora=None) -> Plan:
     batch = 2 if v.uses_cfg else 1
     key = json.dumps(cfgs, sort_keys=True, default=str)
     dit, text, vae = _cached(("modules", key), lambda: _meta_modules(cfgs))
@@ -431,16 +432,23 @@ def _make(t, v, precision, plan_of, height, width, cfgs, manifest, controlnet, m
             elif entry.get("weight_bytes"):
                 weights, source = int(entry["weight_bytes"]), "graph"
         plan.parts.append(Part(name, plan_of[name], weights, source, *acts[name], *flops[name]))
+    if lora:
+        from .lora.adapters import plan_cost
+
+        nbytes, step_flops = plan_cost(dit, *lora, img_opt, caption_tokens, batch)
+        plan.parts.append(Part("lora_branches", "bf16", nbytes, "config", 0, 0, step_flops, steps))
     _choose_mode(plan)
     _floors(plan, t)
     return plan
 
 
 def _stages(plan: Plan) -> list[list[Part]]:
-    """The stages of low-VRAM mode: each component alone, but a ControlNet's branch beside the transformer."""
+    """The stages of low-VRAM mode: each component alone, but a ControlNet's branch and the LoRA branches beside the
+    transformer."""
     per = {p.name: p for p in plan.parts}
-    stages = [[p] for p in plan.parts if p.name not in ("transformer", "controlnet")]
-    return stages + [[per[n] for n in ("controlnet", "transformer") if n in per]]
+    dit = ("controlnet", "lora_branches", "transformer")
+    stages = [[p] for p in plan.parts if p.name not in dit]
+    return stages + [[per[n] for n in dit if n in per]]
 
 
 def _stage_need(stage: list[Part], streamed: bool = False) -> int:
@@ -712,8 +720,20 @@ def main(argv=None) -> int:
                     help="plan a ControlNet build (as build --controlnet: a ZImageControlNetModel folder or a "
                          "released .safetensors; only its config and header are read). A build's own is counted "
                          "with --build-dir")
+    ap.add_argument("--max-lora-rank", type=int, default=None, metavar="R",
+                    help="count run-time LoRA branches of this rank bound (Torch backend; see README LoRA)")
+    ap.add_argument("--max-loras", type=int, default=None, metavar="N",
+                    help="LoRAs per set the branches hold (default 4 with --max-lora-rank)")
     ap.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
     args = ap.parse_args(argv)
+    lora = None
+    if args.max_lora_rank is not None or args.max_loras is not None:
+        from .lora.adapters import MAX_LORAS, MAX_RANK
+
+        lora = (MAX_RANK if args.max_lora_rank is None else args.max_lora_rank,
+                MAX_LORAS if args.max_loras is None else args.max_loras)
+        if min(lora) < 1:
+            raise UserError("--max-lora-rank and --max-loras must be >= 1")
     dirs = args.build_dirs or []
     if args.controlnet is not None and dirs:
         raise UserError("--controlnet plans a build before it exists; with --build-dir the build's own ControlNet "
@@ -736,7 +756,7 @@ def main(argv=None) -> int:
         plan = make_plan(target, precision, *size, args.variant, args.steps,
                          dirs[0] if dirs else None, args.model, controlnet=args.controlnet,
                          text_encoder=TARGETS[target].text_encoder_for(args.precision, args.text_encoder_precision),
-                         on_target=args.target)
+                         on_target=args.target, lora=lora)
         text, record = format_plan(plan), plan.as_dict()
     print(text)
     if args.json:

@@ -5,7 +5,9 @@
 - formats.py: reading diffusers/PEFT, kohya and original-repository LoRA files into low-rank factors;
 - fuse.py: build-time fusion into the DiT's weight stream (`build --lora`), manifest records;
 - runtime.py: run-time sets per generation (`generate --lora`, `ZImageRuntime.generate(loras=...)`) over
-  adapters.py (Torch hooks), onnxruntime.py (sessions with replaced initializers), tensorrt.py (refit).
+  adapters.py (Torch: side branches beside each linear layer, models/lora_branch.py), onnx_branch.py (ONNX Runtime:
+  the same branch in the graph, factors fed per run), tensorrt.py (refit); on float and quantized builds (TensorRT:
+  float builds only).
 """
 
 from .runtime import EMPTY, LoraManager, LoraSet

@@ -1,4 +1,4 @@
-"""Run-time LoRAs: swapped per generation without rebuilding, on any backend of an unquantized build.
+"""Run-time LoRAs: swapped per generation without rebuilding.
 
     manager = LoraManager.for_pipeline(pipeline)    # ZImageRuntime holds one as `rt.loras`
     active = manager.prepare([("style.safetensors", 0.8), ("face.safetensors", 0.5)])   # RequestError if bad
@@ -8,18 +8,23 @@
 (`LoraManager(engine_dir, manifest, backend_name)` checks and reads LoRAs before any model loads; `bind(pipeline)`
 then applies them.)
 
-- Torch: forward hooks add the low-rank terms (lora/adapters.py); the active set is per thread (context variable),
-  so generations with different sets run side by side on one module.
-- ONNX Runtime: each set runs in its own sessions with the adapted initializers replaced (lora/onnxruntime.py);
-  sets are per thread too. Building a new set's sessions does not block generations with other sets.
+- Torch: a low-rank side branch beside each adaptable linear layer, in fixed-size buffers (lora/adapters.py,
+  models/lora_branch.py): y = base(x) + s (x A) B in the layer's float dtype, beside the quantized matmul on FP8 /
+  INT4 / NVFP4 builds, never merged into the base weights; eager or compiled (a switch copies factors into the
+  buffers: nothing recompiles). The module holds one set at a time: generations with the active set run together,
+  a switch waits for them to finish. Bounds: `max_rank` per LoRA and row block, `max_loras` per set.
+- ONNX Runtime: the DiT graphs (float or quantized) get the same side branch with the factors as graph inputs, in
+  one extra session per component made on first use (lora/onnx_branch.py); a set is a feed, per thread, so
+  generations with different sets run side by side.
 - TensorRT: the engines are refitted (lora/tensorrt.py), always from the base weights. An engine holds one set at
   a time: generations with the active set run together, a switch waits for them to finish and holds back others
   while it refits.
-Quantized builds refuse run-time LoRAs (fuse them at build time: `build --lora`).
+On quantized builds TensorRT refuses run-time LoRAs (its engines carry no branch: refit replaces weights, and the
+quantized ones cannot take a float delta): use --backend torch or onnxruntime, or fuse at build time.
 
 Memory bounds: read LoRA files are cached up to `max_file_bytes` (least recently used first out); applied states
-(ONNX Runtime sessions with their replaced weights, Torch factors on the device) up to `max_sets` sets. A server
-takes names from a configured folder (`spec.resolve_lora_name`) and hands (path, scale) pairs to `prepare`.
+(ONNX Runtime feeds, Torch factors on the device) up to `max_sets` sets. A server takes names from a configured
+folder (`spec.resolve_lora_name`) and hands (path, scale) pairs to `prepare`.
 """
 
 from __future__ import annotations
@@ -36,13 +41,15 @@ from ..errors import InternalError, RequestError, UserError
 from ..manifest import planned_low_vram
 from ..models.stream import factors
 from ..targets import QUANTIZED
+from .adapters import MAX_LORAS, MAX_RANK, check_bounds
 from .formats import Lora, read_lora
 from .spec import as_spec, file_sha256
 from .targets import dit_components, from_graphs, graph_path
 
-QUANTIZED_MESSAGE = ("this build's DiT is quantized ({}): run-time LoRAs would change weights the quantization was "
-                     "calibrated for. Fuse the LoRA at build time instead: python -m zimage_deploy.build ... --lora "
-                     "PATH[:SCALE]")
+QUANTIZED_MESSAGE = ("this build's DiT is quantized ({}): TensorRT cannot add run-time LoRAs to its quantized "
+                     "engines (a refit replaces weights; quantized ones cannot take a float delta). Use --backend "
+                     "torch or onnxruntime (the LoRA runs beside the quantized layers there), or fuse the LoRA at "
+                     "build time: python -m zimage_deploy.build ... --lora PATH[:SCALE]")
 
 
 @dataclass(frozen=True)
@@ -146,16 +153,18 @@ class _OrtLoraBackend:
         return getattr(self.inner, name)
 
     def run(self, component, **inputs):
-        sessions = self.active.get()
-        if sessions is not None and component in sessions.sessions:
-            return sessions.run(self.inner, component, inputs)
+        active = self.active.get()
+        if active is not None and component in active[0].sessions:
+            return active[0].run(self.inner, component, inputs, active[1])
         return self.inner.run(component, **inputs)
 
 
 class LoraManager:
     def __init__(self, engine_dir: Path, manifest: dict, backend: str, low_vram: bool | None = None, max_sets: int = 2,
-                 max_file_bytes: int = 2 << 30):
-        """`backend`: the backend's name (resolved, not auto); `low_vram`: the TensorRT backend's mode."""
+                 max_file_bytes: int = 2 << 30, max_rank: int = MAX_RANK, max_loras: int = MAX_LORAS):
+        """`backend`: the backend's name (resolved, not auto); `low_vram`: the TensorRT backend's mode;
+        `max_rank`, `max_loras`: the branches' bounds (rank per LoRA and row block, LoRAs per set): the size of the
+        Torch buffers; ONNX Runtime (dynamic rank) checks the same bounds."""
         self.pipeline = None
         low_vram = planned_low_vram(manifest, low_vram)  # as make_backend decides it
         self.engine_dir, self.manifest, self.backend_name, self.low_vram = Path(engine_dir), manifest, backend, low_vram
@@ -163,7 +172,9 @@ class LoraManager:
         self.states = BoundedCache(max_sets)
         self._targets = None
         self._lock = threading.Lock()
-        self._torch = None  # TorchAdapters, made on first use
+        self._torch = None  # TorchBranches, installed on first use
+        self._ort = None  # OrtBranchSessions, made on first use
+        self.max_rank, self.max_loras = int(max_rank), int(max_loras)
         self._ort_active: contextvars.ContextVar = contextvars.ContextVar(f"lora_ort_{id(self)}", default=None)
         self._gate = _SwitchGate()
         self._trt_modified: dict[str, set] = {}
@@ -171,6 +182,9 @@ class LoraManager:
     @classmethod
     def for_pipeline(cls, pipeline, **kwargs) -> "LoraManager":
         backend = pipeline.backend
+        bounds = getattr(backend, "lora_bounds", None)  # branches reserved before compiling (runtime/backends.py)
+        if bounds:
+            kwargs = {"max_rank": bounds[0], "max_loras": bounds[1], **kwargs}
         return cls(pipeline.engine_dir, pipeline.manifest, backend.name, getattr(backend, "low_vram", False),
                    **kwargs).bind(pipeline)
 
@@ -181,8 +195,14 @@ class LoraManager:
         self.pipeline = pipeline
         return self
 
-    def configure(self, max_sets: int | None = None, max_file_bytes: int | None = None) -> None:
-        """Cache bounds: applied LoRA sets kept ready (ONNX Runtime sessions, Torch factors), bytes of read files."""
+    def configure(self, max_sets: int | None = None, max_file_bytes: int | None = None, max_rank: int | None = None,
+                  max_loras: int | None = None) -> None:
+        """Cache bounds: applied LoRA sets kept ready (ONNX Runtime sessions, Torch factors), bytes of read files;
+        the Torch branches' bounds (before the first LoRA is used: the branches are sized then)."""
+        if (max_rank is not None or max_loras is not None) and self._torch is not None:
+            raise InternalError("the LoRA branches are already installed: set max_rank / max_loras before first use")
+        self.max_rank = self.max_rank if max_rank is None else int(max_rank)
+        self.max_loras = self.max_loras if max_loras is None else int(max_loras)
         if max_sets is not None:
             self.states.max_items = int(max_sets)
         if max_file_bytes is not None:
@@ -200,14 +220,13 @@ class LoraManager:
         """RequestError when this build / backend cannot apply LoRAs at run time."""
         comps = self.manifest["components"]
         quantized = sorted({comps[n].get("precision") for n in dit_components(self.manifest)} & set(QUANTIZED))
-        if quantized:
+        if quantized and self.backend_name == "tensorrt":
             raise RequestError(QUANTIZED_MESSAGE.format(", ".join(quantized)))
         backend = self.backend if self.pipeline is not None else None
-        offloads = getattr(getattr(backend, "offload", None), "mode", "none") != "none"  # runtime/offload.py
-        if backend is not None and backend.name == "torch" and (getattr(backend, "compile", False)
-                                                                or getattr(backend, "fp8", False) or offloads):
-            raise RequestError("run-time LoRAs are not supported by the compiled / FP8 / offloading Torch backend; "
-                               "use the plain Torch backend, or fuse the LoRA at build time (build --lora)")
+        if backend is not None and backend.name == "torch" and \
+                getattr(getattr(backend, "offload", None), "mode", "none") != "none":  # runtime/offload.py
+            raise RequestError("run-time LoRAs are not supported by the offloading Torch backend (--low-vram); run "
+                               "without it, or fuse the LoRA at build time (build --lora)")
         if self.backend_name not in ("torch", "onnxruntime", "tensorrt"):
             raise RequestError(f"run-time LoRAs are not supported by the {self.backend_name} backend")
         if self.backend_name == "tensorrt":
@@ -245,6 +264,8 @@ class LoraManager:
         try:
             self.check_supported()
             items = tuple((self.read(spec.path), spec.scale) for spec in map(as_spec, loras))
+            if self.backend_name in ("torch", "onnxruntime"):
+                check_bounds(self.targets, items, self.max_rank, self.max_loras)
         except RequestError:
             raise
         except UserError as e:
@@ -260,27 +281,19 @@ class LoraManager:
         name = self.backend.name
         if lora_set:
             self.check_supported()
-        if name == "tensorrt":  # base generations hold the gate too: no switch may refit under them
-            with self._gate.hold(lora_set.key, lambda: self._refit(lora_set)):
+        if name in ("tensorrt", "torch"):  # base generations hold the gate too: no switch may happen under them
+            switch = self._refit if name == "tensorrt" else self._torch_switch
+            with self._gate.hold(lora_set.key, lambda: switch(lora_set)):
                 yield
             return
         if not lora_set:
             yield
             return
-        if name == "torch":
-            adapters = self._torch_adapters()
-            prepared = self.states.get(lora_set.key, lambda: adapters.prepare(lora_set.table))
-            token = adapters.use(prepared)
-            try:
-                yield
-            finally:
-                adapters.reset(token)
-        elif name == "onnxruntime":
+        if name == "onnxruntime":
             self._install_ort()
-            from .onnxruntime import OrtLoraSessions
-
-            sessions = self.states.get(lora_set.key, lambda: OrtLoraSessions(self.backend, lora_set.table))
-            token = self._ort_active.set(sessions)
+            branches = self._ort_branches()
+            prepared = self.states.get(lora_set.key, lambda: branches.prepare(lora_set.table))
+            token = self._ort_active.set((branches, prepared))
             try:
                 yield
             finally:
@@ -288,14 +301,35 @@ class LoraManager:
         else:
             raise RequestError(f"run-time LoRAs are not supported by the {name} backend")
 
-    def _torch_adapters(self):
-        from .adapters import TorchAdapters
+    def _torch_switch(self, lora_set: LoraSet) -> None:
+        """Copy `lora_set`'s factors into the DiT's branches (installing them on first use); called with no
+        generation running."""
+        if not lora_set and self._torch is None:
+            return  # never adapted: no branches to clear
+        branches = self._torch_branches()
+        prepared = self.states.get(lora_set.key, lambda: branches.prepare(lora_set.table)) if lora_set else {}
+        branches.load(prepared)
 
+    def _torch_branches(self):
+        from .adapters import TorchBranches
+
+        targets = self.targets
         with self._lock:
             if self._torch is None:
                 self.backend.model("transformer")  # loads the DiT module once (shared by its components)
-                self._torch = TorchAdapters(self.backend.models["transformer"])
+                model = self.backend.models["transformer"]
+                model = getattr(model, "dit", model)  # the step-graph wrapper of runtime/torch_fast.py
+                self._torch = TorchBranches(model, targets, self.max_rank, self.max_loras)
             return self._torch
+
+    def _ort_branches(self):
+        from .onnx_branch import OrtBranchSessions
+
+        targets = self.targets
+        with self._lock:
+            if self._ort is None:
+                self._ort = OrtBranchSessions(self.backend, targets.shapes)
+            return self._ort
 
     def _install_ort(self) -> None:
         with self._lock:

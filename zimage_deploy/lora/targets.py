@@ -98,6 +98,10 @@ class Targets:
         n = out // a.parts
         return a.part * n, (a.part + 1) * n
 
+    def parts(self, target: str) -> int:
+        """How many row blocks LoRAs may adapt separately in `target` (3 for a fused qkv, 2 for w13, else 1)."""
+        return max((a.parts for a in self.aliases.values() if a.target == target), default=1)
+
     def examples(self, n: int = 4) -> list[str]:
         return [k for k, a in self.aliases.items() if a.naming == "diffusers"][:n]
 

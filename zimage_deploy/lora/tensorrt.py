@@ -15,12 +15,30 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models.stream import Factor
-from .onnxruntime import adapted_weights
+from ..models.stream import Factor, fused_weight
 from .targets import graph_initializers
 
 CHUNK_BYTES = 1 << 30
 _TRT_DTYPES = {torch.float32: "FLOAT", torch.bfloat16: "BF16", torch.float16: "HALF"}
+
+
+def adapted_weights(onnx_path: Path, table: dict[str, list[Factor]], names=None):
+    """(initializer name, tensor) for every initializer of the graph at `onnx_path` that `table` adapts (or, with
+    `names`, for each of those names): base from the graph + deltas, in the initializer's dtype and shape (our
+    weights' [out, in] layout: exported graphs keep each Linear weight as the module holds it)."""
+    import onnx
+
+    from ..export.weights import read_initializer
+
+    folder = Path(onnx_path).parent
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    wanted = set(table) if names is None else set(names)
+    for proto in model.graph.initializer:
+        if proto.name not in wanted:
+            continue
+        _, base = read_initializer(proto, folder)
+        parts = table.get(proto.name)
+        yield proto.name, (fused_weight(base, parts).to(base.dtype) if parts else base.clone())
 
 
 def refit_names(onnx_path: Path, table: dict[str, list[Factor]], previous=()) -> set[str]:

@@ -64,6 +64,7 @@ class OnnxRuntimeBackend(Backend):
 
 class TorchBackend(Backend):
     name = "torch"
+    lora_bounds: tuple[int, int] | None = None  # (max_rank, max_loras): LoRA branches installed before compiling
 
     def __init__(self, engine_dir, manifest, device: str | None = None, compile: bool = False, fp8: bool = False,
                  modules: dict[str, torch.nn.Module] | None = None, offload="none"):
@@ -103,6 +104,10 @@ class TorchBackend(Backend):
             if self.fp8:  # the FP8 graphs' calibrated scales where the build has them
                 fp8_blocks(model, self._scales("transformer", "fp8"))
             if self.compile:
+                if self.lora_bounds:  # lora/adapters.py: switching LoRA sets then recompiles nothing
+                    from ..lora.adapters import reserve
+
+                    reserve(model, self.engine_dir, self.manifest, *self.lora_bounds)
                 compile_blocks(model)
         return model
 

@@ -165,6 +165,10 @@ class FastTorchBackend(TorchBackend):
             if self.fp8_on:
                 scales = self.fp8_scales if self.fp8_scales is not None else self._scales("transformer", "fp8")
                 self.fp8_layers = fast.fp8_blocks(model, scales, self.fast_accum)
+            if self.mode != "eager" and self.lora_bounds:  # lora/adapters.py: LoRA switches recompile nothing
+                from ..lora.adapters import reserve
+
+                reserve(model, self.engine_dir, self.manifest, *self.lora_bounds)
             if self.mode == "blocks":
                 fast.compile_blocks(model, "reduce-overhead" if self.cuda else None, self.compile_backend)
             elif self.mode == "step":

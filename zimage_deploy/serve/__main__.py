@@ -44,7 +44,7 @@ def add_limit_options(ap: argparse.ArgumentParser) -> None:
                     help="largest request body (default: the input images in base64 plus 1 MiB)")
     ap.add_argument("--lora-dir", type=Path, default=None,
                     help="a folder of .safetensors LoRAs that requests may name in their `loras` field (names only, "
-                         "never paths; unquantized builds; default: none, the field is refused)")
+                         "never paths; default: none, the field is refused)")
     ap.add_argument("--max-lora-sets", type=int, default=2,
                     help="LoRA combinations kept prepared at once (each holds its adapted weights; default: 2)")
     ap.add_argument("--api-key", default=None,
