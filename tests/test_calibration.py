@@ -109,7 +109,9 @@ def test_text_encoder_ranges_equal_a_forward_hook(calibrated):
     te = load_text_encoder(Path(manifest["model"]["path"]), dtype)
     hooks = MaxInput(te, recorded)
     tok = PromptTokenizer(BuildFolder(out).tokenizer, manifest["defaults"]["max_sequence_length"])
-    text_encoder_loop(tok, load_prompts(None, calib["count"]), "cpu")(te)
+    prompts = load_prompts(None, calib["count"])
+    batches = [tok(prompts[i:i + 8]) for i in range(0, len(prompts), 8)]  # the stage's batches of 8 prompts
+    text_encoder_loop(batches, "cpu")(te)
     hooks.remove()
     _compare(recorded, hooks.amax, RTOL["text_encoder"])
 
