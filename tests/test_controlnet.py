@@ -281,13 +281,28 @@ def test_lean_export_equals_ordinary(tmp_path, tiny_ckpt):
         assert np.abs(got["on"] - got["off"]).max() <= 1e-5 * np.abs(got["off"]).max()
 
 
-@pytest.mark.parametrize("precision,extra", [("fp8", ["--calib-size", "4"]), ("int4", ["--int4-method", "rtn"])])
-def test_quantized_builds_pass_the_gate(ckpts, tmp_path_factory, precision, extra):
+QUANTIZED = {"fp8": ["--calib-size", "4"], "int4": ["--int4-method", "rtn"]}
+
+
+@pytest.fixture(scope="module")
+def quantized(ckpts, tmp_path_factory):
+    """precision -> a quantized build of the union checkpoint, each built once."""
+    built = {}
+
+    def get(precision):
+        if precision == "fp8":
+            need("modelopt")  # FP8 calibration
+        if precision not in built:
+            built[precision] = fp32_build(tmp_path_factory, ckpts["union"], *QUANTIZED[precision], precision=precision)
+        return built[precision]
+    return get
+
+
+@pytest.mark.parametrize("precision", list(QUANTIZED))
+def test_quantized_builds_pass_the_gate(quantized, precision):
     """The control branch is quantized like the DiT (same scheme, calibrated in the same loop with control images)
     and the quality gate, run with control images, passes."""
-    if precision == "fp8":
-        need("modelopt")  # FP8 calibration
-    out = fp32_build(tmp_path_factory, ckpts["union"], *extra, precision=precision)
+    out = quantized(precision)
     m = json.loads((out / "manifest.json").read_text())
     comps = m["components"]
     assert comps["controlnet"]["precision"] == comps["transformer"]["precision"] == precision
@@ -297,6 +312,42 @@ def test_quantized_builds_pass_the_gate(ckpts, tmp_path_factory, precision, extr
     control = synthetic_image(64, 64, seed=2)
     q = as_array(Pipeline(out, "onnxruntime")(PROMPT, 64, 64, 2, seed=3, control_image=control, progress=False)[0])
     assert q.std() > 10
+
+
+@pytest.mark.parametrize("precision", list(QUANTIZED))
+def test_quantized_branch_layers_match_an_independent_reference(quantized, precision):
+    """Each quantized layer of the controlnet graph (its control blocks and the noise refiner it shares with the
+    transformer), run by ONNX Runtime on sample inputs and fed the activation the graph computes, gives what numpy
+    computes with independently quantized weights (tests/quant_ref.py; FP8: the activation quantized too)."""
+    import onnx
+    import onnxruntime as ort
+
+    import quant_ref as qr
+    from graph_ref import initializer, linear_io, with_outputs
+    from zimage_deploy.export.specs import CHECK_DIMS, specs_for
+    from zimage_deploy.scales import layers_of, load_scales
+
+    out = quantized(precision)
+    manifest = json.loads((out / "manifest.json").read_text())
+    comp, facts = manifest["components"]["controlnet"], manifest["model"]["facts"]
+    q = comp["quantization"]
+    scales = {k: v.numpy() for k, v in load_scales(out / q["scales"])[0].items()}
+    layers = layers_of(scales)
+    assert any(n.startswith("control.") for n in layers) and any(n.startswith("noise_refiner.") for n in layers)
+    spec = specs_for(manifest["variant"], facts)["controlnet"]
+    sample = spec.sample(facts, dict(CHECK_DIMS, latent_h=16, latent_w=16), torch.float32)
+    model = onnx.load(str(out / comp["onnx"]))
+    io = {layer: linear_io(model, layer) for layer in layers}
+    names = [v for pair in io.values() for v in pair]
+    sess = ort.InferenceSession(with_outputs(model, names).SerializeToString(), providers=["CPUExecutionProvider"])
+    values = dict(zip([o.name for o in sess.get_outputs()],
+                      sess.run(None, {i.name: x.numpy() for i, x in zip(spec.inputs, sample)})))
+    unquantized = onnx.load(str(out / comp["unquantized"]["onnx"]))
+    errors = {}
+    for layer, (x, y) in io.items():
+        w = initializer(unquantized, layer + ".weight")
+        errors[layer] = qr.rel(values[y], qr.linear(values[x], w, precision, scales, layer, q["block"] or 1))
+    assert max(errors.values()) <= 1e-5, errors  # float32 summation order only
 
 
 def test_tensorrt_rtx_engines(ckpts, tmp_path):
