@@ -237,7 +237,7 @@ def test_torch_mode_plumbing(tiny_fp32, tmp_path):
     assert ZImageRuntime(tiny_fp32, backend="torch").torch_mode == "eager"  # the CPU's default
     with pytest.raises(UserError, match="option of the torch backend"):
         ZImageRuntime(tiny_fp32, backend="onnxruntime", torch_mode="compiled")
-    with pytest.raises(UserError, match="torch mode must be one of"):
+    with pytest.raises(UserError, match="torch_mode must be one of"):
         ZImageRuntime(tiny_fp32, backend="torch", torch_mode="fast")
     with pytest.raises(UserError, match="option of the torch backend"):
         generate.main(["--build-dir", str(tiny_fp32), "--prompt", "x", "--backend", "onnxruntime", "--torch-mode",

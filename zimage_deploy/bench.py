@@ -357,7 +357,6 @@ def run_bench(engine_dir: Path, backends: list[str], req: dict, repeats: int, de
     return {
         "tool": f"zimage-deploy {__version__}",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": [sys.executable, "-m", "zimage_deploy.bench", *sys.argv[1:]],
         "git": git_state(),
         "machine": machine_info(device),
         "gpu_state": {"before": gpu_before, "after": gpu_state(device)},
@@ -548,6 +547,7 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.warmups < 0:
         raise UserError("--repeats must be >= 1 and --warmups >= 0")
     result = run_bench(args.build_dir, backends, req, args.repeats, device, args.warmups, args.diffusers_attention)
+    result["command"] = [sys.executable, "-m", "zimage_deploy.bench", *(sys.argv[1:] if argv is None else argv)]
     for path in write_report(result, args.report):
         print(f"wrote {path}")
     print((args.report / "report.md").read_text())

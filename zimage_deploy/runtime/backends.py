@@ -85,7 +85,7 @@ def check_torch_mode(name: str, torch_mode: str | None) -> None:
     if torch_mode is None:
         return
     if torch_mode not in TORCH_MODES:
-        raise UserError(f"torch mode must be one of {', '.join(TORCH_MODES)}, got {torch_mode!r}")
+        raise UserError(f"torch_mode must be one of {', '.join(TORCH_MODES)}, got {torch_mode!r}")
     if name != "torch":
         raise UserError(f"--torch-mode {torch_mode} is an option of the torch backend, not of {name}")
 

@@ -55,8 +55,9 @@ def warm_up(runtime, sizes: list[tuple[int, int]]) -> dict:
         prompts = bucket_prompts(pipeline.tokenizer, backend.caption_buckets)
     image_conditioned = is_omni(runtime.variant) or "vae_encoder" in runtime.manifest["components"]
     evicted = backend.graph_stats().get("evicted", 0) if compiled else 0
-    requests = 0
+    requests, per_size = 0, {}
     for h, w in sizes:
+        t_size = time.perf_counter()
         for prompt in prompts:
             images = [Image.new("RGB", (w, h), (127, 127, 127))] if is_omni(runtime.variant) else None
             runtime.generate(prompt, seed=0, steps=1, height=h, width=w, images=images)
@@ -65,7 +66,9 @@ def warm_up(runtime, sizes: list[tuple[int, int]]) -> dict:
             runtime.generate(prompts[0], seed=0, steps=1, images=[Image.new("RGB", (w, h), (127, 127, 127))],
                              strength=1.0)
             requests += 1
-    result = {"sizes": [list(s) for s in sizes], "requests": requests, "prompts": len(prompts),
+        per_size[f"{h}x{w}"] = time.perf_counter() - t_size
+    result = {"sizes": [list(s) for s in sizes], "seconds_per_size": per_size, "requests": requests,
+              "prompts": len(prompts),
               "seconds": time.perf_counter() - t0, "backend": backend.name,
               "torch_mode": getattr(backend, "torch_mode", None), "fallbacks": runtime.fallbacks()}
     if compiled:
