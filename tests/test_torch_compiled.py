@@ -101,7 +101,8 @@ def test_warmup_then_no_compile_and_no_capture(tiny_fp32, prompts):
     report = rt.warmup([(SIZE, SIZE), (SIZE, 2 * SIZE)])
     assert report["prompts"] == 2 and report["graphs"]["entries"] == 4 and report["fallbacks"] == {}
     before = torch_fast.compile_counters()
-    for prompt, (h, w) in [(prompts[20], (SIZE, 2 * SIZE)), (prompts[50], (SIZE, SIZE)), (prompts[40], (SIZE, 2 * SIZE))]:
+    for prompt, (h, w) in [(prompts[20], (SIZE, 2 * SIZE)), (prompts[50], (SIZE, SIZE)),
+                           (prompts[40], (SIZE, 2 * SIZE))]:
         rt.generate(prompt, seed=1, steps=1, height=h, width=w)
     after = torch_fast.compile_counters()
     assert (after["frames_total"], after["unique_graphs"]) == (before["frames_total"], before["unique_graphs"])
