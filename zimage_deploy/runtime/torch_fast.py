@@ -94,8 +94,12 @@ class StepGraph(nn.Module):
     dropped. A capture that fails leaves that signature running over the same buffers without a graph: logged,
     counted in `capture_failures`, the reason in `capture_error`."""
 
-    def __init__(self, step: nn.Module, capture: bool, max_graphs: int = MAX_GRAPHS, warmup: int = 2):
+    def __init__(self, step: nn.Module, capture: bool, max_graphs: int = MAX_GRAPHS, warmup: int = 2,
+                 version=None):
+        """`version`: a callable whose value is part of the signature (the module's structure: layers swapped
+        after a capture, e.g. LoRA branches, then get new graphs instead of stale ones)."""
         super().__init__()
+        self.version = version or (lambda: None)
         if max_graphs < 1:
             raise UserError(f"max_graphs must be >= 1, got {max_graphs}")
         self.step = step
@@ -108,7 +112,7 @@ class StepGraph(nn.Module):
 
     def signature(self, inputs) -> tuple:
         dense = bool(self._attention) and self._attention[0].dense
-        return tuple((tuple(x.shape), x.dtype, x.device) for x in inputs) + (dense,)
+        return tuple((tuple(x.shape), x.dtype, x.device) for x in inputs) + (dense, self.version())
 
     def _record(self, static: list[torch.Tensor]):
         if not self.capture:
@@ -155,6 +159,14 @@ class StepGraph(nn.Module):
             out.copy_(self.step(*static))
         self.replays += 1
         return out.clone()  # the static output is overwritten by the next replay
+
+
+def _structure(dit: nn.Module):
+    """Which layers the DiT's first block holds now (run-time LoRA branches swap them in): part of the step-graph
+    signature, so graphs captured before a swap are not replayed after it."""
+    layers = getattr(dit, "layers", None)
+    block = layers[0] if layers is not None and len(layers) else None
+    return None if block is None else (id(block.attention.qkv), id(block.feed_forward.w13))
 
 
 def dense_captions(lens: torch.Tensor, seq: int) -> bool:
@@ -320,7 +332,8 @@ class TorchBackend(Backend):
                 if key in self.eager_models:
                     self.eager_wrappers[component] = specs[component].wrap(self.eager_models[key])
                     if component == "transformer":
-                        wrapper = StepGraph(wrapper, capture=self.cuda, max_graphs=self.max_graphs)
+                        wrapper = StepGraph(wrapper, capture=self.cuda, max_graphs=self.max_graphs,
+                                            version=lambda dit=self.models[key]: _structure(dit))
                 self.wrappers[component] = wrapper
             return self.wrappers[component]
 
