@@ -5,8 +5,9 @@
 #
 # What the machine lacks: its image (Python 3.12, torch 2.11 + CUDA 13) has transformers, tokenizers,
 # huggingface_hub, safetensors, onnx, onnxruntime, pillow, numpy, tqdm, jinja2, regex, requests, filelock, zipp
-# (the device README's package list), but not diffusers. diffusers' other need, importlib_metadata, is imported
-# only on Python < 3.8, so diffusers alone is carried. The working tree plus the wheels must stay under the
+# (the device README's package list), but not diffusers (nor torchao, for bench's diffusers-fp8 peer row: 3.4 MB).
+# diffusers' other need, importlib_metadata, is imported only on Python < 3.8, so those two are carried. The
+# working tree plus the wheels must stay under the
 # device call's 64 MiB: checked below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/excl
 rm -rf .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    diffusers==0.42.1
+    diffusers==0.42.1 torchao==0.18.0
 ls -la .whl
 # what travels: tracked and untracked-not-ignored files, plus the carried .whl
 tree_bytes=$(git ls-files -z --cached --others --exclude-standard | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)

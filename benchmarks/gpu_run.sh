@@ -29,6 +29,28 @@ fi
 ARGS="$ARGS ${GPU_RUN_ARGS:-}"
 mkdir -p "$OUT/gpu"
 
+# GPU_RUN_PRODUCT=1: the product's commands instead of gpu_turbo_1024.py (not yet run on a GPU): a random checkpoint
+# of the real configs and a bf16 and an fp8 build for the compiled Torch runtime (TensorRT absent), made once and
+# kept in the git-ignored GPU_RUN_WORK (default engines/gpu-bench; a warm machine keeps them between calls), then
+# `python -m zimage_deploy.bench` (same warm-ups per row, 10 interleaved timed runs per row, all stored, short /
+# long / Chinese prompts, commit, command line, GPU clocks and temperature in report.json). The fp8 build is
+# calibrated on the shipped calibration prompts, disjoint from the timed ones (checked in its report). All rows of
+# one bench call are resident at once: on an 80 GB card give fewer rows (GPU_RUN_BACKENDS).
+product() {
+    local work=${GPU_RUN_WORK:-engines/gpu-bench} target=${GPU_RUN_TARGET:-h100} p
+    local size=${GPU_RUN_SIZE:-1024} steps=${GPU_RUN_STEPS:-8}
+    [ -f "$work/ckpt/model_index.json" ] || "$PY" -m zimage_deploy.realsize --out "$work/ckpt" || return 3
+    for p in bf16 fp8; do
+        [ -f "$work/$p/manifest.json" ] || "$PY" -m zimage_deploy.build --model "$work/ckpt" --target "$target" \
+            --precision "$p" --skip-parity --out "$work/$p" || return 3
+    done
+    timeout -k 15 "$LIMIT" "$PY" -m zimage_deploy.bench --build-dir "$work/bf16" --report "$OUT/gpu/bench-bf16" \
+        --backends "${GPU_RUN_BACKENDS:-diffusers,diffusers-compile,diffusers-fp8,torch-eager,torch-compiled}" \
+        --height "$size" --width "$size" --steps "$steps" --repeats 10 ${GPU_RUN_ARGS:-} || return $?
+    timeout -k 15 "$LIMIT" "$PY" -m zimage_deploy.bench --build-dir "$work/fp8" --report "$OUT/gpu/bench-fp8" \
+        --backends torch-compiled --height "$size" --width "$size" --steps "$steps" --repeats 10 ${GPU_RUN_ARGS:-}
+}
+
 run() {
     date -u +"start %Y-%m-%dT%H:%M:%SZ"
     if [ -z "${GPU_RUN_CPU:-}" ]; then
@@ -49,6 +71,10 @@ run() {
 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, \
 'diffusers', diffusers.__version__)" \
         || { echo "error: a needed package is missing (diffusers: run bash benchmarks/fetch_gpu_wheels.sh here, carry .whl)"; return 3; }
+    if [ -n "${GPU_RUN_PRODUCT:-}" ]; then
+        product
+        return $?
+    fi
     # shellcheck disable=SC2086  # ARGS is a list of words
     timeout -k 15 "$LIMIT" "$PY" benchmarks/gpu_turbo_1024.py --out "$OUT/gpu" $ARGS
     rc=$?

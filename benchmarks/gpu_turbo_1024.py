@@ -10,9 +10,6 @@ log; each row survives the others' failures):
   step              ours, DiT blocks compiled + one CUDA graph per denoising step; text encoder + VAE compiled
   fp8-step          as step, DiT block projections in FP8 with static scales calibrated here (another seed), fast
                     accumulation
-  fp8-dynamic-step  as step, FP8 with per-call dynamic activation scales, exact accumulation
-  blocks            ours, DiT blocks compiled with a CUDA graph per block (reduce-overhead); text encoder + VAE
-                    compiled
   step-cudnn        as step, SDPA's cuDNN attention kernel first (flash attention is SDPA's default choice)
   fp8-step-cudnn    as fp8-step, cuDNN attention first
 
@@ -104,8 +101,6 @@ ROWS = {
     "step": Row("ours compiled, one CUDA graph per step", mode="step", compile_stages=True),
     "fp8-step": Row("ours fp8 static+fast accum, graph per step", mode="step", fp8=True, static_scales=True,
                     fast_accum=True, compile_stages=True),
-    "fp8-dynamic-step": Row("ours fp8 dynamic, graph per step", mode="step", fp8=True, compile_stages=True),
-    "blocks": Row("ours compiled, CUDA graph per block", mode="blocks", compile_stages=True),
     "step-cudnn": Row("as step, cuDNN attention first", mode="step", compile_stages=True, attention="cudnn"),
     "fp8-step-cudnn": Row("as fp8-step, cuDNN attention first", mode="step", fp8=True, static_scales=True,
                           fast_accum=True, compile_stages=True, attention="cudnn"),
@@ -484,9 +479,10 @@ class Bench:
         than the measured one), as a build's FP8 calibration records them."""
         from zimage_deploy.models.fast import block_projections, record_input_amax
         from zimage_deploy.runtime.pipeline import Pipeline
-        from zimage_deploy.runtime.torch_fast import FastTorchBackend
+        from zimage_deploy.runtime.torch_fast import TorchBackend
 
-        backend = FastTorchBackend(self.build_dir, self.manifest, device=self.device, modules=self.modules)
+        backend = TorchBackend(self.build_dir, self.manifest, device=self.device, torch_mode="eager",
+                               modules=self.modules)
         dit = backend.model("transformer")
         with record_input_amax(dit, block_projections(dit)) as scales:
             Pipeline(self.build_dir, backend)(PROMPT, self.size, self.size, self.args.steps, CALIBRATION_SEED,
@@ -495,15 +491,15 @@ class Bench:
 
     def ours_row(self, spec: Row):
         from zimage_deploy.runtime.pipeline import Pipeline
-        from zimage_deploy.runtime.torch_fast import (FastTorchBackend, StepGraph, compile_counters,
-                                                      reset_compile_counters)
+        from zimage_deploy.runtime.torch_fast import TorchBackend, compile_counters, reset_compile_counters
 
         reset_compile_counters()
         t0 = time.perf_counter()
         scales = self.calibrate() if spec.static_scales else None
-        backend = FastTorchBackend(
-            self.build_dir, self.manifest, device=self.device, mode=spec.mode, fp8=spec.fp8, fp8_scales=scales,
-            fast_accum=spec.fast_accum, compile_text=spec.compile_stages, compile_vae=spec.compile_stages,
+        mode = "eager" if spec.mode == "eager" else "compiled"
+        backend = TorchBackend(  # the product's backend; static FP8 scales given for this random-weight build
+            self.build_dir, self.manifest, device=self.device, torch_mode=mode,
+            fp8_scales=scales, fast_accum=spec.fast_accum, caption_buckets=None,
             compile_backend=self.args.compile_backend, attention_kernel=spec.attention, modules=self.modules)
         runtime = Pipeline(self.build_dir, backend)
         setup_s = time.perf_counter() - t0
@@ -530,14 +526,13 @@ class Bench:
                "compile": {**counters,
                            "recompiles_in_timed_runs": counters["recompiles"] - after_first["recompiles"],
                            "graphs_added_in_timed_runs": counters["unique_graphs"] - after_first["unique_graphs"]},
-               "fallbacks": dict(backend.fallbacks)}
+               "fallbacks": backend.fallbacks()}
         if spec.fp8:
             out["fp8_layers"] = backend.fp8_layers
             out["fp8_scales"] = "static (calibrated, seed 1)" if scales is not None else "dynamic"
-        dit = backend.models["transformer"]
-        if isinstance(dit, StepGraph):
-            out["step_graphs"] = {"captured": dit.captured, "replays": dit.replays,
-                                  "cuda_graphs": dit.capture, "capture_error": dit.capture_error}
+        dit = backend.wrappers.get("transformer")
+        if backend.graph_stats():
+            out["step_graphs"] = {**backend.graph_stats(), "capture_error": dit.capture_error}
         notes = []
         if spec.mode != "eager" and counters["unique_graphs"] == 0:
             notes.append("fell back to eager: dynamo made no graph")
@@ -545,9 +540,9 @@ class Bench:
             notes.append(f"{counters['graph_breaks']} graph breaks")
         if counters["cudagraph_skips"]:
             notes.append(f"CUDA graphs skipped {counters['cudagraph_skips']}x (those regions ran without graphs)")
-        if isinstance(dit, StepGraph) and self.cuda and dit.captured == 0:
+        if backend.graph_stats() and self.cuda and dit.captured == 0:
             notes.append(f"no step graph captured ({dit.capture_error or 'no reason'})")
-        notes += [f"{c}: {why}" for c, why in backend.fallbacks.items()]
+        notes += [f"{c}: {n} eager fallbacks" for c, n in backend.fallbacks().items()]
         out["notes"] = notes
         if self.cuda and elapsed() < self.args.stop_s:
             out["sync_audit"] = count_syncs(runtime, run)

@@ -314,7 +314,7 @@ def _emulation_errors(kind, candidate, quantized_build, layer_runs, fp8=False):
     quantization effect (graph minus unquantized graph)."""
     out = quantized_build(kind)
     manifest = _manifest(out)
-    backend = TorchBackend(out, manifest, device="cpu", fp8=True) if fp8 else \
+    backend = TorchBackend(out, manifest, device="cpu", torch_mode="compiled", compile_backend="eager") if fp8 else \
         _torch_backend(out, manifest, candidate, QUANTIZED[kind])
     layer_err = component_err = 0.0
     for component in QUANTIZED[kind] if not fp8 else ["transformer"]:
@@ -360,7 +360,7 @@ def test_torch_fp8_path_uses_the_graph_scales(quantized_build, layer_runs):
     out = quantized_build("fp8")
     manifest = _manifest(out)
     scales, _ = load_scales(out / manifest["components"]["transformer"]["quantization"]["scales"])
-    backend = TorchBackend(out, manifest, device="cpu", fp8=True)
+    backend = TorchBackend(out, manifest, device="cpu", torch_mode="compiled", compile_backend="eager")
     fp8 = {n: m for n, m in _modules(backend, "transformer").items() if isinstance(m, FP8Linear)}
     assert sorted(fp8) == layers_of(scales)
     for name, m in fp8.items():

@@ -1,10 +1,17 @@
 """`python -m zimage_deploy.bench --engine-dir DIR --report OUT`: one request on several backends, side by side
 with diffusers, in one process.
 
-Backends: `diffusers` (eager: the reference users start from), `diffusers-compile` (its transformer under
-torch.compile), our `torch` backend (`torch-fast` on a GPU: compiled blocks + CUDA graphs; `torch-fp8`: FP8
-blocks), `onnxruntime`, `tensorrt`. Each runs a warm-up and `--repeats` timed runs. Per stage (text encoder +
-prompt-only DiT part, DiT all steps and per step, VAE decode) and end to end: median and p90 latency,
+Backends: `diffusers` (eager: the reference users start from), `diffusers-compile` (its repeated blocks and VAE
+decoder under torch.compile, dynamic=False, `--diffusers-attention` its attention backend), `diffusers-fp8` (the
+same after torchao float8 quantization of its DiT), our `torch` backend in its default mode for the device
+(`torch-eager`, `torch-compiled`: the mode named; compiled: compiled blocks, a CUDA graph per step, an fp8 build's
+DiT through FP8 matmuls), `onnxruntime`, `tensorrt`. Method (`bench_rows`): every row loads and runs the same
+warm-ups (`--warmups` runs of every prompt), then `--repeats` rounds time one run of each row, the rows interleaved
+(order rotated per round), the prompts (`--prompt`, repeatable; default short, long and Chinese) taken in turn;
+every run is stored; timed runs carry no stage timers (no syncs inside), the stage split comes from one separate
+run per row. The JSON records the command line, the git commit, and the GPU's clocks, temperature and power before
+and after. Per stage (text encoder + prompt-only DiT part, DiT all steps and per step, VAE decode) and end to end:
+median and p90 latency,
 images/s, peak memory (GPU: allocator peak, and NVML when pynvml is there; CPU: process peak RSS), DiT FLOPs
 per step, achieved TFLOP/s and its ratio to a matmul peak measured on the same device. Every backend's image is
 compared with diffusers' (max abs difference, 0-255). Writes report.json, report.md and report.png.
@@ -38,7 +45,14 @@ from .cli import add_build_dir, run_cli
 from .errors import UserError
 from .variants import is_omni
 
-BACKENDS = ("diffusers", "diffusers-compile", "torch", "torch-fast", "torch-fp8", "onnxruntime", "tensorrt")
+BACKENDS = ("diffusers", "diffusers-compile", "diffusers-fp8", "torch", "torch-eager", "torch-compiled", "onnxruntime",
+            "tensorrt")
+# timed prompts: short, long, Chinese (none of them among the shipped calibration prompts: checked in the report)
+PROMPTS = ("a red fox in the snow, watercolor",
+           "a weathered lighthouse on a rocky cliff at dusk, waves crashing below, warm light in the lantern room, "
+           "seagulls circling, long exposure clouds, cinematic wide shot, highly detailed, golden hour palette, "
+           "35mm film grain, dramatic sky with streaks of orange and violet",
+           "一只橘猫坐在窗台上，午后阳光，电影感，高细节")
 
 
 # -- measuring ----------------------------------------------------------------------------------------------
@@ -107,15 +121,18 @@ def summarize(times: list[float]) -> dict:
 
 # -- the backends -------------------------------------------------------------------------------------------
 class StageTimer:
-    """Wraps modules' forwards to add up their time per stage (diffusers' pipeline has no timing hooks)."""
+    """Wraps modules' forwards to add up their time per stage (diffusers' pipeline has no timing hooks). It syncs
+    only while `active` (the separate stage runs); timed runs go straight through."""
 
     def __init__(self, device: str):
-        self.device, self.times = device, {}
+        self.device, self.times, self.active = device, {}, False
 
     def wrap(self, module, stage: str, method: str = "forward"):
         original = getattr(module, method)
 
         def timed(*args, **kwargs):
+            if not self.active:
+                return original(*args, **kwargs)
             sync(self.device)
             t0 = time.perf_counter()
             out = original(*args, **kwargs)
@@ -160,7 +177,26 @@ def diffusers_controlnet(manifest: dict, dtype: torch.dtype):
     return model.to(dtype)
 
 
-def diffusers_runner(ckpt: Path, device: str, dtype: torch.dtype, compiled: bool, manifest: dict | None = None):
+def compile_diffusers(pipe, fp8: bool = False, attention: str | None = None) -> dict:
+    """diffusers' best compiled setup: its attention backend (`attention`, e.g. "_native_cudnn"; None: its
+    default), torchao float8 (dynamic activations, per-row scales) when `fp8`, the DiT's repeated blocks compiled
+    with dynamic=False (fullgraph), the VAE decoder compiled -> what was set."""
+    done = {}
+    if attention:
+        pipe.transformer.set_attention_backend(attention)
+        done["attention_backend"] = attention
+    if fp8:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        done["torchao"] = __import__("torchao").__version__
+    pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=False)
+    pipe.vae.decoder.compile(dynamic=False)
+    return {**done, "compile": "repeated blocks (fullgraph) + VAE decoder, dynamic=False"}
+
+
+def diffusers_runner(ckpt: Path, device: str, dtype: torch.dtype, compiled: bool, manifest: dict | None = None,
+                     fp8: bool = False, attention: str | None = None):
     from diffusers import ZImageControlNetPipeline, ZImagePipeline
 
     pipe = ZImagePipeline.from_pretrained(ckpt, dtype=dtype)
@@ -171,7 +207,7 @@ def diffusers_runner(ckpt: Path, device: str, dtype: torch.dtype, compiled: bool
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if compiled:
-        pipe.transformer.compile()
+        compile_diffusers(pipe, fp8, attention)
     timer = StageTimer(device)
     timer.wrap(pipe.text_encoder, "encode")
     timer.wrap(pipe.transformer, "denoise")
@@ -179,8 +215,8 @@ def diffusers_runner(ckpt: Path, device: str, dtype: torch.dtype, compiled: bool
         timer.wrap(pipe.controlnet, "controlnet")
     timer.wrap(pipe.vae, "decode", "decode")
 
-    def run(req):
-        timer.times = {}
+    def run(req, stages: bool = False):
+        timer.times, timer.active = {}, stages
         g = torch.Generator("cpu").manual_seed(req["seed"])
         extra = dict(control_image=control_image(req), controlnet_conditioning_scale=req["controlnet_scale"]) \
             if control else {}
@@ -200,46 +236,81 @@ def ours_runner(engine_dir: Path, backend: str, device: str):
 
     manifest = manifest_io.load(engine_dir)
     if backend.startswith("torch"):
-        be = TorchBackend(engine_dir, manifest, device=device, compile=backend == "torch-fast",
-                          fp8=backend == "torch-fp8")
+        be = TorchBackend(engine_dir, manifest, device=device, torch_mode=backend.partition("-")[2] or None)
     elif backend == "onnxruntime":
         be = OnnxRuntimeBackend(engine_dir, manifest)
     else:
         be = make_backend("tensorrt", engine_dir, manifest)
     pipe = Pipeline(engine_dir, be)
 
-    def run(req):
-        timings: dict = {}
+    def run(req, stages: bool = False):
+        timings: dict | None = {} if stages else None  # stage timers sync: only on the stage runs
         extra = dict(control_image=control_image(req), controlnet_scale=req["controlnet_scale"]) \
             if req.get("control_image") else {}
         image = pipe(req["prompt"], req["height"], req["width"], req["steps"], req["seed"],
                      guidance_scale=req["guidance_scale"], progress=False, timings=timings, **extra)[0]
-        sync(device)
-        return image, timings
+        return image, timings or {}
 
+    run.backend = be
     return run
 
 
-def bench_one(name: str, make, req: dict, repeats: int, device: str) -> dict:
-    with Peak(device) as peak:
-        run = make()
-        run(req)  # warm-up (and compilation)
-        times, stages, image = [], [], None
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            image, st = run(req)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-            stages.append(st)
-    stage_summary = {k: statistics.median(s[k] for s in stages if k in s)
-                     for k in ("encode", "denoise", "controlnet", "decode") if any(k in s for s in stages)}
-    end = summarize(times)
-    return {"name": name, "end_to_end": end, "images_per_s": 1.0 / end["median_s"], "stages_s": stage_summary,
-            "memory": peak.result, "image": image}
+def timed_run(run, req: dict, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    run(req)
+    sync(device)
+    return time.perf_counter() - t0
 
 
-def run_bench(engine_dir: Path, backends: list[str], req: dict, repeats: int, device: str) -> dict:
+def bench_rows(makers: dict, names: list[str], req: dict, repeats: int, warmups: int, device: str) -> list[dict]:
+    """Every row loaded and warmed up alike (`warmups` runs of every prompt), then `repeats` rounds of timed runs,
+    the rows interleaved (their order rotated each round), each round one prompt of the list in turn; every run is
+    stored. Stage splits come from one separate run per row with the stage timers on (they sync), never from the
+    timed runs."""
+    prompts = req["prompts"]
+    runners, rows = {}, {}
+    for name in tqdm(names, desc="loading + warm-up", unit="backend"):
+        try:
+            with Peak(device) as peak:
+                run = makers[name]()
+                for _ in range(warmups):
+                    for p in prompts:
+                        run({**req, "prompt": p})
+            runners[name] = run
+            rows[name] = {"name": name, "memory": peak.result, "runs": []}
+        except Exception as e:  # noqa: BLE001 - a backend that cannot run here is reported, not fatal
+            rows[name] = {"name": name, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    order = list(runners)
+    for i in tqdm(range(repeats), desc="timed rounds", unit="round"):
+        p = i % len(prompts)
+        k = i % max(1, len(order))
+        for name in order[k:] + order[:k]:
+            rows[name]["runs"].append({"prompt": p, "s": timed_run(runners[name], {**req, "prompt": prompts[p]},
+                                                                    device)})
+    for name, run in runners.items():
+        row = rows[name]
+        sync(device)
+        t0 = time.perf_counter()
+        image, stages = run({**req, "prompt": prompts[0]}, stages=True)
+        sync(device)
+        row["stage_run_s"] = time.perf_counter() - t0
+        row["stages_s"] = {k: stages[k] for k in ("encode", "denoise", "controlnet", "decode") if k in stages}
+        times = [r["s"] for r in row["runs"]]
+        row["end_to_end"] = summarize(times)
+        row["per_prompt_median_s"] = {str(j): statistics.median(r["s"] for r in row["runs"] if r["prompt"] == j)
+                                      for j in range(len(prompts)) if any(r["prompt"] == j for r in row["runs"])}
+        row["images_per_s"] = 1.0 / row["end_to_end"]["median_s"]
+        row["image"] = image
+        backend = getattr(run, "backend", None)
+        if callable(getattr(backend, "fallbacks", None)):
+            row["torch_mode"], row["fallbacks"] = backend.torch_mode, backend.fallbacks()
+            row["graphs"] = backend.graph_stats()
+    return [rows[n] for n in names]
+
+
+def run_bench(engine_dir: Path, backends: list[str], req: dict, repeats: int, device: str, warmups: int = 2,
+              diffusers_attention: str | None = None) -> dict:
     manifest = manifest_io.load(engine_dir)
     ckpt = Path(manifest["model"]["path"])
     compute = manifest["components"]["transformer"]["compute_dtype"]
@@ -258,19 +329,21 @@ def run_bench(engine_dir: Path, backends: list[str], req: dict, repeats: int, de
 
     makers = {
         "diffusers": lambda: diffusers_runner(ckpt, device, dtype, False, manifest),
-        "diffusers-compile": lambda: diffusers_runner(ckpt, device, dtype, True, manifest),
+        "diffusers-compile": lambda: diffusers_runner(ckpt, device, dtype, True, manifest,
+                                                      attention=diffusers_attention),
+        "diffusers-fp8": lambda: diffusers_runner(ckpt, device, dtype, True, manifest, fp8=True,
+                                                  attention=diffusers_attention),
     }
-    for b in ("torch", "torch-fast", "torch-fp8", "onnxruntime", "tensorrt"):
+    for b in ("torch", "torch-eager", "torch-compiled", "onnxruntime", "tensorrt"):
         makers[b] = (lambda b=b: ours_runner(engine_dir, b, device))
+    gpu_before = gpu_state(device)
     rows, reference = [], None
-    for name in tqdm(backends, desc="backends", unit="backend"):
-        try:
-            row = bench_one(name, makers[name], req, repeats, device)
-        except Exception as e:  # noqa: BLE001 - a backend that cannot run here is reported, not fatal
-            rows.append({"name": name, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+    for row in bench_rows(makers, backends, req, repeats, warmups, device):
+        rows.append(row)
+        if "skipped" in row:
             continue
         image = np.asarray(row.pop("image")).astype(np.int16)
-        if name == "diffusers":
+        if row["name"] == "diffusers":
             reference = image
         row["max_abs_diff_vs_diffusers"] = None if reference is None else int(np.abs(image - reference).max())
         denoise = row["stages_s"].get("denoise")
@@ -281,11 +354,15 @@ def run_bench(engine_dir: Path, backends: list[str], req: dict, repeats: int, de
             row["dit_fraction_of_matmul_peak"] = row["dit_tflops"] / peak
         if "controlnet" in row["stages_s"]:  # the ControlNet's hints, once per step (part of the DiT's time)
             row["controlnet_per_step_s"] = row["stages_s"]["controlnet"] / req["steps"]
-        rows.append(row)
     return {
         "tool": f"zimage-deploy {__version__}",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git": git_state(),
         "machine": machine_info(device),
+        "gpu_state": {"before": gpu_before, "after": gpu_state(device)},
+        "method": {"warmups_per_prompt": warmups, "timed_runs": repeats, "interleaved": True,
+                   "stages": "one separate run per row with stage timers (they sync); timed runs have none"},
+        "calibration": calibration_overlap(manifest, req["prompts"]),
         "request": req,
         "build": {"engine_dir": str(engine_dir), "variant": manifest["variant"], "precision": manifest["precision"],
                   "target": manifest["target"]},
@@ -294,6 +371,42 @@ def run_bench(engine_dir: Path, backends: list[str], req: dict, repeats: int, de
         "matmul_peak_dtype": str(dtype).replace("torch.", ""),
         "backends": rows,
     }
+
+
+def git_state() -> dict:
+    """The commit measured and whether the tree had changes (None outside a git checkout)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
+                                        timeout=30, check=True).stdout.strip()
+        return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+    except Exception:  # noqa: BLE001 - no git, or not a checkout
+        return {"commit": None, "dirty": None}
+
+
+def gpu_state(device: str) -> dict | None:
+    """Clocks, temperature, power and throttle reasons from nvidia-smi (None on the CPU or without it)."""
+    if not device.startswith("cuda"):
+        return None
+    fields = ("clocks.sm", "clocks.mem", "clocks.max.sm", "temperature.gpu", "power.draw",
+              "clocks_throttle_reasons.active")
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()[0]
+        return dict(zip(fields, (v.strip() for v in out.split(","))))
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def calibration_overlap(manifest: dict, prompts: list[str]) -> dict | None:
+    """For a calibrated build: whether any timed prompt was among its calibration prompts (they must not be)."""
+    if not any((c.get("quantization") or {}) for c in manifest["components"].values()):
+        return None
+    from .quantize.options import load_prompts
+
+    calib = set(load_prompts(None))  # the shipped calibration prompts (a build's own file is not recorded)
+    return {"against": "shipped calibration prompts", "timed_prompts_in_calibration": [p for p in prompts
+                                                                                       if p in calib]}
 
 
 def machine_info(device: str) -> dict:
@@ -392,13 +505,18 @@ def main(argv=None) -> int:
     ap.add_argument("--report", type=Path, required=True, help="folder for report.json, report.md, report.png")
     ap.add_argument("--backends", default=None,
                     help=f"comma-separated, from {', '.join(BACKENDS)} (default: what fits the device)")
-    ap.add_argument("--prompt", default="a red fox in the snow, watercolor")
+    ap.add_argument("--prompt", action="append", default=None,
+                    help="a timed prompt (repeatable; rounds take them in turn; default: a short, a long and a "
+                         "Chinese prompt); the stage split and image comparison use the first")
+    ap.add_argument("--warmups", type=int, default=2, help="warm-up runs of every prompt, the same for every row")
     ap.add_argument("--height", type=int, default=None)
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--guidance-scale", type=float, default=None)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=10, help="timed runs per row, the rows interleaved")
+    ap.add_argument("--diffusers-attention", default=None,
+                    help="diffusers' attention backend for its compiled rows (e.g. _native_cudnn; default: its own)")
     ap.add_argument("--control-image", default=None,
                     help="ControlNet builds: the control image (default: a synthetic line drawing at the output size)")
     ap.add_argument("--controlnet-scale", type=float, default=0.75)
@@ -414,20 +532,22 @@ def main(argv=None) -> int:
         if unknown:
             raise UserError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
     elif device.startswith("cuda"):
-        backends = ["diffusers", "diffusers-compile", "torch", "torch-fast", "torch-fp8", "tensorrt"]
+        backends = ["diffusers", "diffusers-compile", "diffusers-fp8", "torch-eager", "torch-compiled", "tensorrt"]
     else:
         backends = ["diffusers", "torch", "onnxruntime"]
     d = manifest["defaults"]
-    req = {"prompt": args.prompt, "height": args.height or d["height"], "width": args.width or d["width"],
+    prompts = args.prompt or list(PROMPTS)
+    req = {"prompt": prompts[0], "prompts": prompts, "height": args.height or d["height"], "width": args.width or d["width"],
            "steps": args.steps or d["steps"], "seed": args.seed,
            "guidance_scale": d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale}
     if "controlnet" in manifest:
         req.update(control_image=args.control_image or "synthetic", controlnet_scale=args.controlnet_scale)
     elif args.control_image:
         raise UserError(f"{args.build_dir} has no ControlNet: --control-image needs a build made with --controlnet")
-    if args.repeats < 1:
-        raise UserError("--repeats must be >= 1")
-    result = run_bench(args.build_dir, backends, req, args.repeats, device)
+    if args.repeats < 1 or args.warmups < 0:
+        raise UserError("--repeats must be >= 1 and --warmups >= 0")
+    result = run_bench(args.build_dir, backends, req, args.repeats, device, args.warmups, args.diffusers_attention)
+    result["command"] = [sys.executable, "-m", "zimage_deploy.bench", *(sys.argv[1:] if argv is None else argv)]
     for path in write_report(result, args.report):
         print(f"wrote {path}")
     print((args.report / "report.md").read_text())

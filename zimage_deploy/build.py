@@ -27,6 +27,7 @@ from .checkpoint import content_hash, part_hashes, resolve
 from .cli import run_cli
 from .controlnet import BuildControlNet
 from .engines.builder import EngineBuilder
+from .engines.flavour import import_trt
 from .engines.profiles import EngineOptions, profiles
 from .engines.stage import engines_stage
 from .errors import UserError
@@ -38,6 +39,7 @@ from .job import BuildJob
 from .lora.fuse import BuildLoras
 from .quantize.options import DEFAULT_EXCLUDE, INT4_METHODS, QuantOptions
 from .quantize.stage import quantize_stage
+from .runtime.backends import TORCH_COMPILED
 from .singlefile import sources
 from .targets import PRECISIONS, QUANTIZED, TARGETS, TEXT_ENCODER_PRECISIONS, get_target, precision_plan
 from .variants import VARIANTS, get_variant
@@ -95,18 +97,21 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
         if any(needs_data(p, quant) for p in plan.values()) else []
     facts = control.facts(model_facts(ckpt))
     engine_opts = engine_opts or EngineOptions()
-    if t.flavour != "none" and engines and v.layout == "basic":  # weight streaming is built into the engines
-        from .plan import planned_engine_options
+    # a datacenter target (l40s, h800, h100, h200, b200) without TensorRT: a build for the compiled Torch runtime
+    torch_runtime = engines and t.flavour == "tensorrt" and not _importable(t.flavour)
+    if t.flavour != "none" and engines and not torch_runtime and v.layout == "basic":  # weight streaming is built
+        from .plan import planned_engine_options  # into the engines
 
         engine_opts = planned_engine_options(t.name, precision, default_side(facts), v.name, str(ckpt),
                                              text_encoder_precision, controlnet, engine_opts, log)
-    # fails when the target's TensorRT is missing
-    engine_builder = EngineBuilder(t, engine_opts) if t.flavour != "none" and engines else None
+    # fails when the target's TensorRT is missing (TensorRT-RTX targets: it builds here, ahead of time)
+    engine_builder = EngineBuilder(t, engine_opts) if t.flavour != "none" and engines and not torch_runtime else None
     engine_shapes = profiles(v, facts, engine_opts) if engine_builder else None
     out = Path(out) if out else default_out(transformer or model, variant, target, precision)
     with folder_lock(out):
         return _build(BuildJob(ckpt, model, v, t, precision, plan, out, parity, engine_opts, engine_builder,
-                               engine_shapes, facts, log, lean, quant, prompts, fused, drop_intermediate, control))
+                               engine_shapes, facts, log, lean, quant, prompts, fused, drop_intermediate, control,
+                               torch_runtime=torch_runtime))
 
 
 def _checkpoint(model, variant, base, transformer, text_encoder, vae, log) -> tuple[Path, str]:
@@ -128,10 +133,14 @@ def _build(job: BuildJob) -> Path:
     manifest = _start(job)
     for name, stage in (("export", export_stage), ("parity", parity_stage), ("quantize", quantize_stage),
                         ("engines", engines_stage)):
+        if name == "engines" and job.torch_runtime:
+            stage = _torch_runtime_stage
         manifest["stages"][name] = stage(job, manifest)
         manifest_io.save(out, manifest)
     if job.t.compute_capability is not None and job.v.layout == "basic":
         _runtime_mode(job, manifest)
+    if job.torch_runtime:
+        manifest.setdefault("runtime", {})["backend"] = TORCH_COMPILED  # generate --backend auto picks torch
     manifest["stages"]["total_seconds"] = round(time.perf_counter() - started, 2)
     manifest_io.save(out, manifest)
     log(f"[done] {out / manifest_io.NAME}")
@@ -177,6 +186,21 @@ def _start(job: BuildJob) -> dict:
         BuildFolder(out).copy_support(ckpt, folder)
     manifest_io.save(out, manifest)
     return manifest
+
+
+def _importable(flavour: str) -> bool:
+    try:
+        import_trt(flavour)
+        return True
+    except UserError:
+        return False
+
+
+def _torch_runtime_stage(job: BuildJob, manifest: dict) -> dict:
+    reason = (f"{job.t.flavour} is not installed here: this {job.t.name} build runs on the compiled Torch runtime "
+              "(generate --backend auto or torch; the FP8 scales are the quantize stage's)")
+    job.log(f"[engines] skipped: {reason}")
+    return {"status": "skipped", "reason": reason, "runtime": TORCH_COMPILED}
 
 
 def _runtime_mode(job: BuildJob, manifest: dict) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from .cli import add_build_dir, run_cli
 from .fsutil import atomic_file
 from .errors import RequestError, UserError
-from .runtime.backends import BACKENDS
+from .runtime.backends import BACKENDS, TORCH_MODES
 from .variants import is_omni
 
 
@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--controlnet-scale", type=float, default=None,
                     help="how strongly the control image steers, in [0, 2] (default 0.75; 0 = the plain image)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS)
+    ap.add_argument("--torch-mode", default=None, choices=TORCH_MODES,
+                    help="the torch backend: compiled (torch.compile, a CUDA graph per denoising step, FP8 builds "
+                         "through FP8 matmuls; the default on CUDA) or eager (the default on the CPU)")
     ap.add_argument("--low-vram", action="store_true", default=None,
                     help="TensorRT: keep one engine in GPU memory at a time (default: the mode the build's VRAM plan "
                          "picked for its target, see python -m zimage_deploy.plan)")
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
 
     from . import manifest as manifest_io
     from .lora import LoraManager, parse_lora_arg
-    from .runtime.backends import resolve_backend
+    from .runtime.backends import check_torch_mode, resolve_backend
     from .runtime.open import open_pipeline
     from .runtime.validate import (MASK_NEEDS_IMAGE, SCALE_NEEDS_CONTROL, STRENGTH_NEEDS_IMAGE, Limits,
                                    check_request, decode_image, probe_image)
@@ -90,6 +93,7 @@ def main(argv=None) -> int:
     # everything is checked before any model loads: the request against the build's limits (same rules and
     # messages as the runtime API and the server), input images from their headers only
     manifest = manifest_io.load(args.build_dir)
+    check_torch_mode(resolve_backend(args.backend, manifest), args.torch_mode)
     limits = Limits.for_build(manifest, resolve_backend(args.backend, manifest), args.cfg_mode)
     paths = list(args.image or [])
     infos = [probe_image(p, f"image {p}") for p in paths]
@@ -107,7 +111,8 @@ def main(argv=None) -> int:
     loras = LoraManager(args.build_dir, manifest, resolve_backend(args.backend, manifest), args.low_vram)
     lora_set = loras.prepare(lora_specs)
     t0 = time.perf_counter()
-    pipe = open_pipeline(args.build_dir, backend=args.backend, cfg_mode=args.cfg_mode, low_vram=args.low_vram)
+    pipe = open_pipeline(args.build_dir, backend=args.backend, cfg_mode=args.cfg_mode, low_vram=args.low_vram,
+                         torch_mode=args.torch_mode)
     t1 = time.perf_counter()
     common = dict(req.pipeline_kwargs(manifest["variant"]), seed=req.seeds[0])
     with loras.bind(pipe).use(lora_set):
@@ -118,7 +123,8 @@ def main(argv=None) -> int:
                              **common)
     t2 = time.perf_counter()
     write_image(result, args.output)
-    print(f"wrote {args.output} ({result.width}x{result.height}, backend {pipe.backend.name}, "
+    mode = f" {pipe.backend.torch_mode}" if getattr(pipe.backend, "torch_mode", None) else ""
+    print(f"wrote {args.output} ({result.width}x{result.height}, backend {pipe.backend.name}{mode}, "
           f"load {t1 - t0:.2f} s, generate {t2 - t1:.2f} s)")
     return 0
 

@@ -37,6 +37,7 @@ class BuildJob:
     drop_intermediate: bool = False
     controlnet: BuildControlNet | None = None
     previous: dict = field(default_factory=dict)  # the folder's manifest before this build (once it is locked)
+    torch_runtime: bool = False  # a datacenter target without TensorRT here: no engines, the compiled Torch runtime
     modules: Modules = field(init=False)
 
     def __post_init__(self):

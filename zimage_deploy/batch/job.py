@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..cli import add_build_dir, run_cli
 from ..errors import UserError
-from ..runtime.backends import resolve_backend
+from ..runtime.backends import TORCH_MODES, check_torch_mode, resolve_backend
 from ..runtime.validate import Limits
 from .execute import run_local, write_outcome
 from .inputs import Template, detect_format, read_rows
@@ -70,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
                          "batched kernels may round differently (N > 1 on Torch: within 1/255, measured)")
     ap.add_argument("--backend", default="auto", help="auto, tensorrt, onnxruntime or torch")
     ap.add_argument("--cfg-mode", default="batch", choices=("batch", "sequential"))
+    ap.add_argument("--torch-mode", default=None, choices=TORCH_MODES,
+                    help="the torch backend: compiled (default on CUDA) or eager (default on the CPU)")
     ap.add_argument("--overwrite", action="store_true", help="make every image again, even those already done")
     ap.add_argument("--allow-outside", action="store_true",
                     help="let rows name image files outside the input file's folder")
@@ -144,6 +146,7 @@ def main(argv=None) -> int:
     if args.ray is not None and backend == "auto" and uses_gpu(manifest):
         backend = "tensorrt"  # what the GPU actors will run, whatever this driver has
     backend = resolve_backend(backend, manifest)
+    check_torch_mode(backend, args.torch_mode)
     limits = Limits.for_build(manifest, backend, args.cfg_mode)
     if args.batch_size is None:
         args.batch_size = EXACT_BATCH.get(backend, 1)
@@ -163,7 +166,8 @@ def main(argv=None) -> int:
     if fmt == "text" and template and set(template.fields) - {"prompt"}:
         raise UserError(f"--template: a text file gives each line as {{prompt}} only, not {template.fields}")
     opts = Options(args.input.parent, manifest, limits, template, args.seed, args.seeds, defaults,
-                   args.allow_outside, {"backend": backend, "cfg_mode": args.cfg_mode}, args.lora_dir)
+                   args.allow_outside, {"backend": backend, "cfg_mode": args.cfg_mode,
+                   **({"torch_mode": args.torch_mode} if args.torch_mode else {})}, args.lora_dir)
     plan = make_plan(rows, opts)
     with _locked(args.out):
         return _run(args, manifest, limits, plan, len(rows), t_start)
@@ -195,9 +199,9 @@ def _run(args, manifest, limits, plan, n_rows: int, t_start: float) -> int:
         from .ray_data import run_ray
 
         outcomes = run_ray(groups, args.ray or None, args.actors, args.build_dir, args.backend, args.cfg_mode,
-                           manifest)
+                           manifest, args.torch_mode)
     else:
-        outcomes = run_local(groups, args.build_dir, args.backend, args.cfg_mode)
+        outcomes = run_local(groups, args.build_dir, args.backend, args.cfg_mode, args.torch_mode)
     written = failed = 0
     interrupted = False
     bar = tqdm(total=len(todo), unit="img", desc="batch", disable=args.no_progress or not todo, file=sys.stderr)

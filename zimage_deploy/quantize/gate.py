@@ -64,7 +64,7 @@ def run_gate(out: Path, manifest: dict, n_prompts: int, side: int, min_psnr: flo
         make, how = OnnxRuntimeBackend, "onnxruntime: quantized graphs vs the unquantized float32 graphs"
     else:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        make = lambda d, m: TorchBackend(d, m, device=device)  # noqa: E731
+        make = lambda d, m: TorchBackend(d, m, device=device, torch_mode="eager")  # noqa: E731
         how = (f"torch ({device}): the graphs' quantization applied from the scale files vs the unquantized modules "
                "(ONNX Runtime runs neither BF16 graphs on the CPU nor FP4 ones)")
     pipeline = PIPELINES[get_variant(manifest["variant"]).layout]

@@ -259,7 +259,9 @@ def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log, image
         # the text encoder's outputs first (as deployed, quantized or not), then the DiT alone in memory
         cfg = manifest["defaults"]["guidance_scale"] > 0
         batches = _text_batches(tok, prompts, cfg, images)
-        cache = CachedText.encode(TorchBackend(out, manifest, device=device, modules={"text_encoder": te}), batches)
+        text = TorchBackend(out, manifest, device=device, torch_mode="eager", modules={"text_encoder": te})
+        cache = CachedText.encode(text, batches)
+        del text
         del te
         gc.collect()  # modelopt's wrappers form reference cycles: free the text encoder before the DiT loads
         scheme = todo["transformer"]
@@ -281,7 +283,8 @@ def _calibrate(out, manifest, todo, opts, prompts, side, block, ckpt, log, image
             modules["vae_encoder"] = load_vae_encoder(ckpt, dtype).to(device)
             if images is not None:  # and condition images go through the SigLIP tower (as deployed: unquantized)
                 modules["vision_encoder"] = load_vision_encoder(ckpt, dtype).to(device)
-        backend = CachedText(TorchBackend(out, manifest, device=device, modules=modules), cache)
+        backend = CachedText(TorchBackend(out, manifest, device=device, torch_mode="eager", modules=modules),
+                             cache)
         facts = manifest["model"]["facts"]
         pipe = PIPELINES[get_variant(manifest["variant"]).layout](out, backend)
         loop = sampling_loop(pipe, prompts, side, opts.calib_steps,

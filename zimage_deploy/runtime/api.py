@@ -36,11 +36,10 @@ from ..variants import is_omni
 from .open import open_pipeline
 from .pipeline import GenerationCancelled, initial_latents
 from .timing import timed
+from .torch_fast import TORCH_MODES  # noqa: F401 - the serve command's --torch-mode choices
 from .validate import Limits, Request, check_request
 
 __all__ = ["GenerationCancelled", "GenerationResult", "ZImageRuntime"]
-
-TORCH_MODES = ("eager", "compiled")
 
 
 @dataclass
@@ -53,13 +52,14 @@ class GenerationResult:
 
 class ZImageRuntime:
     def __init__(self, engine_dir: str | Path, backend: str = "auto", cfg_mode: str = "batch",
-                 max_concurrent: int = 1, low_vram: bool | None = None, torch_mode: str = "eager"):
+                 max_concurrent: int = 1, low_vram: bool | None = None, torch_mode: str | None = None,
+                 torch_options: dict | None = None):
+        """`torch_mode` (Torch backend): "eager" or "compiled" (None: compiled on CUDA, eager on the CPU);
+        `torch_options`: more of its options (runtime/torch_fast.py TorchBackend), e.g. {"max_graphs": 16}."""
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
-        if torch_mode not in TORCH_MODES:
-            raise UserError(f"torch_mode must be one of {', '.join(TORCH_MODES)}, got {torch_mode!r}")
-        self.torch_mode = torch_mode  # the Torch backend's execution mode (eager here; see fallbacks())
-        self.pipeline = open_pipeline(engine_dir, backend, cfg_mode, low_vram)
+        self.pipeline = open_pipeline(engine_dir, backend, cfg_mode, low_vram, torch_mode, torch_options)
+        self.torch_mode = getattr(self.pipeline.backend, "torch_mode", None)
         self.manifest = self.pipeline.manifest
         self.variant = self.manifest["variant"]
         self.backend = self.pipeline.backend.name
@@ -154,28 +154,22 @@ class ZImageRuntime:
         return GenerationResult(images_out, seeds, timings, latents.cpu() if return_latents else None)
 
     def warmup(self, sizes: list[tuple[int, int]]) -> dict:
-        """One 1-step generation per (height, width) with a short prompt (Edit: a grey condition image), so the
-        first requests of those sizes find everything loaded -> {"HxW": seconds}. RequestError for a size the
-        build cannot make."""
-        import time
+        """Compile and capture before serving (runtime/warmup.py): for each (height, width), one 1-step request
+        per caption bucket of the compiled Torch backend, with CFG where the variant uses it, and img2img where the
+        build can; other backends: one request per size. Later requests of those sizes then neither compile nor
+        capture. RequestError for a size the build does not take. -> what ran: sizes, requests, seconds, the
+        backend's graph cache and fallbacks."""
+        from .warmup import warm_up
 
-        from PIL import Image as PILImage
-
-        took = {}
         for h, w in sizes:
-            t0 = time.perf_counter()
-            images = None
-            if is_omni(self.variant):
-                side = max(64, self.limits.min_side)
-                images = [PILImage.new("RGB", (side, side), (128, 128, 128))]
-            self.generate("warm-up", seed=0, steps=1, height=h, width=w, images=images)
-            took[f"{h}x{w}"] = time.perf_counter() - t0
-        return took
+            self.check("warm-up", height=h, width=w)
+        return warm_up(self, [(int(h), int(w)) for h, w in sizes])
 
     def fallbacks(self) -> dict[str, int]:
-        """Components that fell back from compiled to eager execution -> how many times (empty: none)."""
-        noted = getattr(self.pipeline.backend, "fallbacks", None) or {}
-        return {str(k): (v if isinstance(v, int) else 1) for k, v in dict(noted).items()}
+        """Component -> calls that ran eagerly although the compiled Torch mode is on (each also logged as a
+        warning); empty for other backends and modes."""
+        fallbacks = getattr(self.pipeline.backend, "fallbacks", None)
+        return fallbacks() if callable(fallbacks) else {}
 
     def _batch_latents(self, seeds, height, width) -> torch.Tensor:
         facts = self.pipeline.facts

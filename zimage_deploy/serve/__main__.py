@@ -88,8 +88,8 @@ def add_models_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--default-model", default=None,
                     help="the model of requests without a `model` field (default: the first --build-dir)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS, help="default: auto")
-    ap.add_argument("--torch-mode", default="eager", choices=TORCH_MODES,
-                    help="the Torch backend's execution: eager, or compiled (default: eager)")
+    ap.add_argument("--torch-mode", default=None, choices=TORCH_MODES,
+                    help="the Torch backend's execution: compiled (default on CUDA) or eager (default on the CPU)")
     ap.add_argument("--warmup-sizes", default=None, metavar="WxH[,WxH...]",
                     help="sizes (width x height) to generate once at start, before /ready (default: the smallest)")
 
@@ -123,7 +123,7 @@ def parse_sizes(text: str | None) -> list[tuple[int, int]]:
     return sizes
 
 
-def load_runtime(engine_dir: Path, backend: str, torch_mode: str = "eager", warmup_sizes=()):
+def load_runtime(engine_dir: Path, backend: str, torch_mode: str | None = None, warmup_sizes=()):
     """Load, verify and warm up (one smallest image, 1 step, then each of `warmup_sizes` (height, width) the
     build can make): any failure is a broken build (UserError)."""
     from ..errors import InternalError, RequestError

@@ -43,7 +43,7 @@ class ZImageReplica:
     def __init__(self, engine_dir: str, backend: str = "auto", options: dict | None = None):
         options = dict(options or {})
         sys.setswitchinterval(SWITCH_INTERVAL_S)  # this process serves one replica
-        self.runtime = load_runtime(Path(engine_dir), backend, options.pop("torch_mode", "eager"),
+        self.runtime = load_runtime(Path(engine_dir), backend, options.pop("torch_mode", None),
                                     options.pop("warmup_sizes", ()))
         limits = serve_limits(self.runtime, argparse.Namespace(**{**_LIMIT_DEFAULTS, **options.pop("limits", {})}))
         self.replica = serve.get_replica_context().replica_id.unique_id
