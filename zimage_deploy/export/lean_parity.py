@@ -31,7 +31,8 @@ def block_chain(graph: onnx.GraphProto, scope: str, n: int) -> tuple[str, list[s
     named `/{scope}.{k}/...`."""
     tag = lambda k: f"/{scope}.{k}/"  # noqa: E731
     blocks = [[nd for nd in graph.node if nd.name.startswith(tag(k))] for k in range(n)]
-    produced = [{o for nd in b for o in nd.output} for b in blocks]
+    # constants the exporter shares between blocks are never what a block hands on
+    produced = [{o for nd in b if nd.op_type != "Constant" for o in nd.output} for b in blocks]
     consumed = [{i for nd in b for i in nd.input} for b in blocks]
     outside = {i for nd in graph.node if not nd.name.startswith(f"/{scope}.") for i in nd.input}
     outside |= {o.name for o in graph.output}
