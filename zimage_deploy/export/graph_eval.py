@@ -87,6 +87,8 @@ def session(model: onnx.ModelProto, folder: Path):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    # as written: no folded float32 copies of the BF16 weights, no pre-packed second copies (memory stays lean)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     locations = {e.value for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL
                  for e in t.external_data if e.key == "location"}
     if not locations:

@@ -122,3 +122,20 @@ def lean_reference(job, name: str) -> tuple[torch.nn.Module, list[int], int]:
 
     _load(model, renamed(job.modules.weights(name)), job.ckpt / loader)
     return model.eval(), keep, depth
+
+
+def block_scope(spec, module: torch.nn.Module, name: str) -> str:
+    """The node-name scope of component `name`'s repeated blocks in its graph (as the export names it: the
+    wrapper's attribute, then the blocks' module name)."""
+    wrapper = spec.wrap(module)
+    prefix = "" if wrapper is module else next(n for n, m in wrapper.named_children() if m is module) + "."
+    return prefix + REPEATED_BLOCKS[name]
+
+
+def hook_blocks(module: torch.nn.Module, name: str, keep: list[int]) -> dict:
+    """{checked block: its output}, filled when `module` (with blocks `keep`, renumbered) runs."""
+    outputs = {}
+    for j, k in enumerate(keep):
+        getattr(module, REPEATED_BLOCKS[name])[j].register_forward_hook(
+            lambda m, a, o, k=k: outputs.__setitem__(k, o))
+    return outputs

@@ -16,7 +16,7 @@ from ..buildfolder import BuildFolder
 from ..components import REPEATED_BLOCKS
 from ..errors import UserError
 from .graph_eval import float32_copy, session
-from .lean_parity import cut, lean_reference
+from .lean_parity import block_scope, cut, hook_blocks, lean_reference
 from .specs import CHECK_DIMS, DTYPES, specs_for
 
 
@@ -75,12 +75,8 @@ def _parity(job, name: str, entry: dict, lean: bool) -> dict:
     if lean and job.modules.has_template(name):
         module, keep, depth = lean_reference(job, name)
         if name in REPEATED_BLOCKS:
-            wrapper = spec.wrap(module)
-            prefix = "" if wrapper is module else next(n for n, m in wrapper.named_children() if m is module) + "."
-            graph, blocks = cut(graph, prefix + REPEATED_BLOCKS[name], depth, keep)
-            layers = getattr(module, REPEATED_BLOCKS[name])
-            for j, k in enumerate(keep):
-                layers[j].register_forward_hook(lambda m, a, o, k=k: hooked.__setitem__(k, o))
+            graph, blocks = cut(graph, block_scope(spec, module, name), depth, keep)
+            hooked = hook_blocks(module, name, keep)
             how = f"onnxruntime graph cut to blocks {keep} of {depth} (embedders, refiners, final layer whole) vs " \
                   f"torch float32 module of the same blocks, weights streamed"
         else:
@@ -94,6 +90,7 @@ def _parity(job, name: str, entry: dict, lean: bool) -> dict:
     graph.graph.output.extend(helper.make_empty_tensor_value_info(v) for v in blocks)
     floats = [s.float() if s.is_floating_point() else s for s in sample]
     ref = spec.wrap(module)(*floats)
+    del module  # a lean reference is freed before ONNX Runtime reads the cut graph's weights
     outs = session(graph, path.parent).run(None, {io.name: s.numpy() for io, s in zip(spec.inputs, floats)})
     n_out = len(spec.outputs)
     got, ref = _flat(tuple(torch.from_numpy(o) for o in outs[:n_out])), _flat(ref)
