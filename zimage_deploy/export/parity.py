@@ -7,11 +7,16 @@ from __future__ import annotations
 import math
 import time
 
+import onnx
 import torch
+from onnx import helper
 
 from .. import manifest as manifest_io
 from ..buildfolder import BuildFolder
+from ..components import REPEATED_BLOCKS
 from ..errors import UserError
+from .graph_eval import float32_copy, session
+from .lean_parity import block_scope, cut, hook_blocks, lean_reference
 from .specs import CHECK_DIMS, DTYPES, specs_for
 
 
@@ -24,15 +29,13 @@ def parity_stage(job, manifest: dict) -> dict:
     recording why)."""
     if not job.parity:
         return {"status": "skipped", "reason": "--skip-parity"}
-    if manifest["export"]["lean"]:
-        return {"status": "skipped", "reason": "lean export: comparing with the Torch modules would load the whole "
-                "model; the lean path is checked against the ordinary one in the tests"}
+    lean = manifest["export"]["lean"]
     t0 = time.perf_counter()
     failed = []
     for name in job.v.components:
         entry = manifest["components"][name]
         if "passed" not in entry.get("parity", {}):  # of the export; quantization: the quality gate
-            entry["parity"] = _parity(job, name, {**entry, **entry.get("unquantized", {})})
+            entry["parity"] = _parity(job, name, {**entry, **entry.get("unquantized", {})}, lean)
         if not entry["parity"]["passed"]:
             entry["status"], entry["rejected_by"] = "rejected", "parity"
             failed.append(name)
@@ -59,31 +62,58 @@ def _metrics(got: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def _parity(job, name: str, entry: dict) -> dict:
-    """fp32: ONNX Runtime on the graph vs the Torch module, at shapes other than the traced ones.
-    bf16: ONNX Runtime has no BF16 CPU kernels, so the Torch BF16 module is measured against float32."""
+def _parity(job, name: str, entry: dict, lean: bool) -> dict:
+    """The graph itself on ONNX Runtime (a BF16 graph as float32 with its BF16 roundings: graph_eval.py) against
+    the float32 Torch module, at shapes other than the traced ones. Lean exports: the graph cut to a sample of
+    its blocks against a Torch module of those blocks, weights streamed (lean_parity.py)."""
     compute = DTYPES[entry["compute_dtype"]]
     spec = specs_for(job.v.name, job.facts)[name]
     sample = spec.sample(job.facts, CHECK_DIMS, compute)
-    fp32_module = spec.wrap(job.modules.module(name, torch.float32))
-    ref = _flat(fp32_module(*[s.float() if s.is_floating_point() else s for s in sample]))
-    if compute == torch.float32:
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(BuildFolder(job.out).file(entry["onnx"])), providers=["CPUExecutionProvider"])
-        feeds = {io.name: s.numpy() for io, s in zip(spec.inputs, sample)}
-        got = _flat(tuple(torch.from_numpy(o) for o in sess.run(None, feeds)))
-        how = "onnxruntime graph vs torch float32 module"
+    path = BuildFolder(job.out).file(entry["onnx"])
+    graph = onnx.load(str(path), load_external_data=False)
+    blocks, keep, depth, hooked = [], None, None, {}
+    if lean and job.modules.has_template(name):
+        module, keep, depth = lean_reference(job, name)
+        if name in REPEATED_BLOCKS:
+            graph, blocks = cut(graph, block_scope(spec, module, name), depth, keep)
+            hooked = hook_blocks(module, name, keep)
+            how = f"onnxruntime graph cut to blocks {keep} of {depth} (embedders, refiners, final layer whole) vs " \
+                  f"torch float32 module of the same blocks, weights streamed"
+        else:
+            how = "onnxruntime graph vs torch float32 module, weights streamed"
     else:
-        got = _flat(spec.wrap(job.modules.module(name, compute))(*sample))
-        how = "torch bf16 module vs torch float32 module (onnxruntime has no BF16 CPU kernels)"
-    if spec.used_where:
-        keep = sample[[io.name for io in spec.inputs].index(spec.used_where)].bool()
-        got, ref = got[keep], ref[keep]
-    metrics = _metrics(got, ref)
+        module = job.modules.module(name, torch.float32)
+        how = "onnxruntime graph vs torch float32 module"
+    if compute != torch.float32:
+        graph = float32_copy(graph)
+        how = f"{how}; the BF16 graph evaluated in float32 with its BF16 roundings"
+    graph.graph.output.extend(helper.make_empty_tensor_value_info(v) for v in blocks)
+    floats = [s.float() if s.is_floating_point() else s for s in sample]
+    ref = spec.wrap(module)(*floats)
+    del module  # a lean reference is freed before ONNX Runtime reads the cut graph's weights
+    outs = session(graph, path.parent).run(None, {io.name: s.numpy() for io, s in zip(spec.inputs, floats)})
+    n_out = len(spec.outputs)
+    got, ref = _flat(tuple(torch.from_numpy(o) for o in outs[:n_out])), _flat(ref)
+    keep_rows = sample[[io.name for io in spec.inputs].index(spec.used_where)].bool() if spec.used_where else None
+    if keep_rows is not None:
+        got, ref = got[keep_rows], ref[keep_rows]
     tolerance = spec.parity_rel_l2[entry["compute_dtype"]]
-    passed = bool(math.isfinite(metrics["rel_l2"]) and metrics["rel_l2"] <= tolerance)
-    return {"method": how, "shapes": CHECK_DIMS, **metrics, "tolerance": tolerance, "passed": passed}
+    record = {"method": how, "shapes": CHECK_DIMS, **_metrics(got, ref), "tolerance": tolerance}
+    passed = _within(record["rel_l2"], tolerance)
+    if blocks:
+        figures = []
+        for k, value in zip(keep, outs[n_out:]):
+            g, r = torch.from_numpy(value), hooked[k].float()
+            if keep_rows is not None and tuple(g.shape[:2]) == tuple(keep_rows.shape):
+                g, r = g[keep_rows], r[keep_rows]
+            figures.append({"block": k, **_metrics(g, r)})
+            passed = passed and _within(figures[-1]["rel_l2"], tolerance)
+        record["blocks"] = {"checked": keep, "of": depth, "outputs": figures}
+    return {**record, "passed": passed}
+
+
+def _within(rel: float, tolerance: float) -> bool:
+    return bool(math.isfinite(rel) and rel <= tolerance)
 
 
 def _flat(out) -> torch.Tensor:

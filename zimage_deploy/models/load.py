@@ -154,13 +154,14 @@ def _uninitialized(cls, cfg, dtype):
     return model
 
 
-def dit_template(ckpt: Path, dtype: torch.dtype = torch.float32, controlnet=None) -> tuple[ZImageDiT, int]:
-    """The DiT with TEMPLATE_LAYERS main layers (refiners and embedders complete) and the real depth; with a
+def dit_template(ckpt: Path, dtype: torch.dtype = torch.float32, controlnet=None,
+                 layers: int = TEMPLATE_LAYERS) -> tuple[ZImageDiT, int]:
+    """The DiT with `layers` main layers (refiners and embedders complete) and the real depth; with a
     ControlNet, its branch complete and main layers that take hints."""
     from dataclasses import replace
 
     cfg = DiTConfig.from_diffusers(read_config(ckpt, "transformer"))
-    model = _uninitialized(ZImageDiT, replace(cfg, n_layers=min(TEMPLATE_LAYERS, cfg.n_layers)), dtype)
+    model = _uninitialized(ZImageDiT, replace(cfg, n_layers=min(layers, cfg.n_layers)), dtype)
     if controlnet is not None:
         from .controlnet import template_branch
 
@@ -172,11 +173,12 @@ def dit_template(ckpt: Path, dtype: torch.dtype = torch.float32, controlnet=None
     return model.eval().requires_grad_(False), cfg.n_layers
 
 
-def text_encoder_template(ckpt: Path, dtype: torch.dtype = torch.float32) -> tuple[TextEncoder, int]:
+def text_encoder_template(ckpt: Path, dtype: torch.dtype = torch.float32,
+                          layers: int = TEMPLATE_LAYERS) -> tuple[TextEncoder, int]:
     from dataclasses import replace
 
     cfg = TextEncoderConfig.from_transformers(read_config(ckpt, "text_encoder"))
-    model = _uninitialized(TextEncoder, replace(cfg, num_hidden_layers=min(TEMPLATE_LAYERS, cfg.used_layers) + 1),
+    model = _uninitialized(TextEncoder, replace(cfg, num_hidden_layers=min(layers, cfg.used_layers) + 1),
                            dtype)
     d = cfg.head_dim
     model.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
