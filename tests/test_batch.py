@@ -177,6 +177,9 @@ def test_bad_lines_are_recorded_and_the_batch_goes_on(tmp_path, tiny_fp32, runti
         ("[1, 2]", "JSON object"),
         ("[" * 100_000, "malformed JSON"),
         ({"prompt": "x", "colour": "red"}, "unknown field `colour`"),
+        ({"prompt": "x", "model": "base"}, "this batch runs one turbo build"),
+        ({"prompt": "x", "model": ["turbo"]}, "this batch runs one turbo build"),
+        ({"prompt": "x", "model": "t" * 10_000}, "this batch runs one turbo build"),
         ({"prompt": ""}, "prompt is empty"),
         ({"prompt": ["a", "b"]}, "prompt must be a string"),
         ({"steps": 2}, "prompt is required"),
@@ -200,7 +203,8 @@ def test_bad_lines_are_recorded_and_the_batch_goes_on(tmp_path, tiny_fp32, runti
         (b"\xff\xfe{}", "UTF-8"),
         ('{"prompt": "' + "x" * (1 << 20) + '"}', "longer than"),
     ]
-    good = [({"prompt": PROMPTS[0], **ok}, None), ({"prompt": "x", "image": "imgs/ok.png", "steps": 2}, None)]
+    good = [({"prompt": PROMPTS[0], **ok}, None), ({"prompt": "x", "image": "imgs/ok.png", "steps": 2,
+                                                    "model": "z-image-turbo"}, None)]
     lines = [good[0]] + bad + [good[1]]
     write_jsonl(src / "in.jsonl", [row for row, _ in lines])
     out = tmp_path / "out"

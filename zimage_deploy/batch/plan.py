@@ -13,8 +13,8 @@ from pathlib import Path
 from ..errors import RequestError, UserError
 from ..runtime.validate import SEED_MAX, Limits
 from .inputs import Row, Template
-from .requests import (BATCH_FIELDS, PATH_FIELDS, REQUEST_FIELDS, RowError, check, check_fields, read_file,
-                       resolve_loras, typed)
+from .requests import (BATCH_FIELDS, PATH_FIELDS, REQUEST_FIELDS, RowError, check, check_fields, check_model,
+                       read_file, resolve_loras, typed)
 
 MAX_SEEDS = 10_000  # images per request (--seeds)
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -151,6 +151,7 @@ def _row_items(row: Row, opts: Options, bkey: str) -> list[Item]:
     rid = _row_id(fields.pop("id", None))
     paths = {k: fields.pop(k) for k in PATH_FIELDS if k in fields and fields[k] is not None}
     check_fields(fields)
+    check_model(fields.pop("model", None), opts.variant)
     image_paths = _path_list(paths)
     images = [read_file(p, "image", opts.input_dir, opts.allow_outside) for p in image_paths]
     mask = read_file(paths["mask"], "mask", opts.input_dir, opts.allow_outside) if "mask" in paths else None

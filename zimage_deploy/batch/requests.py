@@ -14,10 +14,11 @@ from ..runtime.validate import ImageInfo, Limits, Request, check_request, probe_
 from .inputs import LIST_SEPARATOR
 
 # the server's POST /v1/generate fields (serve/schema.py GENERATE_FIELDS); `images` / `mask` / `control_image`
-# name files here, `loras` names files in --lora-dir
+# name files here, `loras` names files in --lora-dir; `model` (the server's routing field) must name the one build
+# a batch runs (check_model)
 REQUEST_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "height", "width", "guidance_scale",
                   "cfg_normalization", "cfg_truncation", "strength", "images", "mask", "loras", "control_image",
-                  "controlnet_scale")
+                  "controlnet_scale", "model")
 PATH_FIELDS = ("image", "images", "mask", "control_image")  # `image`: one file, for img2img / inpainting rows
 BATCH_FIELDS = ("id", "image")
 INT_FIELDS = ("seed", "steps", "height", "width")
@@ -56,6 +57,17 @@ def check_fields(fields: dict) -> None:
     unknown = sorted(str(k)[:40] for k in fields if k not in REQUEST_FIELDS)
     if unknown:
         raise RowError(f"unknown field `{unknown[0]}` (accepted: {', '.join(REQUEST_FIELDS + BATCH_FIELDS)})")
+
+
+def check_model(value, variant: str) -> None:
+    """A row's `model`: a batch runs one build, so a row may name it only as the server would answer to it alone
+    (its variant, or `z-image-<variant>`); anything else is refused, never run on the wrong model."""
+    if value is None:
+        return
+    names = (variant, f"z-image-{variant}")
+    if not isinstance(value, str) or value not in names:
+        raise RowError(f"model {str(value)[:60]!r}: this batch runs one {variant} build (--engine-dir), which a row "
+                       f"may name {' or '.join(names)}; run another build's rows with its own --engine-dir")
 
 
 def read_file(value, what: str, base: Path, allow_outside: bool) -> InputFile:
