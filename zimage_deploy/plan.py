@@ -43,8 +43,10 @@ from pathlib import Path
 import torch
 
 from .cli import run_cli
+from .components import stage_of, with_controlnet, with_controlnet_precision
 from .errors import UserError
 from .facts import SMALL_SIDES, small_model
+from .quantize.options import DEFAULT_EXCLUDE
 from .schemes import SCHEMES
 from .targets import PRECISIONS, QUANTIZED, TARGETS, TEXT_ENCODER_PRECISIONS, get_target, precision_plan
 from .variants import VARIANTS, get_variant
@@ -59,7 +61,6 @@ STREAMABLE = ("text_encoder", "transformer", "controlnet")  # the large engines 
 # runtime modes, best first (see the module doc)
 MODES = ("all-resident", "low-vram", "text-encoder-cpu", "weight-streaming")
 BYTES = {"fp32": 4.0, "bf16": 2.0, **{n: s.weight_bytes for n, s in SCHEMES.items()}}  # + block scales
-DIT_QUANT_EXCLUDE = ("t_embedder", "adaLN_modulation", "x_embedder", "cap_linear", "siglip_linear", "final_layer")
 
 
 @dataclass
@@ -193,7 +194,7 @@ def weight_bytes(params: list[tuple[str, torch.Tensor]], precision: str, quantiz
 
 
 def _dit_quantizable(name: str) -> bool:
-    return name.startswith(("layers.", "noise_refiner.")) and not any(e in name for e in DIT_QUANT_EXCLUDE)
+    return name.startswith(("layers.", "noise_refiner.")) and not any(e in name for e in DEFAULT_EXCLUDE)
 
 
 def _text_quantizable(name: str) -> bool:
@@ -211,7 +212,7 @@ def controlnet_params(dit, branch) -> list[tuple[str, torch.Tensor]]:
 
 def _controlnet_quantizable(name: str) -> bool:
     return name.startswith(("control.control_layers.", "control.control_noise_refiner.", "noise_refiner.")) and \
-        not any(e in name for e in DIT_QUANT_EXCLUDE)
+        not any(e in name for e in DEFAULT_EXCLUDE)
 
 
 def config_weights(modules, plan_of: dict[str, str], branch=None) -> dict[str, int]:
@@ -415,10 +416,9 @@ def _make(t, v, precision, plan_of, height, width, cfgs, manifest, controlnet, m
     if cn is not None:
         flops["controlnet"] = (controlnet_step_flops(dit.cfg, cn, img_opt, caption_tokens, batch), steps)
     plan = Plan(t.name, precision, v.name, height, width, steps, batch, int(t.memory_gib * GIB))
-    components = list(v.components)
+    components = v.components
     if cn is not None:
-        plan_of = {**plan_of, "controlnet": plan_of.get("controlnet", plan_of["transformer"])}  # as the DiT
-        components.insert(components.index("transformer"), "controlnet")
+        plan_of, components = with_controlnet_precision(plan_of), with_controlnet(components)
     weights_key = ("weights", key, tuple(sorted(plan_of.items())))
     computed = config_weights((dit, text, vae), plan_of, branch) if branch is not None else \
         _cached(weights_key, lambda: config_weights((dit, text, vae), plan_of))
@@ -443,12 +443,11 @@ def _make(t, v, precision, plan_of, height, width, cfgs, manifest, controlnet, m
 
 
 def _stages(plan: Plan) -> list[list[Part]]:
-    """The stages of low-VRAM mode: each component alone, but a ControlNet's branch and the LoRA branches beside the
-    transformer."""
-    per = {p.name: p for p in plan.parts}
-    dit = ("controlnet", "lora_branches", "transformer")
-    stages = [[p] for p in plan.parts if p.name not in dit]
-    return stages + [[per[n] for n in dit if n in per]]
+    """The stages of low-VRAM mode (components.py `stage_of`), in the order of their first part."""
+    stages: dict[str, list[Part]] = {}
+    for p in plan.parts:
+        stages.setdefault(stage_of(p.name), []).append(p)
+    return list(stages.values())
 
 
 def _stage_need(stage: list[Part], streamed: bool = False) -> int:
