@@ -433,3 +433,16 @@ def test_set_of_builds_for_other_cards(gpu_graphs, tmp_path, capsys):
         assert message in capsys.readouterr().err
     s = plan.plan_set([gpu_graphs, ada], target="rtx4080")  # same SM89 engines, on the 16 GB card
     assert s.target == "rtx4080" and s.memory == 16 * GIB and s.mode == "resident-together"
+
+
+def test_has_engines_means_every_component_has_one():
+    """One answer to "does the build have engines?" (TensorRT under `auto`, the Ray replicas' and batch actors'
+    GPU): every component's engine complete; a build with some missing runs without TensorRT."""
+    from zimage_deploy.batch.ray_data import uses_gpu
+    from zimage_deploy.manifest import has_engines
+
+    done = {"engine": {"status": "complete"}}
+    assert has_engines({"components": {"text_encoder": done, "transformer": done}})
+    assert not has_engines({"components": {"text_encoder": done, "transformer": {}}})  # `any` said yes
+    assert not has_engines({"components": {}})
+    assert uses_gpu is has_engines

@@ -235,6 +235,16 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    build(args.model, args.variant, args.target, args.precision, args.out, parity=not args.skip_parity,
+          engine_opts=_engine_options(args), lean=args.lean, quant=_quant_options(args),
+          text_encoder_precision=args.text_encoder_precision, engines=not args.skip_engines, loras=args.lora,
+          drop_intermediate=args.drop_intermediate, controlnet=args.controlnet, base=args.base,
+          transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m zimage_deploy.build", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny",
                     help="'tiny' / 'tiny-base' / 'tiny-edit' (embedded test checkpoints, written to "
@@ -276,7 +286,18 @@ def main(argv=None) -> int:
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="fuse a LoRA into the DiT before export and quantization (repeatable; a .safetensors file "
                          "or a folder holding one; diffusers/PEFT, kohya or original Z-Image keys; scale default 1)")
-    q = ap.add_argument_group("quantization (--precision fp8 / int4; nvfp4 for Blackwell: rtx5090, b200)")
+    ap.add_argument("--drop-intermediate", action="store_true",
+                    help="delete what the runtime does not need as soon as it is used: unquantized graphs after "
+                         "quantization, and (GPU targets) each graph once its engine plan holds its weights; halves "
+                         "the build folder of real-size builds, but a rebuild exports again and only the TensorRT "
+                         "backend can run the build (default: keep everything)")
+    _quant_arguments(ap.add_argument_group("quantization (--precision fp8 / int4; nvfp4 for Blackwell: rtx5090, "
+                                           "b200)"))
+    _engine_arguments(ap.add_argument_group("engines (GPU targets)"))
+    return ap
+
+
+def _quant_arguments(q) -> None:
     q.add_argument("--text-encoder-precision", default=None, choices=TEXT_ENCODER_PRECISIONS,
                    help="text encoder precision (default: int4 with --precision int4, else not quantized; "
                         "bf16 = not quantized, float32 on the cpu target)")
@@ -305,7 +326,9 @@ def main(argv=None) -> int:
                    help="quality gate: least image PSNR in dB vs unquantized (default %(default)s)")
     q.add_argument("--min-cosine", type=float, default=QuantOptions.min_cosine,
                    help="quality gate: least final-latent cosine vs unquantized (default %(default)s)")
-    eng = ap.add_argument_group("engines (GPU targets)")
+
+
+def _engine_arguments(eng) -> None:
     eng.add_argument("--skip-engines", action="store_true",
                      help="stop after the (quantized) graphs; a later build into the same --out adds the engines")
     eng.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimisation level (default 3)")
@@ -323,29 +346,23 @@ def main(argv=None) -> int:
                           "(auto: graphs above 512 MiB of weights, i.e. the real-size DiT and text encoder, on "
                           "TensorRT-RTX builds when a GPU is present: it cannot build refittable plans ahead of time "
                           "without one; datacenter builds keep the weights; default: %(default)s)")
-    ap.add_argument("--drop-intermediate", action="store_true",
-                    help="delete what the runtime does not need as soon as it is used: unquantized graphs after "
-                         "quantization, and (GPU targets) each graph once its engine plan holds its weights; halves "
-                         "the build folder of real-size builds, but a rebuild exports again and only the TensorRT "
-                         "backend can run the build (default: keep everything)")
     eng.add_argument("--weight-streaming", action="store_true", help="allow weight streaming (small-memory cards; default: off)")
-    args = ap.parse_args(argv)
-    opts = EngineOptions(opt_level=args.opt_level, max_batch=args.max_batch, min_side=args.min_side,
+
+
+def _engine_options(args) -> EngineOptions:
+    return EngineOptions(opt_level=args.opt_level, max_batch=args.max_batch, min_side=args.min_side,
                          max_side=args.max_side, opt_side=args.opt_side, static=args.static,
                          static_batch=args.static_batch, refittable=args.refittable,
                          weight_streaming=args.weight_streaming, strip_weights=args.strip_weights)
-    quant = QuantOptions(calib_prompts=args.calib_prompts, calib_size=args.calib_size, calib_side=args.calib_side,
-                         calib_steps=args.calib_steps, calib_images=args.calib_images,
-                         int4_method=args.int4_method, int4_block=args.int4_block, fp8_attention=args.fp8_attention,
-                         exclude=tuple(e.strip() for e in args.quant_exclude.split(",") if e.strip()),
-                         gate=not args.no_quality_gate, gate_prompts=args.gate_prompts, min_psnr=args.min_psnr,
-                         min_cosine=args.min_cosine)
-    build(args.model, args.variant, args.target, args.precision, args.out, parity=not args.skip_parity,
-          engine_opts=opts, lean=args.lean, quant=quant, text_encoder_precision=args.text_encoder_precision,
-          engines=not args.skip_engines, loras=args.lora, drop_intermediate=args.drop_intermediate,
-          controlnet=args.controlnet, base=args.base, transformer=args.transformer,
-          text_encoder=args.text_encoder, vae=args.vae)
-    return 0
+
+
+def _quant_options(args) -> QuantOptions:
+    return QuantOptions(calib_prompts=args.calib_prompts, calib_size=args.calib_size, calib_side=args.calib_side,
+                        calib_steps=args.calib_steps, calib_images=args.calib_images,
+                        int4_method=args.int4_method, int4_block=args.int4_block, fp8_attention=args.fp8_attention,
+                        exclude=tuple(e.strip() for e in args.quant_exclude.split(",") if e.strip()),
+                        gate=not args.no_quality_gate, gate_prompts=args.gate_prompts, min_psnr=args.min_psnr,
+                        min_cosine=args.min_cosine)
 
 
 if __name__ == "__main__":

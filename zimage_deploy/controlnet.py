@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from .checkpoint import read_config
+from .components import with_controlnet, with_controlnet_precision
 from .errors import UserError
 from .hashing import remembered_sha256
 from .models.controlnet import ControlBranch, ControlNetConfig
@@ -309,13 +310,11 @@ class BuildControlNet:
         """The variant's components with `controlnet` (the per-step hints graph) before `transformer`."""
         if not self:
             return v
-        comps = list(v.components)
-        comps.insert(comps.index("transformer"), "controlnet")
-        return replace(v, components=tuple(comps))
+        return replace(v, components=with_controlnet(v.components))
 
     def plan(self, plan: dict) -> dict:
         """The control branch is quantized like the DiT (same scheme, calibrated in the same sampling loop)."""
-        return {**plan, "controlnet": plan["transformer"]} if self else plan
+        return with_controlnet_precision(plan) if self else plan
 
     def facts(self, facts: dict) -> dict:
         if not self:

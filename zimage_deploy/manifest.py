@@ -67,6 +67,14 @@ def complete_components(manifest: dict) -> list[str]:
     return [n for n, c in manifest.get("components", {}).items() if c.get("status") == "complete"]
 
 
+def has_engines(manifest: dict) -> bool:
+    """Every component has a complete engine: what the TensorRT backend needs to run the build (and so what `auto`
+    picks TensorRT by, and what a GPU is reserved for). A build with some engines missing (an engines stage cut
+    short) runs on ONNX Runtime / Torch like one without any."""
+    comps = manifest.get("components") or {}
+    return bool(comps) and all((c.get("engine") or {}).get("status") == "complete" for c in comps.values())
+
+
 def planned_low_vram(manifest: dict, low_vram: bool | None) -> bool:
     """`low_vram` as asked, or (None) the mode the build's VRAM plan picked for its target (`runtime.mode`): one
     stage resident at a time in every mode but all-resident (text-encoder-cpu and weight-streaming plans too)."""

@@ -43,8 +43,10 @@ from pathlib import Path
 import torch
 
 from .cli import run_cli
+from .components import stage_of, with_controlnet, with_controlnet_precision
 from .errors import UserError
 from .facts import SMALL_SIDES, small_model
+from .quantize.options import DEFAULT_EXCLUDE
 from .schemes import SCHEMES
 from .targets import PRECISIONS, QUANTIZED, TARGETS, TEXT_ENCODER_PRECISIONS, get_target, precision_plan
 from .variants import VARIANTS, get_variant
@@ -59,7 +61,6 @@ STREAMABLE = ("text_encoder", "transformer", "controlnet")  # the large engines 
 # runtime modes, best first (see the module doc)
 MODES = ("all-resident", "low-vram", "text-encoder-cpu", "weight-streaming")
 BYTES = {"fp32": 4.0, "bf16": 2.0, **{n: s.weight_bytes for n, s in SCHEMES.items()}}  # + block scales
-DIT_QUANT_EXCLUDE = ("t_embedder", "adaLN_modulation", "x_embedder", "cap_linear", "siglip_linear", "final_layer")
 
 
 @dataclass
@@ -193,7 +194,7 @@ def weight_bytes(params: list[tuple[str, torch.Tensor]], precision: str, quantiz
 
 
 def _dit_quantizable(name: str) -> bool:
-    return name.startswith(("layers.", "noise_refiner.")) and not any(e in name for e in DIT_QUANT_EXCLUDE)
+    return name.startswith(("layers.", "noise_refiner.")) and not any(e in name for e in DEFAULT_EXCLUDE)
 
 
 def _text_quantizable(name: str) -> bool:
@@ -211,7 +212,7 @@ def controlnet_params(dit, branch) -> list[tuple[str, torch.Tensor]]:
 
 def _controlnet_quantizable(name: str) -> bool:
     return name.startswith(("control.control_layers.", "control.control_noise_refiner.", "noise_refiner.")) and \
-        not any(e in name for e in DIT_QUANT_EXCLUDE)
+        not any(e in name for e in DEFAULT_EXCLUDE)
 
 
 def config_weights(modules, plan_of: dict[str, str], branch=None) -> dict[str, int]:
@@ -333,25 +334,9 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
         from . import manifest as manifest_io
 
         manifest = manifest_io.load(engine_dir)
-        target, precision, variant = manifest["target"], manifest["precision"], manifest["variant"]
-        if on_target is not None and on_target != target:
-            built, other = get_target(target), get_target(on_target)
-            if built.compute_capability != other.compute_capability:
-                raise UserError(f"{engine_dir} was built for {target} ({built.sm}); its engines do not run on "
-                                f"{on_target} ({other.sm})")
-            target = on_target
+        target, precision, variant = _built_on(manifest, engine_dir, on_target)
     t = get_target(target)
-    if t.compute_capability is None:
-        raise UserError("the cpu target runs in host memory: plan a GPU target")
-    t.check_precision(precision)
-    if text_encoder is not None and text_encoder != "bf16":
-        t.check_precision(text_encoder)
-    v = get_variant(variant)
-    if v.layout != "basic":
-        raise UserError("the planner covers Turbo and Base; Edit adds the SigLIP tower and condition images")
-    for side, name in ((height, "height"), (width, "width")):
-        if side <= 0 or side % 16:
-            raise UserError(f"--{name} {side} must be a positive multiple of 16")
+    v = _checked(t, variant, precision, text_encoder, height, width)
     cfgs = _configs(model, manifest)
     plan_of = precision_plan(precision, t.base, text_encoder)
     if manifest is not None:
@@ -364,9 +349,51 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
     return plan
 
 
+def _built_on(manifest: dict, engine_dir: Path, on_target: str | None) -> tuple[str, str, str]:
+    """A build's target (or `on_target`, a card of the same compute capability), precision and variant."""
+    target = manifest["target"]
+    if on_target is not None and on_target != target:
+        built, other = get_target(target), get_target(on_target)
+        if built.compute_capability != other.compute_capability:
+            raise UserError(f"{engine_dir} was built for {target} ({built.sm}); its engines do not run on "
+                            f"{on_target} ({other.sm})")
+        target = on_target
+    return target, manifest["precision"], manifest["variant"]
+
+
+def _checked(t, variant: str, precision: str, text_encoder: str | None, height: int, width: int):
+    """The variant, where the planner covers the request: a GPU target running the precisions, the basic layout,
+    sizes of multiples of 16."""
+    if t.compute_capability is None:
+        raise UserError("the cpu target runs in host memory: plan a GPU target")
+    t.check_precision(precision)
+    if text_encoder is not None and text_encoder != "bf16":
+        t.check_precision(text_encoder)
+    v = get_variant(variant)
+    if v.layout != "basic":
+        raise UserError("the planner covers Turbo and Base; Edit adds the SigLIP tower and condition images")
+    for side, name in ((height, "height"), (width, "width")):
+        if side <= 0 or side % 16:
+            raise UserError(f"--{name} {side} must be a positive multiple of 16")
+    return v
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    """The sizes a plan counts activations and work at: the optimal (asked) size and the profile's largest."""
+    height: int
+    width: int
+    side_max: int
+    img_opt: int  # image tokens at height x width
+    img_max: int  # ... at side_max x side_max
+    batch: int  # 2 with CFG
+    caption_tokens: int
+    max_caption_tokens: int
+    elem: float  # bytes per activation element
+
+
 def _make(t, v, precision, plan_of, height, width, cfgs, manifest, controlnet, model, steps, caption_tokens,
           max_caption_tokens, max_side, lora=None) -> Plan:
-    batch = 2 if v.uses_cfg else 1
     key = json.dumps(cfgs, sort_keys=True, default=str)
     dit, text, vae = _cached(("modules", key), lambda: _meta_modules(cfgs))
     cn = _controlnet_config(controlnet, model, manifest, dit.cfg)
@@ -383,72 +410,89 @@ def _make(t, v, precision, plan_of, height, width, cfgs, manifest, controlnet, m
     def tokens(h, w):
         return (h // scale // patch) * (w // scale // patch)
 
-    elem = 4.0 if precision == "fp32" else 2.0
-    img_opt, img_max = tokens(height, width), tokens(side_max, side_max)
-    tcfg = text.cfg
-    acts = {
-        "text_encoder": (text_activations(tcfg, caption_tokens, batch, elem),
-                         text_activations(tcfg, max_caption_tokens, 4, elem)),
-        "context_refiner": (dit_activations(dit.cfg, 0, caption_tokens, batch, elem),
-                            dit_activations(dit.cfg, 0, max_caption_tokens, 4, elem)),
-        "transformer": (dit_activations(dit.cfg, img_opt, caption_tokens, batch, elem),
-                        dit_activations(dit.cfg, img_max, max_caption_tokens, 4, elem)),
-        "vae_decoder": (vae_activations(cfgs["vae"], height, width, 1, elem),
-                        vae_activations(cfgs["vae"], side_max, side_max, 4, elem)),
-        "vae_encoder": (vae_activations(cfgs["vae"], height, width, 1, elem),
-                        vae_activations(cfgs["vae"], side_max, side_max, 4, elem)),
-    }
-    if cn is not None:  # the branch's blocks are DiT blocks; its hints go to the transformer
-        shapes = ((img_opt, caption_tokens, batch), (img_max, max_caption_tokens, 4))  # (opt, max)
-        hints = [int(cn.n_hints * b * (_pad32(img) + _pad32(cap)) * dit.cfg.dim * elem) for img, cap, b in shapes]
-        acts["controlnet"] = tuple(dit_activations(dit.cfg, *shape, elem) + h for shape, h in zip(shapes, hints))
-        acts["transformer"] = tuple(a + h for a, h in zip(acts["transformer"], hints))
+    shapes = _Shapes(height, width, side_max, tokens(height, width), tokens(side_max, side_max),
+                     2 if v.uses_cfg else 1, caption_tokens, max_caption_tokens, 4.0 if precision == "fp32" else 2.0)
+    acts = _activations(dit.cfg, text.cfg, cfgs["vae"], cn, shapes)
     vae_flops = _cached(("vae", key, height, width),
                         lambda: vae_decoder_flops(vae, height // scale, width // scale, 1))
-    flops = {
-        "text_encoder": (text_flops(tcfg, caption_tokens, batch), 1),
-        "context_refiner": (context_flops(dit.cfg, caption_tokens, batch), 1),
-        "transformer": (dit_step_flops(dit.cfg, img_opt, caption_tokens, batch), steps),
-        "vae_decoder": (vae_flops, 1),
-        "vae_encoder": (0.0, 0),  # img2img / inpainting only
-    }
+    flops = _flops(dit.cfg, text.cfg, cn, shapes, steps, vae_flops)
+    plan = Plan(t.name, precision, v.name, height, width, steps, shapes.batch, int(t.memory_gib * GIB))
+    components = v.components
     if cn is not None:
-        flops["controlnet"] = (controlnet_step_flops(dit.cfg, cn, img_opt, caption_tokens, batch), steps)
-    plan = Plan(t.name, precision, v.name, height, width, steps, batch, int(t.memory_gib * GIB))
-    components = list(v.components)
-    if cn is not None:
-        plan_of = {**plan_of, "controlnet": plan_of.get("controlnet", plan_of["transformer"])}  # as the DiT
-        components.insert(components.index("transformer"), "controlnet")
+        plan_of, components = with_controlnet_precision(plan_of), with_controlnet(components)
     weights_key = ("weights", key, tuple(sorted(plan_of.items())))
     computed = config_weights((dit, text, vae), plan_of, branch) if branch is not None else \
         _cached(weights_key, lambda: config_weights((dit, text, vae), plan_of))
     for name in components:
-        weights, source = computed[name], "config"
-        if manifest is not None:
-            entry = manifest["components"].get(name, {})
-            engine = entry.get("engine") or {}
-            if engine.get("bytes") and not engine.get("stripped"):
-                weights, source = int(engine["bytes"]), "engine plan"
-            elif entry.get("weight_bytes"):
-                weights, source = int(entry["weight_bytes"]), "graph"
+        weights, source = _built_weights(manifest, name) or (computed[name], "config")
         plan.parts.append(Part(name, plan_of[name], weights, source, *acts[name], *flops[name]))
     if lora:
         from .lora.adapters import plan_cost
 
-        nbytes, step_flops = plan_cost(dit, *lora, img_opt, caption_tokens, batch)
+        nbytes, step_flops = plan_cost(dit, *lora, shapes.img_opt, caption_tokens, shapes.batch)
         plan.parts.append(Part("lora_branches", "bf16", nbytes, "config", 0, 0, step_flops, steps))
     _choose_mode(plan)
     _floors(plan, t)
     return plan
 
 
+def _activations(dcfg, tcfg, vae_cfg: dict, cn, s: _Shapes) -> dict[str, tuple[int, int]]:
+    """Each component's activation bytes (at the optimal size, at the largest)."""
+    elem, batch = s.elem, s.batch
+    acts = {
+        "text_encoder": (text_activations(tcfg, s.caption_tokens, batch, elem),
+                         text_activations(tcfg, s.max_caption_tokens, 4, elem)),
+        "context_refiner": (dit_activations(dcfg, 0, s.caption_tokens, batch, elem),
+                            dit_activations(dcfg, 0, s.max_caption_tokens, 4, elem)),
+        "transformer": (dit_activations(dcfg, s.img_opt, s.caption_tokens, batch, elem),
+                        dit_activations(dcfg, s.img_max, s.max_caption_tokens, 4, elem)),
+        "vae_decoder": (vae_activations(vae_cfg, s.height, s.width, 1, elem),
+                        vae_activations(vae_cfg, s.side_max, s.side_max, 4, elem)),
+        "vae_encoder": (vae_activations(vae_cfg, s.height, s.width, 1, elem),
+                        vae_activations(vae_cfg, s.side_max, s.side_max, 4, elem)),
+    }
+    if cn is not None:  # the branch's blocks are DiT blocks; its hints go to the transformer
+        shapes = ((s.img_opt, s.caption_tokens, batch), (s.img_max, s.max_caption_tokens, 4))  # (opt, max)
+        hints = [int(cn.n_hints * b * (_pad32(img) + _pad32(cap)) * dcfg.dim * elem) for img, cap, b in shapes]
+        acts["controlnet"] = tuple(dit_activations(dcfg, *shape, elem) + h for shape, h in zip(shapes, hints))
+        acts["transformer"] = tuple(a + h for a, h in zip(acts["transformer"], hints))
+    return acts
+
+
+def _flops(dcfg, tcfg, cn, s: _Shapes, steps: int, vae_flops: float) -> dict[str, tuple[float, int]]:
+    """Each component's work per call, and its calls per image."""
+    flops = {
+        "text_encoder": (text_flops(tcfg, s.caption_tokens, s.batch), 1),
+        "context_refiner": (context_flops(dcfg, s.caption_tokens, s.batch), 1),
+        "transformer": (dit_step_flops(dcfg, s.img_opt, s.caption_tokens, s.batch), steps),
+        "vae_decoder": (vae_flops, 1),
+        "vae_encoder": (0.0, 0),  # img2img / inpainting only
+    }
+    if cn is not None:
+        flops["controlnet"] = (controlnet_step_flops(dcfg, cn, s.img_opt, s.caption_tokens, s.batch), steps)
+    return flops
+
+
+def _built_weights(manifest: dict | None, name: str) -> tuple[int, str] | None:
+    """A built component's weight bytes and where they come from: its engine plan (unless weightless), else its
+    graph; None where the build does not say (or there is no build)."""
+    if manifest is None:
+        return None
+    entry = manifest["components"].get(name, {})
+    engine = entry.get("engine") or {}
+    if engine.get("bytes") and not engine.get("stripped"):
+        return int(engine["bytes"]), "engine plan"
+    if entry.get("weight_bytes"):
+        return int(entry["weight_bytes"]), "graph"
+    return None
+
+
 def _stages(plan: Plan) -> list[list[Part]]:
-    """The stages of low-VRAM mode: each component alone, but a ControlNet's branch and the LoRA branches beside the
-    transformer."""
-    per = {p.name: p for p in plan.parts}
-    dit = ("controlnet", "lora_branches", "transformer")
-    stages = [[p] for p in plan.parts if p.name not in dit]
-    return stages + [[per[n] for n in dit if n in per]]
+    """The stages of low-VRAM mode (components.py `stage_of`), in the order of their first part."""
+    stages: dict[str, list[Part]] = {}
+    for p in plan.parts:
+        stages.setdefault(stage_of(p.name), []).append(p)
+    return list(stages.values())
 
 
 def _stage_need(stage: list[Part], streamed: bool = False) -> int:

@@ -36,6 +36,8 @@ TURBO_COMPONENTS = ("text_encoder", "context_refiner", "transformer", "vae_decod
 # SigLIP2 vision tower and the DiT's SigLIP refiner encode the condition images once per request.
 EDIT_COMPONENTS = ("text_encoder", "context_refiner", "siglip_refiner", "transformer", "vae_decoder",
                    "vae_encoder", "vision_encoder")
+# the omni layout: condition images per request (the Edit engines' profile range and the request limit)
+MAX_CONDITION_IMAGES = 2
 
 VARIANTS: dict[str, Variant] = {
     "turbo": Variant(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
+from ..manifest import has_engines
 from .execute import Outcome, run_group, worker_name
 from .plan import Item
 
@@ -39,8 +40,7 @@ class GroupWorker:
         return {"record": records, "png": pngs}
 
 
-def uses_gpu(manifest: dict) -> bool:
-    return any((c.get("engine") or {}).get("status") == "complete" for c in manifest["components"].values())
+uses_gpu = has_engines  # the actors take a GPU where the build runs on TensorRT
 
 
 def run_ray(groups: list[list[Item]], address: str | None, actors: int | None, engine_dir: Path, backend: str,

@@ -17,9 +17,9 @@ from ..facts import FULL_SIDE, SMALL_SIDE, SMALL_SIDES, small_model
 from ..export.specs import specs_for
 from ..models.dit import SEQ_MULTIPLE
 from ..models.omni import pad32
+from ..variants import MAX_CONDITION_IMAGES
 
 MAX_TEXT = 512
-MAX_CONDITION_IMAGES = 2  # Edit engines: condition images per request
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..buildfolder import BuildFolder
+from ..components import stage_of
 from ..engines.builder import MappedWeights, device_capability, device_name
 from ..engines.flavour import import_trt, version
 from ..errors import UserError
@@ -81,15 +82,9 @@ def check_compat(manifest: dict, installed_version: str, device_cc: tuple[int, i
                       "GPU for its own tuning", stacklevel=3)
 
 
-# Engines that run in turn inside one stage: low-VRAM mode keeps them resident together (swapping a ControlNet's
-# branch and the transformer every step would read both plans from disk each step); plan.py counts them so.
-STAGE_OF = {"controlnet": "denoise", "transformer": "denoise"}
-
-
 def low_vram_evictions(name: str, loaded) -> list[str]:
     """The resident engines to drop before `name` loads in low-VRAM mode: those of other stages."""
-    stage = STAGE_OF.get(name, name)
-    return [n for n in loaded if STAGE_OF.get(n, n) != stage]
+    return [n for n in loaded if stage_of(n) != stage_of(name)]
 
 
 def refit_weights(trt, engine, onnx_path: Path, logger) -> None:

@@ -46,14 +46,14 @@ from pathlib import Path
 
 from ..errors import RequestError
 from ..facts import SMALL_SIDES, small_model
-from ..variants import is_omni
+from ..manifest import has_engines
+from ..variants import MAX_CONDITION_IMAGES, is_omni
 from .backends import resolve_backend
 
 SEED_MAX = 2**63 - 1
 MAX_STEPS = 100
 MAX_PROMPT_CHARS = 10_000
 MAX_INPUT_PIXELS = 4096 * 4096
-MAX_CONDITIONS = 2  # Edit condition images per request (the engine profiles' limit: engines/profiles.py)
 MAX_BATCH = 4  # images per runtime call without engines (the default engine profile's batch)
 GUIDANCE_MAX, CFG_NORMALIZATION_MAX = 30.0, 10.0
 DEFAULT_STRENGTH = 0.6
@@ -95,7 +95,7 @@ class Limits:
     static: tuple[int, int] | None = None  # static engine profile: the one size it takes
     max_batch: int = MAX_BATCH  # images per runtime call
     cfg_doubles_batch: bool = False  # TensorRT with CFG as one batch-2B call: the profile's batch counts 2B
-    max_conditions: int = MAX_CONDITIONS
+    max_conditions: int = MAX_CONDITION_IMAGES
     img2img: bool = True  # the build has a vae_encoder
     max_steps: int = MAX_STEPS
     max_prompt_chars: int = MAX_PROMPT_CHARS
@@ -112,7 +112,7 @@ class Limits:
         multiple = int(defaults["resolution_multiple"])
         opts = (manifest.get("tensorrt") or {}).get("options") or {}
         comps = manifest["components"]
-        engines = bool(comps) and all((c.get("engine") or {}).get("status") == "complete" for c in comps.values())
+        engines = has_engines(manifest)
         lo, hi = SMALL_SIDES if small_model(facts.get("dim", 0)) else _variant_range(manifest["variant"])
         static, max_batch = None, MAX_BATCH
         if engines:

@@ -219,8 +219,7 @@ def _options(engine_dir, replicas, autoscale, gpus_per_replica, max_ongoing_requ
     from .. import manifest as manifest_io
 
     manifest = manifest_io.load(Path(engine_dir))
-    has_engines = any((c.get("engine") or {}).get("status") == "complete" for c in manifest["components"].values())
-    gpus = gpus_per_replica if gpus_per_replica is not None else (1.0 if has_engines else 0.0)
+    gpus = gpus_per_replica if gpus_per_replica is not None else (1.0 if manifest_io.has_engines(manifest) else 0.0)
     options = dict(ray_actor_options={"num_gpus": gpus, "num_cpus": 0 if gpus else 1},
                    max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
                    graceful_shutdown_timeout_s=shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5)
