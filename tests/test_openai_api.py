@@ -123,13 +123,17 @@ def test_edits_on_an_edit_build(tmp_path_factory, edit_ckpt):
                                  extra_body={"seed": 3, "steps": 2, "guidance_scale": 2.0})
         large = synthetic_image(1100, 1000, seed=5)  # above 1024x1024 px: scaled to the output's area first
         res_large = [client.images.edit(image=("large.png", png_bytes(large), "image/png"), prompt="add a moon",
-                                        size=size, extra_body={"seed": 8, "steps": 2}) for size in ("64x64", "96x96")]
+                                        size=size, extra_body={"seed": 8, "steps": 2}) for size in ("80x80", "96x96")]
+        # at a 64x64 output's area it would be 64x48: a side below the build's 64 px (its profiles' range), refused
+        with pytest.raises(openai.UnprocessableEntityError, match="64..512 px"):
+            client.images.edit(image=("large.png", png_bytes(large), "image/png"), prompt="add a moon", size="64x64",
+                               extra_body={"seed": 8, "steps": 2})
         with pytest.raises(openai.UnprocessableEntityError, match="at most 2"):
             client.images.edit(image=[(f"{i}.png", png_bytes(images[0]), "image/png") for i in range(3)],
                                prompt="x")
     want = rt.generate("make the sky red", seed=3, steps=2, guidance_scale=2.0, height=64, width=64,
                        images=[images[0], images[1].convert("RGB")]).images[0]
     assert np.array_equal(decode(res.data[0].b64_json), arr(want))
-    for res, side in zip(res_large, (64, 96)):  # kept as uploaded (64), scaled before queueing (96): same image
+    for res, side in zip(res_large, (80, 96)):  # scaled to each output's area: the runtime's own image
         want = rt.generate("add a moon", seed=8, steps=2, height=side, width=side, images=[large]).images[0]
         assert np.array_equal(decode(res.data[0].b64_json), arr(want))
