@@ -562,8 +562,11 @@ def _advice(plan, t, v, precision, plan_of, cfgs, manifest, controlnet, model, *
     size (the largest that does better)."""
     rank = lambda p: MODES.index(p.mode) if p.mode in MODES else len(MODES)  # noqa: E731
     tried = []
-    if plan_of.get("text_encoder") != "int4" and "int4" in t.precisions:
-        tried.append(("--text-encoder-precision int4", precision, {**plan_of, "text_encoder": "int4"},
+    # the text encoder in the leanest scheme the target runs (INT4 today), if it is not already
+    lean = min((p for p in TEXT_ENCODER_PRECISIONS if p in SCHEMES and p in t.precisions),
+               key=lambda p: SCHEMES[p].weight_bytes, default=None)
+    if lean is not None and plan_of.get("text_encoder") != lean:
+        tried.append((f"--text-encoder-precision {lean}", precision, {**plan_of, "text_encoder": lean},
                       plan.height, plan.width))
     for other in ("fp8", "nvfp4", "int4"):
         if other != precision and other in t.precisions and BYTES[other] < BYTES[plan_of["transformer"]]:

@@ -56,6 +56,8 @@ class Scheme:
     weight_bytes: float  # per weight in the plan's estimates, block scales included
     gemm = "bf16"  # the GEMM's math in the plan's time floors (a field of targets.Peaks)
     onnxruntime_runs = True  # ONNX Runtime has kernels for its graphs (the quality gate can run them on a CPU)
+    fp8_matmuls = False  # the compiled Torch runtime runs its layers as FP8 GEMMs (models/fast.py FP8Linear)
+    reuses_fp8_files = False  # an FP8 single file's own weight grid can serve as its weights (quantize/reuse.py)
 
     def __repr__(self) -> str:
         return f"<scheme {self.name}>"
@@ -126,6 +128,8 @@ class FP8(Scheme):
     name = "fp8"
     weight_kind = "FP8"
     calibrates_activations = True
+    fp8_matmuls = True
+    reuses_fp8_files = True
     weight_bytes = 1.0
     gemm = "fp8"
 

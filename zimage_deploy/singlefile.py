@@ -393,8 +393,11 @@ def _source_record(s: Source) -> dict:
             "files": [{"path": s.path, "name": s.name, "size": s.size, "sha256": s.sha256}]}
 
 
+PUBLIC_FIELDS = ("role", "name", "size", "sha256", "layout", "fp8")  # `fp8`: the file's FP8 kind (plain / scaled)
+
+
 def _public(s: Source) -> dict:
-    return {k: v for k, v in asdict(s).items() if k in ("role", "name", "size", "sha256", "layout", "fp8")}
+    return {k: v for k, v in asdict(s).items() if k in PUBLIC_FIELDS}
 
 
 def sources(ckpt: Path) -> dict | None:

@@ -122,9 +122,13 @@ class Target:
             )
 
 
+# FP8 on a 12-16 GB card: with an INT4 text encoder everything stays resident at 1024² (BF16's does not)
+FP8_INT4_TEXT = ("fp8", "int4")
+
+
 def _rtx(name, description, cc, memory, precisions, default, peaks) -> Target:
-    # FP8 on a 12-16 GB card: with an INT4 text encoder everything stays resident at 1024² (BF16's does not)
-    text_encoder = "int4" if default == "fp8" else None
+    """`default`: the precision, or (precision, text encoder precision)."""
+    default, text_encoder = (default, None) if isinstance(default, str) else default
     return Target(name, description, cc, memory, "tensorrt-rtx", precisions, default, peaks, text_encoder)
 
 
@@ -140,14 +144,14 @@ TARGETS: dict[str, Target] = {
                "fp32"),
         # Ada (SM89), TensorRT-RTX
         _rtx("rtx4090", "GeForce RTX 4090 (Ada)", ADA, 24, ADA_HOPPER, "bf16", Peaks(165.2, 1008, fp8=660.6)),
-        _rtx("rtx4080super", "GeForce RTX 4080 SUPER (Ada)", ADA, 16, ADA_HOPPER, "fp8", _geforce(320, 2.55, 736)),
-        _rtx("rtx4080", "GeForce RTX 4080 (Ada)", ADA, 16, ADA_HOPPER, "fp8", _geforce(304, 2.505, 716.8)),
-        _rtx("rtx4070tisuper", "GeForce RTX 4070 Ti SUPER (Ada)", ADA, 16, ADA_HOPPER, "fp8",
+        _rtx("rtx4080super", "GeForce RTX 4080 SUPER (Ada)", ADA, 16, ADA_HOPPER, FP8_INT4_TEXT, _geforce(320, 2.55, 736)),
+        _rtx("rtx4080", "GeForce RTX 4080 (Ada)", ADA, 16, ADA_HOPPER, FP8_INT4_TEXT, _geforce(304, 2.505, 716.8)),
+        _rtx("rtx4070tisuper", "GeForce RTX 4070 Ti SUPER (Ada)", ADA, 16, ADA_HOPPER, FP8_INT4_TEXT,
              _geforce(264, 2.61, 672)),
-        _rtx("rtx4060ti16", "GeForce RTX 4060 Ti 16 GB (Ada)", ADA, 16, ADA_HOPPER, "fp8",
+        _rtx("rtx4060ti16", "GeForce RTX 4060 Ti 16 GB (Ada)", ADA, 16, ADA_HOPPER, FP8_INT4_TEXT,
              _geforce(136, 2.535, 288, pcie=PCIE4_X16 / 2)),  # PCIe 4.0 x8
-        _rtx("rtx4070super", "GeForce RTX 4070 SUPER (Ada)", ADA, 12, ADA_HOPPER, "fp8", _geforce(224, 2.475, 504.2)),
-        _rtx("rtx4070", "GeForce RTX 4070 (Ada)", ADA, 12, ADA_HOPPER, "fp8", _geforce(184, 2.475, 504.2)),
+        _rtx("rtx4070super", "GeForce RTX 4070 SUPER (Ada)", ADA, 12, ADA_HOPPER, FP8_INT4_TEXT, _geforce(224, 2.475, 504.2)),
+        _rtx("rtx4070", "GeForce RTX 4070 (Ada)", ADA, 12, ADA_HOPPER, FP8_INT4_TEXT, _geforce(184, 2.475, 504.2)),
         _rtx("rtx6000ada", "RTX 6000 Ada Generation (workstation)", ADA, 48, ADA_HOPPER, "bf16",
              Peaks(364.2, 960, fp8=728.5)),
         Target("l40s", "L40S (Ada, datacenter)", ADA, 48, "tensorrt", ADA_HOPPER, "bf16",
@@ -162,12 +166,12 @@ TARGETS: dict[str, Target] = {
         # Blackwell (SM120 GeForce / workstation, TensorRT-RTX; SM100 datacenter, TensorRT)
         _rtx("rtx5090", "GeForce RTX 5090 (Blackwell)", SM120, 32, BLACKWELL, "bf16",
              Peaks(209.5, 1792, fp8=838.4, nvfp4=1676.0, pcie=PCIE5_X16)),
-        _rtx("rtx5080", "GeForce RTX 5080 (Blackwell)", SM120, 16, BLACKWELL, "fp8", _blackwell(336, 2.617, 960)),
-        _rtx("rtx5070ti", "GeForce RTX 5070 Ti (Blackwell)", SM120, 16, BLACKWELL, "fp8",
+        _rtx("rtx5080", "GeForce RTX 5080 (Blackwell)", SM120, 16, BLACKWELL, FP8_INT4_TEXT, _blackwell(336, 2.617, 960)),
+        _rtx("rtx5070ti", "GeForce RTX 5070 Ti (Blackwell)", SM120, 16, BLACKWELL, FP8_INT4_TEXT,
              _blackwell(280, 2.452, 896)),
-        _rtx("rtx5060ti16", "GeForce RTX 5060 Ti 16 GB (Blackwell)", SM120, 16, BLACKWELL, "fp8",
+        _rtx("rtx5060ti16", "GeForce RTX 5060 Ti 16 GB (Blackwell)", SM120, 16, BLACKWELL, FP8_INT4_TEXT,
              _blackwell(144, 2.572, 448, pcie=PCIE5_X16 / 2)),  # PCIe 5.0 x8
-        _rtx("rtx5070", "GeForce RTX 5070 (Blackwell)", SM120, 12, BLACKWELL, "fp8", _blackwell(192, 2.512, 672)),
+        _rtx("rtx5070", "GeForce RTX 5070 (Blackwell)", SM120, 12, BLACKWELL, FP8_INT4_TEXT, _blackwell(192, 2.512, 672)),
         _rtx("rtxpro6000", "RTX PRO 6000 Blackwell (workstation)", SM120, 96, BLACKWELL, "bf16",
              Peaks(503.8, 1792, fp8=1007.6, nvfp4=2015.2, pcie=PCIE5_X16)),
         Target("b200", "B200 (Blackwell, datacenter)", (10, 0), 180, "tensorrt", BLACKWELL, "bf16",

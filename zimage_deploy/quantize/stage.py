@@ -130,7 +130,9 @@ def _quantize(job, manifest: dict) -> dict:
     stale = _stale(job, manifest, todo, cal)
     scales, calib_seconds = _calibrate(job, manifest, todo, stale, cal)
     fp8_source = None
-    if scales.get("transformer") is not None and todo.get("transformer") == "fp8":  # an FP8 single file's own grid
+    dit_scheme = todo.get("transformer")
+    if scales.get("transformer") is not None and dit_scheme and get_scheme(dit_scheme).reuses_fp8_files:
+        # an FP8 single file's own grid
         from .reuse import choose
 
         fp8_source = choose(scales["transformer"], job.ckpt, fused_loras=bool(cal.loras))

@@ -45,6 +45,7 @@ from ..export.specs import DTYPES
 from ..paths import cache_dir
 from ..models.dit import SEQ_MULTIPLE, Attention
 from ..models.fast import set_dense_attention
+from ..schemes import get_scheme
 from .backend import Backend
 from .offload import offload_policy
 
@@ -261,7 +262,7 @@ class TorchBackend(Backend):
     def _real_fp8(self, component: str) -> bool:
         """Compiled mode runs an fp8 build's DiT through FP8 matmuls with the build's scales (eager emulates them)."""
         q = self.components.get(component, {}).get("quantization")
-        return self.compiled and loader_of(component) == DIT and bool(q) and q["scheme"] == "fp8"
+        return self.compiled and loader_of(component) == DIT and bool(q) and get_scheme(q["scheme"]).fp8_matmuls
 
     def _quantized(self, key: str, model: nn.Module) -> nn.Module:
         """Apply the quantization of the build's quantized components served by this module (same scale files,
