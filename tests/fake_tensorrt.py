@@ -56,8 +56,12 @@ def _owners(ptr: int, size: int) -> list:
     found = []
     for o in gc.get_objects():
         if isinstance(o, torch.Tensor) and o.device.type == "cpu":
-            s = o.untyped_storage()
-            if s.data_ptr() <= ptr and ptr + size <= s.data_ptr() + s.nbytes():
+            try:  # tensors without memory (fake / functional ones left by earlier torch.compile runs) own nothing
+                s = o.untyped_storage()
+                start, nbytes = s.data_ptr(), s.nbytes()
+            except (RuntimeError, NotImplementedError):
+                continue
+            if start <= ptr and ptr + size <= start + nbytes:
                 found.append(weakref.ref(o))
     return found
 
