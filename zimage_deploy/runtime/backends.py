@@ -18,7 +18,7 @@ import torch
 
 from ..buildfolder import BuildFolder
 from ..errors import UserError
-from ..manifest import planned_low_vram
+from ..manifest import has_engines, planned_low_vram
 from .backend import Backend
 from .torch_fast import TORCH_MODES, TorchBackend  # noqa: F401 - the Torch backend lives there
 
@@ -69,9 +69,7 @@ def resolve_backend(name: str, manifest: dict) -> str:
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
     if name == "auto":
-        has_engines = all((c.get("engine") or {}).get("status") == "complete"
-                          for c in manifest["components"].values())
-        if has_engines and torch.cuda.is_available():
+        if has_engines(manifest) and torch.cuda.is_available():
             return "tensorrt"
         if torch.cuda.is_available() or (manifest.get("runtime") or {}).get("backend") == TORCH_COMPILED:
             return "torch"
