@@ -97,6 +97,8 @@ def test_unsupported_combinations(argv, message, tmp_path, capsys):
     (["--strength", "0.5"], "strength needs an input image"),
     (["--mask", "{tmp}/m.png"], "inpainting needs an input image as well as the mask"),
     (["--output", "{tmp}/x.notanimage"], "unknown image extension"),
+    (["--offload", "model"], "the onnxruntime backend runs on the CPU: offload mode model has nothing to move"),
+    (["--offload", "sequential", "--low-vram"], "--offload asks for sequential: give one of them"),
 ])
 def test_generate_refuses_unsupported_options(tiny_fp32, tmp_path, capsys, extra, message):
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]

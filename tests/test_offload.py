@@ -86,6 +86,37 @@ def test_sequential_offload_streams_leaf_by_leaf(tiny_bf16, reference):
     assert 0 < policy.peak <= bound < largest
 
 
+def _nbytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def test_text_encoder_cpu_runs_it_on_the_host(tiny_bf16, reference):
+    """text-encoder-cpu: bit for bit the all-resident images (the CPU is the device here: the same kernels); the
+    text encoder's tensors never reach the device (its module keeps its own host tensors, it is never loaded, its
+    bytes never counted resident) while the other stages go one at a time as in model mode; the peak is the
+    largest other stage's weights, as plan.py counts the mode."""
+    policy = Recording("text-encoder-cpu")
+    text_encoder = []
+    images, backend = _images(tiny_bf16, policy)
+    assert all((a == b).all() for a, b in zip(images, reference))
+    host = backend.models["text_encoder"]
+    assert ("load", "text_encoder") not in policy.events and ("release", "text_encoder") not in policy.events
+    assert not any((id(o), n) in policy.masters for o, n, _ in policy.stages["text_encoder"])
+    assert all(p.device.type == "cpu" for p in host.parameters())
+    assert backend.offload.device_of("text_encoder").type == "cpu"
+    for key, where, resident in policy.seen:
+        assert where["text_encoder"] == {"cpu"}  # on the host, always (never parked on meta, never copied)
+        if key == "text_encoder":
+            text_encoder.append(resident)
+            continue
+        assert where[key] == {"cpu"}
+        assert all(w == {"meta"} for k, w in where.items() if k not in (key, "text_encoder"))
+    assert text_encoder == [0]  # the first stage: nothing on the device while the text encoder runs
+    assert policy.events[0] == ("load", "transformer")
+    others = {k: _nbytes(m) for k, m in backend.models.items() if k != "text_encoder"}
+    assert policy.peak == max(others.values())
+
+
 def test_offload_modes_and_the_plan(tiny_bf16):
     from zimage_deploy import manifest as manifest_io
     from zimage_deploy.runtime.backends import make_backend
@@ -102,12 +133,45 @@ def test_offload_modes_and_the_plan(tiny_bf16):
         offload_policy("model", {}, torch.device("cuda"), True)
     with pytest.raises(UserError, match="unknown offload mode"):
         OffloadPolicy("disk")
+    planned = {"runtime": {"mode": "text-encoder-cpu"}}
+    assert offload_policy(None, planned, torch.device("cuda"), False).mode == "text-encoder-cpu"
+    assert offload_policy("auto", planned, torch.device("cuda"), False).mode == "text-encoder-cpu"
+    assert make_backend("torch", tiny_bf16, manifest, offload="text-encoder-cpu").offload.mode == "text-encoder-cpu"
+
+
+def test_offload_names_and_what_each_backend_runs(tiny_fp32):
+    """--offload: auto is the plan's (None); --low-vram is model and must agree; the TensorRT runtime runs model
+    and text-encoder-cpu as low-VRAM mode (the latter with the text encoder on the CPU), weight streaming only as
+    the build planned it; ONNX Runtime (CPU) only none."""
+    from zimage_deploy import manifest as manifest_io
+    from zimage_deploy.runtime.backends import make_backend
+    from zimage_deploy.runtime.offload import asked_mode, tensorrt_mode
+
+    assert asked_mode("auto") is None and asked_mode(None, True) == "model" and asked_mode("none", False) == "none"
+    with pytest.raises(UserError, match="give one of them"):
+        asked_mode("sequential", True)
+    with pytest.raises(UserError, match="unknown offload mode"):
+        asked_mode("disk")
+    plan = lambda mode: {"runtime": {"mode": mode}}  # noqa: E731
+    assert tensorrt_mode(None, plan("all-resident")) == (False, False)
+    assert tensorrt_mode(None, plan("low-vram")) == (True, False)
+    assert tensorrt_mode(None, plan("text-encoder-cpu")) == (True, True)
+    assert tensorrt_mode(None, plan("weight-streaming")) == (True, False)
+    assert tensorrt_mode("none", plan("text-encoder-cpu")) == (False, False)
+    assert tensorrt_mode("text-encoder-cpu", plan("all-resident")) == (True, True)
+    assert tensorrt_mode("sequential", plan("weight-streaming")) == (True, False)
+    with pytest.raises(UserError, match="cannot run offload mode sequential.*--weight-streaming"):
+        tensorrt_mode("sequential", plan("low-vram"))
+    manifest = manifest_io.load(tiny_fp32)
+    assert make_backend("onnxruntime", tiny_fp32, manifest, offload="auto").name == "onnxruntime"
+    with pytest.raises(UserError, match="onnxruntime backend runs on the CPU: offload mode model"):
+        make_backend("onnxruntime", tiny_fp32, manifest, offload="model")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA peak needs a GPU")
 def test_cuda_peak_memory(tiny_bf16):  # not run here (no GPU): the real peak of each mode
     peaks = {}
-    for mode in ("none", "model", "sequential"):
+    for mode in ("none", "model", "text-encoder-cpu", "sequential"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         backend = TorchBackend(tiny_bf16, Pipeline(tiny_bf16, "torch").manifest, device="cuda", offload=mode)
@@ -115,3 +179,4 @@ def test_cuda_peak_memory(tiny_bf16):  # not run here (no GPU): the real peak of
         peaks[mode] = torch.cuda.max_memory_allocated()
         del backend
     assert peaks["sequential"] < peaks["model"] < peaks["none"]
+    assert peaks["text-encoder-cpu"] <= peaks["model"]  # the text encoder's weights and work stay on the host

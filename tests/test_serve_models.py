@@ -142,6 +142,8 @@ def test_duplicate_names_and_bad_warmup_sizes_stop_the_server(tiny_fp32, capsys)
     assert run_cli(lambda: serve_cli.main(["--build-dir", str(tiny_fp32), "--default-model", "nope",
                                            "--warmup-sizes", "64x64"])) == 2
     assert "--default-model nope" in capsys.readouterr().err
+    assert run_cli(lambda: serve_cli.main(["--build-dir", str(tiny_fp32), "--offload", "model"])) == 2
+    assert "onnxruntime backend runs on the CPU: offload mode model" in capsys.readouterr().err
 
 
 def test_runtime_warmup_torch_mode_and_fallbacks(runtimes):

@@ -297,6 +297,55 @@ def test_low_vram_synchronizes_and_swaps_weights(fake_builds, fake):
     assert "load_weights" in [c[0] for c in calls]
 
 
+def _one_stage_at_a_time(calls) -> list[str]:
+    """Replay the engine calls: at every weight load and every run, the GPU holds only engines of the stage it
+    serves (components.py stage_of) -> the order engines' weights loaded in."""
+    from zimage_deploy.components import stage_of
+
+    resident, loads = set(), []
+    for c in calls:
+        if c[0] == "load_weights" or c[:3:2] == ("deserialize", "loaded"):
+            assert {stage_of(n) for n in resident} <= {stage_of(c[1])}, (c, resident)
+            resident.add(c[1])
+            loads.append(c[1])
+        elif c[0] in ("unload_weights", "engine_freed"):
+            resident.discard(c[1])
+        elif c[0] == "execute":
+            assert {stage_of(n) for n in resident} == {stage_of(c[1])}, (c, resident)
+    return loads
+
+
+def test_low_vram_one_stage_resident(fake_builds, fake):
+    """Low-VRAM mode over two images: one stage's engines on the GPU at a time, the text encoder's weights
+    released before the DiT's load (and so on down the pipeline)."""
+    trt, _ = fake
+    from zimage_deploy.runtime.pipeline import Pipeline
+
+    pipe = Pipeline(fake_builds["dynamic"], "tensorrt", low_vram=True)
+    _image(None, pipe)
+    _image(None, pipe, prompt="a dog")
+    loads = _one_stage_at_a_time(trt.calls)
+    assert loads[:3] == ["text_encoder", "context_refiner", "transformer"] and loads.count("text_encoder") == 2
+
+
+def test_text_encoder_cpu_never_loads_its_engine(fake_builds, fake):
+    """text-encoder-cpu: the text encoder runs on the CPU through the Torch backend (its engine is never read);
+    the other engines one stage at a time; the image the ONNX Runtime backend's within the usual rounding."""
+    trt, _ = fake
+    from zimage_deploy.runtime.pipeline import Pipeline
+
+    pipe = Pipeline(fake_builds["dynamic"], "tensorrt", offload="text-encoder-cpu")
+    host = pipe.backend.host["text_encoder"]
+    assert pipe.backend.low_vram and host.name == "torch" and host.device.type == "cpu"
+    _same(_image(None, pipe), _image(fake_builds["dynamic"], "onnxruntime"))
+    assert "text_encoder" not in _names(trt.calls, "deserialize") + _names(trt.calls, "execute")
+    assert "text_encoder" not in pipe.backend.engines
+    assert all(p.device.type == "cpu" for p in host.models["text_encoder"].parameters())
+    assert _one_stage_at_a_time(trt.calls)[0] == "context_refiner"
+    with pytest.raises(UserError, match="cannot run offload mode sequential"):
+        Pipeline(fake_builds["dynamic"], "tensorrt", offload="sequential")
+
+
 def test_weight_streaming_budget_from_the_plan(fake_builds, fake, tmp_path):
     trt, _ = fake
     folder = _copy(fake_builds["dynamic"], tmp_path)

@@ -14,6 +14,7 @@ from .cli import add_build_dir, run_cli
 from .fsutil import atomic_file
 from .errors import RequestError, UserError
 from .runtime.backends import BACKENDS, TORCH_MODES
+from .runtime.offload import OFFLOAD_CHOICES, asked_mode
 from .variants import is_omni
 
 
@@ -65,9 +66,12 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-mode", default=None, choices=TORCH_MODES,
                     help="the torch backend: compiled (torch.compile, a CUDA graph per denoising step, FP8 builds "
                          "through FP8 matmuls; the default on CUDA) or eager (the default on the CPU)")
-    ap.add_argument("--low-vram", action="store_true", default=None,
-                    help="TensorRT: keep one engine in GPU memory at a time (default: the mode the build's VRAM plan "
-                         "picked for its target, see python -m zimage_deploy.plan)")
+    ap.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES,
+                    help="the memory mode: auto (default: the one the build's VRAM plan picked for its target, see "
+                         "python -m zimage_deploy.plan), none (all resident), model (one stage resident at a time), "
+                         "text-encoder-cpu (model, the text encoder run on the CPU), sequential (Torch: layer by "
+                         "layer; TensorRT: weight streaming, where the build planned it)")
+    ap.add_argument("--low-vram", action="store_true", default=None, help="the same as --offload model")
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="apply a LoRA for this run (repeatable; scale default 1; any precision on torch and "
                          "onnxruntime; TensorRT: unquantized --refittable engines, refitted from the base weights)")
@@ -94,6 +98,7 @@ def main(argv=None) -> int:
     # messages as the runtime API and the server), input images from their headers only
     manifest = manifest_io.load(args.build_dir)
     check_torch_mode(resolve_backend(args.backend, manifest), args.torch_mode)
+    offload = asked_mode(args.offload, args.low_vram)
     limits = Limits.for_build(manifest, resolve_backend(args.backend, manifest), args.cfg_mode)
     paths = list(args.image or [])
     infos = [probe_image(p, f"image {p}") for p in paths]
@@ -108,11 +113,12 @@ def main(argv=None) -> int:
     images = [decode_image(p, limits, f"image {p}") for p in paths]
     mask = decode_image(args.mask, limits, f"mask {args.mask}") if args.mask else None
     control = decode_image(args.control_image, limits, what) if args.control_image else None
-    loras = LoraManager(args.build_dir, manifest, resolve_backend(args.backend, manifest), args.low_vram)
+    loras = LoraManager(args.build_dir, manifest, resolve_backend(args.backend, manifest),
+                        None if offload is None else offload != "none")
     lora_set = loras.prepare(lora_specs)
     t0 = time.perf_counter()
-    pipe = open_pipeline(args.build_dir, backend=args.backend, cfg_mode=args.cfg_mode, low_vram=args.low_vram,
-                         torch_mode=args.torch_mode)
+    pipe = open_pipeline(args.build_dir, backend=args.backend, cfg_mode=args.cfg_mode, torch_mode=args.torch_mode,
+                         offload=offload)
     t1 = time.perf_counter()
     common = dict(req.pipeline_kwargs(manifest["variant"]), seed=req.seeds[0])
     with loras.bind(pipe).use(lora_set):

@@ -18,8 +18,9 @@ import torch
 
 from ..buildfolder import BuildFolder
 from ..errors import UserError
-from ..manifest import has_engines, planned_low_vram
+from ..manifest import has_engines, planned_low_vram  # noqa: F401 - imported from here too
 from .backend import Backend
+from .offload import asked_mode, check_host_mode, tensorrt_mode
 from .torch_fast import TORCH_MODES, TorchBackend  # noqa: F401 - the Torch backend lives there
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
@@ -89,20 +90,21 @@ def check_torch_mode(name: str, torch_mode: str | None) -> None:
 
 
 def make_backend(name: str, engine_dir: Path, manifest: dict, low_vram: bool | None = None,
-                 torch_mode: str | None = None, **torch_options) -> Backend:
-    """The backend `name` (see `resolve_backend` for `auto`). `low_vram`: keep one stage resident at a time
-    (TensorRT: its engines; Torch: its modules, runtime/offload.py); None: the mode the build's VRAM plan picked
-    for its target (manifest `runtime.mode`).
+                 torch_mode: str | None = None, offload: str | None = None, **torch_options) -> Backend:
+    """The backend `name` (see `resolve_backend` for `auto`). `offload`: the memory mode (runtime/offload.py:
+    none, model, text-encoder-cpu, sequential; None / auto: the one the build's VRAM plan picked for its target,
+    manifest `runtime.mode`), refused where the backend cannot run it; `low_vram`: the older flag (True: model).
     `torch_mode` (Torch: "eager" | "compiled"; None: compiled on CUDA, eager on the CPU) and `torch_options`
     (runtime/torch_fast.py TorchBackend's keywords, e.g. max_graphs) go to the Torch backend."""
     name = resolve_backend(name, manifest)
     check_torch_mode(name, torch_mode)
+    mode = asked_mode(offload, low_vram)
     if name == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(engine_dir, manifest, low_vram=planned_low_vram(manifest, low_vram))
+        low, text_encoder_cpu = tensorrt_mode(mode, manifest)
+        return TensorRTBackend(engine_dir, manifest, low_vram=low, text_encoder_cpu=text_encoder_cpu)
     if name == "onnxruntime":
+        check_host_mode(name, mode)
         return OnnxRuntimeBackend(engine_dir, manifest)
-    # --low-vram: module offload (eager); else (on CUDA) the memory mode of the build's plan
-    offload = None if low_vram is None else "model" if low_vram else "none"
-    return TorchBackend(engine_dir, manifest, torch_mode=torch_mode, offload=offload, **torch_options)
+    return TorchBackend(engine_dir, manifest, torch_mode=torch_mode, offload=mode, **torch_options)

@@ -33,8 +33,8 @@ class EditPipeline(Pipeline):
     layout = "omni"
 
     def __init__(self, engine_dir, backend="auto", cfg_mode: str = "batch", low_vram: bool | None = None,
-                 torch_mode: str | None = None, torch_options: dict | None = None):
-        super().__init__(engine_dir, backend, cfg_mode, low_vram, torch_mode, torch_options)
+                 torch_mode: str | None = None, torch_options: dict | None = None, offload: str | None = None):
+        super().__init__(engine_dir, backend, cfg_mode, low_vram, torch_mode, torch_options, offload)
         from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
 
         self.siglip_processor = Siglip2ImageProcessorPil.from_pretrained(str(BuildFolder(self.engine_dir).siglip_processor))

@@ -15,8 +15,9 @@ PIPELINES = {"basic": Pipeline, "omni": EditPipeline}  # Variant.layout -> the s
 
 def open_pipeline(engine_dir: str | Path, backend: str | Backend = "auto", cfg_mode: str = "batch",
                   low_vram: bool | None = None, torch_mode: str | None = None,
-                  torch_options: dict | None = None) -> Pipeline:
+                  torch_options: dict | None = None, offload: str | None = None) -> Pipeline:
     """The pipeline for the variant the build in `engine_dir` holds. `torch_mode` ("eager" | "compiled"; None:
-    compiled on CUDA) and `torch_options` (e.g. {"max_graphs": 8}): the Torch backend's (runtime/torch_fast.py)."""
+    compiled on CUDA) and `torch_options` (e.g. {"max_graphs": 8}): the Torch backend's (runtime/torch_fast.py);
+    `offload`: the memory mode (runtime/offload.py; None / "auto": the build's plan's)."""
     layout = get_variant(manifest_io.load(Path(engine_dir))["variant"]).layout
-    return PIPELINES[layout](engine_dir, backend, cfg_mode, low_vram, torch_mode, torch_options)
+    return PIPELINES[layout](engine_dir, backend, cfg_mode, low_vram, torch_mode, torch_options, offload)

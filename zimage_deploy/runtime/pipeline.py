@@ -83,7 +83,8 @@ class Pipeline:
     layout = "basic"  # the variants (Variant.layout) this sampling loop runs
 
     def __init__(self, engine_dir: str | Path, backend: str | Backend = "auto", cfg_mode: str = "batch",
-                 low_vram: bool | None = None, torch_mode: str | None = None, torch_options: dict | None = None):
+                 low_vram: bool | None = None, torch_mode: str | None = None, torch_options: dict | None = None,
+                 offload: str | None = None):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest_io.load(self.engine_dir)
         variant = get_variant(self.manifest["variant"])
@@ -106,7 +107,7 @@ class Pipeline:
         verify_build(self.engine_dir, self.manifest,
                      backend.name if isinstance(backend, Backend) else resolve_backend(backend, self.manifest))
         self.backend = backend if isinstance(backend, Backend) else make_backend(
-            backend, self.engine_dir, self.manifest, low_vram, torch_mode, **(torch_options or {}))
+            backend, self.engine_dir, self.manifest, low_vram, torch_mode, offload=offload, **(torch_options or {}))
         self.tokenizer = PromptTokenizer(BuildFolder(self.engine_dir).tokenizer,
                                          self.manifest["defaults"]["max_sequence_length"])
         sched = json.loads((BuildFolder(self.engine_dir).scheduler / "scheduler_config.json").read_text())

@@ -187,7 +187,11 @@ class _Engine:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, engine_dir, manifest, low_vram: bool = False, cuda_graphs: bool | None = None):
+    def __init__(self, engine_dir, manifest, low_vram: bool = False, cuda_graphs: bool | None = None,
+                 text_encoder_cpu: bool = False):
+        """`text_encoder_cpu` (the text-encoder-cpu memory mode, runtime/offload.py): the text encoder runs on the
+        CPU through the Torch backend (the checkpoint's weights in host memory, the build's quantization
+        emulated), its engine never loads; its outputs move to the GPU."""
         super().__init__(engine_dir, manifest)
         check_plans(self.engine_dir, manifest)
         flavour = manifest["tensorrt"]["flavour"]
@@ -206,9 +210,16 @@ class TensorRTBackend(Backend):
         self.engines: dict[str, _Engine] = {}
         self._lock = threading.Lock()
         self.workspace = torch.empty(0, dtype=torch.uint8, device=self.device)
+        self.host: dict[str, Backend] = {}  # component -> the backend that runs it on the CPU
+        if text_encoder_cpu:
+            from .torch_fast import TorchBackend
+
+            self.host["text_encoder"] = TorchBackend(engine_dir, manifest, device="cpu", torch_mode="eager",
+                                                     offload="none")
         if not self.low_vram:
             for name in self.components:
-                self._load(name)
+                if name not in self.host:
+                    self._load(name)
 
     # -- engines and device memory ---------------------------------------------------------------------
     def _load(self, name: str) -> _Engine:
@@ -293,6 +304,9 @@ class TensorRTBackend(Backend):
 
     @torch.no_grad()
     def run(self, component, **inputs):
+        if component in self.host:
+            out = self.host[component].run(component, **inputs)
+            return {k: v.to(self.device) for k, v in out.items()}
         specs = self.components[component]["outputs"]
         with self._lock:  # inputs move to the GPU inside the lock: never beside another thread's graph capture
             eng = self._engine(component)

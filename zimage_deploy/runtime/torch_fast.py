@@ -187,9 +187,9 @@ class TorchBackend(Backend):
     `models.fast.record_input_amax`; an fp8 build uses its own), `fast_accum` (`_scaled_mm`'s fast accumulation),
     `attention_kernel` ("default" or "cudnn": cuDNN attention first in the DiT), `compile_backend` (torch.compile's
     backend, or a dict loader name -> backend, e.g. {"transformer": "inductor", "vae_decoder": "eager"}: "eager"
-    checks dynamo alone, quickly), `dense_attention`. `offload`: "none" | "model" | "sequential"
-    (runtime/offload.py; eager mode only), an OffloadPolicy, or None: the build's plan's; with an offloading memory
-    mode the default torch_mode is eager."""
+    checks dynamo alone, quickly), `dense_attention`. `offload`: "none" | "model" | "text-encoder-cpu" |
+    "sequential" (runtime/offload.py; eager mode only), an OffloadPolicy, or None / "auto": the build's plan's; with
+    an offloading memory mode the default torch_mode is eager."""
 
     name = "torch"
     lora_bounds: tuple[int, int] | None = None  # (max_rank, max_loras): LoRA branches installed before compiling
@@ -392,7 +392,8 @@ class TorchBackend(Backend):
         key = loader_of(component)
         if key == DIT:
             self._set_dense(self._dense(component, x))
-        args = [v.to(self.device, non_blocking=True) for v in x.values()]
+        device = self.offload.device_of(key)  # text-encoder-cpu: the text encoder's inputs stay on the CPU
+        args = [v.to(device, non_blocking=True) for v in x.values()]
         try:
             with self.offload.stage(key), attention_kernels(self.attention_kernel if key == DIT else "default"):
                 out = self._call(component, model, args)
@@ -406,7 +407,7 @@ class TorchBackend(Backend):
             if s["name"] in cuts:
                 axis, extra = cuts[s["name"]]
                 o = o.narrow(axis, 0, o.shape[axis] - extra)
-            result[s["name"]] = o.to(DTYPES[s["dtype"]])
+            result[s["name"]] = o.to(self.device, DTYPES[s["dtype"]])  # (a host module's outputs move over)
         return result
 
     def _call(self, component: str, model: nn.Module, args: list[torch.Tensor]):

@@ -18,6 +18,7 @@ from ..cli import BUILT, run_cli
 from ..errors import UserError
 from ..runtime.api import TORCH_MODES
 from ..runtime.backends import BACKENDS
+from ..runtime.offload import OFFLOAD_CHOICES
 
 API_KEY_ENV = "ZIMAGE_API_KEY"
 # The event loop shares the GIL with the runtime and parsing threads: a shorter switch interval than Python's
@@ -90,6 +91,8 @@ def add_models_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--backend", default="auto", choices=BACKENDS, help="default: auto")
     ap.add_argument("--torch-mode", default=None, choices=TORCH_MODES,
                     help="the Torch backend's execution: compiled (default on CUDA) or eager (default on the CPU)")
+    ap.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES,
+                    help="the memory mode, as generate --offload (default: auto, the build's VRAM plan's)")
     ap.add_argument("--warmup-sizes", default=None, metavar="WxH[,WxH...]",
                     help="sizes (width x height) to generate once at start, before /ready (default: the smallest)")
 
@@ -123,13 +126,14 @@ def parse_sizes(text: str | None) -> list[tuple[int, int]]:
     return sizes
 
 
-def load_runtime(engine_dir: Path, backend: str, torch_mode: str | None = None, warmup_sizes=()):
+def load_runtime(engine_dir: Path, backend: str, torch_mode: str | None = None, warmup_sizes=(),
+                 offload: str = "auto"):
     """Load, verify and warm up (one smallest image, 1 step, then each of `warmup_sizes` (height, width) the
     build can make): any failure is a broken build (UserError)."""
     from ..errors import InternalError, RequestError
     from ..runtime.api import ZImageRuntime
 
-    runtime = ZImageRuntime(engine_dir, backend=backend, torch_mode=torch_mode)
+    runtime = ZImageRuntime(engine_dir, backend=backend, torch_mode=torch_mode, offload=offload)
     lim = runtime.limits
     smallest = lim.static or (lim.min_side, lim.min_side)
     for h, w in warmup_sizes:
@@ -183,7 +187,7 @@ def main(argv=None) -> int:
     metrics, services = Metrics(), []
     api_key = args.api_key or os.environ.get(API_KEY_ENV)
     for name, folder in specs:
-        runtime = load_runtime(folder, args.backend, args.torch_mode, sizes)
+        runtime = load_runtime(folder, args.backend, args.torch_mode, sizes, args.offload)
         name = name or runtime.variant
         if any(s.name == name for s in services):
             raise UserError(f"two builds named {name!r}: name them (--build-dir NAME=DIR)")

@@ -44,7 +44,7 @@ class ZImageReplica:
         options = dict(options or {})
         sys.setswitchinterval(SWITCH_INTERVAL_S)  # this process serves one replica
         self.runtime = load_runtime(Path(engine_dir), backend, options.pop("torch_mode", None),
-                                    options.pop("warmup_sizes", ()))
+                                    options.pop("warmup_sizes", ()), options.pop("offload", "auto"))
         limits = serve_limits(self.runtime, argparse.Namespace(**{**_LIMIT_DEFAULTS, **options.pop("limits", {})}))
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.service = Service(self.runtime, limits, watch_disconnect=False, tag={"replica": self.replica},
@@ -263,6 +263,7 @@ def main(argv=None) -> int:
     limits["lora_dir"] = service["lora_dir"]
     specs = build_specs(args.build_dirs)
     service["torch_mode"], service["warmup_sizes"] = args.torch_mode, parse_sizes(args.warmup_sizes)
+    service["offload"] = args.offload
     if len(specs) == 1 and specs[0][0] is None:
         app = deployment(str(specs[0][1]), args.replicas, autoscale, args.gpus_per_replica, args.backend,
                          args.max_ongoing, args.max_queued, service, limits, args.shutdown_timeout)
