@@ -41,6 +41,7 @@ from .quantize.options import DEFAULT_EXCLUDE, INT4_METHODS, QuantOptions
 from .quantize.stage import quantize_stage
 from .runtime.backends import TORCH_COMPILED
 from .singlefile import sources
+from .schemes import get_scheme
 from .targets import PRECISIONS, QUANTIZED, TARGETS, TEXT_ENCODER_PRECISIONS, get_target, precision_plan
 from .variants import VARIANTS, get_variant
 
@@ -56,14 +57,16 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
           out: Path | None = None, parity: bool = True, engine_opts: EngineOptions | None = None, log=tqdm.write,
           lean: str = "auto", quant: QuantOptions | None = None, text_encoder_precision: str | None = None,
           engines: bool = True, loras=(), drop_intermediate: bool = False, controlnet=None, base: str | None = None,
-          transformer: str | None = None, text_encoder: str | None = None, vae: str | None = None) -> Path:
+          transformer: str | None = None, text_encoder: str | None = None, vae: str | None = None,
+          graphs: str = "auto") -> Path:
     """`variant`: None reads it from the checkpoint (model_index.json); `quant`: how quantized precisions are made
     (calibration, exclusions, quality gate); `text_encoder_precision` overrides the text encoder's ("bf16" = not
     quantized); `engines=False` stops after the graphs (engines are then built by running the same build again
     where the target's TensorRT is); `loras`: LoRAs fused into the DiT ((path, scale) pairs or 'PATH[:SCALE]');
     `controlnet`: a ControlNet exported beside the DiT (controlnet.py; a ZImageControlNetPipeline's own without it).
     Single files (singlefile.py): `model` a transformer file with `base` (a diffusers folder) or `text_encoder` and
-    `vae` files; `transformer` a DiT file replacing the one of the diffusers folder `model`.
+    `vae` files; `transformer` a DiT file replacing the one of the diffusers folder `model`. `graphs`: "auto" makes
+    no ONNX graphs for a build the compiled Torch runtime runs (`_graphless`), "on" always makes them.
 
     Everything that can be checked is checked before anything is written; then the output folder is locked
     (a second build into it is refused) while the stages write it."""
@@ -106,12 +109,24 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
                                              text_encoder_precision, controlnet, engine_opts, log)
     # fails when the target's TensorRT is missing (TensorRT-RTX targets: it builds here, ahead of time)
     engine_builder = EngineBuilder(t, engine_opts) if t.flavour != "none" and engines and not torch_runtime else None
+    if graphs not in ("auto", "on"):
+        raise UserError(f"graphs must be 'auto' or 'on', got {graphs!r}")
     engine_shapes = profiles(v, facts, engine_opts) if engine_builder else None
     out = Path(out) if out else default_out(transformer or model, variant, target, precision)
     with folder_lock(out):
         return _build(BuildJob(ckpt, model, v, t, precision, plan, out, parity, engine_opts, engine_builder,
                                engine_shapes, facts, log, lean, quant, prompts, fused, drop_intermediate, control,
-                               torch_runtime=torch_runtime))
+                               torch_runtime=torch_runtime,
+                               graphs=not (graphs == "auto" and _graphless(torch_runtime, v, plan))))
+
+
+def _graphless(torch_runtime: bool, v, plan: dict) -> bool:
+    """A build for the compiled Torch runtime needs no ONNX graphs when the runtime loads every component from the
+    checkpoint and runs each quantized one from its calibrated scales alone: the basic layout, every quantized
+    scheme one the compiled runtime runs as real FP8 matmuls (its scales are the calibration's; the INT4 / NVFP4
+    weight grids are written by the graph rewrite, so those builds keep their graphs)."""
+    quantized = {p for p in plan.values() if p in QUANTIZED}
+    return torch_runtime and v.layout == "basic" and all(get_scheme(p).fp8_matmuls for p in quantized)
 
 
 def _checkpoint(model, variant, base, transformer, text_encoder, vae, log) -> tuple[Path, str]:
@@ -240,7 +255,7 @@ def main(argv=None) -> int:
           engine_opts=_engine_options(args), lean=args.lean, quant=_quant_options(args),
           text_encoder_precision=args.text_encoder_precision, engines=not args.skip_engines, loras=args.lora,
           drop_intermediate=args.drop_intermediate, controlnet=args.controlnet, base=args.base,
-          transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae)
+          transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae, graphs=args.graphs)
     return 0
 
 
@@ -286,6 +301,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="fuse a LoRA into the DiT before export and quantization (repeatable; a .safetensors file "
                          "or a folder holding one; diffusers/PEFT, kohya or original Z-Image keys; scale default 1)")
+    ap.add_argument("--graphs", default="auto", choices=("auto", "on"),
+                    help="ONNX graphs: 'auto' (default) makes none for a build the compiled Torch runtime runs (a "
+                         "datacenter target without TensorRT, bf16 or fp8: the runtime loads the checkpoint), 'on' "
+                         "always (for ONNX Runtime, or engines built later where TensorRT is)")
     ap.add_argument("--drop-intermediate", action="store_true",
                     help="delete what the runtime does not need as soon as it is used: unquantized graphs after "
                          "quantization, and (GPU targets) each graph once its engine plan holds its weights; halves "

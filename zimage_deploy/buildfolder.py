@@ -1,7 +1,9 @@
 """The build folder's layout, written once: where each stage puts its files and where the runtime finds them.
 
     DIR/manifest.json                      what the build produced (manifest.py)
-    DIR/onnx/<component>/model.onnx        graphs, as exported (+ external weights beside them)
+    DIR/onnx/<component>/model.onnx        graphs, as exported (+ external weights beside them); none in a
+                                           graphless build (its components' `source` is CHECKPOINT: the compiled
+                                           Torch runtime loads the checkpoint the manifest records)
     DIR/onnx/<component>.<scheme>/         quantized graphs
     DIR/quant/<component>.<scheme>.safetensors   calibrated scales
     DIR/engines/<component>.plan           TensorRT / TensorRT-RTX plans (GPU targets)
@@ -22,6 +24,7 @@ from .fsutil import atomic_dir
 
 GRAPHS, SCALES, PLANS, LORAS = "onnx", "quant", "engines", "loras"
 TOKENIZER, SCHEDULER, SIGLIP_PROCESSOR = "tokenizer", "scheduler", "siglip_processor"
+CHECKPOINT = "checkpoint"  # a graphless build's components' `source`
 
 
 def support_folders(omni: bool) -> tuple[str, ...]:

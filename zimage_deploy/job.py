@@ -38,6 +38,7 @@ class BuildJob:
     controlnet: BuildControlNet | None = None
     previous: dict = field(default_factory=dict)  # the folder's manifest before this build (once it is locked)
     torch_runtime: bool = False  # a datacenter target without TensorRT here: no engines, the compiled Torch runtime
+    graphs: bool = True  # False: no ONNX graphs (the compiled Torch runtime loads the checkpoint; build._graphless)
     modules: Modules = field(init=False)
 
     def __post_init__(self):

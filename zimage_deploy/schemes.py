@@ -112,6 +112,11 @@ class Scheme:
         Returns the weight_amax the scale file records."""
         raise NotImplementedError
 
+    def written_weight_amax(self, amax: torch.Tensor) -> torch.Tensor:
+        """The weight_amax the scale file records for a calibrated `amax` (what `write_weight` returns for it): the
+        range its stored scale stands for."""
+        return amax
+
     def write_activation(self, out, layer: str, matmul, amax: torch.Tensor, elem: int) -> None:
         """Quantize the activation of `matmul` (its input 0) with the calibrated range `amax`."""
         out.add_tensor(f"{layer}.input_scale", fp8_scale(amax), elem)
@@ -151,6 +156,9 @@ class FP8(Scheme):
         out.g.first.append(helper.make_node("DequantizeLinear", [weight + "_q", weight + "_scale"], [weight],
                                             name=f"/quant/{weight}/DequantizeLinear"))
         return scale.float() * E4M3_MAX
+
+    def written_weight_amax(self, amax):
+        return fp8_scale(amax).float() * E4M3_MAX
 
 
 class INT4(Scheme):

@@ -29,6 +29,8 @@ def parity_stage(job, manifest: dict) -> dict:
     recording why)."""
     if not job.parity:
         return {"status": "skipped", "reason": "--skip-parity"}
+    if not job.graphs:
+        return {"status": "skipped", "reason": "no graphs: the Torch runtime runs the checkpoint's own modules"}
     lean = manifest["export"]["lean"]
     t0 = time.perf_counter()
     failed = []

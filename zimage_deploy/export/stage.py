@@ -12,12 +12,13 @@ from tqdm import tqdm
 
 from .. import __version__
 from .. import manifest as manifest_io
-from ..buildfolder import BuildFolder
+from ..buildfolder import CHECKPOINT, BuildFolder
 from ..checkpoint import weight_bytes
 from ..components import loader_of
 from ..hashing import folder_sha256
 from ..targets import QUANTIZED, base_precision
 from .onnx_export import EXPORT_FORMAT, OPSET, export_component
+from .specs import describe_io, specs_for
 
 COMPUTE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LEAN_AUTO_BYTES = 4 << 30
@@ -68,6 +69,11 @@ def kept_components(job, model: dict) -> dict:
     for name in job.v.components:
         old = job.previous.get("components", {}).get(name, {})
         exported = old.get("unquantized", old)
+        if not job.graphs:  # a graphless build keeps a record made from the same inputs (its quantization is
+            if old.get("source") == CHECKPOINT and old.get("key") == _key(job, model, name) \
+                    and old.get("status") in ("complete", "rejected") and job.plan[name] in QUANTIZED:
+                kept[name] = old  # checked by the quantize stage); an unquantized one is recorded anew (cheap)
+            continue
         folder = BuildFolder(job.out).graph_dir(name)
         if old.get("key") == _key(job, model, name) and exported.get("onnx") == BuildFolder.graph_rel(name) \
                 and old.get("status") in ("complete", "rejected") and old.get("rejected_by") != "parity" \
@@ -84,6 +90,8 @@ def export_stage(job, manifest: dict) -> dict:
     """Export what is not up to date; returns the stage's manifest record (`manifest["export"]` says whether the
     export was lean)."""
     t0 = time.perf_counter()
+    if not job.graphs:
+        return _record_graphless(job, manifest)
     out, comps, lean = job.out, job.v.components, use_lean(job.lean, job.ckpt)
     manifest["export"] = {"lean": lean}
     bar = tqdm(comps, desc="export", unit="graph", leave=False)
@@ -111,3 +119,23 @@ def export_stage(job, manifest: dict) -> dict:
         manifest_io.save(out, manifest)
         job.log(f"[export] {name}: {entry['onnx']} ({entry['bytes'] / 1e6:.1f} MB, opset {OPSET})")
     return {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _record_graphless(job, manifest: dict) -> dict:
+    """A build for the compiled Torch runtime without graphs (build.py `_graphless`): each component's record holds
+    its I/O (named dims, what the runtime's backends cast and bucket by) and the key of what it is made from, no
+    graph; the runtime loads the modules from the checkpoint the manifest records."""
+    manifest["export"] = {"lean": False, "graphs": False}
+    specs = specs_for(job.v.name, job.facts)
+    for name in job.v.components:
+        if name in manifest["components"]:
+            continue
+        exported = base_precision(job.plan[name], job.t.base)
+        manifest["components"][name] = {
+            **describe_io(specs[name], job.facts, COMPUTE[exported]), "source": CHECKPOINT,
+            "key": _key(job, manifest["model"], name), "precision": exported, "status": "complete", "engine": None}
+    manifest_io.save(job.out, manifest)
+    reason = ("no ONNX graphs: the compiled Torch runtime loads the checkpoint (build --graphs on makes them, for "
+              "ONNX Runtime or for engines built where TensorRT is)")
+    job.log(f"[export] skipped: {reason}")
+    return {"status": "skipped", "reason": reason}

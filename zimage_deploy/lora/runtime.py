@@ -44,7 +44,7 @@ from ..targets import QUANTIZED
 from .adapters import MAX_LORAS, MAX_RANK, check_bounds
 from .formats import Lora, read_lora
 from .spec import as_spec, file_sha256
-from .targets import dit_components, from_graphs, graph_path
+from .targets import dit_components, graph_path, of_build
 
 QUANTIZED_MESSAGE = ("this build's DiT is quantized ({}): TensorRT cannot add run-time LoRAs to its quantized "
                      "engines (a refit replaces weights; quantized ones cannot take a float delta). Use --backend "
@@ -243,7 +243,7 @@ class LoraManager:
     def targets(self):
         with self._lock:
             if self._targets is None:
-                self._targets = from_graphs(self.engine_dir, self.manifest)
+                self._targets = of_build(self.engine_dir, self.manifest)
             return self._targets
 
     def read(self, path: Path) -> Lora:

@@ -155,5 +155,14 @@ def from_graphs(engine_dir: Path, manifest: dict) -> Targets:
     return Targets(shapes, manifest["model"]["facts"].get("patch_size", 2))
 
 
+def of_build(engine_dir: Path, manifest: dict) -> Targets:
+    """A build's adaptable weights: from its DiT graphs, or from its checkpoint where the build has no graphs (a
+    graphless build for the compiled Torch runtime: the same names and shapes, the modules are the checkpoint's)."""
+    comps = manifest["components"]
+    if all("onnx" in comps[n].get("unquantized", comps[n]) for n in dit_components(manifest)):
+        return from_graphs(engine_dir, manifest)
+    return from_checkpoint(Path(manifest["model"]["path"]))
+
+
 def from_module(model) -> Targets:
     return Targets({k: tuple(v.shape) for k, v in model.state_dict().items()}, model.cfg.patch_size)

@@ -17,11 +17,11 @@ from pathlib import Path
 from .. import __version__
 from .. import manifest as manifest_io
 from ..buildfolder import BuildFolder
-from ..errors import UserError
+from ..errors import InternalError, UserError
 from ..facts import small_model
 from ..hashing import file_sha256, folder_sha256
 from ..lora.fuse import recorded_key
-from ..scales import save_scales
+from ..scales import attention_layers_of, layers_of, save_scales
 from ..schemes import SCHEMES, get_scheme
 from ..targets import QUANTIZED
 from .options import QuantOptions, prompts_sha256
@@ -63,7 +63,9 @@ def check_supported(plan: dict, variant, opts: QuantOptions | None = None) -> No
 
 def _key(entry: dict, scheme: str, opts: QuantOptions, block: int, calib_sha: str | None, loras: str = "") -> str:
     made = {k: v for k, v in opts.as_dict().items() if k in MAKING}
-    parts = [entry["unquantized"]["onnx_sha256"], scheme, json.dumps(made, sort_keys=True), str(block),
+    # what the quantized component is made from: its exported graph, or (graphless) the key of its checkpoint part
+    made_from = entry["unquantized"].get("onnx_sha256") or entry["unquantized"]["key"]
+    parts = [made_from, scheme, json.dumps(made, sort_keys=True), str(block),
              str(calib_sha), __version__] + ([f"lora:{loras}"] if loras else [])  # fused LoRAs: calibration saw them
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
@@ -81,7 +83,7 @@ def quantize_stage(job, manifest: dict) -> dict:
     elif job.drop_intermediate:
         for name, entry in manifest["components"].items():
             unq = entry.get("unquantized")
-            if unq and unq["onnx"] != entry["onnx"] and not unq.get("dropped"):
+            if unq and "onnx" in unq and unq["onnx"] != entry["onnx"] and not unq.get("dropped"):
                 BuildFolder(job.out).drop_graph(unq, job.log, f"{name} (unquantized)")
     return record
 
@@ -137,7 +139,10 @@ def _quantize(job, manifest: dict) -> dict:
 
         fp8_source = choose(scales["transformer"], job.ckpt, fused_loras=bool(cal.loras))
     for name in stale:
-        _write_graph(job, manifest, name, todo[name], cal, scales, calib_seconds, fp8_source)
+        if job.graphs:
+            _write_graph(job, manifest, name, todo[name], cal, scales, calib_seconds, fp8_source)
+        else:
+            _write_scales(job, manifest, name, todo[name], cal, scales, calib_seconds)
 
     record = {"status": "done", "components": todo, "seconds": None, "calibration_seconds": calib_seconds}
     if "vision_encoder" in job.v.components:  # the SigLIP tower: kept in the base precision, its share measured
@@ -160,7 +165,8 @@ def _stale(job, manifest: dict, todo: dict[str, str], cal: Calibration) -> list[
     for name in todo:
         entry = manifest["components"][name]
         if "unquantized" not in entry:
-            entry["unquantized"] = {k: entry[k] for k in ("onnx", "onnx_sha256", "bytes", "weight_bytes", "precision")}
+            kept = ("onnx", "onnx_sha256", "bytes", "weight_bytes", "precision") if job.graphs else ("key", "precision")
+            entry["unquantized"] = {k: entry[k] for k in kept}
     stale = [n for n, s in todo.items()
              if not _up_to_date(job.out, manifest["components"][n], cal.key(manifest["components"][n], s, job.quant))]
     for name in todo:
@@ -223,6 +229,30 @@ def _write_graph(job, manifest: dict, name: str, scheme: str, cal: Calibration, 
             f"{before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({after / before:.2f}x)")
 
 
+def _write_scales(job, manifest: dict, name: str, scheme: str, cal: Calibration, scales: dict,
+                  calib_seconds: float | None) -> None:
+    """A graphless build (the compiled Torch runtime's): `name`'s calibrated scales are all it needs of the
+    quantization (its FP8 matmuls take the calibrated weight and activation ranges as they are); no graph."""
+    opts, entry, folder = job.quant, manifest["components"][name], BuildFolder(job.out)
+    kind, calibrated = get_scheme(scheme), scales.get(name)
+    if not calibrated:
+        raise InternalError(f"{name}: no calibrated scales for the graphless {scheme} build")
+    used = {k: kind.written_weight_amax(v) if k.endswith(".weight_amax") else v for k, v in calibrated.items()}
+    scale_file = folder.scales(name, scheme)
+    method, block = kind.describe(calibrated=True), kind.block(cal.block)
+    save_scales(scale_file, used, {"scheme": scheme, "block": block, "component": name, "method": method})
+    layers = layers_of(used)
+    entry.update(precision=scheme, status="complete", quantization={
+        "key": cal.key(entry, scheme, opts), "scheme": scheme, "method": method, "block": block,
+        "layers": len(layers), "activation_qdq": sum(f"{n}.input_amax" in used for n in layers), "awq_scaled": 0,
+        "attention_qdq": len(attention_layers_of(used)), "exclude": list(opts.exclude),
+        "scales": BuildFolder.scales_rel(name, scheme), "scales_sha256": file_sha256(scale_file),
+        "calibration": cal.record(opts, manifest, calib_seconds)})
+    manifest_io.save(job.out, manifest)
+    job.log(f"[quantize] {name}: {scheme}, {len(layers)} layers calibrated (scales only: the Torch runtime runs "
+            "them as FP8 matmuls; no graph)")
+
+
 def _gate(job, manifest: dict, todo: dict[str, str], record: dict, side: int, t0: float) -> dict:
     """The quality gate's record; below its thresholds the quantized components are rejected, the stage's
     `record` saved as failed, and GateFailed raised."""
@@ -261,9 +291,13 @@ def _up_to_date(out: Path, entry: dict, key: str) -> bool:
     q = entry.get("quantization") or {}
     try:
         build = BuildFolder(out)
-        folder, scales = build.file(entry["onnx"]).parent, build.file(q.get("scales", "-"))
+        scales = build.file(q.get("scales", "-"))
+        folder = build.file(entry["onnx"]).parent if "onnx" in entry else None  # None: graphless
     except UserError:  # a previous manifest's path outside the folder: not reused, made anew
         return False
+    if folder is None:
+        return (q.get("key") == key and entry.get("status") in ("complete", "rejected") and scales.is_file()
+                and file_sha256(scales) == q.get("scales_sha256"))
     # a rejected graph is reused too: a rebuild with other gate thresholds only re-runs the gate
     return (q.get("key") == key and entry.get("status") in ("complete", "rejected") and folder.is_dir()
             and folder_sha256(folder) == entry["onnx_sha256"] and scales.is_file()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..buildfolder import SCHEDULER, TOKENIZER, BuildFolder, support_folders
+from ..buildfolder import CHECKPOINT, SCHEDULER, TOKENIZER, BuildFolder, support_folders
 from ..errors import UserError
 from ..fsutil import atomic_file
 from ..hashing import file_sha256, folder_sha256
@@ -79,6 +79,9 @@ def check_graphs(engine_dir: Path, manifest: dict, stamp: _Stamp | None = None) 
     for name, comp in manifest["components"].items():
         if comp.get("status") != "complete":
             continue
+        if comp.get("source") == CHECKPOINT:  # a graphless build
+            raise UserError(f"{engine_dir} has no ONNX graphs: it was built for the compiled Torch runtime (run it with "
+                            "--backend torch, or rebuild with --graphs on for ONNX Runtime)")
         if not isinstance(comp.get("onnx"), str) or "bytes" not in comp or "onnx_sha256" not in comp:
             raise UserError(f"the manifest records no graph, size or hash for {name}: rebuild")
         graph = BuildFolder(engine_dir).file(comp["onnx"])
