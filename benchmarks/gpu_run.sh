@@ -39,10 +39,17 @@ mkdir -p "$OUT/gpu"
 product() {
     local work=${GPU_RUN_WORK:-engines/gpu-bench} target=${GPU_RUN_TARGET:-h100} p
     local size=${GPU_RUN_SIZE:-1024} steps=${GPU_RUN_STEPS:-8}
-    [ -f "$work/ckpt/model_index.json" ] || "$PY" -m zimage_deploy.realsize --out "$work/ckpt" || return 3
+    # shellcheck disable=SC2086  # GPU_RUN_REALSIZE_ARGS / _BUILD_ARGS: lists of words (a CPU dry run: --layers 2 ...)
+    [ -f "$work/ckpt/model_index.json" ] || "$PY" -m zimage_deploy.realsize --out "$work/ckpt" \
+        ${GPU_RUN_REALSIZE_ARGS:-} || return 3
+    # graphless builds (no TensorRT: the compiled Torch runtime loads the checkpoint; no ONNX export); the fp8 one
+    # calibrated on GPU_RUN_CALIB of the shipped calibration prompts (disjoint from the timed ones)
     for p in bf16 fp8; do
         [ -f "$work/$p/manifest.json" ] || "$PY" -m zimage_deploy.build --model "$work/ckpt" --target "$target" \
-            --precision "$p" --skip-parity --out "$work/$p" || return 3
+            --precision "$p" --calib-size "${GPU_RUN_CALIB:-16}" --out "$work/$p" ${GPU_RUN_BUILD_ARGS:-} || return 3
+        "$PY" -c "import json, sys; m = json.load(open(sys.argv[1])); print('build', sys.argv[2], \
+m['stages'].get('total_seconds'), 's, graphs:', m.get('export', {}).get('graphs', True), ', gate:', \
+(m['stages'].get('quantize', {}).get('quality_gate') or {}).get('min_psnr_db'))" "$work/$p/manifest.json" "$p"
     done
     timeout -k 15 "$LIMIT" "$PY" -m zimage_deploy.bench --build-dir "$work/bf16" --report "$OUT/gpu/bench-bf16" \
         --backends "${GPU_RUN_BACKENDS:-diffusers,diffusers-compile,diffusers-fp8,torch-eager,torch-compiled}" \
