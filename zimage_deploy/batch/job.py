@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..cli import add_build_dir, run_cli
 from ..errors import UserError
-from ..runtime.backends import TORCH_MODES, check_torch_mode, resolve_backend
+from ..runtime.backends import TORCH_MODES, backend_entry, check_torch_mode, resolve_backend
 from ..runtime.validate import Limits
 from .execute import run_local, write_outcome
 from .inputs import Template, detect_format, read_rows
@@ -37,8 +37,6 @@ from .results import RESULTS, SUMMARY, ResultsLog, describes_file, load_previous
 
 LOCK = ".batch.lock"
 MAX_IMAGES = 1_000_000  # per job: the plan is held in memory
-# default --batch-size per backend: the largest grouping whose images are bit for bit `generate`'s (tested)
-EXACT_BATCH = {"onnxruntime": 4}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -149,7 +147,8 @@ def main(argv=None) -> int:
     check_torch_mode(backend, args.torch_mode)
     limits = Limits.for_build(manifest, backend, args.cfg_mode)
     if args.batch_size is None:
-        args.batch_size = EXACT_BATCH.get(backend, 1)
+        # the largest grouping whose images are bit for bit `generate`'s (its abilities; tested)
+        args.batch_size = backend_entry(backend).abilities.exact_batch
     defaults = _check_args(args, limits)
     fmt = detect_format(args.input, args.input_format)
     template = Template(args.template) if args.template is not None else None
