@@ -47,3 +47,24 @@ def test_providers_flag(tiny_fp32, tmp_path, capsys):
     assert err.startswith("error: ONNX Runtime execution provider NoSuchExecutionProvider not available in the "
                           "installed onnxruntime; it offers: "), err
     assert not out.exists()
+
+
+def test_providers_flag_of_the_other_commands(tiny_fp32, tmp_path, capsys):
+    """batch and serve take the flag too: refused before anything runs, one `error:` line."""
+    from zimage_deploy.batch.job import main as batch
+    from zimage_deploy.serve.__main__ import main as serve
+
+    (tmp_path / "in.txt").write_text("a cat\n")
+    common = ["--engine-dir", str(tiny_fp32)]
+    for main, argv, message in (
+            (batch, ["--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out"), "--backend", "onnxruntime",
+                     "--ort-providers", "NoSuchExecutionProvider"], "NoSuchExecutionProvider not available"),
+            (batch, ["--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out"), "--backend", "torch",
+                     "--ort-providers", "CPUExecutionProvider"], "is an option of the onnxruntime backend, not of torch"),
+            (serve, ["--backend", "onnxruntime", "--ort-providers", "NoSuchExecutionProvider"],
+             "NoSuchExecutionProvider not available")):
+        capsys.readouterr()
+        assert run_cli(lambda: main([*common, *argv])) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "out").exists()
