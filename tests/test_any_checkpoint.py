@@ -17,6 +17,7 @@ import onnx
 import pytest
 import torch
 
+from backend_conformance import CPU_BACKENDS
 from conftest import synthetic_image
 from zimage_deploy import build
 from zimage_deploy.runtime.open import open_pipeline
@@ -106,7 +107,7 @@ def test_drawn_checkpoint_matches_diffusers(index, tmp_path):
                        "--out", str(out)]) == 0
     images = [synthetic_image(w, h, seed=i) for i, (h, w) in enumerate(request.get("cond_sizes", []))]
     expected = reference_image(ckpt, variant, request, images)
-    for backend in ("onnxruntime", "torch"):
+    for backend in CPU_BACKENDS:
         pipe = open_pipeline(out, backend)
         extra = dict(images=images) if variant == "edit" else {}
         got = pipe(request["prompt"], request["height"], request["width"], request["steps"], request["seed"],

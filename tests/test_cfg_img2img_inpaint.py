@@ -7,6 +7,7 @@ import torch
 from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeline
 from PIL import Image
 
+from backend_conformance import CPU_BACKENDS
 from conftest import synthetic_image
 from zimage_deploy import generate
 from zimage_deploy.cli import run_cli
@@ -67,7 +68,7 @@ IMG2IMG_CASES = [  # image size, strength, steps, guidance
 
 
 @pytest.mark.parametrize("size,strength,steps,g", IMG2IMG_CASES)
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_img2img_matches_diffusers(tiny_fp32, tiny_ckpt, backend, size, strength, steps, g):
     image = synthetic_image(*size, seed=size[0])
     expected = reference(ZImageImg2ImgPipeline, tiny_ckpt)(
@@ -95,7 +96,7 @@ def _mask(width, height):
 
 
 @pytest.mark.parametrize("size,strength", [((128, 128), 0.75), ((160, 96), 1.0)])
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_inpaint_matches_diffusers(tiny_fp32, tiny_ckpt, backend, size, strength):
     image, mask = synthetic_image(*size, seed=1), _mask(*size)
     expected = reference(ZImageInpaintPipeline, tiny_ckpt)(

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from backend_conformance import CPU_BACKENDS, LORA_BACKENDS
 from conftest import need, synthetic_image
 from zimage_deploy import ZImageRuntime, build, generate
 from zimage_deploy.cli import run_cli
@@ -104,7 +105,7 @@ CASES = [  # build, height, width, steps, scale, control image size
 
 
 @pytest.mark.parametrize("which,h,w,steps,scale,csize", CASES)
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_matches_diffusers(builds, ckpts, tiny_ckpt, backend, which, h, w, steps, scale, csize):
     control = synthetic_image(*csize, seed=h + w)
     expected = reference(which, ckpts, tiny_ckpt)(
@@ -115,7 +116,7 @@ def test_matches_diffusers(builds, ckpts, tiny_ckpt, backend, which, h, w, steps
     check_close(got, expected)
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("h,w", [(96, 128), (128, 96)])
 def test_inpainting_union_matches_diffusers(builds, ckpts, tiny_ckpt, backend, h, w):
     """control_in_dim 33: control latents + mask + masked-image latents (the image and mask of another size than the
@@ -540,7 +541,7 @@ def test_loras_reach_the_controlnet_branch(ckpts, tiny_ckpt, tmp_path):
     check_close(ZImageRuntime(out).generate(PROMPT, **kw).images[0], expected)
     plain = tmp_path / "plain"
     assert build.main(["--model", str(ckpts["union"]), "--out", str(plain), "--skip-parity"]) == 0
-    for backend in ("onnxruntime", "torch"):
+    for backend in LORA_BACKENDS:
         rt = ZImageRuntime(plain, backend=backend)
         check_close(rt.generate(PROMPT, loras=[(lora, 1.0)], **kw).images[0], expected)
         base = as_array(rt.generate(PROMPT, **kw).images[0])

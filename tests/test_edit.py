@@ -13,6 +13,7 @@ import torch
 from diffusers import ZImageOmniPipeline, ZImageTransformer2DModel
 from PIL import Image
 
+from backend_conformance import CPU_BACKENDS
 from conftest import synthetic_image
 from zimage_deploy import ZImageRuntime, generate
 from zimage_deploy.cli import run_cli
@@ -64,7 +65,7 @@ CASES = [  # condition image sizes, output (height, width), negative prompt
 
 
 @pytest.mark.parametrize("sizes,hw,negative", CASES)
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_edit_matches_diffusers(edit_fp32, edit_ckpt, backend, sizes, hw, negative):
     images = [synthetic_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
     expected = reference(edit_ckpt)(image=images, prompt="make the sky red", height=hw[0], width=hw[1],

@@ -6,6 +6,7 @@ import torch
 from diffusers import ZImagePipeline
 from PIL import Image
 
+from backend_conformance import CPU_BACKENDS
 from zimage_deploy import build, generate
 
 CASES = [  # (checkpoint, prompt, height, width, steps, seed)
@@ -34,7 +35,7 @@ def diffusers_image(ckpt, prompt, h, w, steps, seed):
 
 
 @pytest.mark.parametrize("which,prompt,h,w,steps,seed", CASES)
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_generate_matches_diffusers(builds, backend, which, prompt, h, w, steps, seed, tmp_path):
     ckpt, engine_dir = builds[which]
     out = tmp_path / "out.png"

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from backend_conformance import CPU_BACKENDS, LORA_BACKENDS
 from conftest import need
 
 from zimage_deploy import build, generate
@@ -31,6 +32,7 @@ from zimage_deploy.lora.runtime import BoundedCache
 from zimage_deploy.lora.targets import from_checkpoint, from_graphs
 from zimage_deploy.models.dit import fuse_state_dict
 from zimage_deploy.models.load import load_dit, stream_weights
+from zimage_deploy.runtime.backends import REGISTRY
 
 peft = need("peft")  # the test LoRAs are made with PEFT
 
@@ -256,7 +258,7 @@ def fused_build(tiny_ckpt, loras, tmp_path_factory):
     return out, args
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fused_build_matches_diffusers(fused_build, refs, backend):
     from zimage_deploy import ZImageRuntime
 
@@ -294,7 +296,7 @@ def test_fused_build_manifest_and_keys(fused_build, tiny_fp32, loras, capsys, tm
 
 
 # -- run time ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
 def test_runtime_loras(tiny_fp32, tiny_ckpt, loras, refs, backend):
     from zimage_deploy import ZImageRuntime
 
@@ -302,15 +304,12 @@ def test_runtime_loras(tiny_fp32, tiny_ckpt, loras, refs, backend):
     rt = ZImageRuntime(tiny_fp32, backend=backend)
     base = image(rt.generate(PROMPT, **kw))
     assert np.abs(base - refs["base"]).max() <= 2
-    both = image(rt.generate(PROMPT, loras=[(loras["a"]["kohya"], SA), (loras["b"]["diffusers"], SB)], **kw))
+    both = image(rt.generate(PROMPT, loras=[(loras["a"]["original"], SA), (loras["b"]["diffusers"], SB)], **kw))
     assert np.abs(both - refs["both"]).max() <= 2
-    rt.generate(PROMPT, loras=[(loras["a"]["original"], SA)], **kw)  # A, then B: B alone, nothing of A left
-    b_after_a = image(rt.generate(PROMPT, loras=[(loras["b"]["kohya"], SB)], **kw))
-    fresh = ZImageRuntime(tiny_fp32, backend=backend)
-    assert np.array_equal(b_after_a, image(fresh.generate(PROMPT, loras=[(loras["b"]["kohya"], SB)], **kw)))
-    assert np.abs(b_after_a - refs["b"]).max() <= 2
-    assert np.array_equal(image(rt.generate(PROMPT, **kw)), base)  # LoRA removed: the base image, bit for bit
+    only_b = image(rt.generate(PROMPT, loras=[(loras["b"]["kohya"], SB)], **kw))
+    assert np.abs(only_b - refs["b"]).max() <= 2
     assert np.array_equal(image(rt.generate(PROMPT, loras=[(loras["zero"], 1.0)], **kw)), base)
+    # A then B = B alone and no LoRA = the base, bit for bit: tests/backend_conformance.py, for every backend
 
 
 def test_runtime_loras_concurrent(tiny_fp32, loras):
@@ -319,7 +318,7 @@ def test_runtime_loras_concurrent(tiny_fp32, loras):
 
     kw = dict(seed=SEED, steps=2, height=H, width=W)
     sets = [[(loras["a"]["diffusers"], SA)], [(loras["b"]["diffusers"], SB)], None]
-    for backend in ("torch", "onnxruntime"):
+    for backend in LORA_BACKENDS:
         rt = ZImageRuntime(tiny_fp32, backend=backend, max_concurrent=3)
         expected = [image(rt.generate(PROMPT, loras=s, **kw)) for s in sets]
         got = [None] * len(sets)
@@ -568,21 +567,21 @@ def test_refused_builds_and_backends(tiny_fp32, loras):
     quant = json.loads(json.dumps(m))
     quant["components"]["transformer"]["precision"] = "fp8"
     with pytest.raises(RequestError, match=r"quantized \(fp8\).*--backend torch or onnxruntime.*--lora"):
-        LoraManager(tiny_fp32, quant, "tensorrt").prepare(lora)
-    assert LoraManager(tiny_fp32, quant, "onnxruntime").prepare(lora)
+        LoraManager(tiny_fp32, quant, REGISTRY["tensorrt"]).prepare(lora)
+    assert LoraManager(tiny_fp32, quant, REGISTRY["onnxruntime"]).prepare(lora)
     with pytest.raises(UserError, match="quantized"):
         check_refittable(tiny_fp32, quant)
     engines = json.loads(json.dumps(m))
     for comp in engines["components"].values():
         comp["engine"] = {"status": "complete", "options": {"refittable": False}}
     with pytest.raises(RequestError, match="not refittable"):
-        LoraManager(tiny_fp32, engines, "tensorrt").prepare(lora)
+        LoraManager(tiny_fp32, engines, REGISTRY["tensorrt"]).prepare(lora)
     with pytest.raises(UserError, match="not refittable"):
         check_refittable(tiny_fp32, engines)
     for comp in engines["components"].values():
         comp["engine"] = {"status": "complete", "options": {"refittable": True}, "stripped": True}
     with pytest.raises(RequestError, match="low-VRAM"):
-        LoraManager(tiny_fp32, engines, "tensorrt", low_vram=True).prepare(lora)
+        LoraManager(tiny_fp32, engines, REGISTRY["tensorrt"], low_vram=True).prepare(lora)
     with pytest.raises(UserError, match="weightless"):
         check_refittable(tiny_fp32, engines)
     with pytest.raises(UserError, match="no engine"):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import fake_tensorrt
+from backend_conformance import BackendConformance
 from zimage_deploy import build
 from zimage_deploy.cli import run_cli
 from zimage_deploy.errors import UserError
@@ -469,3 +470,16 @@ def test_fp8_attention_on_hopper_refused(tiny_ckpt, tmp_path, monkeypatch, capsy
     code = run_cli(lambda: build.main(["--model", str(tiny_ckpt), "--target", "h100", "--precision", "fp8",
                                        "--fp8-attention", "--out", str(tmp_path / "x")]))
     assert code == 2 and "SM90" in capsys.readouterr().err
+
+
+class TestTensorRTConformance(BackendConformance):
+    """The conformance rules (tests/backend_conformance.py) on engines of the fake TensorRT-RTX (they run the
+    graphs with ONNX Runtime: what is checked is the backend's bindings, shapes, batching and refusals). Run-time
+    LoRAs: these engines are not refittable (refittable ones need a GPU to build: test_lora.py::test_refit_on_gpu),
+    so the rule checked here is the refusal."""
+
+    backend = "tensorrt"
+
+    @pytest.fixture
+    def build(self, fake_builds, fake):
+        return fake_builds["dynamic"]

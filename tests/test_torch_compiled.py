@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from backend_conformance import BackendConformance
 from zimage_deploy.errors import RequestError, UserError
 from zimage_deploy.runtime import torch_fast
 from zimage_deploy.runtime.api import ZImageRuntime
@@ -245,3 +246,10 @@ def test_torch_mode_plumbing(tiny_fp32, tmp_path):
     manifest = {"components": {"transformer": {"compute_dtype": "float32"}}}
     assert resolve_backend("auto", manifest) == "onnxruntime"
     assert resolve_backend("auto", {**manifest, "runtime": {"backend": "torch-compiled"}}) == "torch"
+
+
+class TestTorchConformance(BackendConformance):
+    """The conformance rules (tests/backend_conformance.py) in the Torch backend's default mode here (eager on the
+    CPU)."""
+
+    backend = "torch"

@@ -43,10 +43,14 @@ from . import manifest as manifest_io
 from .buildfolder import BuildFolder
 from .cli import add_build_dir, run_cli
 from .errors import UserError
+from .runtime.backends import REGISTRY, make_backend
 from .variants import is_omni
 
-BACKENDS = ("diffusers", "diffusers-compile", "diffusers-fp8", "torch", "torch-eager", "torch-compiled", "onnxruntime",
-            "tensorrt")
+DIFFUSERS = ("diffusers", "diffusers-compile", "diffusers-fp8")
+# ours: every registered backend, and one row per compile mode where it has them (torch-eager, torch-compiled)
+OURS = tuple(row for name, entry in REGISTRY.items()
+             for row in (name, *(f"{name}-{mode}" for mode in entry.abilities.compile_modes)))
+BACKENDS = DIFFUSERS + OURS
 # timed prompts: short, long, Chinese (none of them among the shipped calibration prompts: checked in the report)
 PROMPTS = ("a red fox in the snow, watercolor",
            "a weathered lighthouse on a rocky cliff at dusk, waves crashing below, warm light in the lantern room, "
@@ -231,16 +235,13 @@ def diffusers_runner(ckpt: Path, device: str, dtype: torch.dtype, compiled: bool
 
 
 def ours_runner(engine_dir: Path, backend: str, device: str):
-    from .runtime.backends import OnnxRuntimeBackend, TorchBackend, make_backend
+    """Our pipeline on the row's backend (NAME, or NAME-MODE: one of its compile modes), in the build's planned
+    memory mode; `device` goes to the backends that choose theirs (Torch)."""
     from .runtime.pipeline import Pipeline
 
     manifest = manifest_io.load(engine_dir)
-    if backend.startswith("torch"):
-        be = TorchBackend(engine_dir, manifest, device=device, torch_mode=backend.partition("-")[2] or None)
-    elif backend == "onnxruntime":
-        be = OnnxRuntimeBackend(engine_dir, manifest)
-    else:
-        be = make_backend("tensorrt", engine_dir, manifest)
+    name, _, mode = backend.partition("-")
+    be = make_backend(name, engine_dir, manifest, torch_mode=mode or None, device=device)
     pipe = Pipeline(engine_dir, be)
 
     def run(req, stages: bool = False):
@@ -334,7 +335,7 @@ def run_bench(engine_dir: Path, backends: list[str], req: dict, repeats: int, de
         "diffusers-fp8": lambda: diffusers_runner(ckpt, device, dtype, True, manifest, fp8=True,
                                                   attention=diffusers_attention),
     }
-    for b in ("torch", "torch-eager", "torch-compiled", "onnxruntime", "tensorrt"):
+    for b in OURS:
         makers[b] = (lambda b=b: ours_runner(engine_dir, b, device))
     gpu_before = gpu_state(device)
     rows, reference = [], None

@@ -13,7 +13,7 @@ from pathlib import Path
 from .cli import add_build_dir, run_cli
 from .fsutil import atomic_file
 from .errors import RequestError, UserError
-from .runtime.backends import BACKENDS, TORCH_MODES
+from .runtime.backends import BACKENDS, TORCH_MODES, add_providers_flag
 from .runtime.offload import OFFLOAD_CHOICES, asked_mode
 from .variants import is_omni
 
@@ -72,6 +72,7 @@ def main(argv=None) -> int:
                          "text-encoder-cpu (model, the text encoder run on the CPU), sequential (Torch: layer by "
                          "layer; TensorRT: weight streaming, where the build planned it)")
     ap.add_argument("--low-vram", action="store_true", default=None, help="the same as --offload model")
+    add_providers_flag(ap)
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="apply a LoRA for this run (repeatable; scale default 1; any precision on torch and "
                          "onnxruntime; TensorRT: unquantized --refittable engines, refitted from the base weights)")
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
 
     from . import manifest as manifest_io
     from .lora import LoraManager, parse_lora_arg
-    from .runtime.backends import check_torch_mode, resolve_backend
+    from .runtime.backends import backend_entry, check_options, check_providers, check_torch_mode, resolve_backend
     from .runtime.open import open_pipeline
     from .runtime.validate import (MASK_NEEDS_IMAGE, SCALE_NEEDS_CONTROL, STRENGTH_NEEDS_IMAGE, Limits,
                                    check_request, decode_image, probe_image)
@@ -99,6 +100,9 @@ def main(argv=None) -> int:
     manifest = manifest_io.load(args.build_dir)
     check_torch_mode(resolve_backend(args.backend, manifest), args.torch_mode)
     offload = asked_mode(args.offload, args.low_vram)
+    check_options(resolve_backend(args.backend, manifest), ort_providers=args.ort_providers)
+    if args.ort_providers is not None:
+        check_providers(args.ort_providers)
     limits = Limits.for_build(manifest, resolve_backend(args.backend, manifest), args.cfg_mode)
     paths = list(args.image or [])
     infos = [probe_image(p, f"image {p}") for p in paths]
@@ -113,11 +117,12 @@ def main(argv=None) -> int:
     images = [decode_image(p, limits, f"image {p}") for p in paths]
     mask = decode_image(args.mask, limits, f"mask {args.mask}") if args.mask else None
     control = decode_image(args.control_image, limits, what) if args.control_image else None
-    loras = LoraManager(args.build_dir, manifest, resolve_backend(args.backend, manifest),
+    loras = LoraManager(args.build_dir, manifest, backend_entry(resolve_backend(args.backend, manifest)),
                         None if offload is None else offload != "none")
     lora_set = loras.prepare(lora_specs)
     t0 = time.perf_counter()
     pipe = open_pipeline(args.build_dir, backend=args.backend, cfg_mode=args.cfg_mode, torch_mode=args.torch_mode,
+                         torch_options={"ort_providers": args.ort_providers} if args.ort_providers else None,
                          offload=offload)
     t1 = time.perf_counter()
     common = dict(req.pipeline_kwargs(manifest["variant"]), seed=req.seeds[0])

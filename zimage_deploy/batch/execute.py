@@ -95,13 +95,14 @@ def encode_png(image: Image.Image) -> bytes:
 
 
 def run_local(groups: list[list[Item]], engine_dir: Path, backend: str, cfg_mode: str,
-              torch_mode: str | None = None) -> Iterator[Outcome]:
+              torch_mode: str | None = None, ort_providers: list[str] | None = None) -> Iterator[Outcome]:
     """The groups on one runtime in this process (loaded only when there is work)."""
     if not groups:
         return
     from ..runtime.api import ZImageRuntime
 
-    runtime = ZImageRuntime(engine_dir, backend=backend, cfg_mode=cfg_mode, torch_mode=torch_mode)
+    runtime = ZImageRuntime(engine_dir, backend=backend, cfg_mode=cfg_mode, torch_mode=torch_mode,
+                            ort_providers=ort_providers)
     worker = worker_name()
     for group in groups:
         yield from run_group(runtime, group, worker)

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from ..cli import add_build_dir, run_cli
 from ..errors import UserError
-from ..runtime.backends import TORCH_MODES, check_torch_mode, resolve_backend
+from ..runtime.backends import (BACKENDS, TORCH_MODES, add_providers_flag, backend_entry, check_options,
+                                check_providers, check_torch_mode, resolve_backend)
 from ..runtime.validate import Limits
 from .execute import run_local, write_outcome
 from .inputs import Template, detect_format, read_rows
@@ -37,8 +38,6 @@ from .results import RESULTS, SUMMARY, ResultsLog, describes_file, load_previous
 
 LOCK = ".batch.lock"
 MAX_IMAGES = 1_000_000  # per job: the plan is held in memory
-# default --batch-size per backend: the largest grouping whose images are bit for bit `generate`'s (tested)
-EXACT_BATCH = {"onnxruntime": 4}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,10 +67,11 @@ def parser() -> argparse.ArgumentParser:
                          "profile's batch, halved with CFG). Default: 4 on ONNX Runtime, whose images are bit "
                          "for bit those of `generate` whatever the grouping; 1 on Torch and TensorRT, whose "
                          "batched kernels may round differently (N > 1 on Torch: within 1/255, measured)")
-    ap.add_argument("--backend", default="auto", help="auto, tensorrt, onnxruntime or torch")
+    ap.add_argument("--backend", default="auto", help=", ".join(BACKENDS))
     ap.add_argument("--cfg-mode", default="batch", choices=("batch", "sequential"))
     ap.add_argument("--torch-mode", default=None, choices=TORCH_MODES,
                     help="the torch backend: compiled (default on CUDA) or eager (default on the CPU)")
+    add_providers_flag(ap)
     ap.add_argument("--overwrite", action="store_true", help="make every image again, even those already done")
     ap.add_argument("--allow-outside", action="store_true",
                     help="let rows name image files outside the input file's folder")
@@ -147,9 +147,13 @@ def main(argv=None) -> int:
         backend = "tensorrt"  # what the GPU actors will run, whatever this driver has
     backend = resolve_backend(backend, manifest)
     check_torch_mode(backend, args.torch_mode)
+    check_options(backend, ort_providers=args.ort_providers)
+    if args.ort_providers is not None:
+        args.ort_providers = list(check_providers(args.ort_providers))
     limits = Limits.for_build(manifest, backend, args.cfg_mode)
     if args.batch_size is None:
-        args.batch_size = EXACT_BATCH.get(backend, 1)
+        # the largest grouping whose images are bit for bit `generate`'s (its abilities; tested)
+        args.batch_size = backend_entry(backend).abilities.exact_batch
     defaults = _check_args(args, limits)
     fmt = detect_format(args.input, args.input_format)
     template = Template(args.template) if args.template is not None else None
@@ -167,7 +171,8 @@ def main(argv=None) -> int:
         raise UserError(f"--template: a text file gives each line as {{prompt}} only, not {template.fields}")
     opts = Options(args.input.parent, manifest, limits, template, args.seed, args.seeds, defaults,
                    args.allow_outside, {"backend": backend, "cfg_mode": args.cfg_mode,
-                   **({"torch_mode": args.torch_mode} if args.torch_mode else {})}, args.lora_dir)
+                   **({"torch_mode": args.torch_mode} if args.torch_mode else {}),
+                   **({"ort_providers": args.ort_providers} if args.ort_providers else {})}, args.lora_dir)
     plan = make_plan(rows, opts)
     with _locked(args.out):
         return _run(args, manifest, limits, plan, len(rows), t_start)
@@ -199,9 +204,9 @@ def _run(args, manifest, limits, plan, n_rows: int, t_start: float) -> int:
         from .ray_data import run_ray
 
         outcomes = run_ray(groups, args.ray or None, args.actors, args.build_dir, args.backend, args.cfg_mode,
-                           manifest, args.torch_mode)
+                           manifest, args.torch_mode, args.ort_providers)
     else:
-        outcomes = run_local(groups, args.build_dir, args.backend, args.cfg_mode, args.torch_mode)
+        outcomes = run_local(groups, args.build_dir, args.backend, args.cfg_mode, args.torch_mode, args.ort_providers)
     written = failed = 0
     interrupted = False
     bar = tqdm(total=len(todo), unit="img", desc="batch", disable=args.no_progress or not todo, file=sys.stderr)

@@ -24,10 +24,12 @@ ACTOR_START_S = 1800  # how long the actors may take to start (load the build) b
 class GroupWorker:
     """One actor: one runtime, then batches of groups."""
 
-    def __init__(self, engine_dir: str, backend: str, cfg_mode: str, torch_mode: str | None = None):
+    def __init__(self, engine_dir: str, backend: str, cfg_mode: str, torch_mode: str | None = None,
+                 ort_providers: list[str] | None = None):
         from ..runtime.api import ZImageRuntime
 
-        self.runtime = ZImageRuntime(engine_dir, backend=backend, cfg_mode=cfg_mode, torch_mode=torch_mode)
+        self.runtime = ZImageRuntime(engine_dir, backend=backend, cfg_mode=cfg_mode, torch_mode=torch_mode,
+                                     ort_providers=ort_providers)
         self.worker = worker_name()
 
     def __call__(self, batch: dict) -> dict:
@@ -44,7 +46,8 @@ uses_gpu = has_engines  # the actors take a GPU where the build runs on TensorRT
 
 
 def run_ray(groups: list[list[Item]], address: str | None, actors: int | None, engine_dir: Path, backend: str,
-            cfg_mode: str, manifest: dict, torch_mode: str | None = None) -> Iterator[Outcome]:
+            cfg_mode: str, manifest: dict, torch_mode: str | None = None,
+            ort_providers: list[str] | None = None) -> Iterator[Outcome]:
     if not groups:
         return
     import ray
@@ -69,7 +72,8 @@ def run_ray(groups: list[list[Item]], address: str | None, actors: int | None, e
         ds = ds.map_batches(GroupWorker, batch_size=1, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=2),
                             fn_constructor_kwargs=dict(engine_dir=str(Path(engine_dir).resolve()), backend=backend,
-                                                       cfg_mode=cfg_mode, torch_mode=torch_mode),
+                                                       cfg_mode=cfg_mode, torch_mode=torch_mode,
+                                                       ort_providers=ort_providers),
                             num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1)
         for row in ds.iter_rows():
             png = bytes(row["png"])

@@ -53,13 +53,17 @@ class GenerationResult:
 class ZImageRuntime:
     def __init__(self, engine_dir: str | Path, backend: str = "auto", cfg_mode: str = "batch",
                  max_concurrent: int = 1, low_vram: bool | None = None, torch_mode: str | None = None,
-                 torch_options: dict | None = None, offload: str = "auto"):
+                 torch_options: dict | None = None, offload: str = "auto", ort_providers: list[str] | None = None):
         """`torch_mode` (Torch backend): "eager" or "compiled" (None: compiled on CUDA, eager on the CPU);
         `torch_options`: more of its options (runtime/torch_fast.py TorchBackend), e.g. {"max_graphs": 16};
         `offload`: the memory mode, "auto" (the build's VRAM plan's), "none", "model", "text-encoder-cpu" or
-        "sequential" (runtime/offload.py; UserError where the backend cannot run it)."""
+        "sequential" (runtime/offload.py; UserError where the backend cannot run it); `ort_providers` (ONNX Runtime
+        backend): its execution providers in order of preference, from those the installed onnxruntime offers
+        (None: the CPU's)."""
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
+        if ort_providers is not None:  # the backend options travel with the Torch ones (make_backend sorts them)
+            torch_options = {**(torch_options or {}), "ort_providers": ort_providers}
         self.pipeline = open_pipeline(engine_dir, backend, cfg_mode, low_vram, torch_mode, torch_options, offload)
         self.torch_mode = getattr(self.pipeline.backend, "torch_mode", None)
         self.manifest = self.pipeline.manifest

@@ -25,7 +25,7 @@ from .. import manifest as manifest_io
 from ..buildfolder import BuildFolder
 from ..errors import UserError
 from ..variants import get_variant
-from .backends import Backend, make_backend, resolve_backend
+from .backends import Backend, backend_entry, make_backend, resolve_backend
 from .images import preprocess_image, preprocess_mask, to_pil
 from .prompt import PromptTokenizer, pad_captions
 from .scheduler import FlowMatchEuler, SchedulerConfig
@@ -104,8 +104,9 @@ class Pipeline:
         self.cfg_mode = cfg_mode
         from .verify import verify_build  # every file the pipeline and its backend read, before the first use
 
-        verify_build(self.engine_dir, self.manifest,
-                     backend.name if isinstance(backend, Backend) else resolve_backend(backend, self.manifest))
+        abilities = backend.abilities if isinstance(backend, Backend) else \
+            backend_entry(resolve_backend(backend, self.manifest)).abilities
+        verify_build(self.engine_dir, self.manifest, abilities.build_files)
         self.backend = backend if isinstance(backend, Backend) else make_backend(
             backend, self.engine_dir, self.manifest, low_vram, torch_mode, offload=offload, **(torch_options or {}))
         self.tokenizer = PromptTokenizer(BuildFolder(self.engine_dir).tokenizer,

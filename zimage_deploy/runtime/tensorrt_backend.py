@@ -35,7 +35,7 @@ from ..engines.flavour import import_trt, version
 from ..errors import UserError
 from ..export.specs import DTYPES
 from ..fsutil import atomic_file
-from .backend import Backend
+from .backend import Abilities, Backend
 from .verify import plan_verified
 
 cuda = torch.cuda  # what the backend uses of CUDA (tests/fake_tensorrt.py runs it on the CPU with a fake)
@@ -186,6 +186,8 @@ class _Engine:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    abilities = Abilities(lora="refit", memory_modes=("none", "model", "text-encoder-cpu", "sequential"),
+                          dtypes=("float32", "bfloat16"), devices=("cuda",), build_files=("plans",), profile_batch=True)
 
     def __init__(self, engine_dir, manifest, low_vram: bool = False, cuda_graphs: bool | None = None,
                  text_encoder_cpu: bool = False):
@@ -243,6 +245,11 @@ class TensorRTBackend(Backend):
         for other in self.engines.values():
             other.graph, other.static_in, other.static_out = None, {}, {}
         self.workspace = torch.empty(size, dtype=torch.uint8, device=self.device)
+
+    def lora_applier(self, targets, max_rank, max_loras):
+        from .tensorrt_lora import EngineRefit  # the DiT engines refitted (lora/tensorrt.py)
+
+        return EngineRefit(self)
 
     def _engine(self, name: str) -> _Engine:
         eng = self.engines.get(name)

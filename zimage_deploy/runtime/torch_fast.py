@@ -46,7 +46,7 @@ from ..paths import cache_dir
 from ..models.dit import SEQ_MULTIPLE, Attention
 from ..models.fast import set_dense_attention
 from ..schemes import get_scheme
-from .backend import Backend
+from .backend import Abilities, Backend
 from .offload import offload_policy
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,9 @@ class TorchBackend(Backend):
     an offloading memory mode the default torch_mode is eager."""
 
     name = "torch"
+    abilities = Abilities(lora="branch", memory_modes=("none", "model", "text-encoder-cpu", "sequential"),
+                          dtypes=("float32", "bfloat16"), devices=("cpu", "cuda"), compile_modes=TORCH_MODES,
+                          build_files=("scales",), options=("torch_mode",))
     lora_bounds: tuple[int, int] | None = None  # (max_rank, max_loras): LoRA branches installed before compiling
 
     def __init__(self, engine_dir, manifest, device: str | None = None, *, torch_mode: str | None = None,
@@ -242,6 +245,20 @@ class TorchBackend(Backend):
                 raise UserError(f"the torch backend loads weights from the checkpoint the build used ({path}), "
                                 "which is not there")
             self.ckpt = path
+
+    def lora_refusal(self) -> str | None:
+        if self.offload.mode != "none":  # runtime/offload.py
+            return ("run-time LoRAs are not supported by the offloading Torch backend (--low-vram); run without it, "
+                    "or fuse the LoRA at build time (build --lora)")
+        return None
+
+    def lora_applier(self, targets, max_rank, max_loras):
+        """Side branches in fixed buffers beside the DiT's adaptable layers (lora/adapters.py)."""
+        from ..lora.adapters import TorchBranches
+
+        self.model("transformer")  # loads the DiT module once (shared by its components)
+        model = self.models["transformer"]
+        return TorchBranches(getattr(model, "dit", model), targets, max_rank, max_loras)  # dit: StepGraph's
 
     # the older flags some callers read: compiled mode, real FP8 layers
     @property

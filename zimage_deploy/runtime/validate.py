@@ -48,7 +48,7 @@ from ..errors import RequestError
 from ..facts import SMALL_SIDES, small_model
 from ..manifest import has_engines
 from ..variants import MAX_CONDITION_IMAGES, is_omni
-from .backends import resolve_backend
+from .backends import backend_entry, resolve_backend
 
 SEED_MAX = 2**63 - 1
 MAX_STEPS = 100
@@ -122,12 +122,12 @@ class Limits:
                 static = tuple(int(v) for v in opts["static"])
                 lo, hi, max_batch = min(static), max(static), int(opts.get("static_batch") or 1)
         lo, hi = -(-lo // multiple) * multiple, hi // multiple * multiple
-        tensorrt = engines and resolve_backend(backend, manifest) == "tensorrt"
+        profile_batch = engines and backend_entry(resolve_backend(backend, manifest)).abilities.profile_batch
         limits = cls(
             variant=manifest["variant"], multiple=multiple, min_side=lo, max_side=hi,
             default_steps=int(defaults["steps"]), default_guidance=float(defaults["guidance_scale"]),
             default_height=int(defaults["height"]), default_width=int(defaults["width"]), static=static,
-            max_batch=max_batch, cfg_doubles_batch=engines and cfg_mode == "batch" and tensorrt,
+            max_batch=max_batch, cfg_doubles_batch=cfg_mode == "batch" and profile_batch,
             img2img="vae_encoder" in comps, controlnet="controlnet" in comps,
             control_inpaint=bool((facts.get("controlnet") or {}).get("inpaint")))
         return replace(limits, **{k: v for k, v in overrides.items() if v is not None})

@@ -127,13 +127,17 @@ def plan_verified(engine_dir: Path, path: Path, expected_sha256: str) -> bool:
     return ok
 
 
-def verify_build(engine_dir: Path, manifest: dict, backend: str) -> None:
-    """Everything the pipeline and `backend` (its resolved name) will read, before the first generation."""
+# what a backend loads (its `abilities.build_files`, runtime/backend.py) -> the check run before the first
+# generation; "plans": the TensorRT backend checks its plans (size, then sha256 through `plan_verified`) as it loads
+CHECKS = {"graphs": check_graphs, "scales": check_scales, "plans": None}
+
+
+def verify_build(engine_dir: Path, manifest: dict, build_files) -> None:
+    """Everything the pipeline and its backend will read (`build_files`: the backend's `abilities.build_files`),
+    before the first generation."""
     check_support_files(engine_dir, manifest)
     stamp = _Stamp(engine_dir)
-    if backend == "onnxruntime":
-        check_graphs(engine_dir, manifest, stamp)
-    elif backend == "torch":
-        check_scales(engine_dir, manifest, stamp)
-    # tensorrt: the backend checks its plans (size, then sha256 through `plan_verified`) before loading them
+    for kind in build_files:
+        if CHECKS[kind] is not None:
+            CHECKS[kind](engine_dir, manifest, stamp)
     stamp.save()

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..cli import BUILT, run_cli
 from ..errors import UserError
 from ..runtime.api import TORCH_MODES
-from ..runtime.backends import BACKENDS
+from ..runtime.backends import BACKENDS, add_providers_flag
 from ..runtime.offload import OFFLOAD_CHOICES
 
 API_KEY_ENV = "ZIMAGE_API_KEY"
@@ -93,6 +93,7 @@ def add_models_options(ap: argparse.ArgumentParser) -> None:
                     help="the Torch backend's execution: compiled (default on CUDA) or eager (default on the CPU)")
     ap.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES,
                     help="the memory mode, as generate --offload (default: auto, the build's VRAM plan's)")
+    add_providers_flag(ap)
     ap.add_argument("--warmup-sizes", default=None, metavar="WxH[,WxH...]",
                     help="sizes (width x height) to generate once at start, before /ready (default: the smallest)")
 
@@ -127,13 +128,15 @@ def parse_sizes(text: str | None) -> list[tuple[int, int]]:
 
 
 def load_runtime(engine_dir: Path, backend: str, torch_mode: str | None = None, warmup_sizes=(),
-                 offload: str = "auto"):
+                 offload: str = "auto", ort_providers: list[str] | None = None):
     """Load, verify and warm up (one smallest image, 1 step, then each of `warmup_sizes` (height, width) the
-    build can make): any failure is a broken build (UserError)."""
+    build can make): any failure is a broken build (UserError). `ort_providers`: ONNX Runtime's execution
+    providers."""
     from ..errors import InternalError, RequestError
     from ..runtime.api import ZImageRuntime
 
-    runtime = ZImageRuntime(engine_dir, backend=backend, torch_mode=torch_mode, offload=offload)
+    runtime = ZImageRuntime(engine_dir, backend=backend, torch_mode=torch_mode, offload=offload,
+                            ort_providers=ort_providers)
     lim = runtime.limits
     smallest = lim.static or (lim.min_side, lim.min_side)
     for h, w in warmup_sizes:
@@ -187,7 +190,7 @@ def main(argv=None) -> int:
     metrics, services = Metrics(), []
     api_key = args.api_key or os.environ.get(API_KEY_ENV)
     for name, folder in specs:
-        runtime = load_runtime(folder, args.backend, args.torch_mode, sizes, args.offload)
+        runtime = load_runtime(folder, args.backend, args.torch_mode, sizes, args.offload, args.ort_providers)
         name = name or runtime.variant
         if any(s.name == name for s in services):
             raise UserError(f"two builds named {name!r}: name them (--build-dir NAME=DIR)")
