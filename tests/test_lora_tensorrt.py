@@ -166,3 +166,33 @@ def test_fake_engines_switch_sets_like_onnx_runtime(kind, fake_builds, trt_loras
         with pytest.raises(RequestError, match=msg):
             rt.generate(PROMPT, loras=loras, **KW)
         assert np.array_equal(image(rt.generate(PROMPT, **KW)), base)  # nothing half-applied
+
+
+def test_branch_reads_the_activation_before_the_awq_scale():
+    """An INT4 AWQ layer multiplies its activation by the pre-quantization scale before the MatMul (its weight was
+    divided by it): the branch must read the activation before that Mul (the LoRA's factors are not scaled)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from zimage_deploy.lora.onnx_branch import add_branches
+
+    g = np.random.default_rng(0)
+    w, s, bias = (g.standard_normal(sh).astype(np.float32) for sh in ((3, 4), (4,), (3,)))
+    s = np.abs(s) + 0.5
+    nodes = [helper.make_node("Mul", ["x", "l.pre_quant_scale"], ["l.input_awq"]),
+             helper.make_node("Transpose", ["l.weight"], ["wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["l.input_awq", "wt"], ["y"]),
+             helper.make_node("Add", ["y", "l.bias"], ["out"])]
+    graph = helper.make_graph(nodes, "awq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3])],
+                              [numpy_helper.from_array(a, n) for a, n in ((w / s, "l.weight"),
+                                                                          (s, "l.pre_quant_scale"), (bias, "l.bias"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    assert add_branches(model, {"l.weight": (3, 4)}, ranks={"l.weight": 2}) == ["l.weight"]
+    onnx.checker.check_model(model)
+    x, down, up, scale = (g.standard_normal(sh).astype(np.float32) for sh in ((2, 4), (4, 2), (2, 3), (2,)))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x, "l.lora_down_t": down, "l.lora_up_t": up, "l.lora_scale": scale})[0]
+    want = (x * s) @ (w / s).T + ((x @ down) * scale) @ up + bias
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

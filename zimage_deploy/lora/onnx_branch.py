@@ -6,8 +6,10 @@ Transpose, or a Gemm), with X the layer's activation and Y its output,
 
     Y' = Y + ((X @ down_t) * scale) @ up_t        down_t (in, r), up_t (r, out), scale (r,): graph inputs
 
-and Y's consumers read Y'. On a quantized graph X is taken before the activation's QuantizeLinear, so the branch
-runs in the graph's float dtype on the unquantized activation beside the Q/DQ matmul, never re-quantized. The rank
+and Y's consumers read Y'. On a quantized graph X is taken before the activation's QuantizeLinear (FP8) and before
+the AWQ pre-quantization scale (INT4), so the branch runs in the graph's float dtype on the unquantized activation
+beside the Q/DQ matmul, never re-quantized. TensorRT engines take the same rewrite with fixed ranks
+(lora/tensorrt.py). The rank
 r is a dynamic dimension: each set feeds its own (r = 0 for the layers it leaves alone: an exact zero is added).
 The graph files are not changed (external data is read from the build's folder) and the base sessions are not
 touched: generations without LoRAs run the build's graphs as they are. Sets are per call, so generations with
