@@ -566,7 +566,8 @@ def test_refused_builds_and_backends(tiny_fp32, loras):
     m = manifest_io.load(tiny_fp32)
     quant = json.loads(json.dumps(m))
     quant["components"]["transformer"]["precision"] = "fp8"
-    with pytest.raises(RequestError, match=r"quantized \(fp8\).*--backend torch or onnxruntime.*--lora"):
+    with pytest.raises(RequestError, match=r"quantized \(fp8\).*no LoRA branch.*--max-lora-rank.*--backend torch or "
+                                           r"onnxruntime.*--lora"):
         LoraManager(tiny_fp32, quant, REGISTRY["tensorrt"]).prepare(lora)
     assert LoraManager(tiny_fp32, quant, REGISTRY["onnxruntime"]).prepare(lora)
     with pytest.raises(UserError, match="quantized"):

@@ -152,3 +152,71 @@ def test_plan_counts_the_branches(capsys):
     assert "| lora_branches | bf16 | 0.18 |" in capsys.readouterr().out
     with pytest.raises(Exception, match="must be >= 1"):
         plan.main(["--target", "h100", "--max-loras", "0"])
+
+
+# -- end to end on the compiled Torch runtime -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runtime_loras(tiny_ckpt, tmp_path_factory):
+    from test_lora import make_peft_lora
+
+    d = tmp_path_factory.mktemp("compiled-loras")
+    return (make_peft_lora(tiny_ckpt, d / "a", 21, ("to_q", "to_k", "to_v", "to_out.0", "w2"), r=4, lora_alpha=8),
+            make_peft_lora(tiny_ckpt, d / "b", 22, ("to_q", "w3", "adaLN_modulation.0"), r=2, lora_alpha=3))
+
+
+def _image(rt, loras=None):
+    import numpy as np
+
+    out = rt.generate("a red fox", seed=3, steps=2, height=64, width=64, loras=loras)
+    return np.asarray(out.images[0], np.int16)
+
+
+def test_compiled_runtime_switches_loras_without_recompiling(tiny_fp32, runtime_loras):
+    """ZImageRuntime on the compiled Torch path with the branches reserved (`torch_options={"lora_bounds": ...}`):
+    once the first generation has compiled, LoRA A, then B, then none compile nothing (dynamo's counters), and
+    each image is the eager runtime's with the same set. Compiled by dynamo with its "eager" backend (the same
+    guards and recompiles as inductor, without code generation: inductor on the CPU took 140 s here; the blocks
+    under inductor: test_switching_sets_under_torch_compile_recompiles_nothing)."""
+    from zimage_deploy.runtime.api import ZImageRuntime
+    from zimage_deploy.runtime.torch_fast import compile_counters, reset_compile_counters
+
+    a, b = [(runtime_loras[0], 1.5)], [(runtime_loras[1], -2.0)]
+    eager = ZImageRuntime(tiny_fp32, backend="torch", torch_mode="eager")
+    reset_compile_counters()
+    rt = ZImageRuntime(tiny_fp32, backend="torch", torch_mode="compiled",
+                       torch_options={"lora_bounds": (8, 2), "compile_backend": "eager"})
+    assert (rt.loras.max_rank, rt.loras.max_loras) == (8, 2)
+    base = _image(rt)
+    first = compile_counters()
+    assert first["frames_total"] > 0
+    for loras in (a, b, None, a):
+        got, want = _image(rt, loras), _image(eager, loras)
+        assert abs(got - want).max() <= 1, (loras, abs(got - want).max())
+        if loras is None:
+            assert (got == base).all()
+    assert abs(_image(eager, a) - _image(eager)).mean() > 3  # the LoRA matters
+    c = compile_counters()
+    assert (c["recompiles"], c["frames_total"], c["unique_graphs"]) == (
+        first["recompiles"], first["frames_total"], first["unique_graphs"]), (first, c)
+    assert rt.fallbacks() == {}
+    reset_compile_counters()
+
+
+def test_eager_fallback_of_the_compiled_dit_runs_the_loras(tiny_fp32, runtime_loras):
+    """The compiled DiT failing to compile falls back to its eager twin (counted); without reserved bounds the
+    branches are installed on the compiled module at the first LoRA, after the twin was copied: the twin runs them
+    too (it ran the base model before the fix: the LoRA image was the base image)."""
+    from zimage_deploy.runtime.api import ZImageRuntime
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    a, b = [(runtime_loras[0], 1.5)], [(runtime_loras[1], -2.0)]
+    eager = ZImageRuntime(tiny_fp32, backend="torch", torch_mode="eager")
+    rt = ZImageRuntime(tiny_fp32, backend="torch", torch_mode="compiled",
+                       torch_options={"compile_backend": {"transformer": broken, "text_encoder": "eager",
+                                                          "vae_decoder": "eager", "vae_encoder": "eager"}})
+    assert (_image(rt) == _image(eager)).all()
+    for loras in (a, b, None):
+        assert (_image(rt, loras) == _image(eager, loras)).all(), loras
+    assert rt.fallbacks().get("transformer", 0) >= 8

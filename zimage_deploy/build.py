@@ -79,6 +79,9 @@ def build(model: str, variant: str | None = None, target: str = "cpu", precision
         log(f"[target] {t.name}: {t.default_precision} with a {text_encoder_precision} text encoder (its default)")
     precision = precision or t.default_precision
     t.check_precision(precision)
+    if engine_opts is not None and engine_opts.lora_bounds and t.flavour == "none":
+        raise UserError("--max-lora-rank / --max-loras size the TensorRT engines' LoRA branch: target cpu builds no "
+                        "engines (ONNX Runtime and Torch take run-time LoRAs without it)")
     if quant is not None and quant.fp8_attention and t.compute_capability == (9, 0):
         raise UserError("--fp8-attention is refused on SM90 targets (h800/h100/h200): FP8 attention has not been "
                         "measured on Hopper here, and NVIDIA's diffusion demo keeps FP8 attention off on Hopper; "
@@ -223,7 +226,7 @@ def _runtime_mode(job: BuildJob, manifest: dict) -> None:
     from .plan import make_plan, runtime_record
 
     vram = make_plan(job.t.name, job.precision, manifest["defaults"]["height"], manifest["defaults"]["width"],
-                     job.v.name, engine_dir=job.out)
+                     job.v.name, engine_dir=job.out, lora=job.engine_opts.lora_bounds)
     manifest["runtime"] = runtime_record(vram)
     manifest_io.save(job.out, manifest)
     job.log(f"[plan] runtime mode {vram.mode} on {job.t.name} at {vram.height}x{vram.width}: it needs "
@@ -366,13 +369,32 @@ def _engine_arguments(eng) -> None:
                           "TensorRT-RTX builds when a GPU is present: it cannot build refittable plans ahead of time "
                           "without one; datacenter builds keep the weights; default: %(default)s)")
     eng.add_argument("--weight-streaming", action="store_true", help="allow weight streaming (small-memory cards; default: off)")
+    eng.add_argument("--max-lora-rank", type=int, default=None, metavar="R",
+                     help="run-time LoRA capacity: the DiT engines carry a LoRA side branch whose factors are engine "
+                          "inputs, so LoRA sets switch per request on any precision (FP8 / INT4 / NVFP4 too) without "
+                          "a refit or rebuild; R: rank per LoRA and row block (default 64 with --max-loras)")
+    eng.add_argument("--max-loras", type=int, default=None, metavar="N",
+                     help="LoRAs per set the engines' branch holds (default 4 with --max-lora-rank)")
 
 
 def _engine_options(args) -> EngineOptions:
     return EngineOptions(opt_level=args.opt_level, max_batch=args.max_batch, min_side=args.min_side,
                          max_side=args.max_side, opt_side=args.opt_side, static=args.static,
                          static_batch=args.static_batch, refittable=args.refittable,
-                         weight_streaming=args.weight_streaming, strip_weights=args.strip_weights)
+                         weight_streaming=args.weight_streaming, strip_weights=args.strip_weights,
+                         lora_bounds=_lora_bounds(args))
+
+
+def _lora_bounds(args) -> tuple[int, int] | None:
+    if args.max_lora_rank is None and args.max_loras is None:
+        return None
+    from .lora.adapters import MAX_LORAS, MAX_RANK
+
+    bounds = (MAX_RANK if args.max_lora_rank is None else args.max_lora_rank,
+              MAX_LORAS if args.max_loras is None else args.max_loras)
+    if min(bounds) < 1:
+        raise UserError("--max-lora-rank and --max-loras must be >= 1")
+    return bounds
 
 
 def _quant_options(args) -> QuantOptions:

@@ -5,6 +5,8 @@
                                            graphless build (its components' `source` is CHECKPOINT: the compiled
                                            Torch runtime loads the checkpoint the manifest records)
     DIR/onnx/<component>.<scheme>/         quantized graphs
+    DIR/onnx/<component>[.<scheme>].lora/  the graph with the LoRA branch an engine was built from (its external
+                                           data: hard links to the graph's)
     DIR/quant/<component>.<scheme>.safetensors   calibrated scales
     DIR/engines/<component>.plan           TensorRT / TensorRT-RTX plans (GPU targets)
     DIR/loras/<sha256[:16]>.safetensors    LoRAs fused at build time (copies, for refits)
@@ -40,6 +42,13 @@ class BuildFolder:
     @staticmethod
     def graph_rel(component: str, scheme: str | None = None) -> str:
         return f"{GRAPHS}/{component}{'' if scheme is None else '.' + scheme}/model.onnx"
+
+    @staticmethod
+    def branch_graph_rel(graph_rel: str) -> str:
+        """The graph with the LoRA side branch (lora/tensorrt.py) made from the graph `graph_rel`: in a folder of its
+        own (a graph's folder holds its files only: verify.py sizes and hashes it)."""
+        p = PurePosixPath(graph_rel)
+        return str(p.parent.with_name(p.parent.name + ".lora") / p.name)
 
     @staticmethod
     def scales_rel(component: str, scheme: str) -> str:

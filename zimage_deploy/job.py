@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .buildfolder import BuildFolder
+from .components import DIT, loader_of
 from .controlnet import BuildControlNet
 from .engines.builder import EngineBuilder
 from .engines.profiles import EngineOptions
@@ -43,3 +45,17 @@ class BuildJob:
 
     def __post_init__(self):
         self.modules = Modules(self.ckpt, self.loras, self.controlnet)
+
+    def lora_branch(self, name: str, comp: dict):
+        """The engines stage's graph with the LoRA side branch for component `name` (lora/tensorrt.py
+        `BranchGraph`), or None: no run-time LoRA capacity asked (`EngineOptions.lora_bounds`), or not a DiT
+        component."""
+        bounds = self.engine_opts.lora_bounds
+        if not bounds or loader_of(name) != DIT:
+            return None
+        from .lora.tensorrt import BranchGraph
+        from .lora.targets import graph_path
+
+        folder = BuildFolder(self.out)
+        return BranchGraph(folder.file(comp["onnx"]), graph_path(self.out, comp), self.facts.get("patch_size", 2),
+                           *bounds)

@@ -631,7 +631,7 @@ def planned_engine_options(target: str, precision: str, side: int, variant: str,
     from dataclasses import replace
 
     p = make_plan(target, precision, side, side, variant, model=model, controlnet=controlnet,
-                  text_encoder=text_encoder, advise=False)
+                  text_encoder=text_encoder, advise=False, lora=opts.lora_bounds)
     log(f"[plan] {target}: {p.mode} at {side}x{side} ({p.modes.get(p.mode, 0) / GIB:.2f} GiB planned of "
         f"{p.memory / GIB:.0f})")
     if p.mode == "weight-streaming" and not opts.weight_streaming:

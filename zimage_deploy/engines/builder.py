@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import UserError
@@ -111,8 +112,10 @@ class EngineBuilder:
             return False
         return self.opts.strips(external_data)
 
-    def key(self, onnx_sha: str, profile: dict) -> str:
-        return engine_key(onnx_sha, self.target.flavour, self.version, self.target.sm, profile, self.opts, self.gpu)
+    def key(self, onnx_sha: str, profile: dict, branch: bool = False) -> str:
+        """`branch`: the engine carries the LoRA branch (the LoRA bounds are part of its key, not of the others')."""
+        opts = self.opts if branch else replace(self.opts, lora_bounds=None)
+        return engine_key(onnx_sha, self.target.flavour, self.version, self.target.sm, profile, opts, self.gpu)
 
     def build(self, onnx_path: Path, profile: dict, plan_path: Path, strip: bool = False) -> dict:
         """Build `onnx_path` into `plan_path`; return the engine's manifest entry (without the key). `strip`: a

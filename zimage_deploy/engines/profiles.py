@@ -5,7 +5,8 @@ named dims that export/specs.py declares.
 Real models: batch 1..4 (opt 1; 2 for CFG variants), sides 512..2048 px in 16-px steps at any aspect ratio,
 text 1..512 tokens. Small test checkpoints (DiT dim < 1024, such as the embedded tiny one) use sides
 64..512 px. A static profile (one H x W and batch, min = opt = max; captions of the basic layout fixed at 512
-tokens, shorter ones zero-padded by the runtime) is what CUDA graphs want.
+tokens, shorter ones zero-padded by the runtime) is what CUDA graphs want. Inputs of one shape (the LoRA
+branch's factors of a build with run-time LoRA capacity, lora/tensorrt.py) get min = opt = max: `fixed_profile`.
 """
 
 from __future__ import annotations
@@ -34,9 +35,13 @@ class EngineOptions:
     refittable: bool = False
     weight_streaming: bool = False
     strip_weights: str = "auto"  # "auto" (graphs with external data, > 512 MiB of weights), "on", "off"
+    lora_bounds: tuple[int, int] | None = None  # (max rank, max LoRAs): DiT engines carry the LoRA branch
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["lora_bounds"] is None:  # builds without the branch keep their engine keys
+            del d["lora_bounds"]
+        return d
 
     def strips(self, external_data: bool) -> bool:
         """Whether an engine is built weightless (STRIP_PLAN): its weights are refitted from the ONNX graph at
@@ -99,6 +104,11 @@ def _omni_ranges(facts: dict, tokens: tuple) -> dict[str, tuple[int, int, int]]:
             "cap_len": (3 * SEQ_MULTIPLE, 4 * SEQ_MULTIPLE, MAX_TEXT + (k + 2) * SEQ_MULTIPLE),
             "sig_len": (2 * SEQ_MULTIPLE, sig_one + SEQ_MULTIPLE, k * sig_one + SEQ_MULTIPLE),
             "vision_len": (facts["vision_max_patches"],) * 3}
+
+
+def fixed_profile(shapes: dict[str, list[int]]) -> dict[str, list[list[int]]]:
+    """Input name -> [min, opt, max] of inputs that take one shape each."""
+    return {name: [list(shape) for _ in range(3)] for name, shape in shapes.items()}
 
 
 def profiles(variant, facts: dict, opts: EngineOptions) -> dict[str, dict[str, list[list[int]]]]:

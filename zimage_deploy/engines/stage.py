@@ -1,5 +1,7 @@
 """The engines stage: one TensorRT engine per component, kept where its key (ONNX hash, flavour, version, SM,
-profile, options) is unchanged and its plan file is intact."""
+profile, options) is unchanged and its plan file is intact. With run-time LoRA capacity (`--max-lora-rank`), the
+DiT components' engines are built from their graphs with the LoRA side branch (`job.lora_branch`: the factors are
+engine inputs of fixed shape, recorded in the engine's entry as `lora_branch`)."""
 
 from __future__ import annotations
 
@@ -32,25 +34,37 @@ def engines_stage(job, manifest: dict) -> dict:
     for name in bar:
         bar.set_postfix_str(name)
         comp = manifest["components"][name]
-        key = builder.key(comp["onnx_sha256"], job.engine_shapes[name])
+        branch = job.lora_branch(name, comp)  # DiT graphs with the LoRA side branch (lora/tensorrt.py), or None
+        profile = job.engine_shapes[name] if branch is None else {**job.engine_shapes[name], **branch.profile}
+        rel = None if branch is None else BuildFolder.branch_graph_rel(comp["onnx"])
+        key = builder.key(comp["onnx_sha256"], profile, branch=branch is not None)
         old = comp.get("engine") or {}
         plan = folder.plan(name)
         if old.get("key") == key and old.get("status") == "complete" and plan.is_file() \
                 and file_sha256(plan) == old.get("plan_sha256"):
             log(f"[engines] {name}: up to date, skipped")
             if job.drop_intermediate and not old.get("stripped") and not comp.get("dropped"):
-                folder.drop_graph(comp, log, name)
+                _drop(folder, comp, rel, log, name)
                 manifest_io.save(out, manifest)
             continue
         comp["engine"] = None
-        entry = builder.build(folder.file(comp["onnx"]), job.engine_shapes[name], plan,
-                              strip=builder.strips(bool(comp.get("external_data"))))
+        graph = folder.file(comp["onnx"]) if branch is None else branch.write(folder.file(rel))
+        entry = builder.build(graph, profile, plan, strip=builder.strips(bool(comp.get("external_data"))))
         entry.update(plan=BuildFolder.plan_rel(name), key=key, status="complete")
+        if branch is not None:
+            entry["lora_branch"] = {**branch.record, "graph": rel}
         comp["engine"] = entry
         manifest_io.save(out, manifest)
         if job.drop_intermediate and not entry["stripped"]:
-            folder.drop_graph(comp, log, name)
+            _drop(folder, comp, rel, log, name)
             manifest_io.save(out, manifest)
         log(f"[engines] {name}: {entry['plan']} ({entry['bytes'] / 1e6:.1f} MB, {entry['build_seconds']:.1f} s, "
             f"{entry['flavour']} {entry['version']} {builder.target.sm})")
     return {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _drop(folder: BuildFolder, comp: dict, branch_rel: str | None, log, name: str) -> None:
+    """--drop-intermediate: the graph, and the graph with the LoRA branch the engine was built from."""
+    folder.drop_graph(comp, log, name)
+    if branch_rel is not None:
+        folder.drop_graph({"onnx": branch_rel}, log, f"{name} (LoRA branch)")

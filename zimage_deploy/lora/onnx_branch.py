@@ -6,8 +6,10 @@ Transpose, or a Gemm), with X the layer's activation and Y its output,
 
     Y' = Y + ((X @ down_t) * scale) @ up_t        down_t (in, r), up_t (r, out), scale (r,): graph inputs
 
-and Y's consumers read Y'. On a quantized graph X is taken before the activation's QuantizeLinear, so the branch
-runs in the graph's float dtype on the unquantized activation beside the Q/DQ matmul, never re-quantized. The rank
+and Y's consumers read Y'. On a quantized graph X is taken before the activation's QuantizeLinear (FP8) and before
+the AWQ pre-quantization scale (INT4), so the branch runs in the graph's float dtype on the unquantized activation
+beside the Q/DQ matmul, never re-quantized. TensorRT engines take the same rewrite with fixed ranks
+(lora/tensorrt.py). The rank
 r is a dynamic dimension: each set feeds its own (r = 0 for the layers it leaves alone: an exact zero is added).
 The graph files are not changed (external data is read from the build's folder) and the base sessions are not
 touched: generations without LoRAs run the build's graphs as they are. Sets are per call, so generations with
@@ -23,6 +25,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from ..errors import InternalError
 from ..models.stream import Factor
 
 SUFFIXES = (".lora_down_t", ".lora_up_t", ".lora_scale")
@@ -53,19 +56,30 @@ def _layer(weight: str, producers: dict, consumers: dict):
                 continue
         elif node.op_type != "MatMul":
             continue
-        x = node.input[0]
-        dq = producers.get(x)  # a quantized activation: the branch reads the unquantized one
-        if dq is not None and dq.op_type == "DequantizeLinear":
-            q = producers.get(dq.input[0])
-            if q is not None and q.op_type == "QuantizeLinear":
-                x = q.input[0]
-        return x, node.output[0]
+        return _activation(node.input[0], producers), node.output[0]
     return None
 
 
-def add_branches(model: onnx.ModelProto, shapes: dict[str, tuple[int, int]], elem: int = TensorProto.FLOAT) -> list:
+def _activation(x: str, producers: dict) -> str:
+    """The layer's unquantized activation: before an FP8 QuantizeLinear -> DequantizeLinear pair, and before an
+    INT4 AWQ pre-quantization scale (quantize/qdq.py: the weight was divided by it, the branch's factors were not)."""
+    dq = producers.get(x)
+    if dq is not None and dq.op_type == "DequantizeLinear":
+        q = producers.get(dq.input[0])
+        if q is not None and q.op_type == "QuantizeLinear":
+            x = q.input[0]
+    awq = producers.get(x)
+    if awq is not None and awq.op_type == "Mul" and awq.input[1].endswith(".pre_quant_scale"):
+        x = awq.input[0]
+    return x
+
+
+def add_branches(model: onnx.ModelProto, shapes: dict[str, tuple[int, int]], elem=TensorProto.FLOAT,
+                 ranks: dict[str, int] | None = None) -> list:
     """Rewrite `model` in place: a branch beside every layer whose weight is named in `shapes` (our weight name ->
-    (out, in)); returns the weight names that got one. Nodes are appended in order after their inputs."""
+    (out, in)); returns the weight names that got one. Nodes are appended in order after their inputs. `elem`: the
+    factors' ONNX data type (one for all, or weight name -> type); `ranks`: a fixed rank per weight (TensorRT
+    engines: lora/tensorrt.py) instead of a dynamic dimension."""
     graph = model.graph
     producers, consumers = _producers(graph), _consumers(graph)
     done = []
@@ -78,10 +92,11 @@ def add_branches(model: onnx.ModelProto, shapes: dict[str, tuple[int, int]], ele
             continue
         base = weight[: -len(".weight")] if weight.endswith(".weight") else weight
         down, up, scale = (base + s for s in SUFFIXES)
-        rank = f"{base}.lora_rank"
-        graph.input.extend([helper.make_tensor_value_info(down, elem, [inp, rank]),
-                            helper.make_tensor_value_info(up, elem, [rank, out]),
-                            helper.make_tensor_value_info(scale, elem, [rank])])
+        rank = f"{base}.lora_rank" if ranks is None else int(ranks[weight])
+        kind = elem[weight] if isinstance(elem, dict) else elem
+        graph.input.extend([helper.make_tensor_value_info(down, kind, [inp, rank]),
+                            helper.make_tensor_value_info(up, kind, [rank, out]),
+                            helper.make_tensor_value_info(scale, kind, [rank])])
         h, hs, z, y2 = (f"{base}/lora/{k}" for k in ("h", "hs", "z", "out"))
         for node in consumers.get(y, []):  # the layer's consumers read Y + branch
             for i, name in enumerate(node.input):
@@ -99,14 +114,19 @@ def add_branches(model: onnx.ModelProto, shapes: dict[str, tuple[int, int]], ele
 
 
 def feeds(shapes: dict[str, tuple[int, int]], adapted: list[str], table: dict[str, list[Factor]],
-          dtype=np.float32) -> dict[str, np.ndarray]:
-    """The branch inputs for `table` (rank 0 for the layers it leaves alone)."""
+          dtype=np.float32, ranks: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """The branch inputs for `table` (rank 0 for the layers it leaves alone; with `ranks`, every weight's fixed
+    rank, the columns past the set's zero)."""
     out = {}
     for weight in adapted:
         rows, inp = shapes[weight]
         base = weight[: -len(".weight")]
         parts = table.get(weight, [])
         r = sum(d.shape[0] for _, d, _, _ in parts)
+        if ranks is not None:
+            if r > ranks[weight]:
+                raise InternalError(f"{weight}: the set has rank {r}, the branch holds {ranks[weight]}")
+            r = ranks[weight]
         down = np.zeros((inp, r), dtype)
         up = np.zeros((r, rows), dtype)
         scale = np.zeros((r,), dtype)

@@ -23,8 +23,14 @@ Each backend declares how it applies a set (`abilities.lora`, runtime/backend.py
 - "refit" (TensorRT, runtime/tensorrt_lora.py): the engines are refitted (lora/tensorrt.py), always from the base
   weights. An engine holds one set at a time: generations with the active set run together, a switch waits for
   them to finish and holds back others while it refits.
-On quantized builds TensorRT refuses run-time LoRAs (its engines carry no branch: refit replaces weights, and the
-quantized ones cannot take a float delta): use --backend torch or onnxruntime, or fuse at build time.
+- TensorRT engines built with the LoRA side branch (`build --max-lora-rank R [--max-loras N]`, any precision: FP8 /
+  INT4 / NVFP4 too) take the "branch" way instead: the same side branch inside the engines, its factors engine
+  inputs of fixed rank (lora/tensorrt.py); a switch copies the set's factors into the backend's fixed buffers: no
+  refit, no rebuild, no CUDA-graph re-capture; the base weights are never touched. Bounds: the build's (a LoRA or
+  set above them is refused before anything is applied).
+Quantized TensorRT builds without the branch refuse run-time LoRAs (a refit replaces weights, and the quantized
+ones cannot take a float delta): rebuild with --max-lora-rank, use --backend torch or onnxruntime, or fuse at
+build time.
 
 Memory bounds: read LoRA files are cached up to `max_file_bytes` (least recently used first out); applied states
 (ONNX Runtime feeds, Torch factors on the device) up to `max_sets` sets. A server takes names from a configured
@@ -48,13 +54,16 @@ from .adapters import MAX_LORAS, MAX_RANK, check_bounds
 from .formats import Lora, read_lora
 from .spec import as_spec, file_sha256
 from .targets import dit_components, of_build
+from .tensorrt import branch_bounds
 
 ONE_AT_A_TIME = ("branch", "refit")  # ways whose backend holds one set at a time (a switch waits for its users)
 BOUNDED = ("branch", "feed")  # ways whose branches have a rank / count bound
-QUANTIZED_MESSAGE = ("this build's DiT is quantized ({}): TensorRT cannot add run-time LoRAs to its quantized "
-                     "engines (a refit replaces weights; quantized ones cannot take a float delta). Use --backend "
-                     "torch or onnxruntime (the LoRA runs beside the quantized layers there), or fuse the LoRA at "
-                     "build time: python -m zimage_deploy.build ... --lora PATH[:SCALE]")
+QUANTIZED_MESSAGE = ("this build's DiT is quantized ({}) and its engines carry no LoRA branch: TensorRT cannot add "
+                     "run-time LoRAs to them (a refit replaces weights; quantized ones cannot take a float delta). "
+                     "Rebuild the engines with the branch: python -m zimage_deploy.build ... --max-lora-rank R "
+                     "[--max-loras N] (the LoRA then runs beside the quantized layers, switched per request); or "
+                     "use --backend torch or onnxruntime here, or fuse the LoRA at build time: "
+                     "python -m zimage_deploy.build ... --lora PATH[:SCALE]")
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,10 @@ class LoraManager:
         low_vram = planned_low_vram(manifest, low_vram)  # as make_backend decides it
         self.engine_dir, self.manifest, self.low_vram = Path(engine_dir), manifest, low_vram
         self.backend_name, self.way = backend.name, backend.abilities.lora
+        # engines built with the LoRA branch (lora/tensorrt.py): their bounds, and a switch feeds, never refits
+        self.engine_bounds = branch_bounds(manifest) if self.way == "refit" else None
+        if self.engine_bounds:
+            self.way = "branch"
         self.files = BoundedCache(64, max_file_bytes, lambda lora: lora.nbytes)
         self.states = BoundedCache(max_sets)
         self._targets = None
@@ -250,7 +263,10 @@ class LoraManager:
             self.check_supported()
             items = tuple((self.read(spec.path), spec.scale) for spec in map(as_spec, loras))
             if self.way in BOUNDED:
-                check_bounds(self.targets, items, self.max_rank, self.max_loras)
+                rank, count = self.max_rank, self.max_loras
+                if self.engine_bounds:  # never above what the engines hold
+                    rank, count = min(rank, self.engine_bounds[0]), min(count, self.engine_bounds[1])
+                check_bounds(self.targets, items, rank, count)
         except RequestError:
             raise
         except UserError as e:

@@ -17,6 +17,11 @@ reused after; kernels compiled later for new dynamic shapes are not added to the
 weights resident and unloads / loads the others' weights (`ICudaEngine.unload_weights` / `load_weights`: the engines
 and their compiled contexts stay), after synchronizing the stream. Weight-streaming budgets come from the build's
 VRAM plan (`runtime.stream_budget_bytes`). Weightless plans are refitted from the build's graphs at load, their external data memory-mapped.
+
+Engines built with the LoRA side branch (`build --max-lora-rank`, lora/tensorrt.py) take the branch's factors as
+inputs: they live in fixed device buffers of the backend (zeros: no LoRA, the base output), bound at every call and
+captured with the engine's CUDA graph; `load_lora` copies a set's factors into them (a switch: no refit, no new
+capture).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from ..engines.flavour import import_trt, version
 from ..errors import UserError
 from ..export.specs import DTYPES
 from ..fsutil import atomic_file
+from ..lora.tensorrt import branch_bounds, branch_inputs
 from .backend import Abilities, Backend
 from .verify import plan_verified
 
@@ -218,6 +224,10 @@ class TensorRTBackend(Backend):
 
             self.host["text_encoder"] = TorchBackend(engine_dir, manifest, device="cpu", torch_mode="eager",
                                                      offload="none")
+        # the LoRA branch's factor inputs: component -> input name -> fixed buffer (kept across engine reloads)
+        self.branch = {name: {n: torch.zeros(shape, dtype=DTYPES[dtype], device=self.device)
+                              for n, (shape, dtype) in branch_inputs(comp["engine"]["lora_branch"]).items()}
+                       for name, comp in self.components.items() if (comp.get("engine") or {}).get("lora_branch")}
         if not self.low_vram:
             for name in self.components:
                 if name not in self.host:
@@ -247,9 +257,9 @@ class TensorRTBackend(Backend):
         self.workspace = torch.empty(size, dtype=torch.uint8, device=self.device)
 
     def lora_applier(self, targets, max_rank, max_loras):
-        from .tensorrt_lora import EngineRefit  # the DiT engines refitted (lora/tensorrt.py)
+        from .tensorrt_lora import EngineBranch, EngineRefit  # branch inputs fed, or the DiT engines refitted
 
-        return EngineRefit(self)
+        return EngineBranch(self) if branch_bounds(self.manifest) else EngineRefit(self)
 
     def _engine(self, name: str) -> _Engine:
         eng = self.engines.get(name)
@@ -324,16 +334,34 @@ class TensorRTBackend(Backend):
                 if self.cuda_graphs and eng.capturable and eng.graph is not False:
                     outputs = self._run_graph(eng, feeds, specs)
                 else:
-                    outputs = self._bind(eng, feeds, specs)
+                    outputs = self._bind(eng, {**feeds, **self.branch.get(component, {})}, specs)
                     self._execute(eng)
             cuda.current_stream().wait_stream(self.stream)
             return outputs
+
+    @torch.no_grad()
+    def load_lora(self, factors: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Copy a LoRA set's factor inputs (component -> input name -> tensor, lora/tensorrt.py `branch_feeds`) into
+        the branch buffers; what `factors` leaves out becomes zero (no LoRA there). The caller runs nothing on
+        the engines meanwhile; queued work finishes first."""
+        unknown = sorted(set(factors) - set(self.branch))
+        if unknown:
+            raise UserError(f"the engines of {', '.join(unknown)} carry no LoRA branch: rebuild with --max-lora-rank")
+        with self._lock:
+            self.stream.synchronize()
+            for comp, buffers in self.branch.items():
+                given = factors.get(comp, {})
+                for name, buf in buffers.items():
+                    if name in given:
+                        buf.copy_(given[name])
+                    else:
+                        buf.zero_()
 
     def _run_graph(self, eng: _Engine, feeds, specs):
         """Static shapes: copy into fixed buffers and replay one captured execution."""
         if eng.graph is None:
             static_in = {k: v.clone() for k, v in feeds.items()}
-            static_out = self._bind(eng, static_in, specs)
+            static_out = self._bind(eng, {**static_in, **self.branch.get(eng.name, {})}, specs)
             self._execute(eng)  # warm-up outside capture, as TensorRT needs; its outputs are this call's
             self.stream.synchronize()
             graph = cuda.CUDAGraph()

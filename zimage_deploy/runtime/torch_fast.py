@@ -187,9 +187,11 @@ class TorchBackend(Backend):
     `models.fast.record_input_amax`; an fp8 build uses its own), `fast_accum` (`_scaled_mm`'s fast accumulation),
     `attention_kernel` ("default" or "cudnn": cuDNN attention first in the DiT), `compile_backend` (torch.compile's
     backend, or a dict loader name -> backend, e.g. {"transformer": "inductor", "vae_decoder": "eager"}: "eager"
-    checks dynamo alone, quickly), `dense_attention`. `offload`: "none" | "model" | "text-encoder-cpu" |
-    "sequential" (runtime/offload.py; eager mode only), an OffloadPolicy, or None / "auto": the build's plan's; with
-    an offloading memory mode the default torch_mode is eager."""
+    checks dynamo alone, quickly), `dense_attention`, `lora_bounds` ((max_rank, max_loras): the DiT's LoRA branches
+    installed before compiling, so no LoRA set recompiles anything; without, they are installed on first LoRA
+    use, a recompile then). `offload`: "none" | "model" | "text-encoder-cpu" | "sequential" (runtime/offload.py;
+    eager mode only), an OffloadPolicy, or None / "auto": the build's plan's; with an offloading memory mode the
+    default torch_mode is eager."""
 
     name = "torch"
     abilities = Abilities(lora="branch", memory_modes=("none", "model", "text-encoder-cpu", "sequential"),
@@ -201,8 +203,10 @@ class TorchBackend(Backend):
                  modules: dict[str, nn.Module] | None = None, caption_buckets=CAPTION_BUCKETS,
                  max_graphs: int = MAX_GRAPHS, fp8_scales: dict | None = None, fast_accum: bool = False,
                  attention_kernel: str = "default", compile_backend="inductor", dense_attention: bool = True,
-                 offload="none"):
+                 offload="none", lora_bounds: tuple[int, int] | None = None):
         super().__init__(engine_dir, manifest)
+        if lora_bounds is not None:
+            self.lora_bounds = tuple(int(b) for b in lora_bounds)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device)
         if torch_mode is None:  # compiled on CUDA, unless the memory mode offloads (that needs eager)
@@ -437,6 +441,7 @@ class TorchBackend(Backend):
                 return model(*args)
             except Exception as e:  # noqa: BLE001 - judged below: does the eager module run these inputs?
                 error = e
+            self._share_lora_branches()
             out = self.eager_wrappers[component](*args)  # raises if the inputs are at fault, not the compiler
             self._eager_signatures.add(signature)
             log.warning("torch backend: the compiled %s failed for inputs %s; it runs eagerly for them from now on "
@@ -445,7 +450,23 @@ class TorchBackend(Backend):
             self._count_fallback(component)
             return out
         self._count_fallback(component)
+        self._share_lora_branches()
         return self.eager_wrappers[component](*args)
+
+    def _share_lora_branches(self) -> None:
+        """The eager twin of the compiled DiT runs the LoRA branches installed on the compiled one after the twin
+        was copied (on first LoRA use, without `lora_bounds`): the same branch modules, so it follows every switch.
+        (Branches reserved before compiling are in the twin already, their buffers shared.)"""
+        from ..models.lora_branch import LoraBranch, branches
+
+        compiled, twin = self.models.get(DIT), self.eager_models.get(DIT)
+        if compiled is None or twin is None:
+            return
+        compiled, twin = getattr(compiled, "dit", compiled), getattr(twin, "dit", twin)  # as lora/runtime.py finds it
+        for name, branch in branches(compiled).items():
+            if not isinstance(twin.get_submodule(name), LoraBranch):
+                parent, _, attr = name.rpartition(".")
+                setattr(twin.get_submodule(parent) if parent else twin, attr, branch)
 
     def _count_fallback(self, component: str) -> None:
         with self._lock:
