@@ -115,3 +115,36 @@ def test_turns_go_by_age_and_interactive_first():
     order, r = asyncio.run(scenario())
     assert order == ["a", "b", "c"] and list(r.resident) == ["c"]
     assert [s.runtime.loaded for s in (a, b, c)] == [False, False, True]
+
+
+def test_a_background_job_gives_its_slot_to_an_interactive_request(tiny_fp32, base_fp32, tmp_path):
+    """One slot: a base job holds it (base swapped in); a turbo request arrives and waits for the slot; at its next
+    check the job stops, goes back to its queue, and turbo is swapped in and answers; then base is swapped in again
+    and the job runs from the start to the runtime's image."""
+    from test_serve_jobs import HeldSpy, state, submit
+
+    from serve_util import RuntimeSpy, ServerThread, wait_for
+    from zimage_deploy.serve.app import create_app
+    from zimage_deploy.serve.jobs import Jobs, JobStore
+
+    base_rt = ZImageRuntime(base_fp32)
+    base, turbo = HeldSpy(base_rt), RuntimeSpy(ZImageRuntime(tiny_fp32))
+    runtimes = {"turbo": SwappableRuntime(turbo, lambda: turbo), "base": SwappableRuntime(base, lambda: base)}
+    app = create_app(runtimes, batch_wait_ms=0, jobs=Jobs(JobStore(tmp_path)), residency=Residency(1))
+    residency = app.state.gateway.residency
+    with ServerThread(app) as url:
+        base.hold_at = 2
+        job_id = submit(url, prompt="a job", model="base", seed=4, steps=3).json()["id"]
+        assert base.held.wait(60) and list(residency.resident) == ["base"]
+        with cf.ThreadPoolExecutor(1) as ex:
+            interactive = ex.submit(httpx.post, f"{url}/v1/generate", timeout=60,
+                                    json={"prompt": "a", "model": "turbo", "height": 64, "width": 64, "steps": 1})
+            wait_for(lambda: "turbo" in residency.waiting)
+            base.release.set()  # the job's next check finds turbo waiting for its slot: it stops
+            assert interactive.result().status_code == 200
+        assert base.calls[0]["outcome"] == "GenerationCancelled" and turbo.calls[0]["outcome"] == "done"
+        wait_for(lambda: state(url, job_id)["state"] == "done")
+        assert [c["outcome"] for c in base.calls] == ["GenerationCancelled", "done"]
+        got = decode(httpx.get(f"{url}/v1/jobs/{job_id}").json()["images"][0])
+    want = np.asarray(base_rt.generate("a job", seed=4, height=64, width=64, steps=3).images[0]).astype(int)
+    assert np.abs(got - want).max() <= 1
