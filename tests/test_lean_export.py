@@ -100,3 +100,35 @@ def test_lean_build_records_itself(deep_builds):
     manifest = json.loads((deep_builds["on"] / "manifest.json").read_text())
     assert manifest["export"]["lean"] is True
     assert json.loads((deep_builds["off"] / "manifest.json").read_text())["export"]["lean"] is False
+
+
+def test_lean_edit_transformer_equals_ordinary(tmp_path):
+    """The Omni (Edit) step graph, whose wrapper calls a method of the DiT (its layers' node scope lacks the
+    wrapper's `dit.` weight prefix): the lean export deepens it to the real depth, the same graph as the ordinary
+    export (it stopped with "stamping needs a graph traced with exactly two layers, found []")."""
+    import torch
+
+    from zimage_deploy.export.modules import Modules
+    from zimage_deploy.export.onnx_export import export_component
+    from zimage_deploy.facts import model_facts
+    from zimage_deploy.tiny import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", dit=dict(n_layers=4, n_refiner_layers=1), seed=5, edit=True)
+    facts, modules = model_facts(ckpt), Modules(ckpt, None)
+    template, depth = modules.template("transformer", torch.float32)
+    export_component("transformer", template, facts, torch.float32, tmp_path / "lean", "edit",
+                     weights=modules.weights("transformer"), depth=depth)
+    export_component("transformer", modules.module("transformer", torch.float32), facts, torch.float32,
+                     tmp_path / "full", "edit")
+    lean, full = (graph(tmp_path / k / "transformer" / "model.onnx") for k in ("lean", "full"))
+    ops = lambda g: collections.Counter(n.op_type for n in g.graph.node if n.op_type != "Constant")  # noqa: E731
+    assert depth == 4 and ops(lean) == ops(full)
+    lw = {t.name: numpy_helper.to_array(t) for t in lean.graph.initializer}
+    fw = {t.name: numpy_helper.to_array(t) for t in full.graph.initializer}
+    assert set(lw) == set(fw) and all(np.array_equal(lw[k], fw[k]) for k in fw)
+    assert {k.split(".")[1] for k in lw if k.startswith("layers.")} == {"0", "1", "2", "3"}
+    spec = specs_for("edit", facts)["transformer"]
+    feeds = {io.name: s.numpy() for io, s in zip(spec.inputs, spec.sample(facts, CHECK_DIMS, torch.float32))}
+    a, b = (ort.InferenceSession(str(tmp_path / k / "transformer" / "model.onnx"),
+                                 providers=["CPUExecutionProvider"]).run(None, feeds)[0] for k in ("lean", "full"))
+    assert np.array_equal(a, b) and float(np.abs(b).mean()) > 0

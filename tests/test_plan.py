@@ -446,3 +446,22 @@ def test_has_engines_means_every_component_has_one():
     assert not has_engines({"components": {"text_encoder": done, "transformer": {}}})  # `any` said yes
     assert not has_engines({"components": {}})
     assert uses_gpu is has_engines
+
+
+def test_edit_build_is_planned(edit_fp32, tiny_fp32):
+    """An Edit build (planned on a card): the SigLIP tower and refiner are parts whose computed weights equal the
+    built graphs', and the DiT's activations count the condition images' rows (more than Turbo's at one size)."""
+    import json
+
+    manifest = json.loads((edit_fp32 / "manifest.json").read_text())
+    cfgs = plan._configs(None, manifest, edit=True)
+    computed = config_weights(plan._meta_modules(cfgs), {c: "fp32" for c in manifest["components"]},
+                              vision=plan._meta_vision(cfgs["siglip"]))
+    assert {c: e["weight_bytes"] for c, e in manifest["components"].items()} == computed
+    edit = make_plan("h100", "fp32", 256, 256, engine_dir=edit_fp32, on_target="h100")
+    turbo = make_plan("h100", "fp32", 256, 256, engine_dir=tiny_fp32, on_target="h100")
+    parts = {p.name: p for p in edit.parts}
+    assert {"vision_encoder", "siglip_refiner"} <= set(parts) and edit.mode == "all-resident"
+    assert parts["vision_encoder"].act_max > parts["vision_encoder"].act_opt > 0  # two condition images at most
+    dit = {p.name: p for p in turbo.parts}["transformer"]
+    assert parts["transformer"].act_opt > 2 * dit.act_opt  # batch 2 (CFG) and the condition rows

@@ -78,6 +78,9 @@ def test_ray_app_models_behind_one_ingress_and_sigterm(tiny_fp32, base_fp32):
                           headers={**auth, "content-type": "application/json"})
         assert huge.status_code == 413
         assert httpx.get(f"{url}/", timeout=30).text.startswith("<!doctype html>")
+        for method, path in (("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/x")):  # README: refused
+            r = httpx.request(method, f"{url}{path}", headers=auth, json={"prompt": "a"}, timeout=30)
+            assert r.status_code == 501 and "not served by the Ray Serve app" in r.json()["error"]["message"]
         metrics = httpx.get(f"{url}/metrics", headers=auth, timeout=30).text
         assert 'model="base"' in metrics and 'model="turbo"' in metrics
         code, _ = _stop(proc, deadline=90)

@@ -24,8 +24,13 @@ and memory traffic (weights read once per call / datasheet bandwidth), per stage
 (CFG doubles the batch), VAE decoder once; plus the mode's host-to-device copies over the card's PCIe link. Real
 pipelines reach a fraction of it; it says what cannot be beaten.
 
-Several builds on one card (`plan --build-dir A --build-dir B`, `plan_set`): resident together, one swapped in at a
-time, or not at all; recorded (`--json`) for a server to follow.
+Several builds on one card (`plan --build-dir A --build-dir B [--vram-gib G]`, `plan_set`): resident together, as
+many as fit swapped in at a time, or not at all; recorded (`--json`); `serve` follows it (serve/residency.py).
+
+An Edit build adds the SigLIP2 vision tower (`vision_encoder`) and the DiT's `siglip_refiner`, run once per request
+on the condition images, and the DiT's sequence carries each condition image's latent patches (counted at the
+output's size) and SigLIP rows: one condition image at the optimal shape, the most a request may send at the
+largest. Its configs come from the build's (or `--model`'s) checkpoint.
 
 A ControlNet build (or `--controlnet PATH` before building) adds the `controlnet` graph: its own branch plus the DiT
 embedders and noise refiner it shares, run every step beside the transformer — so the two count as one stage in
@@ -49,7 +54,7 @@ from .facts import SMALL_SIDES, small_model
 from .quantize.options import DEFAULT_EXCLUDE
 from .schemes import SCHEMES
 from .targets import PRECISIONS, QUANTIZED, TARGETS, TEXT_ENCODER_PRECISIONS, get_target, precision_plan
-from .variants import VARIANTS, get_variant
+from .variants import MAX_CONDITION_IMAGES, VARIANTS, get_variant
 
 GIB = 1 << 30
 CUDA_OVERHEAD = int(0.75 * GIB)  # CUDA context, TensorRT runtime, cuBLAS/cuDNN handles, allocator slack
@@ -98,9 +103,9 @@ class Plan:
 
 # -- model facts from configs ------------------------------------------------------------------------------------
 
-def _configs(model: str | None, manifest: dict | None) -> dict:
-    """Configs of the DiT, text encoder and VAE: from a checkpoint, a build's recorded checkpoint, or the real
-    Z-Image configs."""
+def _configs(model: str | None, manifest: dict | None, edit: bool = False) -> dict:
+    """Configs of the DiT, text encoder and VAE (Edit: and the SigLIP2 tower, `siglip`): from a checkpoint, a
+    build's recorded checkpoint, or the real Z-Image (Turbo / Base) configs."""
     from .checkpoint import read_config
 
     path = None
@@ -111,9 +116,17 @@ def _configs(model: str | None, manifest: dict | None) -> dict:
 
         path = resolve(model)[0]
     if path is not None and (path / "transformer" / "config.json").is_file():
-        return {k: read_config(path, k) for k in ("transformer", "text_encoder", "vae")}
+        cfgs = {k: read_config(path, k) for k in ("transformer", "text_encoder", "vae")}
+        if cfgs["transformer"].get("siglip_feat_dim"):  # Edit: the SigLIP2 tower and its processor's patch budget
+            sig = read_config(path, "siglip")
+            cfgs["siglip"] = {**sig.get("vision_config", sig), "max_num_patches": read_config(
+                path, "siglip_processor", "preprocessor_config.json").get("max_num_patches", 256)}
+        return cfgs
     if path is not None:
         raise UserError(f"the build's checkpoint {path} is gone: pass --model with its configs")
+    if edit:
+        raise UserError("the real Z-Image-Edit configs are not embedded here: plan an Edit build (--build-dir) or "
+                        "pass --model with an Edit checkpoint")
     from .realsize import REAL_DIT, REAL_TEXT, REAL_VAE
 
     return {"transformer": REAL_DIT, "text_encoder": REAL_TEXT, "vae": REAL_VAE}
@@ -151,6 +164,18 @@ def _meta_modules(cfgs: dict):
         text = TextEncoder(TextEncoderConfig.from_transformers(cfgs["text_encoder"]))
         vae = AutoencoderKL(**vae_cfg)
     return dit, text, vae
+
+
+def _meta_vision(sig: dict | None):
+    """The Edit build's SigLIP2 vision tower on the meta device (None for Turbo / Base)."""
+    if sig is None:
+        return None
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    known = {k: v for k, v in sig.items() if not k.startswith("_") and k not in ("architectures", "dtype",
+                                                                                  "max_num_patches")}
+    with torch.device("meta"):
+        return Siglip2VisionModel(Siglip2VisionConfig(**known))
 
 
 def _dit_split(dit) -> dict[str, list[tuple[str, torch.Tensor]]]:
@@ -215,12 +240,14 @@ def _controlnet_quantizable(name: str) -> bool:
         not any(e in name for e in DEFAULT_EXCLUDE)
 
 
-def config_weights(modules, plan_of: dict[str, str], branch=None) -> dict[str, int]:
+def config_weights(modules, plan_of: dict[str, str], branch=None, vision=None) -> dict[str, int]:
     """Bytes of each component's graph weights, from the (meta-device) modules and the per-component precision
-    (`branch`: a ControlNet's meta-device ControlBranch)."""
+    (`branch`: a ControlNet's meta-device ControlBranch; `vision`: an Edit build's meta-device SigLIP2 tower, which
+    adds the `vision_encoder` and `siglip_refiner` graphs)."""
     dit, text, vae = modules
     split = _dit_split(dit)
-    keep32 = fp32_params(dit, text, vae, *(() if branch is None else (branch,)))
+    keep32 = fp32_params(dit, text, vae, *(() if branch is None else (branch,)),
+                         *(() if vision is None else (vision,)))
     vae_params = list(vae.named_parameters())
     params = {
         "text_encoder": (list(text.named_parameters()), _text_quantizable),
@@ -231,6 +258,10 @@ def config_weights(modules, plan_of: dict[str, str], branch=None) -> dict[str, i
     }
     if branch is not None:
         params["controlnet"] = (controlnet_params(dit, branch), _controlnet_quantizable)
+    if vision is not None:  # the graph is the tower's last hidden state: its pooling head is not in it
+        params["siglip_refiner"] = (split["siglip_refiner"], lambda n: False)
+        params["vision_encoder"] = ([(n, p) for n, p in vision.named_parameters() if ".head." not in f".{n}"],
+                                    lambda n: False)
     return {name: weight_bytes(named, plan_of[name], quantizable, keep32)
             for name, (named, quantizable) in params.items() if name in plan_of}
 
@@ -246,6 +277,17 @@ def dit_activations(cfg, image_tokens: int, caption_tokens: int, batch: int, ele
     (S d), the SwiGLU's two hidden projections and their product (3 S f); fused attention (no S x S scores)."""
     s = _pad32(image_tokens) + _pad32(caption_tokens)
     return int(batch * s * (6 * cfg.dim + 3 * cfg.ffn_dim) * elem)
+
+
+def vision_activations(sig: dict, tokens: int, images: int, elem: float) -> int:
+    """Widest point of one SigLIP2 encoder layer on each condition image's patches: residual and normed input
+    (2 S h), q/k/v and attention output (4 S h), the MLP's hidden and activated (2 S i); fused attention."""
+    return int(images * tokens * (6 * sig["hidden_size"] + 2 * sig["intermediate_size"]) * elem)
+
+
+def vision_flops(sig: dict, tokens: int, images: int) -> float:
+    h, i = sig["hidden_size"], sig["intermediate_size"]
+    return float(images * sig["num_hidden_layers"] * (2 * tokens * (4 * h * h + 2 * h * i) + 4 * tokens * tokens * h))
 
 
 def text_activations(cfg, tokens: int, batch: int, elem: float) -> int:
@@ -337,7 +379,7 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
         target, precision, variant = _built_on(manifest, engine_dir, on_target)
     t = get_target(target)
     v = _checked(t, variant, precision, text_encoder, height, width)
-    cfgs = _configs(model, manifest)
+    cfgs = _configs(model, manifest, edit=v.layout == "omni")
     plan_of = precision_plan(precision, t.base, text_encoder)
     if manifest is not None:
         plan_of.update(manifest.get("plan", {}))
@@ -350,11 +392,14 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
 
 
 def _built_on(manifest: dict, engine_dir: Path, on_target: str | None) -> tuple[str, str, str]:
-    """A build's target (or `on_target`, a card of the same compute capability), precision and variant."""
+    """A build's target (or `on_target`, a card of the same compute capability; any GPU card for a CPU build, whose
+    graphs are then planned as if built for it), precision and variant."""
     target = manifest["target"]
     if on_target is not None and on_target != target:
         built, other = get_target(target), get_target(on_target)
-        if built.compute_capability != other.compute_capability:
+        if built.compute_capability is None and other.compute_capability is not None:
+            pass  # a CPU build's graphs: what they would need on that card
+        elif built.compute_capability != other.compute_capability:
             raise UserError(f"{engine_dir} was built for {target} ({built.sm}); its engines do not run on "
                             f"{on_target} ({other.sm})")
         target = on_target
@@ -370,8 +415,6 @@ def _checked(t, variant: str, precision: str, text_encoder: str | None, height: 
     if text_encoder is not None and text_encoder != "bf16":
         t.check_precision(text_encoder)
     v = get_variant(variant)
-    if v.layout != "basic":
-        raise UserError("the planner covers Turbo and Base; Edit adds the SigLIP tower and condition images")
     for side, name in ((height, "height"), (width, "width")):
         if side <= 0 or side % 16:
             raise UserError(f"--{name} {side} must be a positive multiple of 16")
@@ -390,6 +433,8 @@ class _Shapes:
     caption_tokens: int
     max_caption_tokens: int
     elem: float  # bytes per activation element
+    sig_tokens: int = 0  # Edit: SigLIP patches per condition image
+    conditions: tuple[int, int] = (0, 0)  # Edit: condition images counted (at the optimal size, at the largest)
 
 
 def _make(t, v, precision, plan_of, height, width, cfgs, manifest, controlnet, model, steps, caption_tokens,
@@ -407,22 +452,30 @@ def _make(t, v, precision, plan_of, height, width, cfgs, manifest, controlnet, m
     patch = dit.cfg.patch_size
     side_max = max_side or max(height, width, SMALL_SIDES[1] if small_model(dit.cfg.dim) else v.max_side)
 
-    def tokens(h, w):
-        return (h // scale // patch) * (w // scale // patch)
+    sig = cfgs.get("siglip")
+    sig_tokens = sig["max_num_patches"] if sig else 0
+    conditions = (1, MAX_CONDITION_IMAGES) if v.layout == "omni" else (0, 0)
 
-    shapes = _Shapes(height, width, side_max, tokens(height, width), tokens(side_max, side_max),
-                     2 if v.uses_cfg else 1, caption_tokens, max_caption_tokens, 4.0 if precision == "fp32" else 2.0)
-    acts = _activations(dit.cfg, text.cfg, cfgs["vae"], cn, shapes)
+    def tokens(h, w, n=0):
+        """The DiT's image-side rows: the target's, and (Edit) each condition image's latent patches (counted at
+        the output's size) and SigLIP rows."""
+        return (h // scale // patch) * (w // scale // patch) * (1 + n) + sig_tokens * n
+
+    shapes = _Shapes(height, width, side_max, tokens(height, width, conditions[0]),
+                     tokens(side_max, side_max, conditions[1]), 2 if v.uses_cfg else 1, caption_tokens,
+                     max_caption_tokens, 4.0 if precision == "fp32" else 2.0, sig_tokens, conditions)
+    acts = _activations(dit.cfg, text.cfg, cfgs["vae"], cn, shapes, sig)
     vae_flops = _cached(("vae", key, height, width),
                         lambda: vae_decoder_flops(vae, height // scale, width // scale, 1))
-    flops = _flops(dit.cfg, text.cfg, cn, shapes, steps, vae_flops)
+    flops = _flops(dit.cfg, text.cfg, cn, shapes, steps, vae_flops, sig)
     plan = Plan(t.name, precision, v.name, height, width, steps, shapes.batch, int(t.memory_gib * GIB))
     components = v.components
     if cn is not None:
         plan_of, components = with_controlnet_precision(plan_of), with_controlnet(components)
     weights_key = ("weights", key, tuple(sorted(plan_of.items())))
-    computed = config_weights((dit, text, vae), plan_of, branch) if branch is not None else \
-        _cached(weights_key, lambda: config_weights((dit, text, vae), plan_of))
+    vision = _cached(("vision", key), lambda: _meta_vision(sig))
+    computed = config_weights((dit, text, vae), plan_of, branch, vision) if branch is not None else \
+        _cached(weights_key, lambda: config_weights((dit, text, vae), plan_of, vision=vision))
     for name in components:
         weights, source = _built_weights(manifest, name) or (computed[name], "config")
         plan.parts.append(Part(name, plan_of[name], weights, source, *acts[name], *flops[name]))
@@ -436,7 +489,7 @@ def _make(t, v, precision, plan_of, height, width, cfgs, manifest, controlnet, m
     return plan
 
 
-def _activations(dcfg, tcfg, vae_cfg: dict, cn, s: _Shapes) -> dict[str, tuple[int, int]]:
+def _activations(dcfg, tcfg, vae_cfg: dict, cn, s: _Shapes, sig: dict | None = None) -> dict[str, tuple[int, int]]:
     """Each component's activation bytes (at the optimal size, at the largest)."""
     elem, batch = s.elem, s.batch
     acts = {
@@ -456,10 +509,14 @@ def _activations(dcfg, tcfg, vae_cfg: dict, cn, s: _Shapes) -> dict[str, tuple[i
         hints = [int(cn.n_hints * b * (_pad32(img) + _pad32(cap)) * dcfg.dim * elem) for img, cap, b in shapes]
         acts["controlnet"] = tuple(dit_activations(dcfg, *shape, elem) + h for shape, h in zip(shapes, hints))
         acts["transformer"] = tuple(a + h for a, h in zip(acts["transformer"], hints))
+    if sig is not None:  # Edit: once per request, on the condition images
+        acts["vision_encoder"] = tuple(vision_activations(sig, s.sig_tokens, n, elem) for n in s.conditions)
+        acts["siglip_refiner"] = tuple(dit_activations(dcfg, 0, s.sig_tokens * n, 1, elem) for n in s.conditions)
     return acts
 
 
-def _flops(dcfg, tcfg, cn, s: _Shapes, steps: int, vae_flops: float) -> dict[str, tuple[float, int]]:
+def _flops(dcfg, tcfg, cn, s: _Shapes, steps: int, vae_flops: float,
+           sig: dict | None = None) -> dict[str, tuple[float, int]]:
     """Each component's work per call, and its calls per image."""
     flops = {
         "text_encoder": (text_flops(tcfg, s.caption_tokens, s.batch), 1),
@@ -470,6 +527,12 @@ def _flops(dcfg, tcfg, cn, s: _Shapes, steps: int, vae_flops: float) -> dict[str
     }
     if cn is not None:
         flops["controlnet"] = (controlnet_step_flops(dcfg, cn, s.img_opt, s.caption_tokens, s.batch), steps)
+    if sig is not None:
+        from .models.fast import block_flops
+
+        n = s.conditions[0]
+        flops["vision_encoder"] = (vision_flops(sig, s.sig_tokens, n), 1)
+        flops["siglip_refiner"] = (float(n * dcfg.n_refiner_layers * block_flops(dcfg, _pad32(s.sig_tokens))), 1)
     return flops
 
 
@@ -679,23 +742,26 @@ def format_rows(rows: list, height: int, width: int, steps: int) -> str:
 @dataclass
 class SetPlan:
     """Several builds on one card: `resident-together` (every build's engines in GPU memory at once, one CUDA
-    context), `one-at-a-time` (one build's engines swapped in per request, each in its own plan's mode; a switch
-    costs a copy of that build's weights), or `does-not-fit`. What a server that holds the set follows."""
+    context), `one-at-a-time` (at most `max_resident` builds' engines in memory, the others swapped in on demand,
+    each in its own plan's mode; a switch costs a copy of that build's weights), or `does-not-fit`. What a server
+    that holds the set follows (serve/residency.py)."""
     target: str
     memory: int
     builds: list = field(default_factory=list)  # per build: dir, variant, precision, mode alone, GiB, swap seconds
     together: int = 0  # bytes
     one_at_a_time: int = 0  # bytes
     mode: str = ""
+    max_resident: int = 0  # builds resident at once whichever they are (all of them: resident-together)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def plan_set(dirs: list[Path], target: str | None = None, height: int | None = None,
-             width: int | None = None) -> SetPlan:
+             width: int | None = None, memory_gib: float | None = None) -> SetPlan:
     """Plan builds that one server holds (each at its default size, or `height` x `width`) on one card: the
-    builds' own target where they share it, else `target` (of the same compute capability)."""
+    builds' own target where they share it, else `target` (of the same compute capability; any GPU card for CPU
+    builds); `memory_gib` replaces the card's memory (a card shared with other work, or a test's small budget)."""
     from . import manifest as manifest_io
 
     manifests = [manifest_io.load(d) for d in dirs]
@@ -704,12 +770,19 @@ def plan_set(dirs: list[Path], target: str | None = None, height: int | None = N
         raise UserError(f"the builds are for different targets ({', '.join(sorted(targets))}): pass --target, the "
                         "card they share")
     target = target or targets.pop()
+    if get_target(target).compute_capability is None:
+        raise UserError("CPU builds run in host memory: pass --target, the card to plan them on")
+    if memory_gib is not None and memory_gib <= 0:
+        raise UserError(f"--vram-gib must be > 0, got {memory_gib:g}")
     plans = [make_plan(m["target"], m["precision"], height or m["defaults"]["height"],
                        width or m["defaults"]["width"], engine_dir=d, on_target=target, advise=False)
              for d, m in zip(dirs, manifests)]
     t = get_target(target)
-    out = SetPlan(target, int(t.memory_gib * GIB))
+    out = SetPlan(target, int((memory_gib or t.memory_gib) * GIB))
     usable = int(out.memory * USABLE)
+    for p in plans:  # each build's own mode on this memory
+        p.memory = out.memory
+        _choose_mode(p)
     acts = [max(p.act_opt for p in plan.parts) for plan in plans]
     weights = [sum(p.weights for p in plan.parts) for plan in plans]
     out.together = sum(weights) + max(acts) + CUDA_OVERHEAD
@@ -722,9 +795,14 @@ def plan_set(dirs: list[Path], target: str | None = None, height: int | None = N
     if any(plan.mode == "does-not-fit" for plan in plans):
         out.mode = "does-not-fit"
     elif out.together <= usable and all(plan.mode == "all-resident" for plan in plans):
-        out.mode = "resident-together"
+        out.mode, out.max_resident = "resident-together", len(plans)
     else:
-        out.mode = "one-at-a-time"
+        out.mode, out.max_resident = "one-at-a-time", 1
+        if all(plan.mode == "all-resident" for plan in plans):  # as many as fit, whichever they are
+            heaviest = sorted(weights, reverse=True)
+            while out.max_resident < len(plans) - 1 and \
+                    sum(heaviest[:out.max_resident + 1]) + max(acts) + CUDA_OVERHEAD <= usable:
+                out.max_resident += 1
     return out
 
 
@@ -737,7 +815,9 @@ def format_set(s: SetPlan) -> str:
         lines.append(f"| {b['dir']} | {b['variant']} | {b['precision']} | {b['mode']} | {b['needs_gib']:.2f} | "
                      f"{b['weights_gib']:.2f} | {b['swap_seconds']:.3f} |")
     lines += ["", f"resident together: {gib(s.together)} GiB; one at a time: {gib(s.one_at_a_time)} GiB "
-              f"(usable {gib(s.memory * USABLE)} GiB)", f"set mode: {s.mode}"]
+              f"(usable {gib(s.memory * USABLE)} GiB)",
+              f"set mode: {s.mode}" + (f" (at most {s.max_resident} resident at once)" if s.mode == "one-at-a-time"
+                                       else "")]
     return "\n".join(lines)
 
 
@@ -750,8 +830,8 @@ def main(argv=None) -> int:
                     help="default: the build's with --build-dir, else the target's default")
     ap.add_argument("--text-encoder-precision", choices=TEXT_ENCODER_PRECISIONS, default=None,
                     help="as build --text-encoder-precision (default: the precision's)")
-    ap.add_argument("--variant", choices=[n for n, v in VARIANTS.items() if v.layout == "basic"], default="turbo",
-                    help="default: %(default)s (the build's with --build-dir)")
+    ap.add_argument("--variant", choices=list(VARIANTS), default="turbo",
+                    help="default: %(default)s (the build's with --build-dir; edit: with --model, an Edit checkpoint)")
     ap.add_argument("--height", type=int, default=None, help="image height in pixels (default: 1024; a build's own)")
     ap.add_argument("--width", type=int, default=None, help="image width in pixels (default: 1024; a build's own)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the variant's)")
@@ -771,6 +851,9 @@ def main(argv=None) -> int:
                     help="count run-time LoRA branches of this rank bound (Torch backend; see README LoRA)")
     ap.add_argument("--max-loras", type=int, default=None, metavar="N",
                     help="LoRAs per set the branches hold (default 4 with --max-lora-rank)")
+    ap.add_argument("--vram-gib", type=float, default=None, metavar="GIB",
+                    help="with two or more --build-dir: the card's memory to plan the set on, instead of the "
+                         "target's (a card shared with other work)")
     ap.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
     args = ap.parse_args(argv)
     lora = None
@@ -787,6 +870,8 @@ def main(argv=None) -> int:
                         "(if any) is counted")
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be >= 1")
+    if args.vram_gib is not None and len(dirs) < 2:
+        raise UserError("--vram-gib plans a set: give two or more --build-dir")
     if args.all_targets and dirs:
         raise UserError("--all-targets plans from the configs: leave out --build-dir")
     size = [1024 if x is None else x for x in (args.height, args.width)]
@@ -795,7 +880,7 @@ def main(argv=None) -> int:
         rows = target_rows(h, w, steps, args.variant)
         text, record = format_rows(rows, h, w, steps), {"height": h, "width": w, "steps": steps, "rows": rows}
     elif len(dirs) > 1:
-        s = plan_set(dirs, args.target, args.height, args.width)
+        s = plan_set(dirs, args.target, args.height, args.width, args.vram_gib)
         text, record = format_set(s), s.as_dict()
     else:
         target = args.target or "rtx4090"

@@ -55,7 +55,7 @@ def export_component(name: str, model: torch.nn.Module, facts: dict, compute: to
             )
         graph = onnx.load(str(path))
         if depth is not None and depth > 2 and name in REPEATED_BLOCKS:
-            stamp_layers(graph, depth, prefix=prefix + REPEATED_BLOCKS[name])
+            stamp_layers(graph, depth, prefix=prefix + REPEATED_BLOCKS[name], scope=REPEATED_BLOCKS[name])
         source = ((prefix + k, v) for k, v in (weights if weights is not None else module_weights(model)))
         io_names = {io.name for io in spec.inputs + spec.outputs}
         summary = attach_weights(graph, io_names, source, tmp, strip_prefix=prefix)

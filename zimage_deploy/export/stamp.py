@@ -12,13 +12,15 @@ import copy
 import onnx
 
 
-def stamp_layers(model: onnx.ModelProto, n_layers: int, prefix: str = "layers") -> int:
+def stamp_layers(model: onnx.ModelProto, n_layers: int, prefix: str = "layers", scope: str | None = None) -> int:
     """Grow `model` (traced with `prefix`.0 and `prefix`.1 present) to `n_layers` layers; returns how many
-    layers were added."""
+    layers were added. `prefix`: the layers' weight names; `scope`: their node names' scope (default: `prefix`; a
+    wrapper that calls a method of the model, e.g. the Omni step, traces its layers without the model's name)."""
     graph = model.graph
-    tag = lambda k: f"/{prefix}.{k}/"  # noqa: E731 - node and value name scope of layer k
-    present = {n.name.split("/")[1] for n in graph.node if n.name.startswith(f"/{prefix}.")}
-    if present != {f"{prefix}.0", f"{prefix}.1"}:
+    scope = scope or prefix
+    tag = lambda k: f"/{scope}.{k}/"  # noqa: E731 - node and value name scope of layer k
+    present = {n.name.split("/")[1] for n in graph.node if n.name.startswith(f"/{scope}.")}
+    if present != {f"{scope}.0", f"{scope}.1"}:
         raise ValueError(f"stamping needs a graph traced with exactly two layers, found {sorted(present)}")
     if n_layers <= 2:
         return 0

@@ -7,6 +7,7 @@ listens: a broken build stops it with one `error:` line and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
@@ -98,6 +99,18 @@ def add_models_options(ap: argparse.ArgumentParser) -> None:
                     help="sizes (width x height) to generate once at start, before /ready (default: the smallest)")
 
 
+def add_residency_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--max-resident", type=int, default=None, metavar="N",
+                    help="models whose runtime stays loaded at once; the others are swapped in on demand, the least "
+                         "recently used idle one released (default: the VRAM plan of the set decides: all when "
+                         "they fit the card together)")
+    ap.add_argument("--target", default=None, metavar="TARGET",
+                    help="the card the set of models is planned on (default: the builds'; CPU builds: not planned, "
+                         "all resident)")
+    ap.add_argument("--vram-gib", type=float, default=None, metavar="GIB",
+                    help="plan the set on this much GPU memory instead of the card's")
+
+
 def build_specs(values: list) -> list[tuple[str | None, Path]]:
     """`--build-dir` values -> [(name or None: the variant's, folder)]: NAME=DIR, or a bare DIR (a folder whose
     own name holds `=` stays whole when it exists)."""
@@ -172,35 +185,54 @@ def main(argv=None) -> int:
     ap.add_argument("--shutdown-timeout", type=float, default=10.0,
                     help="on SIGTERM/SIGINT, seconds work in progress may finish before it is cancelled "
                          "(default: 10)")
+    add_residency_options(ap)
     add_jobs_options(ap)
     add_limit_options(ap)
     args = ap.parse_args(argv)
     check_common(args)
     specs = build_specs(args.build_dirs)
     sizes = parse_sizes(args.warmup_sizes)
+    from .residency import plan_residency
+
+    residency = plan_residency(specs, args.max_resident, args.target, args.vram_gib)
+    if residency.swapping and args.lora_dir is not None:
+        raise UserError("--lora-dir with models swapped in and out is not supported: serve fewer models, or raise "
+                        "--max-resident / --vram-gib so that all stay resident")
 
     import uvicorn
 
     from .app import create_app
+    from .residency import SwappableRuntime
     from .service import Metrics, Service
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     jobs = open_jobs(args)
-    metrics, services = Metrics(), []
+    metrics, services = Metrics(), {}
     api_key = args.api_key or os.environ.get(API_KEY_ENV)
-    for name, folder in specs:
-        runtime = load_runtime(folder, args.backend, args.torch_mode, sizes, args.offload, args.ort_providers)
+    # swapped models: those released at start are loaded (verified, warmed up) and released first, so that no more
+    # than the resident ones are ever loaded together
+    keep = len(specs) if not residency.swapping else residency.max_resident
+    for i in sorted(range(len(specs)), key=lambda i: i < keep):
+        name, folder = specs[i]
+        opened = functools.partial(load_runtime, folder, args.backend, args.torch_mode, sizes, args.offload,
+                                   args.ort_providers)
+        runtime = opened()
+        if residency.swapping:
+            runtime = SwappableRuntime(runtime, opened)
+            if i >= keep:
+                runtime.release()
         name = name or runtime.variant
-        if any(s.name == name for s in services):
+        if any(s.name == name for s in services.values()):
             raise UserError(f"two builds named {name!r}: name them (--build-dir NAME=DIR)")
-        services.append(Service(runtime, serve_limits(runtime, args), max_queue=args.max_queue,
-                                max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout,
-                                api_key=api_key, shutdown_timeout_s=args.shutdown_timeout, lora_dir=args.lora_dir,
-                                name=name, metrics=metrics))
+        services[i] = Service(runtime, serve_limits(runtime, args), max_queue=args.max_queue,
+                              max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout,
+                              api_key=api_key, shutdown_timeout_s=args.shutdown_timeout, lora_dir=args.lora_dir,
+                              name=name, metrics=metrics)
+    services = [services[i] for i in range(len(specs))]
     if args.default_model is not None and args.default_model not in {s.name for s in services}:
         raise UserError(f"--default-model {args.default_model}: not among {', '.join(s.name for s in services)}")
-    app = create_app(None, services=services, default=args.default_model, jobs=jobs)
+    app = create_app(None, services=services, default=args.default_model, jobs=jobs, residency=residency)
     gateway = app.state.gateway
 
     class Server(uvicorn.Server):
@@ -216,6 +248,7 @@ def main(argv=None) -> int:
         print(f"model {s.name}{' (default)' if s.name == gateway.default else ''}: {s.runtime.variant}, backend "
               f"{s.runtime.backend}, {s.limits.request.sizes_text()}, batch budget {s.limits.max_batch_pixels} px",
               flush=True)
+    print(f"models: {residency.policy} ({residency.reason})", flush=True)
     print(f"serving on http://{args.host}:{args.port}{', API key required' if gateway.api_keys else ''}"
           f"{f', background jobs in {args.jobs_dir}' if jobs else ''}", flush=True)
     Server(config).run()

@@ -22,7 +22,7 @@ log = logging.getLogger("zimage_deploy.serve")
 def create_app(runtime, limits: ServeLimits | dict | None = None, max_queue: int = 64, max_batch: int = 4,
                batch_wait_ms: float = 10, timeout_s: float = 120.0, *, api_key: str | None = None,
                shutdown_timeout_s: float = 10.0, service: Service | None = None, default: str | None = None,
-               jobs=None, services: list[Service] | None = None) -> FastAPI:
+               jobs=None, services: list[Service] | None = None, residency=None) -> FastAPI:
     """The app for one runtime, or a {name: runtime} dict (`limits` then a {name: ServeLimits} dict), or given
     `services`; `app.state.service` is the default model's Service, `app.state.gateway` the Gateway (see
     service.py and gateway.py for the parameters)."""
@@ -35,7 +35,7 @@ def create_app(runtime, limits: ServeLimits | dict | None = None, max_queue: int
                             max_queue=max_queue, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                             timeout_s=timeout_s, shutdown_timeout_s=shutdown_timeout_s, name=name, metrics=metrics)
                     for name, rt in runtimes.items()]
-    gateway = Gateway(services, default, api_keys=(api_key,) if api_key else (), jobs=jobs)
+    gateway = Gateway(services, default, api_keys=(api_key,) if api_key else (), jobs=jobs, residency=residency)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -9,10 +9,10 @@ from pathlib import Path
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
           405: "invalid_request_error", 408: "timeout", 413: "invalid_request_error", 415: "invalid_request_error",
           422: "invalid_request_error", 429: "rate_limit_exceeded", 499: "cancelled", 500: "server_error",
-          503: "server_error", 504: "timeout"}
+          501: "server_error", 503: "server_error", 504: "timeout"}
 _KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "bad_request", 408: "timeout",
           413: "too_large", 415: "bad_request", 422: "bad_request", 429: "overloaded", 499: "cancelled",
-          500: "internal", 503: "unavailable", 504: "timeout"}
+          500: "internal", 501: "not_implemented", 503: "unavailable", 504: "timeout"}
 _PATH = re.compile(r"(?<![\w.:/>-])(?:~|\.{1,2})?/(?:[\w.@+-]+/)*[\w.@+-]+/?")
 
 

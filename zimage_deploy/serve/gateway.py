@@ -32,6 +32,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from ..errors import RequestError
 from .errors import ApiError
+from .residency import Residency
 from .schema import peek_model
 from .service import ClientGone, Service
 
@@ -61,11 +62,13 @@ def key_owner(key: str | None) -> str:
 
 class Gateway:
     def __init__(self, services: list[Service], default: str | None = None, *, api_keys=(), jobs=None,
-                 max_live: int | None = None, tag: dict | None = None):
+                 max_live: int | None = None, tag: dict | None = None, residency=None, jobs_off: str | None = None):
         """`services`: one per model (they share one Metrics); `default`: the model of requests without a
         `model` field (default: the first); `api_keys`: keys accepted (also each service's `api_key`; none: no
         authentication); `jobs`: a jobs.Jobs (none: the job routes answer 404); `max_live`: live requests in all
-        (default: the sum of the models' queues)."""
+        (default: the sum of the models' queues); `residency`: a residency.Residency, which models hold their
+        runtime at a time (default: all); `jobs_off`: why this front end has no background jobs (the job routes
+        answer 501 with it; default: 404, start the server with --jobs-dir)."""
         if not services:
             raise ValueError("a gateway needs at least one model")
         self.services = {s.name: s for s in services}
@@ -79,10 +82,12 @@ class Gateway:
             s.metrics = self.metrics
             s.others_busy = (lambda me: lambda: any(o.interactive_busy for o in services if o is not me))(s)
         self.metrics.registry.register(_Fallbacks(self.services))
+        self.residency = residency or Residency()
+        self.residency.attach(services, self.metrics)
         keys = [k for k in api_keys if k] + [s.api_key for s in services if s.api_key]
         self.api_keys = tuple(dict.fromkeys(k.strip() for key in keys for k in key.split(",") if k.strip()))
         self.aliases = self._aliases()
-        self.jobs = jobs
+        self.jobs, self.jobs_off = jobs, jobs_off
         self.max_live = max_live or sum(s.max_queue for s in services)
         self.tag = dict(tag or {})
         self.hidden = tuple(p for s in services for p in s.hidden)
@@ -152,6 +157,7 @@ class Gateway:
                 "sizes": lim.sizes_text(), "min_side": lim.min_side, "max_side": lim.max_side,
                 "multiple": lim.multiple, "static": list(lim.static) if lim.static else None,
                 "max_batch_pixels": s.limits.max_batch_pixels,
+                "resident": self.residency.is_resident(s.name), "residency": self.residency.policy,
                 "queue_depth": len(s.pending), "live_requests": s.live}
 
     async def health(self, request: Request) -> Response:
@@ -304,6 +310,8 @@ class Gateway:
         return service, service.with_loras(parse(body))
 
     def _jobs(self):
+        if self.jobs is None and self.jobs_off:
+            raise ApiError(501, self.jobs_off)
         if self.jobs is None:
             raise ApiError(404, "background jobs are off on this server (start it with --jobs-dir)")
         return self.jobs

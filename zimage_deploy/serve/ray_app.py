@@ -35,6 +35,12 @@ from .schema import peek_model
 from .service import Service
 
 
+# Background jobs need one owner of their SQLite database and results folder, and their turns follow the
+# interactive work of every model of one process (service.py); Ray's replicas share neither.
+NO_JOBS = ("background jobs (/v1/jobs) are not served by the Ray Serve app: run them on `python -m "
+           "zimage_deploy.serve --jobs-dir DIR`, or queue interactive requests from your own job runner")
+
+
 class ZImageReplica:
     """One replica: one runtime and one Service, the HTTP server's code (limits, validation, batching,
     cancellation, answers); Ray routes and queues requests in front. A client that disconnects makes Ray cancel
@@ -49,7 +55,7 @@ class ZImageReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.service = Service(self.runtime, limits, watch_disconnect=False, tag={"replica": self.replica},
                                **options)
-        self.gateway = Gateway([self.service], tag={"replica": self.replica})
+        self.gateway = Gateway([self.service], tag={"replica": self.replica}, jobs_off=NO_JOBS)
 
     async def __call__(self, request: Request):
         return await self.gateway.dispatch(request)
@@ -111,6 +117,8 @@ class ZImageIngress:
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/") or "/"
+        if path == "/v1/jobs" or path.startswith("/v1/jobs/"):
+            return JSONResponse(ApiError(501, NO_JOBS).body(), status_code=501)
         if request.method == "GET" and path == "/":
             from .page import page_html
 

@@ -7,7 +7,9 @@ Queued requests, in order: one worker takes the oldest interactive request and, 
 requests with the same settings while the batch stays within `max_batch` images and `max_batch_pixels` (waiting
 at most `batch_wait_ms` for them), and runs them on the runtime in one thread; each keeps its own seed. A
 background job runs (alone) only when no interactive request waits or runs on any model of the server, and it
-pauses between denoising steps while another model's interactive requests wait or run (they share the device).
+pauses between denoising steps while another model's interactive requests wait or run (they share the device);
+where models are swapped in and out (residency.py) and such a request waits for the slot the job holds, the job
+stops between steps and goes back to the head of its queue (it starts again from step 0 on its next turn).
 A request that times out (504) or whose client disconnects leaves the queue at once, and a batch whose
 requests are all gone stops between denoising steps (GenerationCancelled). Shutdown: new requests get 503, work
 in progress may finish for `shutdown_timeout_s`, then everything left is cancelled. Errors are JSON
@@ -57,6 +59,10 @@ class Metrics:
                                  registry=self.registry)
         self.jobs = Counter("zimage_jobs", "background jobs finished by state", ["model", "state"],
                             registry=self.registry)
+        self.resident = Gauge("zimage_resident", "1 while the model's runtime is loaded (residency.py)", ["model"],
+                              registry=self.registry)
+        self.loads = Counter("zimage_model_loads", "runtimes loaded again after a swap (residency.py)", ["model"],
+                             registry=self.registry)
 
 
 class ClientGone(Exception):
@@ -74,6 +80,7 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     background: bool = False
     on_check: object = None
+    preempted: bool = False  # a background run stopped to give its model's slot to an interactive request
 
     @property
     def cost(self) -> int:
@@ -139,7 +146,8 @@ class Service:
         self.tag = dict(tag or {})
         self.lora_dir = lora_dir
         self.metrics = metrics or Metrics()
-        self.hidden = hidden_paths(runtime.pipeline.engine_dir)
+        self.hidden = hidden_paths(getattr(runtime, "engine_dir", None) or runtime.pipeline.engine_dir)
+        self.residency = None  # the gateway's (residency.py): whose runtime is loaded
         self.live = 0
         self.pending: collections.deque[Job] = collections.deque()  # interactive requests
         self.background: collections.deque[Job] = collections.deque()  # background jobs' runs
@@ -369,6 +377,9 @@ class Service:
             if job.on_check is not None:
                 job.on_check()
             while not job.cancel.is_set() and self.others_busy() and not self.pending:
+                if self.residency is not None and self.residency.contended(self):  # it waits for our slot
+                    job.preempted = True
+                    return True
                 time.sleep(0.01)
             return job.cancel.is_set()
         return check
@@ -404,11 +415,20 @@ class Service:
             self.metrics.latency.labels(self.name, "queue").observe(started - j.enqueued)
         self.label(self.metrics.batch).observe(sum(j.count for j in batch))
         self.running = batch
+        entered = False
         try:
+            if self.residency is not None:
+                await self.residency.enter(self, (int(batch[0].background), min(j.enqueued for j in batch)))
+                entered = True
             answers = await self.loop.run_in_executor(self.run_pool, run_batch, self.runtime, batch, should_stop)
         except GenerationCancelled:
-            self.label(self.metrics.cancelled).inc()
-            answers = [ApiError(503, "cancelled")] * len(batch)
+            if batch[0].preempted and not batch[0].cancel.is_set():  # its turn comes again (service docstring)
+                batch[0].preempted = False
+                self.background.appendleft(batch[0])
+                answers = []
+            else:
+                self.label(self.metrics.cancelled).inc()
+                answers = [ApiError(503, "cancelled")] * len(batch)
         except RequestError as e:
             answers = [ApiError(getattr(e, "status", 422), str(e))] * len(batch)
         except RuntimeError as e:
@@ -421,6 +441,8 @@ class Service:
             answers = [ApiError(500, "internal error (details in the server log)")] * len(batch)
         finally:
             self.running = []
+            if entered:
+                self.residency.leave(self)
         for job, answer in zip(batch, answers):
             if job.future.done():
                 continue
