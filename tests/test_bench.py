@@ -107,3 +107,31 @@ def test_regional_compile_matches_eager(tiny_ckpt):
     with torch.no_grad():
         a, b = eager(*args), compiled(*args)
     assert ((a - b).norm() / a.norm()).item() < 1e-5
+
+
+def test_deadline_keeps_what_was_measured(monkeypatch):
+    """`--deadline-s` (a lent GPU's one call): no row is loaded and no timed round started after the deadline; the
+    rows keep their runs and say where they were cut (a clock that moves only when a fake row works)."""
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def maker(load_s, run_s):
+        def make():
+            clock[0] += load_s
+
+            def run(req, stages=False):
+                clock[0] += run_s
+                return (Image.new("RGB", (8, 8)), {"encode": 0.0, "denoise": run_s, "decode": 0.0}) if stages else None
+            return run
+        return make
+
+    makers = {"a": maker(1, 1), "b": maker(60, 2), "c": maker(1, 1)}
+    req = {"prompts": ["p", "q"], "prompt": "p"}
+    rows = {r["name"]: r for r in bench.bench_rows(makers, ["a", "b", "c"], req, 5, 1, "cpu", deadline=50.0)}
+    assert rows["c"]["skipped"].startswith("deadline")
+    for name in ("a", "b"):
+        assert len(rows[name]["runs"]) == 1 and rows[name]["cut_by_deadline"] == "1 of 5 timed rounds (--deadline-s)"
+    full = {r["name"]: r for r in bench.bench_rows(makers, ["a", "c"], req, 3, 1, "cpu")}
+    assert all(len(r["runs"]) == 3 and "cut_by_deadline" not in r for r in full.values())
+    with pytest.raises(bench.UserError, match="--deadline-s"):
+        bench.main(["--build-dir", "nowhere", "--report", "x", "--deadline-s", "-1"])

@@ -461,7 +461,7 @@ def _gpu_run(tmp_path, **env):
 def test_gpu_run_sh_dry_run(tmp_path):
     """The device script's CPU mode: carried wheels installed, the benchmark run, the files where the device
     call brings them back from (at most 8, at most two folders down), the log kept."""
-    r, out = _gpu_run(tmp_path, GPU_RUN_WHEELS=str(_probe_wheel(tmp_path / "wheels")),
+    r, out = _gpu_run(tmp_path, GPU_RUN_LEGACY="1", GPU_RUN_WHEELS=str(_probe_wheel(tmp_path / "wheels")),
                       GPU_RUN_ARGS="--rows diffusers,eager")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     log = (out / "gpu_run.log").read_text()
@@ -473,8 +473,33 @@ def test_gpu_run_sh_dry_run(tmp_path):
 def test_gpu_run_sh_outer_timeout(tmp_path):
     """Cut short by the outer timeout: exit status 124, said in the log, and the table (or that no report exists)
     still printed."""
-    r, out = _gpu_run(tmp_path, GPU_RUN_TIMEOUT="3", GPU_RUN_WHEELS=str(tmp_path / "none"))
+    r, out = _gpu_run(tmp_path, GPU_RUN_LEGACY="1", GPU_RUN_TIMEOUT="3", GPU_RUN_WHEELS=str(tmp_path / "none"))
     assert r.returncode == 124
     log = (out / "gpu_run.log").read_text()
     assert "no wheels in" in log and "outer timeout after 3 s" in log
     assert "no report was written" in log or "| row |" in log
+
+
+def test_gpu_run_sh_product_dry_run(tmp_path):
+    """The product mode's plumbing on the CPU (the tiny checkpoint for the real-size one): two graphless builds for
+    the compiled Torch runtime (bf16, and fp8 calibrated on prompts disjoint from the timed ones), then the product's
+    own `bench` on each, under one time budget; the reports where the device call brings them back from (<= 8 files)."""
+    r, out = _gpu_run(tmp_path, GPU_RUN_MODEL="tiny", GPU_RUN_WORK=str(tmp_path / "work"),
+                      GPU_RUN_WHEELS=str(tmp_path / "none"), GPU_RUN_SIZE="64", GPU_RUN_STEPS="2", GPU_RUN_CALIB="2",
+                      GPU_RUN_BUILD_ARGS="--calib-side 64 --calib-steps 1 --gate-prompts 1",
+                      GPU_RUN_BACKENDS="diffusers,torch-eager", GPU_RUN_FP8_BACKENDS="torch-eager",
+                      GPU_RUN_ARGS="--repeats 2 --warmups 1 --device cpu")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = (out / "gpu_run.log").read_text()
+    assert "build bf16" in log and "build fp8" in log and "graphs: False" in log
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == [f"gpu/bench-{p}/report.{x}" for p in ("bf16", "fp8") for x in ("json", "md", "png")] + \
+        ["gpu_run.log"]
+    bf16, fp8 = (json.loads((out / "gpu" / f"bench-{p}" / "report.json").read_text()) for p in ("bf16", "fp8"))
+    assert [r["name"] for r in bf16["backends"]] == ["diffusers", "torch-eager"]
+    assert all(len(r["runs"]) == 2 for r in bf16["backends"] + fp8["backends"])
+    assert fp8["build"]["precision"] == "fp8" and bf16["build"]["precision"] == "bf16"
+    assert fp8["calibration"]["timed_prompts_in_calibration"] == [] and bf16["calibration"] is None
+    assert bf16["method"]["deadline_s"] > 0 and fp8["method"]["deadline_s"] > 0
+    manifest = json.loads((tmp_path / "work" / "fp8" / "manifest.json").read_text())
+    assert manifest["export"]["graphs"] is False and not (tmp_path / "work" / "fp8" / "onnx").exists()

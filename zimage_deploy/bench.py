@@ -264,14 +264,20 @@ def timed_run(run, req: dict, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def bench_rows(makers: dict, names: list[str], req: dict, repeats: int, warmups: int, device: str) -> list[dict]:
+def bench_rows(makers: dict, names: list[str], req: dict, repeats: int, warmups: int, device: str,
+               deadline: float | None = None) -> list[dict]:
     """Every row loaded and warmed up alike (`warmups` runs of every prompt), then `repeats` rounds of timed runs,
     the rows interleaved (their order rotated each round), each round one prompt of the list in turn; every run is
     stored. Stage splits come from one separate run per row with the stage timers on (they sync), never from the
-    timed runs."""
+    timed runs. `deadline` (time.perf_counter): no row is loaded and no round started after it (the report says
+    so): a one-shot run on a lent machine keeps what it measured."""
     prompts = req["prompts"]
     runners, rows = {}, {}
+    late = lambda: deadline is not None and time.perf_counter() > deadline  # noqa: E731
     for name in tqdm(names, desc="loading + warm-up", unit="backend"):
+        if late():
+            rows[name] = {"name": name, "skipped": "deadline: not loaded (--deadline-s)"}
+            continue
         try:
             with Peak(device) as peak:
                 run = makers[name]()
@@ -284,6 +290,10 @@ def bench_rows(makers: dict, names: list[str], req: dict, repeats: int, warmups:
             rows[name] = {"name": name, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     order = list(runners)
     for i in tqdm(range(repeats), desc="timed rounds", unit="round"):
+        if late() and i > 0:
+            for name in order:
+                rows[name]["cut_by_deadline"] = f"{i} of {repeats} timed rounds (--deadline-s)"
+            break
         p = i % len(prompts)
         k = i % max(1, len(order))
         for name in order[k:] + order[:k]:
@@ -311,7 +321,7 @@ def bench_rows(makers: dict, names: list[str], req: dict, repeats: int, warmups:
 
 
 def run_bench(engine_dir: Path, backends: list[str], req: dict, repeats: int, device: str, warmups: int = 2,
-              diffusers_attention: str | None = None) -> dict:
+              diffusers_attention: str | None = None, deadline_s: float | None = None) -> dict:
     manifest = manifest_io.load(engine_dir)
     ckpt = Path(manifest["model"]["path"])
     compute = manifest["components"]["transformer"]["compute_dtype"]
@@ -339,7 +349,8 @@ def run_bench(engine_dir: Path, backends: list[str], req: dict, repeats: int, de
         makers[b] = (lambda b=b: ours_runner(engine_dir, b, device))
     gpu_before = gpu_state(device)
     rows, reference = [], None
-    for row in bench_rows(makers, backends, req, repeats, warmups, device):
+    deadline = None if deadline_s is None else time.perf_counter() + deadline_s
+    for row in bench_rows(makers, backends, req, repeats, warmups, device, deadline):
         rows.append(row)
         if "skipped" in row:
             continue
@@ -361,7 +372,7 @@ def run_bench(engine_dir: Path, backends: list[str], req: dict, repeats: int, de
         "git": git_state(),
         "machine": machine_info(device),
         "gpu_state": {"before": gpu_before, "after": gpu_state(device)},
-        "method": {"warmups_per_prompt": warmups, "timed_runs": repeats, "interleaved": True,
+        "method": {"warmups_per_prompt": warmups, "timed_runs": repeats, "interleaved": True, "deadline_s": deadline_s,
                    "stages": "one separate run per row with stage timers (they sync); timed runs have none"},
         "calibration": calibration_overlap(manifest, req["prompts"]),
         "request": req,
@@ -470,6 +481,9 @@ def write_report(result: dict, out: Path) -> list[Path]:
             f"{f(row.get('dit_tflops'), 2)} | "
             f"{f(row.get('dit_fraction_of_matmul_peak'), 2)} | {f(memory, 2)} | "
             f"{row['max_abs_diff_vs_diffusers']} |")
+    cut = next((row["cut_by_deadline"] for row in result["backends"] if "cut_by_deadline" in row), None)
+    if cut:
+        lines += ["", f"Cut short by the deadline: {cut}."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     chart(result, out / "report.png")
     return [out / "report.json", out / "report.md", out / "report.png"]
@@ -516,6 +530,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--guidance-scale", type=float, default=None)
     ap.add_argument("--repeats", type=int, default=10, help="timed runs per row, the rows interleaved")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="seconds after which no row is loaded and no timed round started; the report keeps what "
+                         "was measured (default: none)")
     ap.add_argument("--diffusers-attention", default=None,
                     help="diffusers' attention backend for its compiled rows (e.g. _native_cudnn; default: its own)")
     ap.add_argument("--control-image", default=None,
@@ -523,6 +540,10 @@ def main(argv=None) -> int:
     ap.add_argument("--controlnet-scale", type=float, default=0.75)
     ap.add_argument("--device", default=None, help="default: cuda when available")
     args = ap.parse_args(argv)
+    if args.repeats < 1 or args.warmups < 0:
+        raise UserError("--repeats must be >= 1 and --warmups >= 0")
+    if args.deadline_s is not None and not 0 < args.deadline_s < float("inf"):
+        raise UserError(f"--deadline-s must be a positive number of seconds, got {args.deadline_s}")
     manifest = manifest_io.load(args.build_dir)
     if is_omni(manifest["variant"]):
         raise UserError("the benchmark runs text-to-image builds (turbo, base)")
@@ -545,9 +566,8 @@ def main(argv=None) -> int:
         req.update(control_image=args.control_image or "synthetic", controlnet_scale=args.controlnet_scale)
     elif args.control_image:
         raise UserError(f"{args.build_dir} has no ControlNet: --control-image needs a build made with --controlnet")
-    if args.repeats < 1 or args.warmups < 0:
-        raise UserError("--repeats must be >= 1 and --warmups >= 0")
-    result = run_bench(args.build_dir, backends, req, args.repeats, device, args.warmups, args.diffusers_attention)
+    result = run_bench(args.build_dir, backends, req, args.repeats, device, args.warmups, args.diffusers_attention,
+                       args.deadline_s)
     result["command"] = [sys.executable, "-m", "zimage_deploy.bench", *(sys.argv[1:] if argv is None else argv)]
     for path in write_report(result, args.report):
         print(f"wrote {path}")
