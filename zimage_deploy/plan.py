@@ -51,7 +51,7 @@ from .cli import run_cli
 from .components import stage_of, with_controlnet, with_controlnet_precision
 from .errors import UserError
 from .facts import SMALL_SIDES, small_model
-from .manifest import Manifest, RuntimePlan
+from .manifest import Manifest, RuntimePlan, parse
 from .quantize.options import DEFAULT_EXCLUDE
 from .schemes import SCHEMES
 from .targets import PRECISIONS, QUANTIZED, TARGETS, TEXT_ENCODER_PRECISIONS, get_target, precision_plan
@@ -104,14 +104,14 @@ class Plan:
 
 # -- model facts from configs ------------------------------------------------------------------------------------
 
-def _configs(model: str | None, manifest: Manifest | None, edit: bool = False) -> dict:
+def _configs(model: str | None, manifest: Manifest | dict | None, edit: bool = False) -> dict:
     """Configs of the DiT, text encoder and VAE (Edit: and the SigLIP2 tower, `siglip`): from a checkpoint, a
     build's recorded checkpoint, or the real Z-Image (Turbo / Base) configs."""
     from .checkpoint import read_config
 
     path = None
     if manifest is not None:
-        path = Path(manifest.model.path)
+        path = Path(parse(manifest).model.path)
     elif model is not None:
         from .checkpoint import resolve
 
