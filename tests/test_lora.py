@@ -10,7 +10,6 @@ scaling from PEFT itself.
 """
 
 import hashlib
-import json
 import threading
 from pathlib import Path
 
@@ -564,7 +563,7 @@ def test_refused_builds_and_backends(tiny_fp32, loras):
 
     lora = [(loras["a"]["diffusers"], 1.0)]
     m = manifest_io.load(tiny_fp32)
-    quant = json.loads(json.dumps(m))
+    quant = m.to_dict()
     quant["components"]["transformer"]["precision"] = "fp8"
     with pytest.raises(RequestError, match=r"quantized \(fp8\).*no LoRA branch.*--max-lora-rank.*--backend torch or "
                                            r"onnxruntime.*--lora"):
@@ -572,7 +571,7 @@ def test_refused_builds_and_backends(tiny_fp32, loras):
     assert LoraManager(tiny_fp32, quant, REGISTRY["onnxruntime"]).prepare(lora)
     with pytest.raises(UserError, match="quantized"):
         check_refittable(tiny_fp32, quant)
-    engines = json.loads(json.dumps(m))
+    engines = m.to_dict()
     for comp in engines["components"].values():
         comp["engine"] = {"status": "complete", "options": {"refittable": False}}
     with pytest.raises(RequestError, match="not refittable"):

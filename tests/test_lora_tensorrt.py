@@ -59,6 +59,7 @@ def rtx_records(tiny_ckpt, tmp_path_factory):
 
     from zimage_deploy.engines import builder as engine_builder
     from zimage_deploy.hashing import file_sha256
+    from zimage_deploy.manifest import Engine
 
     root, out = Path(tmp_path_factory.mktemp("rtx-lora")), {}
     build_engine = engine_builder.EngineBuilder.build
@@ -69,10 +70,10 @@ def rtx_records(tiny_ckpt, tmp_path_factory):
             if plan_path.stem not in DIT:  # a placeholder plan
                 plan_path.parent.mkdir(parents=True, exist_ok=True)
                 plan_path.write_bytes(b"not built")
-                return dict(plan_sha256=file_sha256(plan_path), bytes=9, flavour=self.target.flavour,
-                            version=self.version, compute_capability=list(self.target.compute_capability),
-                            gpu=None, cuda_graphs=False, profile=profile, options=self.opts.as_dict(),
-                            stripped=False, timing_cache=None, build_seconds=0.0)
+                return Engine(plan_sha256=file_sha256(plan_path), bytes=9, flavour=self.target.flavour,
+                              version=self.version, compute_capability=tuple(self.target.compute_capability),
+                              gpu=None, cuda_graphs=False, profile=profile, options=self.opts.as_dict(),
+                              stripped=False, timing_cache=None, build_seconds=0.0)
             current[0] = plan_path.stem
             return build_engine(self, onnx_path, profile, plan_path, **kw)
 

@@ -104,7 +104,7 @@ def test_each_sm_builds_on_the_cpu(name, tiny_bf16, tmp_path):
     plan = tmp_path / "context_refiner.plan"
     record = EngineBuilder(t, EngineOptions()).build(tiny_bf16 / "onnx" / "context_refiner" / "model.onnx", shapes,
                                                      plan)
-    assert record["compute_capability"] == list(t.compute_capability) and record["bytes"] == plan.stat().st_size
+    assert record.compute_capability == tuple(t.compute_capability) and record.bytes == plan.stat().st_size
     major, minor = t.compute_capability
     assert set(re.findall(rb"sm(?:86|89|120)", plan.read_bytes())) == {f"sm{major}{minor}".encode()}
 

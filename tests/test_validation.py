@@ -114,7 +114,7 @@ def test_limits_of_the_tiny_build(limits):
 
 def test_engine_profile_limits(limits, runtime):
     """With engines the profile decides: sides, batch, static shapes (CFG doubles the batch on TensorRT)."""
-    manifest = json.loads(json.dumps(runtime.manifest))
+    manifest = runtime.manifest.to_dict()
     for comp in manifest["components"].values():
         comp["engine"] = {"status": "complete"}
     manifest["tensorrt"]["options"].update(min_side=128, max_side=256, max_batch=2)

@@ -15,6 +15,7 @@ import datetime as dt
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from .export.stage import export_stage, kept_components
 from .facts import default_side, model_facts
 from .fsutil import folder_lock
 from .job import BuildJob
+from .manifest import ALL_RESIDENT, Defaults, TensorRT, runtime_plan
 from .lora.fuse import BuildLoras
 from .quantize.options import DEFAULT_EXCLUDE, INT4_METHODS, QuantOptions
 from .quantize.stage import quantize_stage
@@ -157,8 +159,8 @@ def _build(job: BuildJob) -> Path:
         manifest_io.save(out, manifest)
     if job.t.compute_capability is not None and job.v.layout == "basic":
         _runtime_mode(job, manifest)
-    if job.torch_runtime:
-        manifest.setdefault("runtime", {})["backend"] = TORCH_COMPILED  # generate --backend auto picks torch
+    if job.torch_runtime:  # generate --backend auto picks torch: the VRAM plan's record (if any) with the backend
+        manifest["runtime"] = replace(runtime_plan(manifest), backend=TORCH_COMPILED).to_dict()
     manifest["stages"]["total_seconds"] = round(time.perf_counter() - started, 2)
     manifest_io.save(out, manifest)
     log(f"[done] {out / manifest_io.NAME}")
@@ -184,14 +186,14 @@ def _start(job: BuildJob) -> dict:
         "precision": job.precision,
         "model": model,
         "plan": {c: job.plan[c] for c in v.components},
-        "defaults": {
-            "steps": v.default_steps, "guidance_scale": v.default_guidance, "height": side, "width": side,
-            "resolution_multiple": facts["vae_scale_factor"] * facts["patch_size"], "max_sequence_length": 512,
-        },
-        "tensorrt": {
-            "flavour": t.flavour, "version": job.engine_builder.version if job.engine_builder else None,
-            "compute_capability": list(t.compute_capability or []) or None, "options": job.engine_opts.as_dict(),
-        },
+        "defaults": Defaults(
+            steps=v.default_steps, guidance_scale=v.default_guidance, height=side, width=side,
+            resolution_multiple=facts["vae_scale_factor"] * facts["patch_size"], max_sequence_length=512,
+        ).to_dict(),
+        "tensorrt": TensorRT(
+            flavour=t.flavour, version=job.engine_builder.version if job.engine_builder else None,
+            compute_capability=tuple(t.compute_capability or ()) or None, options=job.engine_opts.as_dict(),
+        ).to_dict(),
         "components": kept_components(job, model),
         "stages": {},
     }
@@ -227,17 +229,18 @@ def _runtime_mode(job: BuildJob, manifest: dict) -> None:
 
     vram = make_plan(job.t.name, job.precision, manifest["defaults"]["height"], manifest["defaults"]["width"],
                      job.v.name, engine_dir=job.out, lora=job.engine_opts.lora_bounds)
-    manifest["runtime"] = runtime_record(vram)
+    record = runtime_record(vram)
+    manifest["runtime"] = record.to_dict()
     manifest_io.save(job.out, manifest)
     job.log(f"[plan] runtime mode {vram.mode} on {job.t.name} at {vram.height}x{vram.width}: it needs "
-            f"{manifest['runtime']['needs_gib'].get(vram.mode, '-')} GiB of {manifest['runtime']['memory_gib']} "
-            f"(all resident: {manifest['runtime']['needs_gib']['all-resident']}; python -m zimage_deploy.plan "
+            f"{record.needs_gib.get(vram.mode, '-')} GiB of {record.memory_gib} "
+            f"(all resident: {record.needs_gib[ALL_RESIDENT]}; python -m zimage_deploy.plan "
             f"--engine-dir {job.out} for the table)")
     for line in vram.advice:
         job.log(f"[plan] does better: {line}")
 
 
-def _previous_manifest(out: Path) -> dict:
+def _previous_manifest(out: Path) -> manifest_io.Manifest | dict:
     try:
         return manifest_io.load(out)
     except UserError:

@@ -30,6 +30,7 @@ from .checkpoint import read_config
 from .components import with_controlnet, with_controlnet_precision
 from .errors import UserError
 from .hashing import remembered_sha256
+from .manifest import Manifest, parse
 from .models.controlnet import ControlBranch, ControlNetConfig
 from .models.dit import DiTConfig, convert_diffusers_key, iter_fused
 from .variants import is_omni
@@ -333,9 +334,9 @@ class BuildControlNet:
         return self.source.record() if self else None
 
 
-def loader_kwargs(manifest: dict, loader: str) -> dict:
+def loader_kwargs(manifest: Manifest | dict, loader: str) -> dict:
     """Keyword arguments that make the DiT loader (models/load.py) load a build's ControlNet beside the DiT."""
-    rec = manifest.get("controlnet")
+    rec = parse(manifest).controlnet
     if not rec or loader != "transformer":
         return {}
     return {"controlnet": ControlNetSource.from_record(rec)}

@@ -12,6 +12,7 @@ from .engines.builder import EngineBuilder
 from .engines.profiles import EngineOptions
 from .export.modules import Modules
 from .lora.fuse import BuildLoras
+from .manifest import Manifest
 from .quantize.options import QuantOptions
 from .targets import Target
 from .variants import Variant
@@ -38,7 +39,7 @@ class BuildJob:
     loras: BuildLoras
     drop_intermediate: bool = False
     controlnet: BuildControlNet | None = None
-    previous: dict = field(default_factory=dict)  # the folder's manifest before this build (once it is locked)
+    previous: Manifest | dict = field(default_factory=dict)  # the folder's manifest before this build ({}: none)
     torch_runtime: bool = False  # a datacenter target without TensorRT here: no engines, the compiled Torch runtime
     graphs: bool = True  # False: no ONNX graphs (the compiled Torch runtime loads the checkpoint; build._graphless)
     modules: Modules = field(init=False)

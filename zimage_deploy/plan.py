@@ -51,6 +51,7 @@ from .cli import run_cli
 from .components import stage_of, with_controlnet, with_controlnet_precision
 from .errors import UserError
 from .facts import SMALL_SIDES, small_model
+from .manifest import Manifest, RuntimePlan, parse
 from .quantize.options import DEFAULT_EXCLUDE
 from .schemes import SCHEMES
 from .targets import PRECISIONS, QUANTIZED, TARGETS, TEXT_ENCODER_PRECISIONS, get_target, precision_plan
@@ -103,14 +104,14 @@ class Plan:
 
 # -- model facts from configs ------------------------------------------------------------------------------------
 
-def _configs(model: str | None, manifest: dict | None, edit: bool = False) -> dict:
+def _configs(model: str | None, manifest: Manifest | dict | None, edit: bool = False) -> dict:
     """Configs of the DiT, text encoder and VAE (Edit: and the SigLIP2 tower, `siglip`): from a checkpoint, a
     build's recorded checkpoint, or the real Z-Image (Turbo / Base) configs."""
     from .checkpoint import read_config
 
     path = None
     if manifest is not None:
-        path = Path(manifest["model"]["path"])
+        path = Path(parse(manifest).model.path)
     elif model is not None:
         from .checkpoint import resolve
 
@@ -132,10 +133,10 @@ def _configs(model: str | None, manifest: dict | None, edit: bool = False) -> di
     return {"transformer": REAL_DIT, "text_encoder": REAL_TEXT, "vae": REAL_VAE}
 
 
-def _controlnet_config(arg, model: str | None, manifest: dict | None, dit_cfg):
+def _controlnet_config(arg, model: str | None, manifest: Manifest | None, dit_cfg):
     """The ControlNet's config: the build's record, or `--controlnet PATH` checked against the DiT config."""
     if manifest is not None:
-        rec = manifest.get("controlnet")
+        rec = manifest.controlnet
         if not rec:
             return None
         from .models.controlnet import ControlNetConfig
@@ -382,7 +383,7 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
     cfgs = _configs(model, manifest, edit=v.layout == "omni")
     plan_of = precision_plan(precision, t.base, text_encoder)
     if manifest is not None:
-        plan_of.update(manifest.get("plan", {}))
+        plan_of.update(manifest.plan or {})
     args = dict(steps=steps or v.default_steps, caption_tokens=caption_tokens, max_caption_tokens=max_caption_tokens,
                 max_side=max_side, lora=lora)
     plan = _make(t, v, precision, plan_of, height, width, cfgs, manifest, controlnet, model, **args)
@@ -391,10 +392,10 @@ def make_plan(target: str, precision: str, height: int = 1024, width: int = 1024
     return plan
 
 
-def _built_on(manifest: dict, engine_dir: Path, on_target: str | None) -> tuple[str, str, str]:
+def _built_on(manifest: Manifest, engine_dir: Path, on_target: str | None) -> tuple[str, str, str]:
     """A build's target (or `on_target`, a card of the same compute capability; any GPU card for a CPU build, whose
     graphs are then planned as if built for it), precision and variant."""
-    target = manifest["target"]
+    target = manifest.target
     if on_target is not None and on_target != target:
         built, other = get_target(target), get_target(on_target)
         if built.compute_capability is None and other.compute_capability is not None:
@@ -403,7 +404,7 @@ def _built_on(manifest: dict, engine_dir: Path, on_target: str | None) -> tuple[
             raise UserError(f"{engine_dir} was built for {target} ({built.sm}); its engines do not run on "
                             f"{on_target} ({other.sm})")
         target = on_target
-    return target, manifest["precision"], manifest["variant"]
+    return target, manifest.precision, manifest.variant
 
 
 def _checked(t, variant: str, precision: str, text_encoder: str | None, height: int, width: int):
@@ -536,17 +537,18 @@ def _flops(dcfg, tcfg, cn, s: _Shapes, steps: int, vae_flops: float,
     return flops
 
 
-def _built_weights(manifest: dict | None, name: str) -> tuple[int, str] | None:
+def _built_weights(manifest: Manifest | None, name: str) -> tuple[int, str] | None:
     """A built component's weight bytes and where they come from: its engine plan (unless weightless), else its
     graph; None where the build does not say (or there is no build)."""
     if manifest is None:
         return None
-    entry = manifest["components"].get(name, {})
-    engine = entry.get("engine") or {}
-    if engine.get("bytes") and not engine.get("stripped"):
-        return int(engine["bytes"]), "engine plan"
-    if entry.get("weight_bytes"):
-        return int(entry["weight_bytes"]), "graph"
+    entry = manifest.components.get(name)
+    if entry is None:
+        return None
+    if entry.engine and entry.engine.bytes and not entry.engine.stripped:
+        return entry.engine.bytes, "engine plan"
+    if entry.weight_bytes:
+        return entry.weight_bytes, "graph"
     return None
 
 
@@ -678,12 +680,12 @@ def format_plan(plan: Plan) -> str:
 
 # -- what a build records ----------------------------------------------------------------------------------------
 
-def runtime_record(plan: Plan) -> dict:
+def runtime_record(plan: Plan) -> RuntimePlan:
     """The manifest's `runtime`: the mode the runtimes follow, what each mode needs, the weight-streaming budgets."""
-    return {"mode": plan.mode, "planned_at": [plan.height, plan.width],
-            "needs_gib": {m: round(b / GIB, 2) for m, b in plan.modes.items()},
-            "memory_gib": round(plan.memory / GIB, 1),
-            "stream_budget_bytes": dict(plan.stream_budgets), "advice": list(plan.advice)}
+    return RuntimePlan(mode=plan.mode, planned_at=(plan.height, plan.width),
+                       needs_gib={m: round(b / GIB, 2) for m, b in plan.modes.items()},
+                       memory_gib=round(plan.memory / GIB, 1), stream_budget_bytes=dict(plan.stream_budgets),
+                       advice=tuple(plan.advice), absent=frozenset({"backend"}))
 
 
 def planned_engine_options(target: str, precision: str, side: int, variant: str, model: str | None,
@@ -765,7 +767,7 @@ def plan_set(dirs: list[Path], target: str | None = None, height: int | None = N
     from . import manifest as manifest_io
 
     manifests = [manifest_io.load(d) for d in dirs]
-    targets = {m["target"] for m in manifests}
+    targets = {m.target for m in manifests}
     if target is None and len(targets) > 1:
         raise UserError(f"the builds are for different targets ({', '.join(sorted(targets))}): pass --target, the "
                         "card they share")
@@ -774,8 +776,8 @@ def plan_set(dirs: list[Path], target: str | None = None, height: int | None = N
         raise UserError("CPU builds run in host memory: pass --target, the card to plan them on")
     if memory_gib is not None and memory_gib <= 0:
         raise UserError(f"--vram-gib must be > 0, got {memory_gib:g}")
-    plans = [make_plan(m["target"], m["precision"], height or m["defaults"]["height"],
-                       width or m["defaults"]["width"], engine_dir=d, on_target=target, advise=False)
+    plans = [make_plan(m.target, m.precision, height or m.defaults.height, width or m.defaults.width, engine_dir=d,
+                       on_target=target, advise=False)
              for d, m in zip(dirs, manifests)]
     t = get_target(target)
     out = SetPlan(target, int((memory_gib or t.memory_gib) * GIB))

@@ -23,24 +23,25 @@ from .errors import UserError
 from .fsutil import atomic_file, folder_lock
 
 
-def check_refittable(engine_dir: Path, manifest: dict) -> list[str]:
+def check_refittable(engine_dir: Path, manifest: manifest_io.Manifest | dict) -> list[str]:
     """The DiT components whose engines can be refitted, or a UserError saying why not."""
     from .lora.runtime import QUANTIZED_MESSAGE
     from .lora.targets import dit_components
     from .targets import QUANTIZED
 
+    manifest = manifest_io.parse(manifest, Path(engine_dir) / manifest_io.NAME)
     names = dit_components(manifest)
-    comps = manifest["components"]
-    quantized = sorted({comps[n].get("precision") for n in names} & set(QUANTIZED))
+    comps = manifest.components
+    quantized = sorted({comps[n].precision for n in names} & set(QUANTIZED))
     if quantized:
         raise UserError(QUANTIZED_MESSAGE.format(", ".join(quantized)))
     for name in names:
-        eng = comps[name].get("engine") or {}
-        if eng.get("status") != "complete":
+        eng = comps[name].engine
+        if not comps[name].has_engine:
             raise UserError(f"{engine_dir} has no engine for {name}: build it for a GPU target with --refittable")
-        if not (eng.get("options") or {}).get("refittable"):
+        if not eng.refittable:
             raise UserError(f"the {name} engine in {engine_dir} is not refittable: rebuild with --refittable")
-        if eng.get("stripped"):
+        if eng.stripped:
             raise UserError(f"the {name} engine in {engine_dir} is weightless (its weights load from the graph): "
                             "swap LoRAs at run time instead (generate --lora)")
     return names
@@ -66,17 +67,18 @@ def refit(engine_dir: Path, loras=(), log=print) -> dict:
     targets = from_graphs(engine_dir, manifest)
     items = [(read_lora(spec.path, targets), spec.scale) for spec in map(as_spec, loras)]
     table = factors(items)
-    trt = import_trt(manifest["tensorrt"]["flavour"])
+    trt = import_trt(manifest.tensorrt.flavour)
     check_plans(engine_dir, manifest)
     check_compat(manifest, version(trt), device_capability())
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)
     record = [{"source": str(lora.path), "scale": scale, **lora.record()} for lora, scale in items]
+    data = manifest.to_dict()  # what is written back, the refitted engines' records updated
     with folder_lock(engine_dir):
         for name in names:
             t0 = time.perf_counter()
-            comp = manifest["components"][name]
-            plan = BuildFolder(engine_dir).file(comp["engine"]["plan"])
+            comp = data["components"][name]
+            plan = BuildFolder(engine_dir).file(manifest.components[name].engine.plan)
             engine = runtime.deserialize_cuda_engine(plan.read_bytes())
             if engine is None:
                 raise UserError(f"TensorRT could not deserialize {plan} (see its log above)")
@@ -89,7 +91,7 @@ def refit(engine_dir: Path, loras=(), log=print) -> dict:
                 tmp.write_bytes(memoryview(serialized))
             del serialized, engine
             comp["engine"].update(plan_sha256=file_sha256(plan), bytes=plan.stat().st_size, loras=record)
-            manifest_io.save(engine_dir, manifest)
+            manifest_io.save(engine_dir, data)
             changed = sum(1 for n in adaptable if n in table)
             log(f"[refit] {name}: {changed} of {len(adaptable)} adaptable weights with LoRA deltas, the rest base "
                 f"({time.perf_counter() - t0:.1f} s)")

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import RequestError, UserError
+from ..manifest import Manifest, parse
 from ..runtime.validate import SEED_MAX, Limits
 from .inputs import Row, Template
 from .requests import (BATCH_FIELDS, PATH_FIELDS, REQUEST_FIELDS, RowError, check, check_fields, check_model,
@@ -76,14 +77,15 @@ class Plan:
     errors: list[dict]  # records for rows that did not become items
 
 
-def build_key(manifest: dict) -> str:
+def build_key(manifest: Manifest | dict) -> str:
     """What identifies the build's numerics: variant, precision and, per component, what it runs: its precision,
     export key, the graph's content hash (quantized graphs differ from the exported one, whose key they share),
     the quantization's key and the engine's key and plan hash."""
-    comps = {name: [c.get("key"), c.get("precision"), c.get("onnx_sha256"), (c.get("quantization") or {}).get("key"),
-                    (c.get("engine") or {}).get("key"), (c.get("engine") or {}).get("plan_sha256")]
-             for name, c in manifest["components"].items()}
-    return _sha({"variant": manifest["variant"], "precision": manifest.get("precision"), "components": comps})
+    manifest = parse(manifest)
+    comps = {name: [c.key, c.precision, c.onnx_sha256, c.quantization and c.quantization.key,
+                    c.engine and c.engine.key, c.engine and c.engine.plan_sha256]
+             for name, c in manifest.components.items()}
+    return _sha({"variant": manifest.variant, "precision": manifest.precision, "components": comps})
 
 
 def _sha(obj) -> str:

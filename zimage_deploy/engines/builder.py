@@ -22,6 +22,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..fsutil import atomic_file
 from ..hashing import file_sha256
+from ..manifest import Engine
 from ..paths import cache_dir
 from .flavour import check_version, import_trt, version
 from .profiles import EngineOptions
@@ -117,7 +118,7 @@ class EngineBuilder:
         opts = self.opts if branch else replace(self.opts, lora_bounds=None)
         return engine_key(onnx_sha, self.target.flavour, self.version, self.target.sm, profile, opts, self.gpu)
 
-    def build(self, onnx_path: Path, profile: dict, plan_path: Path, strip: bool = False) -> dict:
+    def build(self, onnx_path: Path, profile: dict, plan_path: Path, strip: bool = False) -> Engine:
         """Build `onnx_path` into `plan_path`; return the engine's manifest entry (without the key). `strip`: a
         weightless plan (STRIP_PLAN), refitted from `onnx_path` when it loads."""
         trt = self.trt
@@ -179,20 +180,12 @@ class EngineBuilder:
         weights.close()
         if cache is not None:
             _write_atomic(self.cache_path, memoryview(cache.serialize()))
-        return {
-            "plan_sha256": file_sha256(plan_path),
-            "bytes": plan_path.stat().st_size,
-            "flavour": self.target.flavour,
-            "version": self.version,
-            "compute_capability": list(self.target.compute_capability),
-            "gpu": self.gpu,
-            "cuda_graphs": cuda_graphs,
-            "profile": profile,
-            "options": self.opts.as_dict(),
-            "stripped": strip,
-            "timing_cache": str(self.cache_path) if cache is not None else None,
-            "build_seconds": round(time.perf_counter() - t0, 2),
-        }
+        return Engine(plan_sha256=file_sha256(plan_path), bytes=plan_path.stat().st_size,
+                      flavour=self.target.flavour, version=self.version,
+                      compute_capability=tuple(self.target.compute_capability), gpu=self.gpu,
+                      cuda_graphs=cuda_graphs, profile=profile, options=self.opts.as_dict(), stripped=strip,
+                      timing_cache=str(self.cache_path) if cache is not None else None,
+                      build_seconds=round(time.perf_counter() - t0, 2))
 
 
 class MappedWeights:

@@ -6,12 +6,14 @@ engine inputs of fixed shape, recorded in the engine's entry as `lora_branch`)."
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from tqdm import tqdm
 
 from .. import manifest as manifest_io
 from ..buildfolder import BuildFolder
 from ..hashing import file_sha256
+from ..manifest import Engine, read_component
 from .builder import release_torch_memory
 
 
@@ -38,28 +40,27 @@ def engines_stage(job, manifest: dict) -> dict:
         profile = job.engine_shapes[name] if branch is None else {**job.engine_shapes[name], **branch.profile}
         rel = None if branch is None else BuildFolder.branch_graph_rel(comp["onnx"])
         key = builder.key(comp["onnx_sha256"], profile, branch=branch is not None)
-        old = comp.get("engine") or {}
+        typed = read_component(comp, name)
+        old = typed.engine or Engine()
         plan = folder.plan(name)
-        if old.get("key") == key and old.get("status") == "complete" and plan.is_file() \
-                and file_sha256(plan) == old.get("plan_sha256"):
+        if old.key == key and old.complete and plan.is_file() and file_sha256(plan) == old.plan_sha256:
             log(f"[engines] {name}: up to date, skipped")
-            if job.drop_intermediate and not old.get("stripped") and not comp.get("dropped"):
+            if job.drop_intermediate and not old.stripped and not typed.dropped:
                 _drop(folder, comp, rel, log, name)
                 manifest_io.save(out, manifest)
             continue
         comp["engine"] = None
         graph = folder.file(comp["onnx"]) if branch is None else branch.write(folder.file(rel))
-        entry = builder.build(graph, profile, plan, strip=builder.strips(bool(comp.get("external_data"))))
-        entry.update(plan=BuildFolder.plan_rel(name), key=key, status="complete")
-        if branch is not None:
-            entry["lora_branch"] = {**branch.record, "graph": rel}
-        comp["engine"] = entry
+        entry = builder.build(graph, profile, plan, strip=builder.strips(bool(typed.external_data)))
+        extra = {} if branch is None else {"lora_branch": {**branch.record, "graph": rel}}
+        entry = replace(entry, plan=BuildFolder.plan_rel(name), key=key, status="complete", extra=extra)
+        comp["engine"] = entry.to_dict()
         manifest_io.save(out, manifest)
-        if job.drop_intermediate and not entry["stripped"]:
+        if job.drop_intermediate and not entry.stripped:
             _drop(folder, comp, rel, log, name)
             manifest_io.save(out, manifest)
-        log(f"[engines] {name}: {entry['plan']} ({entry['bytes'] / 1e6:.1f} MB, {entry['build_seconds']:.1f} s, "
-            f"{entry['flavour']} {entry['version']} {builder.target.sm})")
+        log(f"[engines] {name}: {entry.plan} ({entry.bytes / 1e6:.1f} MB, {entry.build_seconds:.1f} s, "
+            f"{entry.flavour} {entry.version} {builder.target.sm})")
     return {"status": "done", "seconds": round(time.perf_counter() - t0, 2)}
 
 

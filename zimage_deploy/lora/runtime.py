@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InternalError, RequestError, UserError
-from ..manifest import planned_low_vram
+from ..manifest import parse, planned_low_vram
 from ..models.stream import factors
 from ..targets import QUANTIZED
 from .adapters import MAX_LORAS, MAX_RANK, check_bounds
@@ -165,6 +165,7 @@ class LoraManager:
         branches' bounds (rank per LoRA and row block, LoRAs per set): the size of the Torch buffers; ONNX Runtime
         (dynamic rank) checks the same bounds."""
         self.pipeline = None
+        manifest = parse(manifest, Path(engine_dir) / "manifest.json")
         low_vram = planned_low_vram(manifest, low_vram)  # as make_backend decides it
         self.engine_dir, self.manifest, self.low_vram = Path(engine_dir), manifest, low_vram
         self.backend_name, self.way = backend.name, backend.abilities.lora
@@ -218,8 +219,8 @@ class LoraManager:
     # -- checking ---------------------------------------------------------------------------------------
     def check_supported(self) -> None:
         """RequestError when this build / backend cannot apply LoRAs at run time."""
-        comps = self.manifest["components"]
-        quantized = sorted({comps[n].get("precision") for n in dit_components(self.manifest)} & set(QUANTIZED))
+        comps = self.manifest.components
+        quantized = sorted({comps[n].precision for n in dit_components(self.manifest)} & set(QUANTIZED))
         if quantized and self.way == "refit":
             raise RequestError(QUANTIZED_MESSAGE.format(", ".join(quantized)))
         refusal = self.backend.lora_refusal() if self.pipeline is not None else None  # as opened (e.g. offloading)
@@ -231,8 +232,7 @@ class LoraManager:
             if self.low_vram:
                 raise RequestError("run-time LoRAs are not supported in low-VRAM mode (engines reload from their "
                                    "plans); run without --low-vram")
-            plain = [n for n in dit_components(self.manifest)
-                     if not ((comps[n].get("engine") or {}).get("options") or {}).get("refittable")]
+            plain = [n for n in dit_components(self.manifest) if not (comps[n].engine and comps[n].engine.refittable)]
             if plain:
                 raise RequestError(f"the engines of {', '.join(plain)} are not refittable: rebuild with --refittable "
                                    "to swap LoRAs at run time, or fuse the LoRA at build time (build --lora)")

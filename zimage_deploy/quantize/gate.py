@@ -40,9 +40,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp(min=1e-30))
 
 
-def unquantized_manifest(manifest: dict) -> dict:
-    """The same build with each quantized component pointing at its unquantized graph."""
-    ref = copy.deepcopy(manifest)
+def unquantized_manifest(manifest) -> dict:
+    """The same build (a dict or a `Manifest`) with each quantized component pointing at its unquantized graph."""
+    ref = copy.deepcopy(dict(manifest))
     for comp in ref["components"].values():
         if comp.get("precision") in QUANTIZED:
             comp.update(comp.pop("unquantized"))

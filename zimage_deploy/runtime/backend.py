@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..export.specs import DTYPES
+from ..manifest import Manifest, parse
 from .offload import MODES as MEMORY_MODES
 
 
@@ -60,9 +61,9 @@ class Backend:
     device = torch.device("cpu")
     abilities = Abilities()
 
-    def __init__(self, engine_dir: Path, manifest: dict):
+    def __init__(self, engine_dir: Path, manifest: Manifest | dict):
         self.engine_dir = Path(engine_dir)
-        self.manifest = manifest
+        self.manifest = parse(manifest, Path(engine_dir) / "manifest.json")
         self.components = manifest["components"]
 
     def run(self, component: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ import torch
 
 from ..buildfolder import BuildFolder
 from ..errors import UserError
-from ..manifest import has_engines, planned_low_vram  # noqa: F401 - imported from here too
+from ..manifest import components_of, has_engines, planned_low_vram, runtime_plan  # noqa: F401 - imported from here too
 from .backend import Abilities, Backend
 from .offload import asked_mode, check_host_mode, tensorrt_mode
 from .tensorrt_backend import TensorRTBackend
@@ -194,9 +194,9 @@ def resolve_backend(name: str, manifest: dict) -> str:
     if name == "auto":
         if has_engines(manifest) and torch.cuda.is_available():
             return "tensorrt"
-        if torch.cuda.is_available() or (manifest.get("runtime") or {}).get("backend") == TORCH_COMPILED:
+        if torch.cuda.is_available() or runtime_plan(manifest).backend == TORCH_COMPILED:
             return "torch"
-        bf16 = any(c.get("compute_dtype") == "bfloat16" for c in manifest["components"].values())
+        bf16 = any(c.compute_dtype == "bfloat16" for c in components_of(manifest).values())
         return "torch" if bf16 else "onnxruntime"
     return name
 

@@ -30,7 +30,7 @@ import threading
 import torch
 
 from ..errors import UserError
-from ..manifest import planned_low_vram
+from ..manifest import ALL_RESIDENT, planned_low_vram, runtime_plan
 
 MODES = ("none", "model", "text-encoder-cpu", "sequential")
 OFFLOAD_CHOICES = ("auto", *MODES)  # --offload: auto is the build's plan's
@@ -173,7 +173,7 @@ def offload_policy(offload, manifest: dict, device: torch.device, accelerated: b
     if isinstance(offload, OffloadPolicy):
         return offload
     if offload in (None, "auto"):
-        planned = PLANNED.get((manifest.get("runtime") or {}).get("mode"), "none")
+        planned = PLANNED.get(runtime_plan(manifest).mode, "none")
         offload = planned if device.type == "cuda" and not accelerated else "none"
     elif offload != "none" and accelerated:
         raise UserError(f"offload mode {offload} keeps weights in host memory between calls: it does not "
@@ -186,7 +186,7 @@ def tensorrt_mode(mode: str | None, manifest: dict) -> tuple[bool, bool]:
     engines resident at a time, text_encoder_cpu: the text encoder run on the CPU by the Torch backend, its
     engine never loaded). Weight streaming (`sequential`'s counterpart) needs engines built for it, at the budgets
     the build's plan sets: it runs where the plan picked it, and is refused otherwise."""
-    planned = (manifest.get("runtime") or {}).get("mode", "all-resident")
+    planned = runtime_plan(manifest).mode or ALL_RESIDENT
     if mode is None:  # weight streaming: low-VRAM mode with the plan's budgets
         return planned_low_vram(manifest, None), planned == "text-encoder-cpu"
     if mode == "sequential" and planned != "weight-streaming":

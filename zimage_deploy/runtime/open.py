@@ -19,5 +19,5 @@ def open_pipeline(engine_dir: str | Path, backend: str | Backend = "auto", cfg_m
     """The pipeline for the variant the build in `engine_dir` holds. `torch_mode` ("eager" | "compiled"; None:
     compiled on CUDA) and `torch_options` (e.g. {"max_graphs": 8}): the Torch backend's (runtime/torch_fast.py);
     `offload`: the memory mode (runtime/offload.py; None / "auto": the build's plan's)."""
-    layout = get_variant(manifest_io.load(Path(engine_dir))["variant"]).layout
+    layout = get_variant(manifest_io.load(Path(engine_dir)).variant).layout
     return PIPELINES[layout](engine_dir, backend, cfg_mode, low_vram, torch_mode, torch_options, offload)

@@ -87,16 +87,16 @@ class Pipeline:
                  offload: str | None = None):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest_io.load(self.engine_dir)
-        variant = get_variant(self.manifest["variant"])
+        variant = get_variant(self.manifest.variant)
         if variant.layout != self.layout:
-            raise UserError(f"{engine_dir} holds variant {self.manifest['variant']!r}; {type(self).__name__} runs "
+            raise UserError(f"{engine_dir} holds variant {self.manifest.variant!r}; {type(self).__name__} runs "
                             f"the {self.layout} sequence layout's variants (use open_pipeline)")
-        comps = self.manifest["components"]
-        rejected = [c for c in variant.required if comps.get(c, {}).get("status") == "rejected"]
+        comps = self.manifest.components
+        rejected = [c for c in variant.required if c in comps and comps[c].status == "rejected"]
         if rejected:
             raise UserError(f"{engine_dir}: components {rejected} were rejected by the build's "
-                            f"{comps[rejected[0]].get('rejected_by', 'quality gate')} check; rebuild")
-        missing = [c for c in variant.required if comps.get(c, {}).get("status") != "complete"]
+                            f"{comps[rejected[0]].extra.get('rejected_by', 'quality gate')} check; rebuild")
+        missing = [c for c in variant.required if c not in comps or not comps[c].complete]
         if missing:
             raise UserError(f"{engine_dir} is not a complete build (missing {missing}): run the build again")
         if cfg_mode not in CFG_MODES:
@@ -110,10 +110,10 @@ class Pipeline:
         self.backend = backend if isinstance(backend, Backend) else make_backend(
             backend, self.engine_dir, self.manifest, low_vram, torch_mode, offload=offload, **(torch_options or {}))
         self.tokenizer = PromptTokenizer(BuildFolder(self.engine_dir).tokenizer,
-                                         self.manifest["defaults"]["max_sequence_length"])
+                                         self.manifest.defaults.max_sequence_length)
         sched = json.loads((BuildFolder(self.engine_dir).scheduler / "scheduler_config.json").read_text())
         self.scheduler_config = SchedulerConfig.from_diffusers(sched)
-        self.facts = self.manifest["model"]["facts"]
+        self.facts = self.manifest.model.facts
         self.defaults = self.manifest["defaults"]
         self.multiple = self.defaults["resolution_multiple"]
 

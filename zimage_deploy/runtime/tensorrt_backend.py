@@ -41,6 +41,7 @@ from ..errors import UserError
 from ..export.specs import DTYPES
 from ..fsutil import atomic_file
 from ..lora.tensorrt import branch_bounds, branch_inputs
+from ..manifest import Manifest, parse
 from .backend import Abilities, Backend
 from .verify import plan_verified
 
@@ -49,39 +50,40 @@ DEVICE = "cuda"
 PADDED_DIMS = ("cap_len", "joint_len")  # caption axes whose padding the graphs mask out (basic layout)
 
 
-def check_plans(engine_dir: Path, manifest: dict) -> None:
+def check_plans(engine_dir: Path, manifest: Manifest | dict) -> None:
     """Every component has a complete engine whose plan file has the recorded size and hash."""
-    for name, comp in manifest["components"].items():
-        eng = comp.get("engine") or {}
-        if eng.get("status") != "complete":
+    for name, comp in parse(manifest).components.items():
+        eng = comp.engine
+        if not comp.has_engine:
             raise UserError(f"{engine_dir} has no complete engine for {name}: build it for a GPU target first")
-        path = BuildFolder(engine_dir).file(eng.get("plan"))
+        path = BuildFolder(engine_dir).file(eng.plan)
         if not path.is_file():
             raise UserError(f"engine plan {path} is missing: rebuild")
         size = path.stat().st_size
-        if size != eng["bytes"]:
+        if size != eng.bytes:
             raise UserError(f"engine plan {path} is truncated or corrupted ({size} bytes, the build wrote "
-                            f"{eng['bytes']}): rebuild")
-        if not plan_verified(engine_dir, path, eng["plan_sha256"]):  # hashed once per file version (stamp)
+                            f"{eng.bytes}): rebuild")
+        if not plan_verified(engine_dir, path, eng.plan_sha256):  # hashed once per file version (stamp)
             raise UserError(f"engine plan {path} is corrupted (sha256 differs from the manifest): rebuild")
 
 
-def check_compat(manifest: dict, installed_version: str, device_cc: tuple[int, int] | None,
+def check_compat(manifest: Manifest | dict, installed_version: str, device_cc: tuple[int, int] | None,
                  gpu: str | None = None) -> None:
     """Refuse engines built with another TensorRT version or for another GPU architecture; warn when they were
     built on another GPU model (TensorRT: plans are specific to the device model they were built on)."""
-    for name, comp in manifest["components"].items():
-        eng = comp["engine"]
-        if eng["version"] != installed_version:
-            raise UserError(f"{name} engine was built with {eng['flavour']} {eng['version']}, but {installed_version} "
+    comps = parse(manifest).components
+    for name, comp in comps.items():
+        eng = comp.engine
+        if eng.version != installed_version:
+            raise UserError(f"{name} engine was built with {eng.flavour} {eng.version}, but {installed_version} "
                             "is installed: engines only load in the version that built them; rebuild")
         if device_cc is None:
             raise UserError("the TensorRT backend needs a CUDA GPU, and none is visible")
-        if tuple(eng["compute_capability"]) != tuple(device_cc):
-            want = "SM%d%d" % tuple(eng["compute_capability"])
+        if tuple(eng.compute_capability or ()) != tuple(device_cc):
+            want = "SM%d%d" % tuple(eng.compute_capability)
             raise UserError(f"{name} engine was built for {want}, this GPU is SM{device_cc[0]}{device_cc[1]}: "
                             "build for this GPU's target")
-    built_on = {c["engine"].get("gpu") for c in manifest["components"].values()} - {None}
+    built_on = {c.engine.gpu for c in comps.values()} - {None}
     if gpu and built_on and gpu not in built_on:
         warnings.warn(f"the engines were built on a {', '.join(sorted(built_on))} and load on a {gpu}: TensorRT plans "
                       "are tuned for the GPU model they were built on (they run, maybe slower); rebuild on this "
@@ -125,7 +127,7 @@ class _Engine:
         # the runtime cache of this plan (another plan's kernels would never be found in it)
         self.cache_path = self.plan_path.with_name(f"{self.plan_path.stem}.{comp['engine']['plan_sha256'][:16]}"
                                                    ".runtime-cache")
-        stripped = bool(comp["engine"].get("stripped"))
+        stripped = bool(backend.manifest.components[name].engine.stripped)
         # TensorRT-RTX: weights that can be unloaded and loaded again (low-VRAM mode) without a new engine
         self.swappable = backend.low_vram and not stripped and hasattr(backend.runtime, "defer_weights_loading")
         if self.swappable:
@@ -201,18 +203,17 @@ class TensorRTBackend(Backend):
         CPU through the Torch backend (the checkpoint's weights in host memory, the build's quantization
         emulated), its engine never loads; its outputs move to the GPU."""
         super().__init__(engine_dir, manifest)
-        check_plans(self.engine_dir, manifest)
-        flavour = manifest["tensorrt"]["flavour"]
+        check_plans(self.engine_dir, self.manifest)
+        flavour = self.manifest.tensorrt.flavour
         self.trt = import_trt(flavour)
-        check_compat(manifest, version(self.trt), device_capability(), device_name())
+        check_compat(self.manifest, version(self.trt), device_capability(), device_name())
         self.device = torch.device(DEVICE)
         self.stream = cuda.Stream()
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(self.logger)
-        mode = manifest.get("runtime") or {}
+        plan = self.manifest.runtime
         # weight streaming: each large engine keeps the resident weights the build's VRAM plan gives it
-        self.stream_budgets = (mode.get("stream_budget_bytes") or {}) if mode.get("mode") == "weight-streaming" \
-            else {}
+        self.stream_budgets = (plan.stream_budget_bytes or {}) if plan and plan.mode == "weight-streaming" else {}
         self.low_vram = bool(low_vram)
         self.cuda_graphs = cuda_graphs is not False
         self.engines: dict[str, _Engine] = {}

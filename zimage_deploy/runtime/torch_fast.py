@@ -277,23 +277,27 @@ class TorchBackend(Backend):
     def _scales(self, component: str, scheme: str) -> dict | None:
         from ..scales import load_scales
 
-        q = self.components.get(component, {}).get("quantization")
-        return load_scales(BuildFolder(self.engine_dir).file(q["scales"]))[0] if q and q["scheme"] == scheme else None
+        q = self._quantization(component)
+        return load_scales(BuildFolder(self.engine_dir).file(q.scales))[0] if q and q.scheme == scheme else None
+
+    def _quantization(self, component: str):
+        comp = self.manifest.components.get(component)
+        return comp.quantization if comp else None
 
     def _real_fp8(self, component: str) -> bool:
         """Compiled mode runs an fp8 build's DiT through FP8 matmuls with the build's scales (eager emulates them)."""
-        q = self.components.get(component, {}).get("quantization")
-        return self.compiled and loader_of(component) == DIT and bool(q) and get_scheme(q["scheme"]).fp8_matmuls
+        q = self._quantization(component)
+        return self.compiled and loader_of(component) == DIT and bool(q) and get_scheme(q.scheme).fp8_matmuls
 
     def _quantized(self, key: str, model: nn.Module) -> nn.Module:
         """Apply the quantization of the build's quantized components served by this module (same scale files,
         same arithmetic as their Q/DQ graphs); FP8 DiTs in compiled mode are swapped in `_accelerate` instead."""
         from ..models.emulate import apply_scales
 
-        for name, comp in self.components.items():
-            q = comp.get("quantization")
+        for name, comp in self.manifest.components.items():
+            q = comp.quantization
             if q and loader_of(name) == key and not self._real_fp8(name):
-                apply_scales(model, self._scales(name, q["scheme"]), q["scheme"], q["block"] or 0)
+                apply_scales(model, self._scales(name, q.scheme), q.scheme, q.block or 0)
         return model
 
     def _accelerate(self, key: str, model: nn.Module) -> nn.Module:

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from ..errors import RequestError
 from ..facts import SMALL_SIDES, small_model
-from ..manifest import has_engines
+from ..manifest import parse
 from ..variants import MAX_CONDITION_IMAGES, is_omni
 from .backends import backend_entry, resolve_backend
 
@@ -108,12 +108,13 @@ class Limits:
     def for_build(cls, manifest: dict, backend: str = "auto", cfg_mode: str = "batch", **overrides) -> "Limits":
         """The build's limits; `backend` (as given to the runtime) decides whether the engine profile's batch
         applies to CFG's doubled batch. `overrides`: any field (None keeps the build's value)."""
-        defaults, facts = manifest["defaults"], manifest["model"]["facts"]
-        multiple = int(defaults["resolution_multiple"])
-        opts = (manifest.get("tensorrt") or {}).get("options") or {}
-        comps = manifest["components"]
-        engines = has_engines(manifest)
-        lo, hi = SMALL_SIDES if small_model(facts.get("dim", 0)) else _variant_range(manifest["variant"])
+        manifest = parse(manifest)
+        defaults, facts = manifest.defaults, manifest.model.facts
+        multiple = defaults.resolution_multiple
+        opts = manifest.tensorrt.options if manifest.tensorrt else {}
+        comps = manifest.components
+        engines = manifest.has_engines
+        lo, hi = SMALL_SIDES if small_model(facts.get("dim", 0)) else _variant_range(manifest.variant)
         static, max_batch = None, MAX_BATCH
         if engines:
             lo, hi = opts.get("min_side") or lo, opts.get("max_side") or hi
@@ -124,9 +125,9 @@ class Limits:
         lo, hi = -(-lo // multiple) * multiple, hi // multiple * multiple
         profile_batch = engines and backend_entry(resolve_backend(backend, manifest)).abilities.profile_batch
         limits = cls(
-            variant=manifest["variant"], multiple=multiple, min_side=lo, max_side=hi,
-            default_steps=int(defaults["steps"]), default_guidance=float(defaults["guidance_scale"]),
-            default_height=int(defaults["height"]), default_width=int(defaults["width"]), static=static,
+            variant=manifest.variant, multiple=multiple, min_side=lo, max_side=hi,
+            default_steps=defaults.steps, default_guidance=float(defaults.guidance_scale),
+            default_height=defaults.height, default_width=defaults.width, static=static,
             max_batch=max_batch, cfg_doubles_batch=cfg_mode == "batch" and profile_batch,
             img2img="vae_encoder" in comps, controlnet="controlnet" in comps,
             control_inpaint=bool((facts.get("controlnet") or {}).get("inpaint")))

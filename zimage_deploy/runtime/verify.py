@@ -18,6 +18,7 @@ from ..buildfolder import CHECKPOINT, SCHEDULER, TOKENIZER, BuildFolder, support
 from ..errors import UserError
 from ..fsutil import atomic_file
 from ..hashing import file_sha256, folder_sha256
+from ..manifest import Manifest, parse
 from ..variants import is_omni
 
 STAMP = ".verified.json"
@@ -58,11 +59,11 @@ class _Stamp:
             pass
 
 
-def check_support_files(engine_dir: Path, manifest: dict) -> None:
+def check_support_files(engine_dir: Path, manifest: Manifest | dict) -> None:
     """The folders the pipelines read besides the graphs."""
     engine_dir = Path(engine_dir)
     files = {TOKENIZER: "tokenizer.json", SCHEDULER: "scheduler_config.json"}  # what must be inside
-    for folder in support_folders(is_omni(manifest["variant"])):
+    for folder in support_folders(is_omni(parse(manifest).variant)):
         file = files.get(folder)
         path = engine_dir / folder
         if not path.is_dir():
@@ -71,20 +72,20 @@ def check_support_files(engine_dir: Path, manifest: dict) -> None:
             raise UserError(f"{path / file} is missing: the build folder is incomplete; rebuild it")
 
 
-def check_graphs(engine_dir: Path, manifest: dict, stamp: _Stamp | None = None) -> None:
+def check_graphs(engine_dir: Path, manifest: Manifest | dict, stamp: _Stamp | None = None) -> None:
     """Every complete component's ONNX graph folder: size always, sha256 on first load (then the stamp)."""
     engine_dir = Path(engine_dir)
     own = stamp is None
     stamp = stamp or _Stamp(engine_dir)
-    for name, comp in manifest["components"].items():
-        if comp.get("status") != "complete":
+    for name, comp in parse(manifest).components.items():
+        if not comp.complete:
             continue
-        if comp.get("source") == CHECKPOINT:  # a graphless build
+        if comp.source == CHECKPOINT:  # a graphless build
             raise UserError(f"{engine_dir} has no ONNX graphs: it was built for the compiled Torch runtime (run it with "
                             "--backend torch, or rebuild with --graphs on for ONNX Runtime)")
-        if not isinstance(comp.get("onnx"), str) or "bytes" not in comp or "onnx_sha256" not in comp:
+        if comp.onnx is None or comp.bytes is None or comp.onnx_sha256 is None:
             raise UserError(f"the manifest records no graph, size or hash for {name}: rebuild")
-        graph = BuildFolder(engine_dir).file(comp["onnx"])
+        graph = BuildFolder(engine_dir).file(comp.onnx)
         folder = graph.parent
         if not graph.is_file():
             raise UserError(f"graph {graph} is missing: rebuild")
@@ -92,28 +93,28 @@ def check_graphs(engine_dir: Path, manifest: dict, stamp: _Stamp | None = None) 
         if any(not p.is_file() for p in files):
             raise UserError(f"graph folder {folder} holds something other than the graph's files: rebuild")
         size = sum(p.stat().st_size for p in files)
-        if size != comp["bytes"]:
+        if size != comp.bytes:
             raise UserError(f"graph {graph} is truncated or corrupted ({size} bytes in {folder.name}/, the build "
-                            f"wrote {comp['bytes']}): rebuild")
-        if not stamp.verified(folder, files, comp["onnx_sha256"], folder_sha256):
+                            f"wrote {comp.bytes}): rebuild")
+        if not stamp.verified(folder, files, comp.onnx_sha256, folder_sha256):
             raise UserError(f"graph {graph} is corrupted (sha256 differs from the manifest): rebuild")
     if own:
         stamp.save()
 
 
-def check_scales(engine_dir: Path, manifest: dict, stamp: _Stamp | None = None) -> None:
+def check_scales(engine_dir: Path, manifest: Manifest | dict, stamp: _Stamp | None = None) -> None:
     """Quantized components' scale files (read by the Torch backend): present, with the recorded hash."""
     engine_dir = Path(engine_dir)
     own = stamp is None
     stamp = stamp or _Stamp(engine_dir)
-    for name, comp in manifest["components"].items():
-        q = comp.get("quantization")
-        if not q or comp.get("status") != "complete" or not q.get("scales"):
+    for comp in parse(manifest).components.values():
+        q = comp.quantization
+        if not q or not comp.complete or not q.scales:
             continue
-        path = BuildFolder(engine_dir).file(q["scales"])
+        path = BuildFolder(engine_dir).file(q.scales)
         if not path.is_file():
             raise UserError(f"quantization scales {path} are missing: rebuild")
-        if q.get("scales_sha256") and not stamp.verified(path, [path], q["scales_sha256"], file_sha256):
+        if q.scales_sha256 and not stamp.verified(path, [path], q.scales_sha256, file_sha256):
             raise UserError(f"quantization scales {path} are corrupted (sha256 differs from the manifest): rebuild")
     if own:
         stamp.save()
@@ -132,7 +133,7 @@ def plan_verified(engine_dir: Path, path: Path, expected_sha256: str) -> bool:
 CHECKS = {"graphs": check_graphs, "scales": check_scales, "plans": None}
 
 
-def verify_build(engine_dir: Path, manifest: dict, build_files) -> None:
+def verify_build(engine_dir: Path, manifest: Manifest | dict, build_files) -> None:
     """Everything the pipeline and its backend will read (`build_files`: the backend's `abilities.build_files`),
     before the first generation."""
     check_support_files(engine_dir, manifest)

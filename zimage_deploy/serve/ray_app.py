@@ -227,7 +227,7 @@ def _options(engine_dir, replicas, autoscale, gpus_per_replica, max_ongoing_requ
     from .. import manifest as manifest_io
 
     manifest = manifest_io.load(Path(engine_dir))
-    gpus = gpus_per_replica if gpus_per_replica is not None else (1.0 if manifest_io.has_engines(manifest) else 0.0)
+    gpus = gpus_per_replica if gpus_per_replica is not None else (1.0 if manifest.has_engines else 0.0)
     options = dict(ray_actor_options={"num_gpus": gpus, "num_cpus": 0 if gpus else 1},
                    max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
                    graceful_shutdown_timeout_s=shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5)
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
 
         builds = {}
         for name, folder in specs:
-            name = name or manifest_io.load(folder)["variant"]
+            name = name or manifest_io.load(folder).variant
             if name in builds:
                 raise UserError(f"two builds named {name!r}: name them (--build-dir NAME=DIR)")
             builds[name] = folder
