@@ -75,7 +75,7 @@ def test_img2img_matches_diffusers(tiny_fp32, tiny_ckpt, backend, size, strength
         "a watercolor landscape", image=image, strength=strength, num_inference_steps=steps, guidance_scale=g,
         generator=torch.Generator("cpu").manual_seed(5)).images[0]
     got = Pipeline(tiny_fp32, backend)("a watercolor landscape", steps=steps, seed=5, guidance_scale=g,
-                                       image=image, strength=strength, progress=False)[0]
+                                       images=[image], strength=strength, progress=False)[0]
     check_close(got, expected)
 
 
@@ -85,7 +85,7 @@ def test_img2img_with_cfg_matches_diffusers(base_fp32, base_ckpt):
         "a red barn", image=image, negative_prompt="fog", strength=0.7, num_inference_steps=6, guidance_scale=3.5,
         generator=torch.Generator("cpu").manual_seed(2)).images[0]
     got = Pipeline(base_fp32, "onnxruntime")("a red barn", steps=6, seed=2, negative_prompt="fog",
-                                             guidance_scale=3.5, image=image, strength=0.7, progress=False)[0]
+                                             guidance_scale=3.5, images=[image], strength=0.7, progress=False)[0]
     check_close(got, expected)
 
 
@@ -102,7 +102,7 @@ def test_inpaint_matches_diffusers(tiny_fp32, tiny_ckpt, backend, size, strength
     expected = reference(ZImageInpaintPipeline, tiny_ckpt)(
         "a bright window", image=image, mask_image=mask, strength=strength, num_inference_steps=8,
         guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(11)).images[0]
-    got = Pipeline(tiny_fp32, backend)("a bright window", steps=8, seed=11, guidance_scale=0.0, image=image,
+    got = Pipeline(tiny_fp32, backend)("a bright window", steps=8, seed=11, guidance_scale=0.0, images=[image],
                                        mask=mask, strength=strength, progress=False)[0]
     check_close(got, expected)
     # outside the mask the result stays close to the input (the blend really happened)

@@ -126,7 +126,7 @@ def test_inpainting_union_matches_diffusers(builds, ckpts, tiny_ckpt, backend, h
         PROMPT, image=image, mask_image=mask, control_image=control, height=h, width=w, num_inference_steps=3,
         guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(9)).images[0]
     pipe = Pipeline(builds["union"], backend)
-    got = pipe(PROMPT, h, w, 3, seed=9, control_image=control, image=image, mask=mask, progress=False)[0]
+    got = pipe(PROMPT, h, w, 3, seed=9, control_image=control, images=[image], mask=mask, progress=False)[0]
     check_close(got, expected)
     without = pipe(PROMPT, h, w, 3, seed=9, control_image=control, progress=False)[0]
     assert np.abs(as_array(got) - as_array(without)).max() > 10  # the image and mask really condition it

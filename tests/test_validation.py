@@ -297,6 +297,64 @@ def test_api_generate_matches_the_pipeline(runtime):
     assert np.array_equal(np.asarray(got), np.asarray(want))
 
 
+# what the pipelines checked themselves before (with other messages) or let through
+PIPELINE_BAD = [
+    (dict(negative_prompt=["fog"], guidance_scale=2.0), "negative_prompt must be a string, got list"),
+    (dict(mask=Image.new("L", (64, 64))), "inpainting needs an input image as well as the mask"),
+    (dict(images=[synthetic_image(64, 64)], strength=0.0), "strength must be in (0, 1], got 0.0"),
+    (dict(images=[synthetic_image(64, 48)], mask=Image.new("L", (48, 64))), "the mask is 48x64 but the image"),
+    (dict(controlnet_scale=0.5), "controlnet_scale needs a control image"),
+    (dict(control_image=synthetic_image(64, 64)), "this build has no ControlNet"),
+]
+EDIT_BAD = [
+    (dict(), "the Edit variant needs at least one condition image"),
+    (dict(images=[synthetic_image(48, 96)]), "condition image 0: condition image too small: 48x96"),
+    (dict(images=[synthetic_image(96, 96)] * 3), "3 condition images; this build takes at most 2"),
+    (dict(images=[synthetic_image(96, 96)], strength=1.5), "strength must be in (0, 1], got 1.5"),
+    (dict(images=[synthetic_image(96, 96)], height=64), "with a mask or a strength below 1 the output is"),
+]
+
+
+def _refused_by_the_validator(pipe, monkeypatch, fields, message):
+    """The pipeline's call is refused with the validator's RequestError and message, before any model runs."""
+    monkeypatch.setattr(pipe.backend, "run", lambda *a, **k: pytest.fail("a model ran for a refused request"))
+    fields = dict(fields)
+    prompt = fields.pop("prompt", "a fox")
+    with pytest.raises(RequestError) as want:
+        check_request(Limits.for_build(pipe.manifest, pipe.backend.name, pipe.cfg_mode), prompt, **fields)
+    with pytest.raises(RequestError) as got:
+        pipe(prompt, progress=False, **fields)
+    assert message in str(want.value) and str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("fields,message", BAD + PIPELINE_BAD)
+def test_pipeline_checks_with_the_validator(runtime, monkeypatch, fields, message):
+    _refused_by_the_validator(runtime.pipeline, monkeypatch, fields, message)
+
+
+@pytest.mark.parametrize("fields,message", EDIT_BAD)
+def test_edit_pipeline_checks_with_the_validator(edit_fp32, monkeypatch, fields, message):
+    from zimage_deploy.runtime.open import open_pipeline
+
+    if "height" in fields:  # a mask edits the first condition image in place: its prepared size is the output
+        fields = dict(fields, mask=Image.new("L", (96, 96)))
+    _refused_by_the_validator(open_pipeline(edit_fp32, "onnxruntime"), monkeypatch, fields, message)
+
+
+def test_pipeline_run_takes_the_checked_images(runtime):
+    """`run` samples a checked request with the images it was checked with; others are an internal error."""
+    from zimage_deploy.errors import InternalError
+
+    pipe = runtime.pipeline
+    req = pipe.check("a fox", images=[synthetic_image(64, 64)])
+    with pytest.raises(InternalError, match="checked with 1 image"):
+        pipe.run(req)
+    with pytest.raises(InternalError, match="prepares to"):
+        pipe.run(req, [synthetic_image(96, 64)])
+    with pytest.raises(RequestError, match="images must be a list of PIL images"):
+        pipe.check("a fox", images=[ImageInfo(64, 64)])
+
+
 def test_server_limits(limits):
     """The server's defaults follow the build; its options only narrow the build's range."""
     from zimage_deploy.serve.schema import ServeLimits

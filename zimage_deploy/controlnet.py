@@ -381,5 +381,5 @@ def sample_request(facts: dict, i: int, side: int, held_out: bool = False) -> di
     if cn.get("inpaint") and i % 2:
         mask = Image.new("L", (side, side), 0)
         mask.paste(255, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
-        kwargs.update(image=line_drawing(side, side, seed + 1, color=True), mask=mask)
+        kwargs.update(images=[line_drawing(side, side, seed + 1, color=True)], mask=mask)
     return kwargs

@@ -15,7 +15,6 @@ from .fsutil import atomic_file
 from .errors import RequestError, UserError
 from .runtime.backends import BACKENDS, TORCH_MODES, add_providers_flag
 from .runtime.offload import OFFLOAD_CHOICES, asked_mode
-from .variants import is_omni
 
 
 def check_output(output: Path) -> None:
@@ -32,7 +31,7 @@ def write_image(image, output: Path) -> None:
         image.save(tmp)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m zimage_deploy.generate", description=__doc__.split("\n")[0])
     add_build_dir(ap)
     ap.add_argument("--prompt", required=True)
@@ -77,46 +76,72 @@ def main(argv=None) -> int:
                     help="apply a LoRA for this run (repeatable; scale default 1; any precision on torch and "
                          "onnxruntime; TensorRT: unquantized --refittable engines, refitted from the base weights)")
     ap.add_argument("--output", type=Path, required=True)
-    args = ap.parse_args(argv)
+    return ap
 
-    from . import manifest as manifest_io
-    from .lora import LoraManager, parse_lora_arg
-    from .runtime.backends import backend_entry, check_options, check_providers, check_torch_mode, resolve_backend
-    from .runtime.open import open_pipeline
-    from .runtime.validate import (MASK_NEEDS_IMAGE, SCALE_NEEDS_CONTROL, STRENGTH_NEEDS_IMAGE, Limits,
-                                   check_request, decode_image, probe_image)
 
-    check_output(args.output)
-    lora_specs = [parse_lora_arg(a) for a in args.lora]
-    if args.strength is not None and not args.image:  # the validator's messages, before reading any file
+def _check_flags(args) -> None:
+    """Flags that need another flag: the validator's messages, before reading any file."""
+    from .runtime.validate import MASK_NEEDS_IMAGE, SCALE_NEEDS_CONTROL, STRENGTH_NEEDS_IMAGE
+
+    if args.strength is not None and not args.image:
         raise RequestError(STRENGTH_NEEDS_IMAGE)
     if args.mask and not args.image:
         raise RequestError(MASK_NEEDS_IMAGE)
     if args.controlnet_scale is not None and args.control_image is None:
         raise RequestError(SCALE_NEEDS_CONTROL)
 
-    # everything is checked before any model loads: the request against the build's limits (same rules and
-    # messages as the runtime API and the server), input images from their headers only
-    manifest = manifest_io.load(args.build_dir)
+
+def _check_backend(args, manifest) -> str | None:
+    """The backend's options (torch mode, ONNX Runtime providers) checked -> the memory mode asked for."""
+    from .runtime.backends import check_options, check_providers, check_torch_mode, resolve_backend
+
     check_torch_mode(resolve_backend(args.backend, manifest), args.torch_mode)
     offload = asked_mode(args.offload, args.low_vram)
     check_options(resolve_backend(args.backend, manifest), ort_providers=args.ort_providers)
     if args.ort_providers is not None:
         check_providers(args.ort_providers)
-    limits = Limits.for_build(manifest, resolve_backend(args.backend, manifest), args.cfg_mode)
+    return offload
+
+
+def _request(args, limits):
+    """The request checked against the build's limits (the same rules and messages as the runtime API and the
+    server), the input images from their headers only; then the images decoded -> (Request, images, mask,
+    control image)."""
+    from .runtime.validate import check_request, decode_image, probe_image
+
     paths = list(args.image or [])
+    mask_what, control_what = f"mask {args.mask}", f"control image {args.control_image}"
     infos = [probe_image(p, f"image {p}") for p in paths]
-    mask_info = probe_image(args.mask, f"mask {args.mask}") if args.mask else None
-    what = f"control image {args.control_image}"
-    control_info = probe_image(args.control_image, what) if args.control_image else None
+    mask_info = probe_image(args.mask, mask_what) if args.mask else None
+    control_info = probe_image(args.control_image, control_what) if args.control_image else None
     req = check_request(limits, args.prompt, seed=args.seed, steps=args.steps, height=args.height,
                         width=args.width, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
                         cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation,
                         strength=args.strength, images=infos, mask=mask_info, control_image=control_info,
                         controlnet_scale=args.controlnet_scale)
     images = [decode_image(p, limits, f"image {p}") for p in paths]
-    mask = decode_image(args.mask, limits, f"mask {args.mask}") if args.mask else None
-    control = decode_image(args.control_image, limits, what) if args.control_image else None
+    mask = decode_image(args.mask, limits, mask_what) if args.mask else None
+    control = decode_image(args.control_image, limits, control_what) if args.control_image else None
+    return req, images, mask, control
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+
+    from . import manifest as manifest_io
+    from .lora import LoraManager, parse_lora_arg
+    from .runtime.backends import backend_entry, resolve_backend
+    from .runtime.open import open_pipeline
+    from .runtime.validate import Limits
+
+    check_output(args.output)
+    lora_specs = [parse_lora_arg(a) for a in args.lora]
+    _check_flags(args)
+    # everything is checked before any model loads
+    manifest = manifest_io.load(args.build_dir)
+    offload = _check_backend(args, manifest)
+    limits = Limits.for_build(manifest, resolve_backend(args.backend, manifest), args.cfg_mode)
+    req, images, mask, control = _request(args, limits)
     loras = LoraManager(args.build_dir, manifest, backend_entry(resolve_backend(args.backend, manifest)),
                         None if offload is None else offload != "none")
     lora_set = loras.prepare(lora_specs)
@@ -125,13 +150,8 @@ def main(argv=None) -> int:
                          torch_options={"ort_providers": args.ort_providers} if args.ort_providers else None,
                          offload=offload)
     t1 = time.perf_counter()
-    common = dict(req.pipeline_kwargs(manifest["variant"]), seed=req.seeds[0])
     with loras.bind(pipe).use(lora_set):
-        if is_omni(manifest["variant"]):
-            (result,) = pipe(req.prompts[0], images=images, mask=mask, **common)
-        else:
-            (result,) = pipe(req.prompts[0], image=images[0] if images else None, mask=mask, control_image=control,
-                             **common)
+        (result,) = pipe.run(req, images, mask, control)
     t2 = time.perf_counter()
     write_image(result, args.output)
     mode = f" {pipe.backend.torch_mode}" if getattr(pipe.backend, "torch_mode", None) else ""

@@ -186,7 +186,7 @@ def _row_items(row: Row, opts: Options, bkey: str) -> list[Item]:
                        controlnet_scale=req.controlnet_scale)
     if loras:
         request["loras"] = [{"name": name, "scale": scale, "sha256": sha} for name, scale, _, sha in loras]
-    call = req.pipeline_kwargs(opts.variant)
+    call = req.generate_kwargs(opts.variant)
     stem = rid or f"line{row.line:06d}"
     files = {"images": [[f.path, f.sha256] for f in images], "mask": [mask.path, mask.sha256] if mask else None,
              "control_image": [control.path, control.sha256] if control else None, "loras": loras}

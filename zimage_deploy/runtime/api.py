@@ -23,8 +23,9 @@ denoising steps and before decoding.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,12 +33,11 @@ from PIL import Image
 
 from ..errors import InternalError, RequestError, UserError
 from ..lora.runtime import LoraManager
-from ..variants import is_omni
 from .open import open_pipeline
 from .pipeline import GenerationCancelled, initial_latents
 from .timing import timed
 from .torch_fast import TORCH_MODES  # noqa: F401 - the serve command's --torch-mode choices
-from .validate import Limits, Request, check_request
+from .validate import Limits, Request, check_pil_images, check_request
 
 __all__ = ["GenerationCancelled", "GenerationResult", "ZImageRuntime"]
 
@@ -69,7 +69,7 @@ class ZImageRuntime:
         self.manifest = self.pipeline.manifest
         self.variant = self.manifest["variant"]
         self.backend = self.pipeline.backend.name
-        self.limits = Limits.for_build(self.manifest, self.backend, cfg_mode)
+        self.limits = self.pipeline.limits
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self.loras = LoraManager.for_pipeline(self.pipeline)  # run-time LoRAs (lora/runtime.py): prepare, cache bounds
 
@@ -107,11 +107,7 @@ class ZImageRuntime:
         `self.loras.prepare`). `control_image` (ControlNet builds, resized to the output size) and
         `controlnet_scale` (default 0.75): the ControlNet's input; with an inpainting ControlNet, `images` and
         `mask` condition it too."""
-        for name, given in (("images", images), ("mask", None if mask is None else [mask]),
-                            ("control_image", None if control_image is None else [control_image])):
-            if given is not None and (not isinstance(given, (list, tuple)) or
-                                      not all(isinstance(im, Image.Image) for im in given)):
-                raise RequestError(f"{name} must be {'a list of PIL images' if name == 'images' else 'a PIL image'}")
+        check_pil_images(images, mask, control_image)
         req = self.check(prompt, seed=seed, steps=steps, height=height, width=width,
                          negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                          cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, images=images,
@@ -124,40 +120,35 @@ class ZImageRuntime:
             return_latents: bool = False, cancel=None, loras=None,
             control_image: Image.Image | None = None) -> GenerationResult:
         """Run a Request from `check` (with the images it was checked with)."""
-        if req.control_image and control_image is None:
-            raise RequestError("the request was checked with a control image: pass it to run")
         lora_set = self.loras.prepare(loras)  # RequestError for a LoRA this build cannot take
         should_stop = cancel.is_set if isinstance(cancel, threading.Event) else cancel
-        prompts, seeds = list(req.prompts), list(req.seeds)
-        kwargs = dict(req.pipeline_kwargs(self.variant), progress=False, should_stop=should_stop)
-        if is_omni(self.variant):
-            kwargs.update(images=list(images), mask=mask)
-        else:
-            kwargs.update(image=images[0] if images else None, mask=mask)
-            if req.control_image:
-                kwargs["control_image"] = control_image
         timings: dict = {}
         with self._slots, contextlib.ExitStack() as lora_scope:
             try:
                 lora_scope.enter_context(self.loras.use(lora_set))
                 if should_stop is not None and should_stop():
                     raise GenerationCancelled("cancelled before it started")
-                if not is_omni(self.variant) and not images and len(prompts) > 1:
-                    kwargs["latents"] = self._batch_latents(seeds, req.height, req.width)
-                if len(prompts) == 1 or "latents" in kwargs:
-                    latents = self.pipeline(prompts, seed=seeds[0], output="latent", timings=timings, **kwargs)
-                else:  # image-conditioned batches: one call per seed keeps each image reproducible on its own
-                    latents = torch.cat([self.pipeline([p], seed=s, output="latent", timings=timings, **kwargs)
-                                         for p, s in zip(prompts, seeds)])
+                latents = self._sample(req, images, mask, control_image, timings, should_stop)
                 with timed(timings, "decode"):
                     images_out = self.pipeline.decode(latents, "pil")
-            except GenerationCancelled:
+            except (GenerationCancelled, InternalError):
                 raise
             except UserError as e:
                 raise RequestError(str(e)) from None
             except Exception as e:  # noqa: BLE001 - anything else is ours, not the caller's
                 raise InternalError(f"{type(e).__name__}: {e}") from e
-        return GenerationResult(images_out, seeds, timings, latents.cpu() if return_latents else None)
+        return GenerationResult(images_out, list(req.seeds), timings, latents.cpu() if return_latents else None)
+
+    def _sample(self, req: Request, images, mask, control_image, timings: dict, should_stop) -> torch.Tensor:
+        """The request's latents, each image the same as its own single-prompt request with its seed: a
+        text-to-image batch in one call from each seed's noise, an image-conditioned one in one call per seed."""
+        run = functools.partial(self.pipeline.run, images=images, mask=mask, control_image=control_image,
+                                output="latent", progress=False, timings=timings, should_stop=should_stop)
+        if req.batch == 1:
+            return run(req)
+        if not images:
+            return run(req, latents=self._batch_latents(req))
+        return torch.cat([run(replace(req, prompts=(p,), seeds=(s,))) for p, s in zip(req.prompts, req.seeds)])
 
     def warmup(self, sizes: list[tuple[int, int]]) -> dict:
         """Compile and capture before serving (runtime/warmup.py): for each (height, width), one 1-step request
@@ -177,7 +168,6 @@ class ZImageRuntime:
         fallbacks = getattr(self.pipeline.backend, "fallbacks", None)
         return fallbacks() if callable(fallbacks) else {}
 
-    def _batch_latents(self, seeds, height, width) -> torch.Tensor:
-        facts = self.pipeline.facts
-        s = facts["vae_scale_factor"]
-        return torch.cat([initial_latents(sd, 1, facts["latent_channels"], height // s, width // s) for sd in seeds])
+    def _batch_latents(self, req: Request) -> torch.Tensor:
+        (h, w), channels = self.pipeline.latent_size(req), self.pipeline.facts["latent_channels"]
+        return torch.cat([initial_latents(seed, 1, channels, h, w) for seed in req.seeds])

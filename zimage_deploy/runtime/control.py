@@ -58,23 +58,6 @@ def mask_pixels(mask: Image.Image, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(np.where(arr < 0.5, 0.0, 1.0).astype(np.float32))[None, None]
 
 
-def check_control(facts: dict, control_image, image, mask) -> None:
-    """What a request may combine with a control image on this build (UserError otherwise)."""
-    cn = facts.get("controlnet")
-    if cn is None:
-        raise UserError("this build has no ControlNet: a control image needs a build made with --controlnet PATH "
-                        "(or from a ZImageControlNetPipeline checkpoint)")
-    if control_image is None:
-        raise UserError("a ControlNet scale needs a control image")
-    if image is not None or mask is not None:
-        if not cn.get("inpaint"):
-            raise UserError(f"an input image or mask with a control image needs an inpainting ControlNet "
-                            f"(control_in_dim {2 * facts['latent_channels'] + 1}); this build's takes "
-                            f"{cn['control_in_dim']} channels (control image only)")
-        if image is None or mask is None:
-            raise UserError("inpainting with the ControlNet needs both an input image and a mask")
-
-
 def encode(pipe, pixels: torch.Tensor) -> torch.Tensor:
     """VAE posterior mode of (1, 3, H, W) pixels -> (1, C, H/8, W/8) latents, shifted and scaled."""
     mean = pipe.backend.run("vae_encoder", image=pixels)["mean"].float().cpu()

@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..buildfolder import BuildFolder
-from ..errors import UserError
+from ..errors import InternalError
 from ..models.omni import batch_layouts, build_layout
 from .images import to_rgb
 from .omni import prepare_condition, prepare_mask, prompt_segments
-from .pipeline import Pipeline, keep_unmasked, start_step
-from .scheduler import FlowMatchEuler
+from .pipeline import Pipeline, keep_unmasked
+from .scheduler import start_step
 from .timing import timed
+from .validate import Request
 
 
 class EditPipeline(Pipeline):
@@ -80,87 +81,70 @@ class EditPipeline(Pipeline):
         return self.backend.run("transformer", latents=latents, timestep=t, **states)["noise_pred"]
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], height: int | None = None, width: int | None = None,
-                 steps: int | None = None, seed: int = 0, *, images: list[Image.Image] | None = None,
-                 mask: Image.Image | None = None, strength: float | None = None,
-                 negative_prompt: str | list[str] | None = None, guidance_scale: float | None = None,
-                 cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, progress: bool = True,
-                 output: str = "pil", timings: dict | None = None, should_stop=None, **unsupported):
+    def run(self, req: Request, images: list[Image.Image] | None = None, mask: Image.Image | None = None,
+            control_image: Image.Image | None = None, *, latents: torch.Tensor | None = None, progress: bool = True,
+            output: str = "pil", timings: dict | None = None, should_stop=None):
         """`strength` < 1 starts from the first condition image's latents noised to the strength's sigma
         (img2img's rule); `mask` (white = change, the first condition image's size) keeps the unmasked latents
         on that image's noising path after every step (inpainting's rule). With either, the output is the
         first condition image's prepared size; without, the last one's (diffusers' Omni pipeline)."""
-        if any(unsupported.get(k) is not None for k in ("image", "latents")):
-            raise UserError("the Edit variant takes condition images (images=[...]), not image= or latents=")
-        if not images:
-            raise UserError("the Edit variant needs at least one condition image (--image)")
-        strength = 1.0 if strength is None else float(strength)
-        if not 0.0 < strength <= 1.0:
-            raise UserError(f"strength must be in (0, 1], got {strength}")
+        self._checked_inputs(req, images, mask, control_image, latents)
+        if latents is not None:
+            raise InternalError("the Edit pipeline draws its initial noise from the seed (latents= is text-to-image's)")
         # RGBA, palette, grayscale, 16-bit, CMYK inputs: as seen, in RGB (the SigLIP processor takes 3 channels of
         # 8 bits)
         images = [to_rgb(im) for im in images]
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        b = len(prompts)
-        steps = self.defaults["steps"] if steps is None else steps
-        guidance = self.defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
-        if steps < 1 or guidance < 0:
-            raise UserError(f"need steps >= 1 and guidance >= 0, got {steps} and {guidance}")
-        do_cfg = guidance > 0
-        if negative_prompt is not None and not do_cfg:
-            raise UserError("a negative prompt needs classifier-free guidance: pass a guidance scale > 0")
-        first = start_step(steps, strength)
-        if first >= steps:
-            raise UserError(f"strength {strength} with {steps} steps leaves no step to run")
-
-        mask_px = None if mask is None else prepare_mask(mask, images[0], self.multiple, height, width)
+        h_given, w_given = req.sizes_given  # the condition resize rule depends on the size as given
         with timed(timings, "encode"):
-            cond_latents, sig_feats, (img_h, img_w) = self.condition(images, height, width)
-        scale = self.facts["vae_scale_factor"]
-        from_image = mask is not None or strength < 1.0  # edits the first condition image in place
-        if from_image:
-            img_h, img_w = (int(v) * scale for v in cond_latents[0].shape[-2:])
-            if (height and height != img_h) or (width and width != img_w):
-                raise UserError(f"with a mask or strength < 1 the output is the first condition image's prepared "
-                                f"size ({img_w}x{img_h}); got --width {width} --height {height}")
-        height, width = img_h if height is None else height, img_w if width is None else width
-        self.check_size(height, width)
-        h, w = height // scale, width // scale
-        gen = torch.Generator("cpu").manual_seed(seed)
-        latents = torch.randn((b, self.facts["latent_channels"], h, w), generator=gen, dtype=torch.float32)
-
-        def states_for(texts):
-            segs = self.segment_features(texts, len(images))
-            lays = [build_layout(s, cond_latents, sig_feats, (h, w), self.facts["siglip_feat_dim"]) for s in segs]
-            return lays
-
+            cond_latents, sig_feats, last = self.condition(images, h_given, w_given)
+        # a mask or a strength below 1 edits the first condition image in place
+        from_image = mask is not None or (req.strength is not None and req.strength < 1.0)
+        first_size = tuple(int(v) * self.facts["vae_scale_factor"] for v in cond_latents[0].shape[-2:])
+        if (req.height, req.width) != (first_size if from_image else (h_given or last[0], w_given or last[1])):
+            raise InternalError(f"the condition images prepare to another output size than the request was checked "
+                                f"for ({req.width}x{req.height})")
+        h, w = self.latent_size(req)
+        gen = torch.Generator("cpu").manual_seed(req.seeds[0])
+        noise = torch.randn((req.batch, self.facts["latent_channels"], h, w), generator=gen, dtype=torch.float32)
         with timed(timings, "encode"):
-            pos_lays = states_for(prompts)
-            neg_lays = None
-            if do_cfg:
-                negs = [negative_prompt] * b if isinstance(negative_prompt, str) else (negative_prompt or [""] * b)
-                if len(negs) != b:
-                    raise UserError(f"{len(negs)} negative prompts for {b} prompts")
-                neg_lays = states_for(negs)
-            pos = self._states(batch_layouts(pos_lays))
-            neg = self._states(batch_layouts(neg_lays)) if do_cfg and self.cfg_mode == "sequential" else None
-            both = self._states(batch_layouts(pos_lays + neg_lays)) if do_cfg and self.cfg_mode == "batch" else None
-
-        device = self.backend.device
-        sched = FlowMatchEuler(self.scheduler_config, steps, (h // 2) * (w // 2))
-        after_step = None
-        if from_image:  # the seeded noise above is the noise the first image's latents are noised with
-            image_latents, noise = cond_latents[0][None].expand(b, -1, -1, -1).to(device), latents.to(device)
-            if strength < 1.0:
-                sigma = sched.sigmas[first]
-                latents = sigma * noise + (1.0 - sigma) * image_latents
-            if mask is not None:
-                # nearest down to the latents, as the inpainting path does
-                blend = F.interpolate(mask_px, size=(h, w), mode="nearest").to(device)
-                after_step = keep_unmasked(sched, steps, image_latents, noise, blend)
-        latents = latents.to(device)
+            pos, neg, both = self._encode(req, cond_latents, sig_feats, (h, w))
+        sched = self.scheduler(req)
+        first, latents, after_step = 0, noise, None
+        if from_image:  # the seeded noise is the noise the first image's latents are noised with
+            first, latents, after_step = self._from_image(req, sched, cond_latents[0], noise, mask, images[0])
         with timed(timings, "denoise"):
-            latents = self.denoise(latents, sched, range(first, steps), guidance, cfg_normalization,
-                                   cfg_truncation, pos, neg, both, progress, after_step, should_stop)
+            latents = self.denoise(latents.to(self.backend.device), sched, range(first, req.steps),
+                                   req.guidance_scale, req.cfg_normalization, req.cfg_truncation, pos, neg, both,
+                                   progress, after_step, should_stop)
         with timed(timings, "decode"):
             return self.decode(latents, output)
+
+    def _encode(self, req: Request, cond_latents, sig_feats, hw):
+        """-> the refined states of the prompts, the negative ones (CFG, sequential) and both (CFG, one batch)."""
+        def layouts(texts):
+            return [build_layout(s, cond_latents, sig_feats, hw, self.facts["siglip_feat_dim"])
+                    for s in self.segment_features(texts, len(cond_latents))]
+
+        pos_lays = layouts(list(req.prompts))
+        if req.guidance_scale <= 0:
+            return self._states(batch_layouts(pos_lays)), None, None
+        neg_lays = layouts([req.negative_prompt or ""] * req.batch)
+        if self.cfg_mode == "batch":
+            return self._states(batch_layouts(pos_lays)), None, self._states(batch_layouts(pos_lays + neg_lays))
+        return self._states(batch_layouts(pos_lays)), self._states(batch_layouts(neg_lays)), None
+
+    def _from_image(self, req: Request, sched, image_latents, noise, mask, first_image):
+        """-> the first step, the initial latents and the step hook of an edit of the first condition image."""
+        device = self.backend.device
+        image_latents, noise = image_latents[None].expand(req.batch, -1, -1, -1).to(device), noise.to(device)
+        strength = 1.0 if req.strength is None else req.strength
+        first, latents, after_step = start_step(req.steps, strength), noise, None
+        if strength < 1.0:
+            sigma = sched.sigmas[first]
+            latents = sigma * noise + (1.0 - sigma) * image_latents
+        if mask is not None:  # nearest down to the latents, as the inpainting path does
+            h_given, w_given = req.sizes_given
+            mask_px = prepare_mask(mask, first_image, self.multiple, h_given, w_given)
+            blend = F.interpolate(mask_px, size=noise.shape[-2:], mode="nearest").to(device)
+            after_step = keep_unmasked(sched, req.steps, image_latents, noise, blend)
+        return first, latents, after_step

@@ -23,13 +23,14 @@ from tqdm import tqdm
 
 from .. import manifest as manifest_io
 from ..buildfolder import BuildFolder
-from ..errors import UserError
+from ..errors import InternalError, RequestError, UserError
 from ..variants import get_variant
 from .backends import Backend, backend_entry, make_backend, resolve_backend
 from .images import preprocess_image, preprocess_mask, to_pil
 from .prompt import PromptTokenizer, pad_captions
-from .scheduler import FlowMatchEuler, SchedulerConfig
+from .scheduler import FlowMatchEuler, SchedulerConfig, start_step
 from .timing import timed
+from .validate import Limits, Request, check_pil_images, check_request
 
 CFG_MODES = ("batch", "sequential")
 
@@ -42,12 +43,6 @@ def initial_latents(seed: int, batch: int, channels: int, h: int, w: int) -> tor
     """Same seed => same latents as diffusers (CPU generator, float32)."""
     g = torch.Generator("cpu").manual_seed(seed)
     return torch.randn((batch, channels, h, w), generator=g, dtype=torch.float32)
-
-
-def start_step(steps: int, strength: float) -> int:
-    """First step of img2img / inpainting, computed as diffusers does (float arithmetic included)."""
-    init = min(steps * strength, steps)
-    return int(max(steps - init, 0))
 
 
 def keep_unmasked(sched, steps: int, image_latents, noise, blend):
@@ -116,11 +111,7 @@ class Pipeline:
         self.facts = self.manifest.model.facts
         self.defaults = self.manifest["defaults"]
         self.multiple = self.defaults["resolution_multiple"]
-
-    def check_size(self, height: int, width: int) -> None:
-        for name, v in (("height", height), ("width", width)):
-            if v <= 0 or v % self.multiple:
-                raise UserError(f"{name} must be a positive multiple of {self.multiple}, got {v}")
+        self.limits = Limits.for_build(self.manifest, self.backend.name, cfg_mode)  # what `check` accepts
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> Prompt:
@@ -159,108 +150,121 @@ class Pipeline:
             preds.append(pred)
         return torch.stack(preds)
 
+    def check(self, prompt, *, seed=0, images=None, mask=None, control_image=None, **fields) -> Request:
+        """A request checked against this build's limits (runtime/validate.py, the rules and messages of every
+        front end) with its images as PIL images -> Request, or RequestError."""
+        check_pil_images(images, mask, control_image)
+        return check_request(self.limits, prompt, seed=seed, images=images, mask=mask, control_image=control_image,
+                             **fields)
+
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], height: int | None = None, width: int | None = None,
-                 steps: int | None = None, seed: int = 0, *, negative_prompt: str | list[str] | None = None,
+                 steps: int | None = None, seed: int = 0, *, negative_prompt: str | None = None,
                  guidance_scale: float | None = None, cfg_normalization: float = 0.0, cfg_truncation: float = 1.0,
-                 image: Image.Image | None = None, mask: Image.Image | None = None, strength: float = 0.6,
-                 latents: torch.Tensor | None = None, progress: bool = True, output: str = "pil",
-                 timings: dict | None = None, should_stop=None, control_image: Image.Image | None = None,
-                 controlnet_scale: float | None = None):
-        """Generate images. `latents` (B, C, h, w) replaces the seeded initial noise (text-to-image only);
-        `timings`, if a dict, receives seconds per stage (encode, denoise, decode; with a control image also
-        controlnet, its share of denoise); `should_stop`, a callable, is asked between steps and before decoding: when
-        true, GenerationCancelled is raised. `control_image` (ControlNet builds; `controlnet_scale` default 0.75):
-        with `image` and `mask`, an inpainting ControlNet's inputs instead of img2img / inpainting."""
-        control_inputs = None
-        if control_image is not None or controlnet_scale is not None:
-            from ..controlnet import DEFAULT_SCALE
-            from .control import check_control
+                 images: list[Image.Image] | None = None, mask: Image.Image | None = None,
+                 strength: float | None = None, control_image: Image.Image | None = None,
+                 controlnet_scale: float | None = None, progress: bool = True, output: str = "pil",
+                 timings: dict | None = None, should_stop=None):
+        """Generate images: the request is checked (`check`: RequestError with the validator's message), then
+        `run`. One `seed` for the batch (its random numbers come from one generator; ZImageRuntime.generate takes
+        one seed per prompt). `images`: img2img / inpainting (one image, with `mask`), Edit (condition images);
+        `control_image` (ControlNet builds): with `images` and `mask`, an inpainting ControlNet's inputs."""
+        if isinstance(seed, (list, tuple)):
+            raise RequestError("a pipeline call takes one seed for the batch (ZImageRuntime.generate takes one per "
+                               "prompt)")
+        req = self.check(prompt, seed=seed, steps=steps, height=height, width=width, negative_prompt=negative_prompt,
+                         guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
+                         cfg_truncation=cfg_truncation, images=images, mask=mask, strength=strength,
+                         control_image=control_image, controlnet_scale=controlnet_scale)
+        return self.run(req, images, mask, control_image, progress=progress, output=output, timings=timings,
+                        should_stop=should_stop)
 
-            check_control(self.facts, control_image, image, mask)
-            cn_scale = DEFAULT_SCALE if controlnet_scale is None else float(controlnet_scale)
-            control_inputs, image, mask = (control_image, image, mask, cn_scale), None, None
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        b = len(prompts)
-        steps = self.defaults["steps"] if steps is None else steps
-        guidance = self.defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
-        if steps < 1:
-            raise UserError(f"steps must be >= 1, got {steps}")
-        if guidance < 0:
-            raise UserError(f"guidance scale must be >= 0, got {guidance}")
-        do_cfg = guidance > 0
-        if negative_prompt is not None and not do_cfg:
-            raise UserError("a negative prompt needs classifier-free guidance: pass a guidance scale > 0")
-        if mask is not None and image is None:
-            raise UserError("inpainting needs --image as well as --mask")
-        if image is not None:
-            if not 0.0 < strength <= 1.0:
-                raise UserError(f"strength must be in (0, 1], got {strength}")
-            if "vae_encoder" not in self.manifest["components"]:
-                raise UserError(f"{self.engine_dir} has no vae_encoder graph (needed for --image): rebuild it")
-            init = preprocess_image(image, self.multiple)
-            img_h, img_w = init.shape[-2:]
-            if (height and height != img_h) or (width and width != img_w):
-                raise UserError(f"with an input image the output is the image's size ({img_w}x{img_h}, "
-                                f"rounded down to {self.multiple}); got --width {width} --height {height}")
-            height, width = img_h, img_w
-        height = self.defaults["height"] if height is None else height
-        width = self.defaults["width"] if width is None else width
-        self.check_size(height, width)
-        scale = self.facts["vae_scale_factor"]
-        h, w = height // scale, width // scale
-        device = self.backend.device
-
+    @torch.no_grad()
+    def run(self, req: Request, images: list[Image.Image] | None = None, mask: Image.Image | None = None,
+            control_image: Image.Image | None = None, *, latents: torch.Tensor | None = None, progress: bool = True,
+            output: str = "pil", timings: dict | None = None, should_stop=None):
+        """Sample a checked Request (`check`, or validate.check_request with these images' sizes) as one batch,
+        its random numbers from one generator seeded with the first seed. `latents` (B, C, h, w) replaces the
+        initial noise (text-to-image only); `timings`, if a dict, receives seconds per stage (encode, denoise,
+        decode; with a control image also controlnet, its share of denoise); `should_stop`, a callable, is asked
+        between steps and before decoding: when true, GenerationCancelled is raised."""
+        images = self._checked_inputs(req, images, mask, control_image, latents)
         with timed(timings, "encode"):
-            pos = self.encode_prompt(prompts)
-            if control_inputs is not None:  # the control image, VAE-encoded once per request
-                from .control import Control, control_latents
-
-                cimg, img, msk, cscale = control_inputs
-                pos.control = Control(control_latents(self, cimg, height, width, img, msk).to(device), cscale,
-                                      timings)
-            neg = both = None
-            if do_cfg:
-                negs = [negative_prompt] * b if isinstance(negative_prompt, str) else (negative_prompt or [""] * b)
-                if len(negs) != b:
-                    raise UserError(f"{len(negs)} negative prompts for {b} prompts")
-                neg = self.encode_prompt(negs)
-                neg.control = pos.control
-                both = _cat_prompts(pos, neg) if self.cfg_mode == "batch" else None
-
-        sched = FlowMatchEuler(self.scheduler_config, steps, (h // 2) * (w // 2))
-        first = 0
-        gen = torch.Generator("cpu").manual_seed(seed)
-        image_latents = noise = blend = None
-        if image is not None:
-            first = start_step(steps, strength)
-            if first >= steps:
-                raise UserError(f"strength {strength} with {steps} steps leaves no step to run")
-            enc = self.backend.run("vae_encoder", image=init)
-            mean, std = enc["mean"].float().cpu(), enc["std"].float().cpu()
-            sample = mean + std * torch.randn(mean.shape, generator=gen, dtype=torch.float32)
-            vae = self.facts
-            image_latents = ((sample - vae["vae_shift"]) * vae["vae_scaling"]).repeat(b, 1, 1, 1)
-            noise = torch.randn((b, self.facts["latent_channels"], h, w), generator=gen, dtype=torch.float32)
-            sigma = sched.sigmas[first]
-            latents = sigma * noise + (1.0 - sigma) * image_latents
-            if mask is not None:
-                m = preprocess_mask(mask, image, self.multiple)
-                blend = F.interpolate(m, size=(h, w), mode="nearest").to(device)
-            image_latents, noise = image_latents.to(device), noise.to(device)
-        elif latents is None:
-            latents = torch.randn((b, self.facts["latent_channels"], h, w), generator=gen, dtype=torch.float32)
-        elif tuple(latents.shape) != (b, self.facts["latent_channels"], h, w):
-            raise UserError(f"latents of shape {tuple(latents.shape)} for a {b} x {height}x{width} request")
-        latents = latents.to(device)
-
+            pos, neg, both = self._encode(req, images, mask, control_image, timings)
+        sched = self.scheduler(req)
+        first, latents, after_step = self._start(req, sched, images, mask, latents)
         with timed(timings, "denoise"):
-            latents = self.denoise(latents, sched, range(first, steps), guidance, cfg_normalization,
-                                   cfg_truncation, pos, neg, both, progress,
-                                   keep_unmasked(sched, steps, image_latents, noise, blend)
-                                   if blend is not None else None, should_stop)
+            latents = self.denoise(latents.to(self.backend.device), sched, range(first, req.steps),
+                                   req.guidance_scale, req.cfg_normalization, req.cfg_truncation, pos, neg, both,
+                                   progress, after_step, should_stop)
         with timed(timings, "decode"):
             return self.decode(latents, output)
+
+    @staticmethod
+    def _checked_inputs(req: Request, images, mask, control_image, latents) -> list:
+        """The images `run` got are the ones the request was checked with (InternalError otherwise) -> the list."""
+        images = list(images or [])
+        if (len(images), mask is not None, control_image is not None) != (req.images, req.mask, req.control_image):
+            raise InternalError(f"the request was checked with {req.images} image(s), mask {req.mask}, control image "
+                                f"{req.control_image}; run got {len(images)}, {mask is not None}, "
+                                f"{control_image is not None}")
+        if latents is not None and req.strength is not None:
+            raise InternalError("latents replace the initial noise of text-to-image requests only")
+        return images
+
+    def latent_size(self, req: Request) -> tuple[int, int]:
+        scale = self.facts["vae_scale_factor"]
+        return req.height // scale, req.width // scale
+
+    def scheduler(self, req: Request) -> FlowMatchEuler:
+        h, w = self.latent_size(req)
+        return FlowMatchEuler(self.scheduler_config, req.steps, (h // 2) * (w // 2))
+
+    def _encode(self, req: Request, images, mask, control_image, timings):
+        """-> the prompts' states (with the ControlNet's input), the negative ones and both as one batch (CFG)."""
+        pos = self.encode_prompt(list(req.prompts))
+        if control_image is not None:  # VAE-encoded once per request
+            from .control import Control, control_latents
+
+            image = images[0] if images else None
+            pos.control = Control(control_latents(self, control_image, req.height, req.width, image, mask)
+                                  .to(self.backend.device), req.controlnet_scale, timings)
+        if req.guidance_scale <= 0:
+            return pos, None, None
+        neg = self.encode_prompt([req.negative_prompt or ""] * req.batch)
+        neg.control = pos.control
+        return pos, neg, _cat_prompts(pos, neg) if self.cfg_mode == "batch" else None
+
+    def _start(self, req: Request, sched, images, mask, latents):
+        """-> the first step, the initial latents, the step hook: seeded noise (or `latents`), or img2img's noised
+        image latents (inpainting: with the hook that keeps the unmasked ones)."""
+        (b, c), (h, w) = (req.batch, self.facts["latent_channels"]), self.latent_size(req)
+        gen = torch.Generator("cpu").manual_seed(req.seeds[0])
+        if req.strength is None:  # text-to-image (a ControlNet's images condition the ControlNet only)
+            if latents is None:
+                return 0, torch.randn((b, c, h, w), generator=gen, dtype=torch.float32), None
+            if tuple(latents.shape) != (b, c, h, w):
+                raise InternalError(f"latents of shape {tuple(latents.shape)} for a {b} x {req.height}x{req.width} "
+                                    "request")
+            return 0, latents, None
+        first = start_step(req.steps, req.strength)
+        init = preprocess_image(images[0], self.multiple)
+        if tuple(init.shape[-2:]) != (req.height, req.width):
+            raise InternalError(f"the image prepares to {tuple(init.shape[-2:])}, the request was checked for "
+                                f"{(req.height, req.width)}")
+        enc = self.backend.run("vae_encoder", image=init)
+        mean, std = enc["mean"].float().cpu(), enc["std"].float().cpu()
+        sample = mean + std * torch.randn(mean.shape, generator=gen, dtype=torch.float32)
+        image_latents = ((sample - self.facts["vae_shift"]) * self.facts["vae_scaling"]).repeat(b, 1, 1, 1)
+        noise = torch.randn((b, c, h, w), generator=gen, dtype=torch.float32)
+        sigma = sched.sigmas[first]
+        latents = sigma * noise + (1.0 - sigma) * image_latents
+        if mask is None:
+            return first, latents, None
+        device = self.backend.device
+        blend = F.interpolate(preprocess_mask(mask, images[0], self.multiple), size=(h, w), mode="nearest")
+        return first, latents, keep_unmasked(sched, req.steps, image_latents.to(device), noise.to(device),
+                                             blend.to(device))
 
     def denoise(self, latents, sched, steps, guidance, cfg_normalization, cfg_truncation, pos, neg, both,
                 progress, after_step=None, should_stop=None):

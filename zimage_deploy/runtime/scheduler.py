@@ -63,3 +63,9 @@ class FlowMatchEuler:
     def step(self, velocity: torch.Tensor, i: int, latents: torch.Tensor) -> torch.Tensor:
         dt = self.sigmas[i + 1] - self.sigmas[i]
         return (latents.float() + dt * velocity.float()).to(torch.float32)
+
+
+def start_step(steps: int, strength: float) -> int:
+    """First step of img2img / inpainting, computed as diffusers does (float arithmetic included)."""
+    init = min(steps * strength, steps)
+    return int(max(steps - init, 0))

@@ -3,7 +3,8 @@
     from zimage_deploy.runtime.validate import Limits, check_request
     limits = Limits.for_build(manifest)                  # or ZImageRuntime(...).limits
     req = check_request(limits, "a fox", seed=3, height=256, width=256)   # -> Request, or RequestError
-    runtime.generate(**req.generate_kwargs())            # what ZImageRuntime.generate does itself
+    runtime.run(req)                                     # what ZImageRuntime.generate does itself
+    pipeline.run(req, images, mask, control_image)       # the pipelines sample only checked requests
 
 Everything is checked before any model loads or any image is decoded (image inputs are checked from their
 sizes: PIL reads a file's header without decoding its pixels). The rules, the same everywhere:
@@ -180,8 +181,9 @@ class Request:
     def batch(self) -> int:
         return len(self.prompts)
 
-    def pipeline_kwargs(self, variant: str) -> dict:
-        """Keyword arguments for the pipelines (Edit keeps the size as given: its resize rule depends on it)."""
+    def generate_kwargs(self, variant: str) -> dict:
+        """Keyword arguments for `ZImageRuntime.generate` (with the prompts, seeds and images) that check to this
+        request again (Edit keeps the size as given: its resize rule depends on it)."""
         h, w = self.sizes_given if is_omni(variant) else (self.height, self.width)
         kwargs = dict(height=h, width=w, steps=self.steps, negative_prompt=self.negative_prompt,
                       guidance_scale=self.guidance_scale, cfg_normalization=self.cfg_normalization,
@@ -392,6 +394,17 @@ def check_image_count(limits: Limits, n: int) -> None:
                            "img2img and inpainting take one image")
 
 
+def check_pil_images(images, mask, control_image) -> None:
+    """The images of a request that runs (not only checked): PIL images, `images` a list of them."""
+    from PIL import Image
+
+    for name, given in (("images", images), ("mask", None if mask is None else [mask]),
+                        ("control_image", None if control_image is None else [control_image])):
+        if given is not None and (not isinstance(given, (list, tuple)) or
+                                  not all(isinstance(im, Image.Image) for im in given)):
+            raise RequestError(f"{name} must be {'a list of PIL images' if name == 'images' else 'a PIL image'}")
+
+
 # -- the request --------------------------------------------------------------------------------------------
 def _check_control(limits: Limits, control_image, controlnet_scale, infos, mask_info, strength) -> float | None:
     """The ControlNet fields -> the scale (None without a control image)."""
@@ -425,7 +438,7 @@ def _check_control(limits: Limits, control_image, controlnet_scale, infos, mask_
 
 def _strength(steps: int, v) -> float:
     strength = _float("strength", v, 0.0, 1.0, lo_open=True)
-    from .pipeline import start_step
+    from .scheduler import start_step
 
     if start_step(steps, strength) >= steps:
         raise RequestError(f"strength {strength:g} with {steps} steps leaves no step to run")
@@ -452,13 +465,9 @@ def _edit_output(strength: float | None, mask_info, first: ImageInfo, prepared, 
     return h, w
 
 
-def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, width=None, negative_prompt=None,
-                  guidance_scale=None, cfg_normalization=0.0, cfg_truncation=1.0, strength=None, images=(),
-                  mask=None, control_image=None, controlnet_scale=None) -> Request:
-    """Check one request against `limits` -> Request (defaults filled in), or raise RequestError (TooLarge /
-    BadInput for its 413 / 400 kinds). `prompt`: a string or a list (one image each); `seed`: an integer or
-    one per prompt; `images` / `mask` / `control_image`: PIL images, ImageInfo (e.g. from `probe_image`) or
-    (width, height)."""
+def _check_scalars(limits: Limits, prompt, seed, steps, guidance_scale, cfg_normalization, cfg_truncation,
+                   negative_prompt) -> dict:
+    """The text and number fields -> Request fields (prompts, seeds, steps, the guidance settings)."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise RequestError("prompt must be a string (or a non-empty list of strings)")
@@ -481,72 +490,123 @@ def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, wi
         negative_prompt = _text("negative_prompt", negative_prompt, limits.max_prompt_chars)
         if guidance <= 0:
             raise RequestError("a negative prompt needs classifier-free guidance: pass a guidance scale > 0")
-    h_given = None if height is None else _side(limits, "height", height)
-    w_given = None if width is None else _side(limits, "width", width)
+    return dict(prompts=prompts, seeds=seeds, steps=steps, guidance_scale=guidance, cfg_normalization=norm,
+                cfg_truncation=trunc, negative_prompt=negative_prompt)
 
-    images = list(images or [])
-    infos = [image_info(im) for im in images]
+
+def _image_infos(limits: Limits, images, mask) -> tuple[list[ImageInfo], ImageInfo | None]:
+    """Sizes of the input images and the mask, each within the input pixel limit."""
+    infos = [image_info(im) for im in list(images or [])]
     for i, info in enumerate(infos):
         check_input_pixels(limits, info, f"image {i}" if len(infos) > 1 else "the image")
     mask_info = None if mask is None else image_info(mask)
     if mask_info is not None:
         check_input_pixels(limits, mask_info, "the mask")
-    extra_pixels = 0
-    control_scale = _check_control(limits, control_image, controlnet_scale, infos, mask_info, strength)
-    if control_scale is not None:  # the images only condition the ControlNet: sampled at the output size
-        height = limits.default_height if h_given is None else h_given
-        width = limits.default_width if w_given is None else w_given
-    elif is_omni(limits.variant):
-        if not infos:
-            raise RequestError("the Edit variant needs at least one condition image (--image)")
-        check_image_count(limits, len(infos))
-        prepared = [_check_condition(limits, info, f"condition image {i}", h_given, w_given)
-                    for i, info in enumerate(infos)]
-        extra_pixels = sum(h * w for h, w in prepared)
-        strength = None if strength is None else _strength(steps, strength)
-        height, width = _edit_output(strength, mask_info, infos[0], prepared, h_given, w_given)
-    elif infos:
-        check_image_count(limits, len(infos))
-        if not limits.img2img:
-            raise RequestError("this build has no vae_encoder graph (needed for an input image): rebuild it")
-        info = infos[0]
-        img_h, img_w = info.height - info.height % limits.multiple, info.width - info.width % limits.multiple
-        if img_h <= 0 or img_w <= 0:
-            raise RequestError(f"image of {info.width}x{info.height} is smaller than {limits.multiple} pixels")
-        if (h_given and h_given != img_h) or (w_given and w_given != img_w):
-            raise RequestError(f"with an input image the output is the image's size ({img_w}x{img_h}, rounded "
-                               f"down to {limits.multiple}); got width {w_given}, height {h_given}")
-        if mask_info is not None:
-            _same_size(mask_info, info)
-        height, width = img_h, img_w
-        strength = _strength(steps, DEFAULT_STRENGTH if strength is None else strength)
-    else:
-        if mask_info is not None:
-            raise RequestError(MASK_NEEDS_IMAGE)
-        if strength is not None:
-            raise RequestError(STRENGTH_NEEDS_IMAGE)
-        height = limits.default_height if h_given is None else h_given
-        width = limits.default_width if w_given is None else w_given
-    if infos and not is_omni(limits.variant) and control_scale is None:
-        check_size(limits, height, width, "the output (the input image's size)", too_large=TooLarge)
-    else:
-        check_size(limits, height, width)
+    return infos, mask_info
 
-    b = len(prompts)
-    per_call = b if not infos else 1  # image-conditioned batches run one seed at a time
+
+@dataclass(frozen=True)
+class _Output:
+    """What the input images make of a request: the output size, the strength, the condition images' pixels."""
+
+    height: int
+    width: int
+    strength: float | None = None
+    extra_pixels: int = 0
+
+
+def _given_or_default(limits: Limits, h_given, w_given) -> _Output:
+    return _Output(limits.default_height if h_given is None else h_given,
+                   limits.default_width if w_given is None else w_given)
+
+
+def _edit_request(limits: Limits, infos, mask_info, strength, steps: int, h_given, w_given) -> _Output:
+    if not infos:
+        raise RequestError("the Edit variant needs at least one condition image (--image)")
+    check_image_count(limits, len(infos))
+    prepared = [_check_condition(limits, info, f"condition image {i}", h_given, w_given)
+                for i, info in enumerate(infos)]
+    strength = None if strength is None else _strength(steps, strength)
+    height, width = _edit_output(strength, mask_info, infos[0], prepared, h_given, w_given)
+    return _Output(height, width, strength, sum(h * w for h, w in prepared))
+
+
+def _img2img_request(limits: Limits, infos, mask_info, strength, steps: int, h_given, w_given) -> _Output:
+    check_image_count(limits, len(infos))
+    if not limits.img2img:
+        raise RequestError("this build has no vae_encoder graph (needed for an input image): rebuild it")
+    info = infos[0]
+    img_h, img_w = info.height - info.height % limits.multiple, info.width - info.width % limits.multiple
+    if img_h <= 0 or img_w <= 0:
+        raise RequestError(f"image of {info.width}x{info.height} is smaller than {limits.multiple} pixels")
+    if (h_given and h_given != img_h) or (w_given and w_given != img_w):
+        raise RequestError(f"with an input image the output is the image's size ({img_w}x{img_h}, rounded "
+                           f"down to {limits.multiple}); got width {w_given}, height {h_given}")
+    if mask_info is not None:
+        _same_size(mask_info, info)
+    return _Output(img_h, img_w, _strength(steps, DEFAULT_STRENGTH if strength is None else strength))
+
+
+def _text_request(limits: Limits, mask_info, strength, h_given, w_given) -> _Output:
+    if mask_info is not None:
+        raise RequestError(MASK_NEEDS_IMAGE)
+    if strength is not None:
+        raise RequestError(STRENGTH_NEEDS_IMAGE)
+    return _given_or_default(limits, h_given, w_given)
+
+
+def _check_output(limits: Limits, infos, mask_info, strength, steps: int, h_given, w_given,
+                  controlled: bool) -> _Output:
+    """The output size (within the profile), strength and condition pixels of the request's kind."""
+    if controlled:  # the images only condition the ControlNet: sampled at the output size
+        out = _given_or_default(limits, h_given, w_given)
+    elif is_omni(limits.variant):
+        out = _edit_request(limits, infos, mask_info, strength, steps, h_given, w_given)
+    elif infos:
+        out = _img2img_request(limits, infos, mask_info, strength, steps, h_given, w_given)
+    else:
+        out = _text_request(limits, mask_info, strength, h_given, w_given)
+    if infos and not is_omni(limits.variant) and not controlled:
+        check_size(limits, out.height, out.width, "the output (the input image's size)", too_large=TooLarge)
+    else:
+        check_size(limits, out.height, out.width)
+    return out
+
+
+def _check_cost(limits: Limits, b: int, out: _Output, image_conditioned: bool, guidance: float) -> int:
+    """Images per runtime call within the build's batch, pixels within the budget -> the request's pixel cost."""
+    per_call = 1 if image_conditioned else b  # image-conditioned batches run one seed at a time
     mult = 2 if guidance > 0 and limits.cfg_doubles_batch else 1
     if per_call * mult > limits.max_batch:
         if limits.max_batch < mult:
             raise RequestError("CFG as one batch needs engines built for batch >= 2: use cfg_mode 'sequential'")
         raise TooLarge(f"{b} images in one call: this build takes at most {limits.max_batch // mult}"
                        f"{' with classifier-free guidance (its batch counts twice)' if mult > 1 else ''}")
-    pixels = b * height * width + extra_pixels
+    pixels = b * out.height * out.width + out.extra_pixels
     if limits.max_request_pixels is not None and pixels > limits.max_request_pixels:
-        raise TooLarge(f"the request costs {pixels} pixels ({b} x {width}x{height}"
-                       f"{f' + {extra_pixels} of condition images' if extra_pixels else ''}); the budget is "
+        extra = f" + {out.extra_pixels} of condition images" if out.extra_pixels else ""
+        raise TooLarge(f"the request costs {pixels} pixels ({b} x {out.width}x{out.height}{extra}); the budget is "
                        f"{limits.max_request_pixels} pixels")
-    return Request(prompts=prompts, seeds=seeds, steps=steps, height=height, width=width, guidance_scale=guidance,
-                   cfg_normalization=norm, cfg_truncation=trunc, negative_prompt=negative_prompt,
-                   strength=strength if infos and control_scale is None else None,
-                   images=len(infos), mask=mask_info is not None, control_image=control_scale is not None,
-                   controlnet_scale=control_scale, pixels=pixels, sizes_given=(h_given, w_given))
+    return pixels
+
+
+def check_request(limits: Limits, prompt, *, seed=0, steps=None, height=None, width=None, negative_prompt=None,
+                  guidance_scale=None, cfg_normalization=0.0, cfg_truncation=1.0, strength=None, images=(),
+                  mask=None, control_image=None, controlnet_scale=None) -> Request:
+    """Check one request against `limits` -> Request (defaults filled in), or raise RequestError (TooLarge /
+    BadInput for its 413 / 400 kinds). `prompt`: a string or a list (one image each); `seed`: an integer or
+    one per prompt; `images` / `mask` / `control_image`: PIL images, ImageInfo (e.g. from `probe_image`) or
+    (width, height)."""
+    fields = _check_scalars(limits, prompt, seed, steps, guidance_scale, cfg_normalization, cfg_truncation,
+                            negative_prompt)
+    h_given = None if height is None else _side(limits, "height", height)
+    w_given = None if width is None else _side(limits, "width", width)
+    infos, mask_info = _image_infos(limits, images, mask)
+    control_scale = _check_control(limits, control_image, controlnet_scale, infos, mask_info, strength)
+    controlled = control_scale is not None
+    out = _check_output(limits, infos, mask_info, strength, fields["steps"], h_given, w_given, controlled)
+    pixels = _check_cost(limits, len(fields["prompts"]), out, bool(infos), fields["guidance_scale"])
+    return Request(**fields, height=out.height, width=out.width,
+                   strength=out.strength if infos and not controlled else None, images=len(infos),
+                   mask=mask_info is not None, control_image=controlled, controlnet_scale=control_scale,
+                   pixels=pixels, sizes_given=(h_given, w_given))
