@@ -20,6 +20,7 @@ import torch
 from backend_conformance import CPU_BACKENDS
 from conftest import synthetic_image
 from zimage_deploy import build
+from zimage_deploy.facts import SMALL_SIDES
 from zimage_deploy.runtime.open import open_pipeline
 from zimage_deploy.tiny import write_checkpoint
 
@@ -64,13 +65,14 @@ def draw_config(rng: random.Random, index: int) -> dict:
         ckpt["siglip_processor"]["patch_size"] = ckpt["siglip"]["patch_size"]
         ckpt["siglip"]["num_patches"] = ckpt["siglip_processor"]["max_num_patches"]
     multiple = 2 ** (depth - 1) * 2
-    side = lambda: multiple * rng.randint(max(1, 32 // multiple), 160 // multiple)  # noqa: E731
+    least = -(-SMALL_SIDES[0] // multiple)  # the pipelines check requests with the build's limits (64 px and up)
+    side = lambda: multiple * rng.randint(least, 160 // multiple)  # noqa: E731
     request = dict(prompt=rng.choice(PROMPTS), height=side(), width=side(), steps=rng.randint(2, 4),
                    seed=rng.randint(0, 2**31 - 1),
                    guidance_scale=0.0 if variant == "turbo" else rng.choice([2.0, 4.0]),
                    negative_prompt=rng.choice([None, "blurry, low quality"]) if variant != "turbo" else None)
     if variant == "edit":
-        least = -(-64 // multiple)  # diffusers' Omni pipeline takes condition images of 64 px and more
+        # diffusers' Omni pipeline takes condition images of 64 px and more (`least` above)
         request["cond_sizes"] = [(multiple * rng.randint(least, 128 // multiple), multiple * rng.randint(least, 128 // multiple))
                                  for _ in range(rng.randint(1, 2))]
     return dict(variant=variant, ckpt=ckpt, request=request)
