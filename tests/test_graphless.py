@@ -102,3 +102,19 @@ def test_graphs_option_refused_when_bad(tiny_ckpt, tmp_path):
     with pytest.raises(UserError, match="graphs must be"):
         build.build(str(tiny_ckpt), target="h100", out=tmp_path / "y", graphs="maybe")
     assert not (tmp_path / "y").exists()
+
+
+def test_lora_branches_reserved_before_compiling_a_graphless_build(builds):
+    """`lora_bounds` (branches installed before the DiT is compiled) read the adaptable layers from the checkpoint
+    when the build has no graphs, as the branches of a first LoRA do."""
+    from zimage_deploy import manifest as manifest_io
+    from zimage_deploy.models.lora_branch import branches
+    from zimage_deploy.runtime.torch_fast import TorchBackend
+
+    none, on, _ = builds
+    counts = []
+    for d in (none, on):
+        backend = TorchBackend(d, manifest_io.load(d), torch_mode="compiled", lora_bounds=(8, 1))
+        backend.model("transformer")  # reserves the branches, then wraps the blocks for compiling (lazily)
+        counts.append(len(branches(backend.eager_models["transformer"])))
+    assert counts[0] == counts[1] > 0

@@ -100,9 +100,9 @@ def reserve(model: torch.nn.Module, engine_dir, manifest: dict, max_rank: int = 
             max_loras: int = MAX_LORAS) -> int:
     """Install the (zero) branches now, before `model` is compiled: the first LoRA then recompiles nothing either.
     Returns how many layers got one."""
-    from .targets import from_graphs
+    from .targets import of_build
 
-    return len(TorchBranches(model, from_graphs(engine_dir, manifest), max_rank, max_loras).branches)
+    return len(TorchBranches(model, of_build(engine_dir, manifest), max_rank, max_loras).branches)
 
 
 def plan_cost(dit: torch.nn.Module, max_rank: int, max_loras: int, image_tokens: int, caption_tokens: int,

@@ -158,10 +158,11 @@ def from_graphs(engine_dir: Path, manifest: dict) -> Targets:
 def of_build(engine_dir: Path, manifest: dict) -> Targets:
     """A build's adaptable weights: from its DiT graphs, or from its checkpoint where the build has no graphs (a
     graphless build for the compiled Torch runtime: the same names and shapes, the modules are the checkpoint's)."""
-    comps = manifest["components"]
-    if all("onnx" in comps[n].get("unquantized", comps[n]) for n in dit_components(manifest)):
-        return from_graphs(engine_dir, manifest)
-    return from_checkpoint(Path(manifest["model"]["path"]))
+    from ..buildfolder import CHECKPOINT
+
+    if any(manifest["components"][n].get("source") == CHECKPOINT for n in dit_components(manifest)):
+        return from_checkpoint(Path(manifest["model"]["path"]))
+    return from_graphs(engine_dir, manifest)
 
 
 def from_module(model) -> Targets:
